@@ -1,0 +1,136 @@
+"""Command line: ``python -m core <verb> --run DIR [options]``.
+
+    python -m core build --run checkpoints/default          every step, skipping finished ones
+    python -m core data|finetune|activations|similarity|saes|features --run DIR
+    python -m core report --run DIR [--json]
+    python -m core analyze --run DIR --text "the acting was brilliant" [--json]
+    python -m core config --run DIR                         the resolved settings
+
+Options go in a TOML file (``--config``; layout as ``core/presets/*.toml``) or one at a
+time with ``--set section.field=value``; the shortcut flags below are the common ones.
+Mistakes in input print one line ``error: ...`` and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from core.errors import LayerscopeError
+from core.runfolder import STEPS, RunFolder
+
+DEFAULT_RUN = Path(__file__).resolve().parent.parent / "checkpoints" / "default"
+
+SHORTCUTS = {  # flag -> config key
+    "model": "model.base",
+    "dataset": "data.dataset",
+    "max_rows": "data.max_rows",
+    "epochs": "finetune.epochs",
+    "layers": "saes.layers",
+    "sae_k": "saes.k",
+    "architecture": "saes.architecture",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration")
+    g.add_argument("--preset", help="named preset from core/presets (default, paper, ...)")
+    g.add_argument("--config", help="TOML file with options (same layout as the presets)")
+    g.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override one option (repeatable)")
+    g.add_argument("--model", help="base model: all-MiniLM-L6-v2 (embedded), a hub id, or a local folder")
+    g.add_argument("--dataset", help="imdb, rotten_tomatoes, clothing_reviews, bbc_news, a CSV path, or hf:NAME")
+    g.add_argument("--max-rows", type=int, help="cap on dataset rows (paper: 25000)")
+    g.add_argument("--epochs", type=float, help="fine-tuning epochs (paper: 10)")
+    g.add_argument("--layers", help="comma-separated hidden-state indices for SAEs, e.g. 3,6,12")
+    g.add_argument("--sae-k", type=int, help="TopK SAE: active latents per token")
+    g.add_argument("--architecture", choices=["topk", "paper"], help="SAE architecture")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m core", description="Layerscope: what fine-tuning changed inside a transformer, layer by layer.")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for step in STEPS:
+        s = sub.add_parser(step, help=f"run the '{step}' step")
+        s.add_argument("--run", default=str(DEFAULT_RUN), help="run folder (default: checkpoints/default)")
+        s.add_argument("--force", action="store_true", help="redo the step even if it is done (later steps are redone too)")
+        _add_config_args(s)
+    b = sub.add_parser("build", help="run every step in order, skipping finished ones")
+    b.add_argument("--run", default=str(DEFAULT_RUN))
+    b.add_argument("--force", action="store_true", help="redo every step")
+    b.add_argument("--from", dest="redo_from", choices=STEPS, help="redo this step and every later one")
+    b.add_argument("--until", choices=STEPS, help="stop after this step")
+    _add_config_args(b)
+    r = sub.add_parser("report", help="print what a run found")
+    r.add_argument("--run", default=str(DEFAULT_RUN))
+    r.add_argument("--json", action="store_true", help="one JSON object (layout in README)")
+    a = sub.add_parser("analyze", help="per-token analysis of one sentence")
+    a.add_argument("--run", default=str(DEFAULT_RUN))
+    a.add_argument("--text", required=True, help="the sentence to analyse")
+    a.add_argument("--top", type=int, default=5, help="top features per SAE")
+    a.add_argument("--rank-by", default="variance", choices=["variance", "selectivity", "density"], help="feature ranking")
+    a.add_argument("--json", action="store_true")
+    c = sub.add_parser("config", help="print the resolved configuration of a run")
+    c.add_argument("--run", default=str(DEFAULT_RUN))
+    _add_config_args(c)
+    return p
+
+
+def _overrides(args) -> dict:
+    from core.config import parse_set_flags
+
+    out = {}
+    for flag, key in SHORTCUTS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            out[key] = value
+    out.update(parse_set_flags(args.set))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return _dispatch(args)
+    except LayerscopeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished steps are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from core import pipeline
+
+    run = RunFolder(args.run)
+    if args.verb == "report":
+        from core.report import build_report, format_report
+
+        rep = build_report(run)
+        print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+        return 0
+    if args.verb == "analyze":
+        from core.analysis import analyze_text, format_analysis, load_bundle
+
+        result = analyze_text(load_bundle(run), args.text, top=args.top, rank_by=args.rank_by)
+        print(json.dumps(result, indent=2) if args.json else format_analysis(result))
+        return 0
+    cfg = pipeline.resolve_run_config(run, args.preset, args.config, _overrides(args))
+    if args.verb == "config":
+        print(pipeline.describe_config(cfg))
+        return 0
+    if args.verb == "build":
+        timings = pipeline.build(run, cfg, force=args.force, redo_from=STEPS[0] if args.force else args.redo_from, until=args.until)
+        if timings and pipeline.is_main_process():
+            print("built: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {sum(timings.values()):.0f} s")
+        return 0
+    pipeline.run_step(run, args.verb, cfg, force=args.force, redo=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Step ``activations``: hidden states of every layer of both models, token level, as shards.
+
+For each sampled split (``train`` feeds the SAEs, ``test`` feeds similarity, SAE
+evaluation and feature analysis) texts are tokenised with the run's truncation rule,
+sorted by length, batched under a token budget (dynamic padding), and run through
+the pre-trained and the fine-tuned model. Only real tokens are kept (padding is
+dropped); [CLS]/[SEP] are kept and marked. Shards hold whole examples:
+
+    tokens_00007.safetensors      example_ids [n] int32, token_ids [n] int32, positions [n] int32, special [n] bool
+    pretrained_00007.safetensors  layer_0 .. layer_L  [n, d_model] (float16 by default)
+    finetuned_00007.safetensors   same tokens, same order
+
+so memory stays bounded by one shard however large the sample, and any row traces
+back to (example id, position) -> its text in data/<split>.csv.
+
+Under ``torchrun`` / ``accelerate launch`` each process extracts every world_size-th
+shard of a plan fixed in advance, so the files are identical to a single-process run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import safe_open, save_file
+from tqdm.auto import tqdm
+
+from core.data import load_split
+from core.errors import LayerscopeError
+from core.models import ModelConfig, encode, load_classifier, load_tokenizer, num_hidden_states, quiet_transformers
+from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class ActivationsConfig:
+    sae_examples: int = 2000  # texts sampled from the train split (SAE training data); 0 = all
+    eval_examples: int = 400  # texts sampled from the test split (similarity, SAE evaluation, features); 0 = all
+    batch_tokens: int = 8192  # padded tokens per forward pass (dynamic padding after sorting by length)
+    shard_mb: int = 96  # approximate size of one model's shard on disk (bounds memory)
+    compute_dtype: str = "bfloat16"  # autocast dtype for the forward passes: "bfloat16" (fast) or "float32" (exact)
+    storage_dtype: str = "float16"  # dtype of stored hidden states: "float16" or "float32"
+    seed: int = 0  # seeds the text sample
+
+
+# ------------------------------------------------------------------ planning
+def plan_batches(lengths: list[int], batch_tokens: int) -> list[np.ndarray]:
+    """Group example indices (longest first) into batches whose padded size fits the budget."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches, current, width = [], [], 0
+    for i in order:
+        w = max(width, lengths[i])
+        if current and w * (len(current) + 1) > batch_tokens:
+            batches.append(np.asarray(current))
+            current, w = [], lengths[i]
+        current.append(i)
+        width = w
+    if current:
+        batches.append(np.asarray(current))
+    return batches
+
+
+def plan_shards(batches: list[np.ndarray], lengths: list[int], shard_tokens: int) -> list[list[np.ndarray]]:
+    """Consecutive batches grouped into shards of about ``shard_tokens`` real tokens."""
+    shards, current, n = [], [], 0
+    for b in batches:
+        current.append(b)
+        n += int(sum(lengths[i] for i in b))
+        if n >= shard_tokens:
+            shards.append(current)
+            current, n = [], 0
+    if current:
+        shards.append(current)
+    return shards
+
+
+def sample_split(run: RunFolder, split: str, n: int, seed: int):
+    frame = load_split(run, split)
+    if n and len(frame) > n:
+        frame = frame.sample(n=n, random_state=seed).sort_values("id").reset_index(drop=True)
+    return frame
+
+
+# ------------------------------------------------------------------ extraction
+@torch.no_grad()
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, compute_dtype: str) -> tuple[torch.Tensor, ...]:
+    """All hidden states (embeddings first), each [batch, seq, d_model]."""
+    device_type = input_ids.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
+        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    return out.hidden_states
+
+
+def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for r, x in enumerate(ids):
+        input_ids[r, : len(x)] = torch.as_tensor(x)
+        mask[r, : len(x)] = 1
+    return input_ids, mask
+
+
+def _extract_shard(models: dict, tokenizer, ids, example_ids, batches, cfg: ActivationsConfig) -> tuple[dict, dict]:
+    """Run one shard's batches through both models. Returns (token meta, {model: {layer_i: [n, d]}})."""
+    store_dtype = DTYPES[cfg.storage_dtype]
+    meta = {"example_ids": [], "token_ids": [], "positions": [], "special": []}
+    hidden: dict[str, dict[str, list]] = {m: {} for m in models}
+    special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    for b in batches:
+        input_ids, mask = pad_batch([ids[i] for i in b], tokenizer.pad_token_id)
+        keep = mask.bool()  # [batch, seq] real tokens only
+        meta["example_ids"].append(torch.as_tensor(example_ids[b], dtype=torch.int32)[:, None].expand_as(input_ids)[keep])
+        meta["token_ids"].append(input_ids[keep].to(torch.int32))
+        meta["positions"].append(torch.arange(input_ids.shape[1], dtype=torch.int32)[None].expand_as(input_ids)[keep])
+        meta["special"].append(torch.isin(input_ids[keep], special_ids))
+        for name, model in models.items():
+            for layer, h in enumerate(hidden_states(model, input_ids, mask, cfg.compute_dtype)):
+                hidden[name].setdefault(f"layer_{layer}", []).append(h[keep].to(store_dtype))  # [n_real, d]
+    meta_t = {k: torch.cat(v).contiguous() for k, v in meta.items()}
+    hidden_t = {m: {k: torch.cat(v).contiguous() for k, v in layers.items()} for m, layers in hidden.items()}
+    return meta_t, hidden_t
+
+
+def extract_split(run: RunFolder, split: str, n_examples: int, cfg: ActivationsConfig, model_cfg: ModelConfig, models: dict, tokenizer, state=None) -> dict:
+    """Extract one split into run/activations/<split>/. Returns its index (also written as index.json)."""
+    frame = sample_split(run, split, n_examples, cfg.seed)
+    ids = encode(tokenizer, frame["text"].tolist(), model_cfg.max_length, model_cfg.truncation)
+    lengths = [len(x) for x in ids]
+    example_ids = frame["id"].to_numpy()
+    any_model = next(iter(models.values()))
+    n_states, d_model = num_hidden_states(any_model), any_model.config.hidden_size
+    bytes_per_token = n_states * d_model * torch.finfo(DTYPES[cfg.storage_dtype]).bits // 8
+    shard_tokens = max(1, cfg.shard_mb * 2**20 // bytes_per_token)  # shard_mb=0: one batch per shard
+    shards = plan_shards(plan_batches(lengths, cfg.batch_tokens), lengths, shard_tokens)
+
+    rank, world = (state.process_index, state.num_processes) if state else (0, 1)
+    mine = range(rank, len(shards), world)
+    out_dir = run.activations_dir(split)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    bar = tqdm(total=sum(lengths[i] for s in mine for b in shards[s] for i in b), unit="tok", unit_scale=True, desc=f"activations {split}", disable=rank != 0)
+    for s in mine:
+        meta, hidden = _extract_shard(models, tokenizer, ids, example_ids, shards[s], cfg)
+        for name, tensors in hidden.items():
+            _save(run.hidden_shard(split, name, s), tensors)
+        _save(run.token_shard(split, s), meta)  # written last: its presence marks the shard complete
+        bar.update(len(meta["token_ids"]))
+    bar.close()
+    if state is not None:
+        state.wait_for_everyone()
+    index = {
+        "split": split,
+        "num_shards": len(shards),
+        "shard_tokens": [sum(lengths[i] for b in sh for i in b) for sh in shards],
+        "num_tokens": int(sum(lengths)),
+        "num_examples": len(frame),
+        "num_hidden_states": n_states,
+        "d_model": d_model,
+        "models": list(models),
+        "storage_dtype": cfg.storage_dtype,
+        "compute_dtype": cfg.compute_dtype,
+        "seconds": time.perf_counter() - t0,
+    }
+    if rank == 0:
+        write_json(run.activation_index(split), index)
+    return index
+
+
+def _save(path, tensors: dict) -> None:
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def run_activations(run: RunFolder, cfg: ActivationsConfig, model_cfg: ModelConfig) -> dict:
+    """Extract the train sample and the test sample for both models. Returns the step record."""
+    from accelerate import PartialState
+
+    quiet_transformers()
+    if cfg.compute_dtype not in ("bfloat16", "float32") or cfg.storage_dtype not in ("float16", "float32"):
+        raise LayerscopeError("activations.compute_dtype must be bfloat16|float32 and activations.storage_dtype float16|float32")
+    state = PartialState()
+    device = state.device
+    tokenizer = load_tokenizer(str(run.model_dir("finetuned")))
+    models = {m: load_classifier(str(run.model_dir(m))).to(device).eval() for m in MODELS}
+    record = {}
+    for split, n in (("train", cfg.sae_examples), ("test", cfg.eval_examples)):
+        idx = extract_split(run, split, n, cfg, model_cfg, models, tokenizer, state)
+        record[split] = {"tokens": idx["num_tokens"], "examples": idx["num_examples"], "tokens_per_second": idx["num_tokens"] / max(idx["seconds"], 1e-9)}
+    return record
+
+
+# ------------------------------------------------------------------ reading back
+class ActivationStore:
+    """Read access to one split's shards."""
+
+    def __init__(self, run: RunFolder, split: str):
+        self.run, self.split = run, split
+        path = run.activation_index(split)
+        if not path.is_file():
+            run.require("activations", "this")
+            raise LayerscopeError(f"{path} is missing; re-run `python -m core activations --run {run.root} --force`")
+        self.index = read_json(path)
+
+    @property
+    def num_layers(self) -> int:
+        return self.index["num_hidden_states"]
+
+    @property
+    def d_model(self) -> int:
+        return self.index["d_model"]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.index["num_tokens"]
+
+    def _open(self, path):
+        if not path.is_file():
+            raise LayerscopeError(f"activation shard {path} is missing; re-run `python -m core activations --run {self.run.root} --force`")
+        try:
+            return safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise LayerscopeError(f"activation shard {path} is damaged ({e}); re-run `python -m core activations --run {self.run.root} --force`") from None
+
+    def meta(self, shard: int) -> dict[str, torch.Tensor]:
+        with self._open(self.run.token_shard(self.split, shard)) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    def layer(self, model: str, shard: int, layer: int) -> torch.Tensor:
+        """[n, d_model] hidden state ``layer`` of one shard, as stored."""
+        with self._open(self.run.hidden_shard(self.split, model, shard)) as f:
+            key = f"layer_{layer}"
+            if key not in f.keys():
+                raise LayerscopeError(f"shard has no {key}; layers are 0..{self.num_layers - 1}")
+            t = f.get_tensor(key)
+        if t.shape[0] == 0:
+            raise LayerscopeError(f"activation shard {shard} of {self.split}/{model} is empty; re-run `python -m core activations --run {self.run.root} --force`")
+        return t
+
+    def all_meta(self) -> dict[str, torch.Tensor]:
+        metas = [self.meta(s) for s in range(self.index["num_shards"])]
+        return {k: torch.cat([m[k] for m in metas]) for k in metas[0]}
+
+    def load_layer(self, model: str, layer: int, dtype=torch.float32) -> torch.Tensor:
+        """Every token of one layer, [num_tokens, d_model] (use for evaluation-sized splits)."""
+        return torch.cat([self.layer(model, s, layer).to(dtype) for s in range(self.index["num_shards"])])
+
+    def iter_layer(self, model: str, layer: int, dtype=torch.float32) -> Iterator[torch.Tensor]:
+        for s in range(self.index["num_shards"]):
+            yield self.layer(model, s, layer).to(dtype)
+
+    def iter_batches(self, model: str, layer: int, batch_size: int, *, epochs: float = 1.0, seed: int = 0, pooled: bool = False) -> Iterator[torch.Tensor]:
+        """Shuffled training batches [batch_size, d_model] (float32), streaming one shard at a time.
+
+        Shuffles shard order each pass and rows within (leftover + one shard); yields
+        floor(epochs * rows / batch_size) full batches, so one epoch never repeats a row. ``pooled`` yields per-example mean vectors instead of tokens.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        total = max(1, int(epochs * (self.index["num_examples"] if pooled else self.num_tokens) // batch_size))
+        emitted = 0
+        leftover = torch.empty(0, self.d_model)
+        while emitted < total:
+            for s in torch.randperm(self.index["num_shards"], generator=gen).tolist():
+                x = self.layer(model, s, layer).float()
+                if pooled:
+                    x = mean_pool(x, self.meta(s)["example_ids"])
+                x = torch.cat([leftover, x])
+                x = x[torch.randperm(len(x), generator=gen)]
+                full = len(x) // batch_size * batch_size
+                for i in range(0, full, batch_size):
+                    yield x[i : i + batch_size]
+                    emitted += 1
+                    if emitted >= total:
+                        return
+                leftover = x[full:]
+
+    def num_batches(self, batch_size: int, epochs: float = 1.0, pooled: bool = False) -> int:
+        """How many batches ``iter_batches`` yields with these arguments."""
+        return max(1, int(epochs * (self.index["num_examples"] if pooled else self.num_tokens) // batch_size))
+
+
+def mean_pool(x: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
+    """[n_tokens, d] -> [n_examples_in_shard, d] mean over each example's tokens (in order of first appearance)."""
+    uniq, inverse = torch.unique_consecutive(example_ids, return_inverse=True)
+    sums = torch.zeros(len(uniq), x.shape[1], dtype=torch.float64).index_add_(0, inverse, x.double())
+    counts = torch.bincount(inverse, minlength=len(uniq)).double()[:, None]
+    return (sums / counts).to(x.dtype)

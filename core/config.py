@@ -1,0 +1,157 @@
+"""Run configuration: one dataclass per pipeline step, grouped in ``RunConfig``.
+
+Where a value comes from, lowest priority first:
+  1. the dataclass defaults below (= the ``default`` preset),
+  2. a preset TOML in ``core/presets/`` (``--preset paper``),
+  3. a user TOML file (``--config my.toml``), same layout as the presets,
+  4. ``--set section.field=value`` flags and the CLI's shortcut flags.
+The resolved config is written into the run's manifest, so a run can always be
+rebuilt exactly. Field docs live next to each dataclass in its step module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.activations import ActivationsConfig
+from core.data import DataConfig
+from core.errors import LayerscopeError
+from core.features_step import FeaturesConfig
+from core.finetune import FinetuneConfig
+from core.models import ModelConfig
+from core.saes import SAEsConfig
+from core.similarity import SimilarityConfig
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    saes: SAEsConfig = field(default_factory=SAEsConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some sections: a step is stale when the hash of what it reads changes."""
+        blob = json.dumps({s: dataclasses.asdict(getattr(self, s)) for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def _coerce(value, typ, where: str):
+    """Turn a TOML value or a ``--set`` string into the declared field type."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "1", "yes", "on", "false", "0", "no", "off"}:
+            return value.lower() in {"true", "1", "yes", "on"}
+        raise LayerscopeError(f"option {where} expects true or false, got {value!r}")
+    if typ in (int, float, str):
+        try:
+            if typ is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return typ(value)
+        except (TypeError, ValueError):
+            kind = {"int": "an integer", "float": "a number", "str": "a string"}[typ.__name__]
+            raise LayerscopeError(f"option {where} expects {kind}, got {value!r}") from None
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in value.replace(" ", "").split(",") if v]
+        return [_coerce(v, item, where) for v in value]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in {"none", "null", ""}):
+            return None
+        return _coerce(value, args[0], where)
+    return value
+
+
+def _apply(obj, updates: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise LayerscopeError(f"unknown option '{where}'{hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise LayerscopeError(f"option '{where}' is a section; set its fields as {where}.FIELD=VALUE")
+            _apply(current, value, f"{where}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where))
+
+
+def _nest(dotted: dict[str, object]) -> dict:
+    out: dict = {}
+    for key, value in dotted.items():
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LayerscopeError(f"config file {path} not found; pass an existing TOML file to --config")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise LayerscopeError(f"config file {path} is not valid TOML ({e}); fix the file or drop --config") from None
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, object] | None = None,
+    base: dict | None = None,
+) -> RunConfig:
+    """Resolve a RunConfig. ``base`` is a saved config (a run's manifest) to start from instead of defaults."""
+    cfg = RunConfig()
+    if base:
+        _apply(cfg, base, "")
+    if preset:
+        path = PRESET_DIR / f"{preset}.toml"
+        if not path.is_file():
+            raise LayerscopeError(f"unknown preset '{preset}'; choose one of: {', '.join(available_presets())}")
+        _apply(cfg, read_toml(path), "")
+    if config_file:
+        _apply(cfg, read_toml(config_file), "")
+    if overrides:
+        _apply(cfg, _nest(overrides), "")
+    return cfg
+
+
+def parse_set_flags(items: list[str]) -> dict[str, str]:
+    """``["finetune.epochs=2", ...]`` -> ``{"finetune.epochs": "2"}``."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise LayerscopeError(f"--set expects SECTION.FIELD=VALUE, got {item!r} (e.g. --set finetune.epochs=2)")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out

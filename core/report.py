@@ -1,0 +1,83 @@
+"""``python -m core report``: everything a run found, as one JSON object or readable tables.
+
+The JSON layout is documented in README.md ("Report JSON"); the dashboard reads the same dict.
+"""
+
+from __future__ import annotations
+
+from core.runfolder import MODELS, RunFolder, read_json
+
+
+def build_report(run: RunFolder) -> dict:
+    m = run.manifest()
+    cfg = m["config"]
+    steps = m.get("steps", {})
+    rep: dict = {
+        "run": str(run.root.resolve()),
+        "format_version": m["format_version"],
+        "base_model": cfg["model"]["base"],
+        "dataset": cfg["data"]["dataset"],
+        "steps": {s: {"seconds": r.get("seconds"), "finished": r.get("finished")} for s, r in steps.items()},
+    }
+    if "data" in steps:
+        rep["labels"] = steps["data"]["result"]["labels"]
+        rep["rows"] = steps["data"]["result"]["rows"]
+    if "finetune" in steps:
+        fm = read_json(run.finetune_metrics_path)
+        rep["models"] = {name: str(run.model_dir(name).resolve()) for name in MODELS}
+        rep["finetune"] = {
+            "accuracy_pretrained": fm["pretrained"]["accuracy"],
+            "accuracy_finetuned": fm["finetuned"]["accuracy"],
+            "macro_f1_pretrained": fm["pretrained"]["macro_f1"],
+            "macro_f1_finetuned": fm["finetuned"]["macro_f1"],
+            "per_class": {name: fm[name]["per_class"] for name in MODELS},
+            "test_examples": fm["test_examples"],
+            "train_examples": fm["train_examples"],
+            "train_seconds": fm["train_seconds"],
+        }
+    if "activations" in steps:
+        rep["activations"] = steps["activations"]["result"]
+    if "similarity" in steps:
+        sim = read_json(run.similarity_dir / "similarity.json")
+        rep["num_layers"] = len(sim["layers"]) - 1
+        rep["similarity"] = sim["layers"]
+        rep["cka_matrix"] = sim["cka_matrix"]
+        rep["similarity_tokens"] = sim["num_tokens"]
+    elif "finetune" in steps:
+        rep["num_layers"] = read_json(run.model_dir("finetuned") / "config.json")["num_hidden_layers"]
+    if "saes" in steps:
+        rep["saes"] = [read_json(d / "metrics.json") for _, _, d in run.sae_dirs() if (d / "metrics.json").is_file()]
+    if "features" in steps:
+        rep["matching"] = steps["features"]["result"].get("matching", [])
+    return rep
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    cells = [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in cells)])
+
+
+def format_report(rep: dict) -> str:
+    out = [f"run        {rep['run']}", f"base model {rep['base_model']}", f"dataset    {rep['dataset']}"]
+    if "rows" in rep:
+        out.append("rows       " + ", ".join(f"{k} {v}" for k, v in rep["rows"].items()))
+    if "finetune" in rep:
+        ft = rep["finetune"]
+        out += ["", "Fine-tuning (test split)", _table(
+            [["accuracy", ft["accuracy_pretrained"], ft["accuracy_finetuned"]], ["macro F1", ft["macro_f1_pretrained"], ft["macro_f1_finetuned"]]],
+            ["metric", "pre-trained", "fine-tuned"],
+        )]
+        rows = [[name, *(ft["per_class"]["finetuned"][name][k] for k in ("precision", "recall", "f1-score")), int(ft["per_class"]["finetuned"][name]["support"])] for name in ft["per_class"]["finetuned"]]
+        out += ["", "Classification report (fine-tuned)", _table(rows, ["class", "precision", "recall", "f1", "support"])]
+    if "similarity" in rep:
+        rows = [[r["layer"], r["cosine_of_means"], r["mean_cosine"], r["token_cosine"], r["cka"]] for r in rep["similarity"]]
+        out += ["", f"Layer similarity, pre-trained vs fine-tuned ({rep['similarity_tokens']} test tokens)", _table(rows, ["layer", "cos(means)", "mean cos", "token cos", "CKA"])]
+    if rep.get("saes"):
+        rows = [[s["model"], s["layer"], s["architecture"], s["d_sae"], s["l0"], s["fvu"], s["dead_fraction"], s.get("accuracy_spliced", float("nan")), s.get("fvu_on_finetuned", "")] for s in rep["saes"]]
+        out += ["", "Sparse autoencoders (held-out tokens)", _table(rows, ["model", "layer", "arch", "d_sae", "L0", "FVU", "dead", "acc spliced", "FVU on ft"])]
+    if rep.get("matching"):
+        rows = [[m["layer"], m["kept"], m["shifted"], m["new"], m["lost"]] for m in rep["matching"]]
+        out += ["", "Feature matching, pre-trained -> fine-tuned", _table(rows, ["layer", "kept", "shifted", "new", "lost"])]
+    return "\n".join(out)

@@ -1,0 +1,238 @@
+"""The run folder: the only module that knows file names inside a run.
+
+    <run>/
+      manifest.json                 format version, resolved config, per-step records
+      data/{train,val,test}.csv     columns id,text,label (cleaned text; id traces back to the source row)
+      data/labels.json              {"names": [...]}
+      models/pretrained/            save_pretrained folder: base model + freshly initialised (seeded) head
+      models/finetuned/             save_pretrained folder: the fine-tuned classifier
+      finetune/metrics.json         accuracy, macro-F1, per-class report for both models
+      activations/<split>/index.json
+      activations/<split>/tokens_00000.safetensors       example_ids, token_ids, positions, special
+      activations/<split>/<model>_00000.safetensors      layer_0 .. layer_L  [tokens, d_model]
+      similarity/similarity.json + similarity.csv + cka_matrix.csv
+      saes/<model>/layer_<i>/{cfg.json, sae_weights.safetensors, metrics.json}
+      features/<model>/layer_<i>/{stats.safetensors, top_examples.json}
+      features/matching/layer_<i>.json
+
+Every write goes to a temporary name in the same folder and is renamed into
+place, so an interrupted step never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from core.errors import LayerscopeError
+
+FORMAT_VERSION = 1
+MODELS = ("pretrained", "finetuned")
+SPLITS = ("train", "val", "test")
+STEPS = ("data", "finetune", "activations", "similarity", "saes", "features")
+
+
+# ---------------------------------------------------------------- atomic writes
+def write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LayerscopeError(f"{path} is missing; rebuild the step that writes it (see `python -m core --help`)") from None
+    except json.JSONDecodeError:
+        raise LayerscopeError(f"{path} is not valid JSON (damaged?); rebuild it with --force") from None
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path):
+    """Yield a temporary sibling path (file or folder); on success it replaces ``final``."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.{os.getpid()}.tmp"
+    _remove(tmp)
+    try:
+        yield tmp
+        old = final.parent / f".{final.name}.{os.getpid()}.old"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _remove(old)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+# ---------------------------------------------------------------- the run folder
+class RunFolder:
+    """Paths and manifest of one run. Creating the object touches nothing on disk."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+
+    # -- paths ----------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.root.resolve().name
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def split_csv(self, split: str) -> Path:
+        return self.root / "data" / f"{split}.csv"
+
+    @property
+    def labels_path(self) -> Path:
+        return self.root / "data" / "labels.json"
+
+    def model_dir(self, model: str) -> Path:
+        assert model in MODELS, model
+        return self.root / "models" / model
+
+    @property
+    def finetune_metrics_path(self) -> Path:
+        return self.root / "finetune" / "metrics.json"
+
+    @property
+    def finetune_dir(self) -> Path:
+        return self.root / "finetune"
+
+    def activations_dir(self, split: str) -> Path:
+        return self.root / "activations" / split
+
+    def activation_index(self, split: str) -> Path:
+        return self.activations_dir(split) / "index.json"
+
+    def token_shard(self, split: str, i: int) -> Path:
+        return self.activations_dir(split) / f"tokens_{i:05d}.safetensors"
+
+    def hidden_shard(self, split: str, model: str, i: int) -> Path:
+        return self.activations_dir(split) / f"{model}_{i:05d}.safetensors"
+
+    @property
+    def similarity_dir(self) -> Path:
+        return self.root / "similarity"
+
+    def sae_dir(self, model: str, layer: int) -> Path:
+        return self.root / "saes" / model / f"layer_{layer}"
+
+    def sae_dirs(self) -> list[tuple[str, int, Path]]:
+        """Every trained SAE as (model, layer, folder), in a stable order."""
+        out = []
+        for model in MODELS:
+            base = self.root / "saes" / model
+            if base.is_dir():
+                for d in base.glob("layer_*"):
+                    if (d / "cfg.json").is_file() and d.name[6:].isdigit():
+                        out.append((model, int(d.name[6:]), d))
+        return sorted(out, key=lambda t: (MODELS.index(t[0]), t[1]))
+
+    def features_dir(self, model: str, layer: int) -> Path:
+        return self.root / "features" / model / f"layer_{layer}"
+
+    def matching_path(self, layer: int) -> Path:
+        return self.root / "features" / "matching" / f"layer_{layer}.json"
+
+    # -- manifest ---------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def manifest(self) -> dict:
+        if not self.root.is_dir():
+            raise LayerscopeError(f"run folder {self.root} does not exist; build it with `python -m core build --run {self.root}`")
+        if not self.manifest_path.is_file():
+            raise LayerscopeError(
+                f"{self.root} is not a Layerscope run (no manifest.json); pass a run folder built by "
+                f"`python -m core build`, or build one there"
+            )
+        m = read_json(self.manifest_path)
+        version = m.get("format_version")
+        if version != FORMAT_VERSION:
+            raise LayerscopeError(
+                f"run {self.root} was written in run format {version}, this Layerscope reads format {FORMAT_VERSION}; "
+                f"rebuild it into a new folder with `python -m core build --run NEW_DIR` (the old folder is left untouched)"
+            )
+        return m
+
+    def write_manifest(self, m: dict) -> None:
+        write_json(self.manifest_path, m)
+
+    def init_manifest(self, config: dict, versions: dict) -> dict:
+        m = {
+            "format_version": FORMAT_VERSION,
+            "created": now(),
+            "config": config,
+            "packages": versions,
+            "steps": {},
+        }
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.write_manifest(m)
+        return m
+
+    def step_record(self, step: str) -> dict | None:
+        if not self.exists():
+            return None
+        return self.manifest().get("steps", {}).get(step)
+
+    def is_done(self, step: str) -> bool:
+        return self.step_record(step) is not None
+
+    def require(self, step: str, for_step: str) -> None:
+        """Raise a clear error when ``step`` has not run yet."""
+        if not self.is_done(step):
+            raise LayerscopeError(
+                f"step '{for_step}' needs step '{step}', which has not run in {self.root}; "
+                f"run `python -m core {step} --run {self.root}` first (or `python -m core build --run {self.root}`)"
+            )
+
+    def record_step(self, step: str, record: dict) -> None:
+        """Mark a step done, and forget every later step (their inputs just changed)."""
+        m = self.manifest()
+        steps = m.setdefault("steps", {})
+        later = STEPS[STEPS.index(step) + 1 :] if step in STEPS else ()
+        for s in later:
+            steps.pop(s, None)
+        steps[step] = {"finished": now(), **record}
+        self.write_manifest(m)
+
+    def labels(self) -> list[str]:
+        return read_json(self.labels_path)["names"]
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,87 @@
+import pandas as pd
+import pytest
+
+from core.data import DataConfig, clean_text, prepare, run_data
+from core.errors import LayerscopeError
+from core.runfolder import RunFolder
+from tests.conftest import make_dataset
+
+
+def test_clean_text_each_switch():
+    raw = "Great film!<br /><br />The ACTING, though... 10/10 ★"
+    assert clean_text(raw, DataConfig()) == "great film the acting though 10 10"
+    kept = clean_text(raw, DataConfig(lowercase=False, remove_punctuation=False, remove_special=False))
+    assert "<br />" not in kept and "ACTING," in kept and "★" in kept
+    assert "<br />" in clean_text(raw, DataConfig(remove_html=False, remove_punctuation=False, remove_special=False))
+
+
+def _csv(tmp_path, frame, name="d.csv"):
+    path = tmp_path / name
+    frame.to_csv(path, index=False)
+    return str(path)
+
+
+def test_split_is_stratified_80_10_10_and_seeded(tmp_path):
+    path = _csv(tmp_path, make_dataset(200))
+    splits, names = prepare(DataConfig(dataset=path, max_rows=0))
+    assert names == ["negative", "positive"]
+    sizes = {k: len(v) for k, v in splits.items()}
+    n = sum(sizes.values())
+    assert sizes["train"] == pytest.approx(0.8 * n, abs=2) and sizes["test"] == pytest.approx(0.1 * n, abs=2)
+    for frame in splits.values():  # stratified: both classes in equal share
+        assert abs(frame["label"].mean() - 0.5) < 0.1
+    ids = [set(f["id"]) for f in splits.values()]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    again, _ = prepare(DataConfig(dataset=path, max_rows=0))
+    assert again["test"]["id"].tolist() == splits["test"]["id"].tolist()
+    other, _ = prepare(DataConfig(dataset=path, max_rows=0, seed=1))
+    assert other["test"]["id"].tolist() != splits["test"]["id"].tolist()
+
+
+def test_cap_keeps_class_balance(tmp_path):
+    path = _csv(tmp_path, make_dataset(240))
+    splits, _ = prepare(DataConfig(dataset=path, max_rows=100, drop_duplicates=False))
+    assert sum(len(f) for f in splits.values()) == 100
+
+
+def test_imdb_builtin_source():
+    splits, names = prepare(DataConfig(dataset="imdb", max_rows=500))
+    assert names == ["negative", "positive"]
+    text = " ".join(splits["train"]["text"])
+    assert "<br" not in text and text == text.lower() and "," not in text
+    assert sum(len(f) for f in splits.values()) == 500
+
+
+@pytest.mark.parametrize(
+    "frame, message",
+    [
+        (pd.DataFrame({"review": ["a b"] * 30, "label": [0, 1] * 15}), "no column 'text'"),
+        (pd.DataFrame({"text": [f"t {i}" for i in range(30)], "label": [0, 1, None] * 10}), "empty or NaN label"),
+        (pd.DataFrame({"text": [f"t {i}" for i in range(30)], "label": [1] * 30}), "only one class"),
+        (pd.DataFrame({"text": [f"t {i}" for i in range(8)], "label": [0, 1] * 4}), "needs at least"),
+    ],
+)
+def test_bad_csv_gives_one_clear_error(tmp_path, frame, message):
+    with pytest.raises(LayerscopeError, match=message):
+        prepare(DataConfig(dataset=_csv(tmp_path, frame)))
+
+
+def test_non_utf8_csv(tmp_path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes("text,label\ncaf\xe9 ok,1\n".encode("latin-1"))
+    with pytest.raises(LayerscopeError, match="not UTF-8"):
+        prepare(DataConfig(dataset=str(path)))
+
+
+def test_unknown_dataset():
+    with pytest.raises(LayerscopeError, match="unknown dataset 'imbd'"):
+        prepare(DataConfig(dataset="imbd"))
+
+
+def test_run_data_writes_splits_atomically(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    run.init_manifest({}, {})
+    record = run_data(run, DataConfig(dataset=_csv(tmp_path, make_dataset(100)), max_rows=0))
+    assert set(record["rows"]) == {"train", "val", "test"}
+    assert run.labels() == ["negative", "positive"]
+    assert not list(run.root.rglob("*.tmp"))

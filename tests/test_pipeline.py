@@ -1,0 +1,138 @@
+"""Steps, resumability, the manifest and the report on the tiny run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from core.config import load_config
+from core.errors import LayerscopeError
+from core.pipeline import build, run_step
+from core.report import build_report, format_report
+from core.runfolder import FORMAT_VERSION, RunFolder
+from tests.conftest import tiny_overrides
+
+
+def _cfg(tiny_model, tiny_csv, **extra):
+    return load_config(preset="tiny", overrides={**tiny_overrides(tiny_model, tiny_csv), **extra})
+
+
+def test_manifest_records_everything(tiny_run):
+    m = tiny_run.manifest()
+    assert m["format_version"] == FORMAT_VERSION
+    assert {"data", "finetune", "activations", "similarity"} <= set(m["steps"])
+    assert m["packages"]["torch"].startswith("2.13") and "transformers" in m["packages"]
+    assert m["config"]["data"]["seed"] == 0 and m["config"]["finetune"]["seed"] == 0
+    assert all(r["seconds"] >= 0 and len(r["config_hash"]) == 16 for r in m["steps"].values())
+    assert set(m["steps"]["data"]["result"]["hashes"]) == {"train", "val", "test"}
+
+
+def test_report_json_has_documented_fields(tiny_run):
+    rep = build_report(tiny_run)
+    assert json.loads(json.dumps(rep)) == rep
+    for key in ("run", "base_model", "dataset", "num_layers", "models", "finetune", "similarity"):
+        assert key in rep
+    assert rep["num_layers"] == 2 and [r["layer"] for r in rep["similarity"]] == [0, 1, 2]
+    assert set(rep["models"]) == {"pretrained", "finetuned"}
+    assert {"accuracy_pretrained", "accuracy_finetuned", "macro_f1_finetuned", "per_class"} <= set(rep["finetune"])
+    for row in rep["similarity"]:
+        assert {"cosine_of_means", "mean_cosine", "cka"} <= set(row)
+    text = format_report(rep)
+    assert "Layer similarity" in text and "Classification report" in text
+
+
+def test_finished_steps_are_skipped_and_changed_settings_need_force(tmp_path, tiny_model, tiny_csv):
+    run = RunFolder(tmp_path / "r")
+    cfg = _cfg(tiny_model, tiny_csv)
+    assert build(run, cfg, until="data", log=lambda *_: None) == {"data": pytest.approx(0, abs=60)}
+    before = run.split_csv("train").read_bytes()
+    assert run_step(run, "data", cfg, log=lambda *_: None) == "skipped"
+    changed = _cfg(tiny_model, tiny_csv, **{"data.seed": 7})
+    with pytest.raises(LayerscopeError, match="--force"):
+        run_step(run, "data", changed, log=lambda *_: None)
+    assert run.split_csv("train").read_bytes() == before  # nothing touched
+    assert run_step(run, "data", changed, force=True, log=lambda *_: None) == "done"
+    assert run.split_csv("train").read_bytes() != before
+
+
+def test_step_before_its_input_is_refused(tmp_path, tiny_model, tiny_csv):
+    run = RunFolder(tmp_path / "r")
+    with pytest.raises(LayerscopeError, match="needs step 'data'"):
+        run_step(run, "finetune", _cfg(tiny_model, tiny_csv), log=lambda *_: None)
+
+
+def test_incompatible_run_folder(tmp_path):
+    run = RunFolder(tmp_path / "old")
+    run.root.mkdir()
+    run.manifest_path.write_text(json.dumps({"format_version": 0, "config": {}, "steps": {}}))
+    with pytest.raises(LayerscopeError, match="run format 0"):
+        build_report(run)
+
+
+def test_interrupted_step_leaves_nothing_half_written(tmp_path, tiny_model, tiny_csv, monkeypatch):
+    import core.activations as act
+
+    run = RunFolder(tmp_path / "r")
+    cfg = _cfg(tiny_model, tiny_csv)
+    build(run, cfg, until="finetune", log=lambda *_: None)
+    calls = {"n": 0}
+    real = act.save_file
+
+    def failing_save(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            real(tensors, path)  # bytes on disk under the temporary name...
+            raise KeyboardInterrupt  # ...then the user presses Ctrl-C
+        real(tensors, path)
+
+    monkeypatch.setattr(act, "save_file", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_step(run, "activations", cfg, log=lambda *_: None)
+    assert not list(run.root.rglob("*.tmp"))
+    assert not run.is_done("activations")
+    monkeypatch.setattr(act, "save_file", real)
+    assert run_step(run, "activations", cfg, log=lambda *_: None) == "done"
+
+
+def test_activation_shards_trace_back_to_text(tiny_run):
+    from core.activations import ActivationStore
+    from core.data import load_split
+    from core.models import encode, load_tokenizer
+    from transformers import AutoModel
+
+    store = ActivationStore(tiny_run, "test")
+    assert store.index["num_shards"] > 1  # tiny shards: streaming is exercised
+    meta = store.all_meta()
+    frame = load_split(tiny_run, "test").set_index("id")
+    tok = load_tokenizer(str(tiny_run.model_dir("finetuned")))
+    cfg = tiny_run.manifest()["config"]["model"]
+    # every example appears with exactly its tokens, [CLS]/[SEP] marked, no padding
+    assert meta["example_ids"].unique().numel() == len(frame)
+    assert int(meta["special"].sum()) == 2 * len(frame)
+    assert not (meta["token_ids"] == tok.pad_token_id).any()
+    ex = int(meta["example_ids"][0])
+    rows = meta["example_ids"] == ex
+    ids = encode(tok, [frame.loc[ex, "text"]], cfg["max_length"], cfg["truncation"])[0]
+    assert meta["token_ids"][rows].tolist() == ids
+    # the stored hidden states equal a direct forward of that text alone
+    model = AutoModel.from_pretrained(str(tiny_run.model_dir("finetuned"))).eval()
+    with torch.no_grad():
+        direct = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    for layer in range(store.num_layers):
+        stored = store.load_layer("finetuned", layer)[rows]
+        np.testing.assert_allclose(stored.numpy(), direct[layer][0].numpy(), atol=1e-4)
+
+
+def test_batches_stream_every_token_once_per_epoch(tiny_run):
+    from core.activations import ActivationStore
+
+    store = ActivationStore(tiny_run, "train")
+    batches = list(store.iter_batches("pretrained", 1, 64, epochs=1.0, seed=0))
+    assert all(b.shape == (64, store.d_model) for b in batches)
+    assert len(batches) == store.num_tokens // 64 == store.num_batches(64)
+    seen = torch.cat(batches)
+    everything = store.load_layer("pretrained", 1)
+    # each yielded row is a real stored row, and no row is repeated within the epoch
+    assert torch.unique(seen, dim=0).shape[0] == seen.shape[0]
+    assert torch.isin(seen[:, 0], everything[:, 0]).all()
