@@ -1,12 +1,268 @@
-"""Step ``features``: rank every SAE's features, collect their top examples, match pre-trained to fine-tuned."""
+"""Step ``features``: what every SAE feature responds to, and which features fine-tuning kept.
+
+Per SAE, on the held-out test-split tokens:
+  * statistics (``core.features``): variance (the paper's ranking), density, mean activation
+    per class, label selectivity (AUROC of each example's max activation, class vs rest),
+    top activating tokens and a histogram of non-zero activations;
+  * for each feature's top tokens, a window of context tokens with the feature's activation
+    on each, so the dashboard can highlight them in their text;
+  * for the fine-tuned model, each feature's effect on the classifier's logits, estimated by
+    attribution patching: the first-order change in logit c when the feature is ablated,
+    ``effect[f, c] = mean_examples sum_tokens a_f(t) * (scale * W_dec[f]) . d logit_c / d h_t``
+    (a linear approximation of the ablation effect; exact for a linear read-out).
+Per layer, the pre-trained and fine-tuned SAEs' features are matched one-to-one (Hungarian
+assignment on decoder cosine) and labelled kept / shifted / lost / new.
+
+Files: ``features/<model>/layer_<i>/stats.safetensors`` and ``features/matching/layer_<i>.json``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from core.activations import ActivationStore, pad_batch
+from core.data import load_split
+from core.errors import LayerscopeError
+from core.features import FeatureStats, FeatureStatsAccumulator, match_features, rank_features
+from core.models import hidden_state_module, load_classifier, load_tokenizer
+from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
+from core.sae import SparseAutoencoder
+from core.saes import load_sae
+
+STAT_FIELDS = ("mean", "variance", "density", "mean_per_class", "class_token_counts", "top_values", "top_example_ids", "top_token_index", "hist_edges", "hist_counts", "selectivity_auroc")
 
 
 @dataclass
 class FeaturesConfig:
-    top_k: int = 20  # top activating tokens kept per feature
+    top_k: int = 10  # top activating tokens kept per feature
+    window: int = 8  # context tokens kept on each side of a top token
     kept_threshold: float = 0.7  # matched decoder cosine at or above which a feature counts as kept
     shifted_threshold: float = 0.4  # below kept but at or above this: shifted; below: lost (pre) / new (fine-tuned)
+    effect_examples: int = 100  # test texts used to estimate logit effects (0 = skip)
+
+
+# ------------------------------------------------------------------ computing
+@torch.no_grad()
+def _latent_chunks(sae: SparseAutoencoder, store: ActivationStore, model: str, layer: int):
+    for s in range(store.index["num_shards"]):
+        yield s, sae.encode(store.layer(model, s, layer).float())  # [n, d_sae]
+
+
+def feature_stats(sae: SparseAutoencoder, store: ActivationStore, model: str, layer: int, labels_by_id: dict, num_classes: int, top_k: int) -> tuple[FeatureStats, torch.Tensor]:
+    """Stream the test tokens through the SAE. Returns stats and the local example index of every token."""
+    meta = store.all_meta()
+    ids = meta["example_ids"].long()
+    uniq, local = torch.unique(ids, return_inverse=True)  # example ids -> 0..E-1
+    label_of_example = torch.tensor([labels_by_id[int(i)] for i in uniq])
+    acc = FeatureStatsAccumulator(sae.cfg.d_sae, num_classes, top_k=top_k)
+    start = 0
+    for _, z in _latent_chunks(sae, store, model, layer):
+        n = len(z)
+        acc.update(z, local[start : start + n], label_of_example[local[start : start + n]])
+        start += n
+    return acc.finalize(), uniq
+
+
+@torch.no_grad()
+def context_windows(sae: SparseAutoencoder, store: ActivationStore, model: str, layer: int, top_token_index: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [m, K, 2w+1] (-1 = outside the text) and the feature's activation on each."""
+    meta = store.all_meta()
+    ex, tok = meta["example_ids"], meta["token_ids"]
+    m, k = top_token_index.shape
+    offsets = torch.arange(-window, window + 1)
+    idx = top_token_index[:, :, None] + offsets  # [m, K, W] global token indices
+    valid = (top_token_index[:, :, None] >= 0) & (idx >= 0) & (idx < len(tok))
+    idx_c = idx.clamp(0, len(tok) - 1)
+    centre_ex = ex[top_token_index.clamp_min(0)][:, :, None]
+    valid &= ex[idx_c] == centre_ex  # stay inside the same text
+    token_ids = torch.where(valid, tok[idx_c].long(), torch.full_like(idx_c, -1))
+    acts = torch.zeros(m, k, idx.shape[-1])
+    feat = torch.arange(m)[:, None, None].expand_as(idx_c)
+    flat_tok, flat_feat, flat_valid = idx_c.reshape(-1), feat.reshape(-1), valid.reshape(-1)
+    order = torch.argsort(flat_tok)
+    start = 0
+    for _, z in _latent_chunks(sae, store, model, layer):
+        end = start + len(z)
+        sel = order[(flat_tok[order] >= start) & (flat_tok[order] < end)]
+        acts.view(-1)[sel] = z[flat_tok[sel] - start, flat_feat[sel]]
+        start = end
+    acts.view(-1)[~flat_valid] = 0
+    return token_ids.int(), acts.half()
+
+
+def logit_effects(run: RunFolder, sae: SparseAutoencoder, layer: int, n_examples: int, max_length: int, truncation: str) -> torch.Tensor:
+    """[d_sae, C] attribution-patching estimate of each feature's effect on each logit (fine-tuned model)."""
+    from core.models import encode
+
+    model = load_classifier(str(run.model_dir("finetuned"))).eval()
+    tok = load_tokenizer(str(run.model_dir("finetuned")))
+    texts = load_split(run, "test")["text"].tolist()[:n_examples]
+    ids = encode(tok, texts, max_length, truncation)
+    _, module = hidden_state_module(model, layer)
+    captured = {}
+
+    def hook(_m, _i, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h.retain_grad()
+        captured["h"] = h
+
+    handle = module.register_forward_hook(hook)
+    effects = torch.zeros(sae.cfg.d_sae, model.config.num_labels, dtype=torch.float64)
+    direction = sae.W_dec.detach() * sae.cfg.normalization_scale  # [d_sae, d] raw units
+    try:
+        for lo in range(0, len(ids), 16):
+            input_ids, mask = pad_batch(ids[lo : lo + 16], tok.pad_token_id)
+            logits = model(input_ids=input_ids, attention_mask=mask).logits  # [B, C]
+            h = captured["h"]
+            keep = mask.bool()
+            with torch.no_grad():
+                z = sae.encode(h.detach()[keep].float())  # [n, d_sae]
+            for c in range(logits.shape[1]):
+                model.zero_grad(set_to_none=True)
+                h.grad = None
+                logits[:, c].sum().backward(retain_graph=c + 1 < logits.shape[1])
+                g = h.grad[keep].float()  # [n, d]
+                effects[:, c] += (z * (g @ direction.T)).sum(0).double()  # [d_sae]
+    finally:
+        handle.remove()
+    return (effects / max(len(ids), 1)).float()
+
+
+def run_features(run: RunFolder, cfg: FeaturesConfig, progress: bool = True) -> dict:
+    model_cfg = run.manifest()["config"]["model"]
+    store = ActivationStore(run, "test")
+    test = load_split(run, "test")
+    labels_by_id = dict(zip(test["id"].astype(int), test["label"].astype(int)))
+    num_classes = len(run.labels())
+    saes = run.sae_dirs()
+    if not saes:
+        raise LayerscopeError(f"no SAEs in {run.root}; run `python -m core saes --run {run.root}` first")
+    for model, layer, _ in tqdm(saes, desc="features", unit="sae", disable=not progress):
+        sae = load_sae(run, model, layer)
+        stats, example_ids = feature_stats(sae, store, model, layer, labels_by_id, num_classes, cfg.top_k)
+        win_tokens, win_acts = context_windows(sae, store, model, layer, stats.top_token_index, cfg.window)
+        tensors = {f: getattr(stats, f).contiguous() for f in STAT_FIELDS}
+        tensors["top_example_ids"] = torch.where(stats.top_example_ids >= 0, example_ids[stats.top_example_ids.clamp_min(0)], -1)
+        tensors.update(window_token_ids=win_tokens.contiguous(), window_activations=win_acts.contiguous())
+        if model == "finetuned" and cfg.effect_examples:
+            tensors["logit_effect"] = logit_effects(run, sae, layer, cfg.effect_examples, model_cfg["max_length"], model_cfg["truncation"]).contiguous()
+        with atomic_path(run.features_dir(model, layer) / "stats.safetensors") as tmp:
+            save_file({k: v.float() if v.dtype == torch.float64 else v for k, v in tensors.items()}, str(tmp), metadata={"num_tokens": str(stats.num_tokens), "num_examples": str(stats.num_examples)})
+
+    matching = []
+    layers = sorted({l for _, l, _ in saes})
+    for layer in layers:
+        if not all(run.sae_dir(m, layer).is_dir() for m in MODELS):
+            continue
+        pre, ft = load_sae(run, "pretrained", layer), load_sae(run, "finetuned", layer)
+        alive = [load_stats(run, m, layer)["density"] > 0 for m in MODELS]
+        res = match_features(pre.W_dec.detach(), ft.W_dec.detach(), kept_threshold=cfg.kept_threshold, shifted_threshold=cfg.shifted_threshold, alive_a=alive[0], alive_b=alive[1])
+        summary = {"layer": layer, "kept": res.kept, "shifted": res.shifted, "new": res.new, "lost": res.lost, "counts": res.counts, "kept_threshold": cfg.kept_threshold, "shifted_threshold": cfg.shifted_threshold}
+        write_json(run.matching_path(layer), {**summary, "partner_of_pretrained": res.partner_of_a, "partner_of_finetuned": res.partner_of_b, "similarity_of_pretrained": np.nan_to_num(res.similarity_of_a, nan=-2.0), "similarity_of_finetuned": np.nan_to_num(res.similarity_of_b, nan=-2.0), "status_of_pretrained": res.status_of_a.tolist(), "status_of_finetuned": res.status_of_b.tolist()})
+        matching.append(summary)
+    load_stats.cache_clear()
+    return {"matching": matching}
+
+
+# ------------------------------------------------------------------ reading back (dashboard, analyze)
+@lru_cache(maxsize=64)
+def load_stats(run: RunFolder | str, model: str, layer: int) -> dict[str, torch.Tensor]:
+    run = RunFolder(run) if isinstance(run, str) else run
+    path = run.features_dir(model, layer) / "stats.safetensors"
+    if not path.is_file():
+        run.require("features", "the feature browser")
+        raise LayerscopeError(f"no feature statistics for {model} layer {layer}; re-run `python -m core features --run {run.root} --force`")
+    return load_file(str(path))
+
+
+def ranking(run: RunFolder, model: str, layer: int, by: str = "variance", class_index: int | None = None) -> torch.Tensor:
+    s = load_stats(run, model, layer)
+    stats = FeatureStats(num_tokens=0, num_examples=0, **{f: s[f] for f in STAT_FIELDS})
+    return rank_features(stats, by=by, class_index=class_index)
+
+
+def load_matching(run: RunFolder, layer: int) -> dict | None:
+    path = run.matching_path(layer)
+    return read_json(path) if path.is_file() else None
+
+
+def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance") -> pd.DataFrame:
+    """One row per feature, in ranking order."""
+    s = load_stats(run, model, layer)
+    names = run.labels()
+    auc = s["selectivity_auroc"].double()
+    sel = (auc - 0.5).abs().nan_to_num(nan=-1.0)
+    df = pd.DataFrame({"feature": np.arange(len(s["variance"])), "variance": s["variance"].numpy(), "density": s["density"].numpy(), "selectivity": sel.amax(1).numpy(), "best_class": [names[i] for i in sel.argmax(1).tolist()]})
+    for c, name in enumerate(names):
+        df[f"mean[{name}]"] = s["mean_per_class"][:, c].numpy()
+    if "logit_effect" in s:
+        for c, name in enumerate(names):
+            df[f"logit_effect[{name}]"] = s["logit_effect"][:, c].numpy()
+    match = load_matching(run, layer)
+    if match:
+        other = "finetuned" if model == "pretrained" else "pretrained"
+        df[f"partner_in_{other}"] = match[f"partner_of_{model}"]
+        df["match_similarity"] = np.where(np.asarray(match[f"similarity_of_{model}"]) < -1, np.nan, match[f"similarity_of_{model}"])
+        df["status"] = match[f"status_of_{model}"]
+    order = ranking(run, model, layer, by).numpy()
+    return df.iloc[order].reset_index(drop=True)
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(path: str):
+    return load_tokenizer(path)
+
+
+def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int = 10) -> dict:
+    """Everything the feature browser shows about one feature."""
+    s = load_stats(run, model, layer)
+    m = len(s["variance"])
+    if not 0 <= feature < m:
+        raise LayerscopeError(f"feature {feature} does not exist; this SAE has features 0..{m - 1}")
+    names = run.labels()
+    tok = _tokenizer(str(run.model_dir("finetuned")))
+    test = load_split(run, "test").set_index("id")
+    w = s["window_token_ids"].shape[-1] // 2
+    examples = []
+    for j in range(min(top, s["top_values"].shape[1])):
+        value = float(s["top_values"][feature, j])
+        if value <= 0:
+            break
+        ids = s["window_token_ids"][feature, j]
+        keep = ids >= 0
+        ex = int(s["top_example_ids"][feature, j])
+        examples.append(
+            {
+                "example_id": ex,
+                "label": names[int(test.loc[ex, "label"])] if ex in test.index else None,
+                "tokens": tok.convert_ids_to_tokens(ids[keep].tolist()),
+                "activations": s["window_activations"][feature, j][keep].float().tolist(),
+                "center": int(keep[:w].sum()),
+                "value": value,
+            }
+        )
+    match = load_matching(run, layer)
+    match_info = None
+    if match:
+        sim = match[f"similarity_of_{model}"][feature]
+        match_info = {"partner": match[f"partner_of_{model}"][feature], "similarity": None if sim < -1 else sim, "status": match[f"status_of_{model}"][feature], "other_model": "finetuned" if model == "pretrained" else "pretrained"}
+    return {
+        "model": model,
+        "layer": layer,
+        "feature": feature,
+        "variance": float(s["variance"][feature]),
+        "density": float(s["density"][feature]),
+        "top_examples": examples,
+        "histogram": {"edges": s["hist_edges"][feature].tolist(), "counts": s["hist_counts"][feature].tolist()},
+        "mean_per_class": {n: float(s["mean_per_class"][feature, c]) for c, n in enumerate(names)},
+        "selectivity_auroc": {n: float(s["selectivity_auroc"][feature, c]) for c, n in enumerate(names)},
+        "match": match_info,
+        "logit_effect": {n: float(s["logit_effect"][feature, c]) for c, n in enumerate(names)} if "logit_effect" in s else None,
+    }

@@ -130,5 +130,8 @@ def special_mask(tokenizer, ids: list[int]) -> list[int]:
 
 
 def quiet_transformers() -> None:
-    """Silence transformers' info chatter (progress bars stay)."""
+    """Silence transformers' info chatter and its weight-loading progress bars."""
+    from transformers.utils import logging as hf_logging
+
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()

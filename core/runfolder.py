@@ -104,6 +104,15 @@ class RunFolder:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RunFolder) and self.root.resolve() == other.root.resolve()
+
+    def __hash__(self) -> int:
+        return hash(str(self.root.resolve()))
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.root)!r})"
+
     # -- paths ----------------------------------------------------------------
     @property
     def name(self) -> str:

@@ -1,16 +1,207 @@
-"""Step ``saes``: one sparse autoencoder per (model, layer), trained on streamed token activations."""
+"""Step ``saes``: one sparse autoencoder per (model, layer), trained on streamed token activations.
+
+For every model in {pretrained, finetuned} and every chosen hidden-state index, an SAE is
+trained on the train-split activation shards (streamed, shuffled; the trainer in
+``core.sae_training`` only ever sees tensors) and evaluated on the held-out test-split
+tokens: MSE, FVU, L0, dead and dense fractions (``core.sae_metrics``), and downstream
+fidelity: the classifier's accuracy and mean KL(original || spliced) of its class
+distribution when that layer's hidden state is replaced by the SAE reconstruction.
+Pre-trained SAEs also report drift: their FVU on the fine-tuned model's activations at
+the same layer, and their fidelity when spliced into the fine-tuned classifier.
+
+Each SAE lands in ``saes/<model>/layer_<i>/`` (cfg.json + sae_weights.safetensors +
+metrics.json). The step is resumable SAE by SAE: a folder whose metrics.json carries
+the same settings hash is kept.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from core.activations import ActivationStore, pad_batch
+from core.data import load_split
+from core.errors import LayerscopeError
+from core.models import ModelConfig, encode, hidden_state_module, load_classifier, load_tokenizer, quiet_transformers
+from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
+from core.sae import SAEConfig, SparseAutoencoder
+from core.sae_metrics import evaluate_sae
+from core.sae_training import SAETrainingConfig, train_sae
 
 
 @dataclass
 class SAEsConfig:
-    layers: list[int] = field(default_factory=list)  # hidden-state indices; [] = every block (1..L) for <= 8 layers, else the paper's 3, 6, L
+    layers: list[int] = field(default_factory=list)  # hidden-state indices; [] = every block 1..L when L <= 8, else the paper's 3, 6, L
     architecture: str = "topk"  # "topk" (default) or "paper" (ReLU + L1, the paper's recipe)
-    expansion_factor: int = 4  # d_sae = expansion_factor * d_model (paper: 1024 for 768, i.e. 4/3)
+    expansion_factor: int = 4  # d_sae = expansion_factor * d_model (paper: 1024 latents for 768 wide)
     d_sae: int = 0  # explicit dictionary size; 0 = use expansion_factor
     k: int = 32  # TopK: active latents per token
     l1_coefficient: float = 1e-3  # paper: lambda of the L1 penalty
     input: str = "tokens"  # "tokens" (default) or "mean_pooled" (what the paper's code trained on)
+    epochs: float = 8.0  # passes over the train-split tokens (paper: 10)
+    init_tokens: int = 20000  # tokens used to fix the input scale and initialise the decoder bias
+    splice_examples: int = 400  # test texts used for spliced accuracy / KL (0 = skip the splice check)
+    training: SAETrainingConfig = field(default_factory=SAETrainingConfig)  # optimiser settings (lr, batch size, AuxK, bf16...)
+
+
+def default_layers(num_blocks: int) -> list[int]:
+    """Every block for small models; the paper's early/middle/last layers for deeper ones."""
+    if num_blocks <= 8:
+        return list(range(1, num_blocks + 1))
+    return sorted({3, num_blocks // 2, num_blocks})
+
+
+def resolve_layers(cfg: SAEsConfig, num_blocks: int) -> list[int]:
+    layers = cfg.layers or default_layers(num_blocks)
+    bad = [l for l in layers if not 0 <= l <= num_blocks]
+    if bad:
+        raise LayerscopeError(f"saes.layers has {bad}, but this model has hidden states 0..{num_blocks}; pick from that range")
+    return sorted(set(layers))
+
+
+def _settings_hash(cfg: SAEsConfig, model: str, layer: int) -> str:
+    blob = json.dumps({"cfg": dataclasses.asdict(cfg), "model": model, "layer": layer}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ splicing
+@contextlib.contextmanager
+def splice(model, layer: int, sae: SparseAutoencoder):
+    """Replace hidden state ``layer`` of ``model`` by the SAE reconstruction inside the block."""
+
+    def hook(_module, _inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output  # [batch, seq, d]
+        shape = hidden.shape
+        x_hat = sae(hidden.reshape(-1, shape[-1]).float())[0].reshape(shape).to(hidden.dtype)
+        return (x_hat, *output[1:]) if isinstance(output, tuple) else x_hat
+
+    _, module = hidden_state_module(model, layer)
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def class_probabilities(model, ids: list[list[int]], pad_id: int, batch_tokens: int = 8192) -> torch.Tensor:
+    """[n, C] probabilities in input order, length-sorted batches."""
+    order = np.argsort([-len(x) for x in ids], kind="stable")
+    out = torch.zeros(len(ids), model.config.num_labels)
+    start = 0
+    while start < len(order):
+        width = len(ids[order[start]])
+        size = max(1, batch_tokens // width)
+        idx = order[start : start + size]
+        input_ids, mask = pad_batch([ids[i] for i in idx], pad_id)
+        out[torch.as_tensor(idx)] = torch.softmax(model(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
+        start += size
+    return out
+
+
+def fidelity(p_ref: torch.Tensor, p_spliced: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Accuracy of the spliced model and mean KL(p_ref || p_spliced) over examples."""
+    kl = (p_ref * (p_ref.clamp_min(1e-12).log() - p_spliced.clamp_min(1e-12).log())).sum(-1)
+    return {"accuracy": float((p_spliced.argmax(-1) == labels).float().mean()), "kl": float(kl.mean())}
+
+
+# ------------------------------------------------------------------ the step
+def _init_sample(store: ActivationStore, model: str, layer: int, n: int, pooled: bool, seed: int) -> torch.Tensor:
+    rows, have = [], 0
+    for batch in store.iter_batches(model, layer, min(n, 4096), epochs=1.0, seed=seed + 1, pooled=pooled):
+        rows.append(batch)
+        have += len(batch)
+        if have >= n:
+            break
+    if not rows:
+        raise LayerscopeError(f"no {store.split} activations for {model} layer {layer}; re-run `python -m core activations --run {store.run.root} --force`")
+    return torch.cat(rows)[:n]
+
+
+def train_one(run: RunFolder, cfg: SAEsConfig, model: str, layer: int, train: ActivationStore, hook: str, progress: bool = True) -> tuple[SparseAutoencoder, dict]:
+    """Train the SAE of one (model, layer) on the train-split shards."""
+    d = train.d_model
+    pooled = cfg.input == "mean_pooled"
+    if cfg.input not in ("tokens", "mean_pooled"):
+        raise LayerscopeError(f"saes.input must be 'tokens' or 'mean_pooled', got {cfg.input!r}")
+    sae_cfg = SAEConfig(
+        d_in=d,
+        d_sae=cfg.d_sae or cfg.expansion_factor * d,
+        architecture=cfg.architecture,
+        k=cfg.k,
+        l1_coefficient=cfg.l1_coefficient,
+        hook_name=hook,
+        hidden_state_index=layer,
+        model=model,
+        model_path=str(run.model_dir(model).resolve()),
+        input=cfg.input,
+    )
+    bs = cfg.training.batch_size
+    total = train.num_batches(bs, cfg.epochs, pooled)
+    batches = train.iter_batches(model, layer, bs, epochs=cfg.epochs, seed=cfg.training.seed + layer, pooled=pooled)
+    init = _init_sample(train, model, layer, cfg.init_tokens, pooled, cfg.training.seed)
+    # a different initialisation per (model, layer): a shared one would bias matching towards "kept"
+    training = dataclasses.replace(cfg.training, seed=cfg.training.seed + 1000 * MODELS.index(model) + layer)
+    return train_sae(sae_cfg, training, batches, init_sample=init, total_steps=total, progress=progress, desc=f"SAE {model} layer {layer}")
+
+
+def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: bool = True) -> dict:
+    """Train and evaluate every SAE of the run. Returns the step record."""
+    quiet_transformers()
+    train, test = ActivationStore(run, "train"), ActivationStore(run, "test")
+    layers = resolve_layers(cfg, train.num_layers - 1)
+    labels_all = load_split(run, "test")
+    if cfg.splice_examples and len(labels_all) > cfg.splice_examples:
+        labels_all = labels_all.sample(n=cfg.splice_examples, random_state=0).sort_values("id")
+    tokenizer = load_tokenizer(str(run.model_dir("finetuned")))
+    ids = encode(tokenizer, labels_all["text"].tolist(), model_cfg.max_length, model_cfg.truncation)
+    y = torch.as_tensor(labels_all["label"].to_numpy())
+    classifiers = {m: load_classifier(str(run.model_dir(m))).eval() for m in MODELS}
+    reference = {m: class_probabilities(classifiers[m], ids, tokenizer.pad_token_id) for m in MODELS} if cfg.splice_examples else {}
+
+    summaries = []
+    jobs = [(m, l) for m in MODELS for l in layers]
+    for model, layer in tqdm(jobs, desc="SAEs", unit="sae", disable=not progress):
+        folder = run.sae_dir(model, layer)
+        settings = _settings_hash(cfg, model, layer)
+        metrics_path = folder / "metrics.json"
+        if metrics_path.is_file() and read_json(metrics_path).get("settings_hash") == settings:
+            summaries.append(read_json(metrics_path))
+            continue
+        hook = hidden_state_module(classifiers[model], layer)[0]
+        sae, history = train_one(run, cfg, model, layer, train, hook, progress)
+        metrics = {"model": model, "layer": layer, "architecture": cfg.architecture, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k if cfg.architecture == "topk" else None}
+        metrics.update(evaluate_sae(sae, test.iter_layer(model, layer)))
+        if model == "pretrained":
+            metrics["fvu_on_finetuned"] = evaluate_sae(sae, test.iter_layer("finetuned", layer))["fvu"]
+        if cfg.splice_examples:
+            with splice(classifiers[model], layer, sae):
+                f = fidelity(reference[model], class_probabilities(classifiers[model], ids, tokenizer.pad_token_id), y)
+            metrics.update(accuracy_spliced=f["accuracy"], kl_spliced=f["kl"], accuracy_original=float((reference[model].argmax(-1) == y).float().mean()))
+            if model == "pretrained":  # drift: the pre-trained dictionary inside the fine-tuned classifier
+                with splice(classifiers["finetuned"], layer, sae):
+                    f = fidelity(reference["finetuned"], class_probabilities(classifiers["finetuned"], ids, tokenizer.pad_token_id), y)
+                metrics.update(accuracy_spliced_into_finetuned=f["accuracy"], kl_spliced_into_finetuned=f["kl"])
+        metrics["training"] = {k: history[k] for k in ("num_steps", "num_tokens", "tokens_per_second", "dead_fraction", "lr", "normalization_scale")}
+        metrics["loss_curve"] = {"step": history["step"], "mse": history["mse"], "l0": history["l0"]}
+        metrics["settings_hash"] = settings
+        with atomic_path(folder) as tmp:
+            sae.save(tmp)
+            write_json(tmp / "metrics.json", metrics)
+        summaries.append(metrics)
+    return {"layers": layers, "saes": [{k: s.get(k) for k in ("model", "layer", "fvu", "l0", "dead_fraction", "accuracy_spliced")} for s in summaries]}
+
+
+def load_sae(run: RunFolder, model: str, layer: int) -> SparseAutoencoder:
+    folder = run.sae_dir(model, layer)
+    if not (folder / "cfg.json").is_file():
+        run.require("saes", "this")
+        raise LayerscopeError(f"no SAE for {model} layer {layer} in {run.root}; available: {[(m, l) for m, l, _ in run.sae_dirs()]}")
+    return SparseAutoencoder.load(folder)

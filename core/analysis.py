@@ -1,0 +1,178 @@
+"""One sentence through both models and every SAE: what ``analyze`` prints and the dashboard draws.
+
+``load_bundle`` loads a run's tokenizer, both classifiers and all SAEs once; ``sentence_state``
+runs the two forward passes (fp32, exact) and keeps every hidden state; the functions
+below only do cheap tensor work on that state, so the dashboard can re-slice a sentence
+(another layer, another feature) without running the models again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from core.data import DataConfig, clean_text
+from core.errors import LayerscopeError
+from core.models import encode, load_classifier, load_tokenizer, quiet_transformers
+from core.runfolder import MODELS, RunFolder
+from core.sae import SparseAutoencoder, check_compatible
+
+MAX_TEXT_CHARS = 5000
+
+
+@dataclass
+class Bundle:
+    """Everything loaded once per run."""
+
+    run: RunFolder
+    tokenizer: object
+    models: dict  # "pretrained" / "finetuned" -> classifier (eval, fp32)
+    saes: dict  # (model, layer) -> SparseAutoencoder
+    labels: list[str]
+    config: dict  # the run's resolved config
+    rankings: dict = field(default_factory=dict)  # (model, layer, by) -> LongTensor, filled lazily
+
+    @property
+    def num_layers(self) -> int:
+        return self.models["finetuned"].config.num_hidden_layers
+
+    @property
+    def sae_layers(self) -> list[int]:
+        return sorted({layer for _, layer in self.saes})
+
+
+@dataclass
+class SentenceState:
+    text: str  # what the models saw (after the run's cleaning, if asked)
+    token_ids: list[int]
+    tokens: list[str]
+    special: list[bool]
+    hidden: dict  # model -> [num_layers + 1, T, d] float32
+    probabilities: list[float]
+
+
+def load_bundle(run: RunFolder) -> Bundle:
+    run.require("finetune", "analyze")
+    quiet_transformers()
+    m = run.manifest()
+    tok = load_tokenizer(str(run.model_dir("finetuned")))
+    models = {name: load_classifier(str(run.model_dir(name))).eval() for name in MODELS}
+    hidden_size = models["finetuned"].config.hidden_size
+    saes = {}
+    for model, layer, folder in run.sae_dirs():
+        sae = SparseAutoencoder.load(folder)
+        check_compatible(sae, hidden_size)
+        saes[(model, layer)] = sae.eval()
+    return Bundle(run=run, tokenizer=tok, models=models, saes=saes, labels=run.labels(), config=m["config"])
+
+
+@torch.no_grad()
+def sentence_state(bundle: Bundle, text: str, clean: bool = True) -> SentenceState:
+    """Tokenise (with the run's cleaning and truncation) and run both models once."""
+    if not text or not text.strip():
+        raise LayerscopeError("the sentence is empty; type some text to analyse")
+    if len(text) > MAX_TEXT_CHARS:
+        raise LayerscopeError(f"the text has {len(text)} characters; analyse at most {MAX_TEXT_CHARS} at a time")
+    if clean:
+        text = clean_text(text, DataConfig(**{k: v for k, v in bundle.config["data"].items() if k in DataConfig.__dataclass_fields__})) or text
+    mc = bundle.config["model"]
+    ids = encode(bundle.tokenizer, [text], mc["max_length"], mc["truncation"])[0]
+    input_ids = torch.tensor([ids])
+    hidden, probs = {}, None
+    for name, model in bundle.models.items():
+        out = model(input_ids=input_ids, output_hidden_states=True)
+        hidden[name] = torch.stack(out.hidden_states)[:, 0].float()  # [L+1, T, d]
+        if name == "finetuned":
+            probs = torch.softmax(out.logits[0].float(), -1).tolist()
+    special_ids = set(bundle.tokenizer.all_special_ids)
+    return SentenceState(text=text, token_ids=ids, tokens=bundle.tokenizer.convert_ids_to_tokens(ids), special=[i in special_ids for i in ids], hidden=hidden, probabilities=probs)
+
+
+def layer_cosine(state: SentenceState) -> list[list[float]]:
+    """[L+1][T] cosine between the pre-trained and fine-tuned hidden state of every token."""
+    return torch.nn.functional.cosine_similarity(state.hidden["pretrained"].double(), state.hidden["finetuned"].double(), dim=-1).tolist()
+
+
+def latents(bundle: Bundle, state: SentenceState, sae_model: str, layer: int, on_model: str | None = None) -> torch.Tensor:
+    """[T, d_sae] activations of the SAE trained on ``sae_model`` at ``layer``, applied to ``on_model``'s hidden states."""
+    sae = bundle.saes.get((sae_model, layer))
+    if sae is None:
+        raise LayerscopeError(f"this run has no SAE for {sae_model} layer {layer}; layers with SAEs: {bundle.sae_layers}")
+    with torch.no_grad():
+        return sae.encode(state.hidden[on_model or sae_model][layer])
+
+
+def feature_order(bundle: Bundle, model: str, layer: int, by: str = "variance") -> torch.Tensor | None:
+    """Dataset-level ranking from the features step, or None when that step has not run."""
+    key = (model, layer, by)
+    if key not in bundle.rankings:
+        from core.features_step import ranking
+
+        try:
+            bundle.rankings[key] = ranking(bundle.run, model, layer, by)
+        except LayerscopeError:
+            bundle.rankings[key] = None
+    return bundle.rankings[key]
+
+
+def top_features(bundle: Bundle, state: SentenceState, model: str, layer: int, top: int = 5, by: str = "variance") -> list[dict]:
+    z = latents(bundle, state, model, layer)  # [T, d_sae]
+    order = feature_order(bundle, model, layer, by)
+    if order is None:  # no dataset statistics yet: rank by variance over this sentence
+        order = torch.argsort(z.var(0), descending=True, stable=True)
+    return [{"feature": int(f), "activations": z[:, f].tolist()} for f in order[:top]]
+
+
+def analyze_text(bundle: Bundle, text: str, top: int = 5, rank_by: str = "variance", clean: bool = True, state: SentenceState | None = None) -> dict:
+    """The full per-sentence analysis (``python -m core analyze --json``)."""
+    state = state or sentence_state(bundle, text, clean)
+    ranked = all(feature_order(bundle, m, l, rank_by) is not None for m, l in bundle.saes)
+    return {
+        "text": state.text,
+        "tokens": state.tokens,
+        "special": state.special,
+        "cosine": layer_cosine(state),
+        "prediction": {
+            "label": bundle.labels[max(range(len(state.probabilities)), key=state.probabilities.__getitem__)],
+            "probabilities": dict(zip(bundle.labels, state.probabilities)),
+        },
+        "ranking": rank_by if ranked else f"{rank_by} over this sentence (run the features step for dataset-level rankings)",
+        "saes": [{"model": m, "layer": l, "features": top_features(bundle, state, m, l, top, rank_by)} for m, l in sorted(bundle.saes, key=lambda k: (MODELS.index(k[0]), k[1]))],
+    }
+
+
+def sentence_features(bundle: Bundle, state: SentenceState, layer: int, feature: int, sae_model: str = "pretrained") -> dict:
+    """One SAE's feature on both models' hidden states: the same dictionary, so the difference means something."""
+    sae = bundle.saes.get((sae_model, layer))
+    if sae is None or not 0 <= feature < sae.cfg.d_sae:
+        raise LayerscopeError(f"no feature {feature} in the {sae_model} SAE of layer {layer}")
+    pre = latents(bundle, state, sae_model, layer, "pretrained")[:, feature]
+    ft = latents(bundle, state, sae_model, layer, "finetuned")[:, feature]
+    return {"tokens": state.tokens, "pretrained": pre.tolist(), "finetuned": ft.tolist(), "difference": (ft - pre).tolist()}
+
+
+def matched_features(bundle: Bundle, state: SentenceState, layer: int, feature_pre: int) -> dict:
+    """A pre-trained feature on the pre-trained model next to its matched fine-tuned feature on the fine-tuned model."""
+    from core.features_step import load_matching
+
+    match = load_matching(bundle.run, layer)
+    if match is None:
+        raise LayerscopeError("no feature matching in this run yet; run `python -m core features` first")
+    partner = int(match["partner_of_pretrained"][feature_pre])
+    pre = latents(bundle, state, "pretrained", layer)[:, feature_pre]
+    ft = latents(bundle, state, "finetuned", layer)[:, partner] if partner >= 0 else torch.zeros_like(pre)
+    sim = match["similarity_of_pretrained"][feature_pre]
+    return {"tokens": state.tokens, "feature_pretrained": feature_pre, "feature_finetuned": partner, "similarity": None if sim < -1 else sim, "status": match["status_of_pretrained"][feature_pre], "pretrained": pre.tolist(), "finetuned": ft.tolist(), "difference": (ft - pre).tolist()}
+
+
+def format_analysis(result: dict) -> str:
+    lines = [f"text: {result['text']}", "prediction: " + ", ".join(f"{k} {v:.3f}" for k, v in result["prediction"]["probabilities"].items())]
+    lines.append("cosine(pre, ft) per layer, mean over tokens: " + " ".join(f"{sum(c) / len(c):.3f}" for c in result["cosine"]))
+    width = max(len(t) for t in result["tokens"])
+    for sae in result["saes"]:
+        lines.append(f"\nSAE {sae['model']} layer {sae['layer']} (top features by {result['ranking']})")
+        lines.append(" " * (width + 2) + " ".join(f"{'f' + str(f['feature']):>7}" for f in sae["features"]))
+        for t, tok in enumerate(result["tokens"]):
+            lines.append(f"{tok:<{width}}  " + " ".join(f"{f['activations'][t]:7.3f}" for f in sae["features"]))
+    return "\n".join(lines)
