@@ -1,8 +1,8 @@
 """Run configuration: one dataclass per pipeline step, grouped in ``RunConfig``.
 
 Where a value comes from, lowest priority first:
-  1. the dataclass defaults below (= the ``default`` preset),
-  2. a preset TOML in ``core/presets/`` (``--preset paper``),
+  1. the dataclass defaults of each step's config,
+  2. a preset TOML in ``core/presets/``: ``default`` unless ``--preset`` names another,
   3. a user TOML file (``--config my.toml``), same layout as the presets,
   4. ``--set section.field=value`` flags and the CLI's shortcut flags.
 The resolved config is written into the run's manifest, so a run can always be
@@ -134,6 +134,8 @@ def load_config(
     cfg = RunConfig()
     if base:
         _apply(cfg, base, "")
+    elif not preset:
+        preset = "default"
     if preset:
         path = PRESET_DIR / f"{preset}.toml"
         if not path.is_file():

@@ -57,24 +57,18 @@ def resolve_run_config(run: RunFolder, preset: str | None, config_file: str | No
     return load_config(preset=preset, config_file=config_file, overrides=overrides, base=base)
 
 
-def _step_fn(step: str) -> Callable[[RunFolder, RunConfig], dict]:
-    from core import activations, data, finetune, similarity
+def _step_fn(step: str) -> Callable[[RunFolder, RunConfig, bool], dict]:
+    """fn(run, cfg, redo): ``redo`` asks a step that resumes piecewise (saes) to start afresh."""
+    from core import activations, data, features_step, finetune, saes, similarity
 
-    fns = {
-        "data": lambda r, c: data.run_data(r, c.data),
-        "finetune": lambda r, c: finetune.run_finetune(r, c.finetune, c.model),
-        "activations": lambda r, c: activations.run_activations(r, c.activations, c.model),
-        "similarity": lambda r, c: similarity.run_similarity(r, c.similarity),
-    }
-    if step == "saes":
-        from core import saes
-
-        return lambda r, c: saes.run_saes(r, c.saes, c.model)
-    if step == "features":
-        from core import features_step
-
-        return lambda r, c: features_step.run_features(r, c.features)
-    return fns[step]
+    return {
+        "data": lambda r, c, redo: data.run_data(r, c.data),
+        "finetune": lambda r, c, redo: finetune.run_finetune(r, c.finetune, c.model),
+        "activations": lambda r, c, redo: activations.run_activations(r, c.activations, c.model),
+        "similarity": lambda r, c, redo: similarity.run_similarity(r, c.similarity),
+        "saes": lambda r, c, redo: saes.run_saes(r, c.saes, c.model, resume=not redo),
+        "features": lambda r, c, redo: features_step.run_features(r, c.features),
+    }[step]
 
 
 def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, redo: bool = False, log=print) -> str:
@@ -108,7 +102,7 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
             )
     log(f"[{step}] running in {run.root} ...")
     t0 = time.perf_counter()
-    result = _step_fn(step)(run, cfg)
+    result = _step_fn(step)(run, cfg, redo)
     seconds = time.perf_counter() - t0
     if is_main_process():
         m = run.manifest()

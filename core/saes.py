@@ -152,8 +152,11 @@ def train_one(run: RunFolder, cfg: SAEsConfig, model: str, layer: int, train: Ac
     return train_sae(sae_cfg, training, batches, init_sample=init, total_steps=total, progress=progress, desc=f"SAE {model} layer {layer}")
 
 
-def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: bool = True) -> dict:
-    """Train and evaluate every SAE of the run. Returns the step record."""
+def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: bool = True, resume: bool = True) -> dict:
+    """Train and evaluate every SAE of the run. Returns the step record.
+
+    With ``resume``, an SAE folder left by an interrupted run with the same settings is kept.
+    """
     quiet_transformers()
     train, test = ActivationStore(run, "train"), ActivationStore(run, "test")
     layers = resolve_layers(cfg, train.num_layers - 1)
@@ -162,7 +165,7 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
         labels_all = labels_all.sample(n=cfg.splice_examples, random_state=0).sort_values("id")
     tokenizer = load_tokenizer(str(run.model_dir("finetuned")))
     ids = encode(tokenizer, labels_all["text"].tolist(), model_cfg.max_length, model_cfg.truncation)
-    y = torch.as_tensor(labels_all["label"].to_numpy())
+    y = torch.tensor(labels_all["label"].tolist())
     classifiers = {m: load_classifier(str(run.model_dir(m))).eval() for m in MODELS}
     reference = {m: class_probabilities(classifiers[m], ids, tokenizer.pad_token_id) for m in MODELS} if cfg.splice_examples else {}
 
@@ -172,7 +175,7 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
         folder = run.sae_dir(model, layer)
         settings = _settings_hash(cfg, model, layer)
         metrics_path = folder / "metrics.json"
-        if metrics_path.is_file() and read_json(metrics_path).get("settings_hash") == settings:
+        if resume and metrics_path.is_file() and read_json(metrics_path).get("settings_hash") == settings:
             summaries.append(read_json(metrics_path))
             continue
         hook = hidden_state_module(classifiers[model], layer)[0]

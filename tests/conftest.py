@@ -81,7 +81,7 @@ def tiny_overrides(model: Path, csv: Path) -> dict:
         "model.max_length": 32,
         "data.dataset": str(csv),
         "data.max_rows": 0,
-        "finetune.epochs": 3,
+        "finetune.epochs": 10,
         "finetune.learning_rate": 1e-3,
         "finetune.batch_size": 16,
         "finetune.bf16": False,
@@ -103,5 +103,5 @@ def tiny_run(tmp_path_factory, tiny_model, tiny_csv):
 
     run = RunFolder(tmp_path_factory.mktemp("runs") / "tiny")
     cfg = load_config(preset="tiny", overrides=tiny_overrides(tiny_model, tiny_csv))
-    build(run, cfg, until="similarity", log=lambda *_: None)
+    build(run, cfg, log=lambda *_: None)
     return run

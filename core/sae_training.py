@@ -1,0 +1,303 @@
+"""Train one sparse autoencoder on a stream of activation batches.
+
+The trainer never sees the language model: it gets ``[tokens, d_in]`` tensors (fp16/bf16/fp32,
+converted to float32), re-cuts them into ``batch_size`` rows per optimiser step and runs Adam.
+
+Normalisation (fixed before the first step, from ``init_sample``)::
+
+    scale = sqrt( mean_t ||x_t - mean(x)||^2 / d_in )
+
+so the centred normalised inputs have mean squared norm ``d_in`` (average per-dimension variance
+1). The scale is stored in ``SAEConfig.normalization_scale``; the SAE applies it internally.
+
+Losses (both on normalised inputs ``xn = x / scale``):
+
+* topk: ``sum_t ||xn_t - xn_hat_t||^2 / (n * d_in)`` (mean squared error; with the scale rule
+  above this approximates the fraction of variance unexplained) plus the AuxK loss of Gao et
+  al. 2024: latents that have not fired for ``dead_steps_threshold`` steps reconstruct the
+  residual ``e = xn - xn_hat`` (detached) with their own top-``aux_k``;
+  ``aux = min(n_dead / aux_k, 1) * ||e - e_hat||^2 / (n * d_in)``, weighted by ``aux_coefficient``.
+  Decoder rows stay unit norm: the gradient component along each row is removed before the
+  Adam step and rows are renormalised after it.
+* paper: ``mean_{t,i} (xn_hat - xn)^2 + l1_coefficient * mean_{t,j} |h_tj|`` where both means run
+  over all entries (tokens x dims, resp. tokens x latents) of the batch. The decoder is not
+  norm-constrained here, as in the formulation it follows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from core.errors import LayerscopeError
+from core.sae import SAEConfig, SparseAutoencoder, sparse_decode, topk_encode
+
+
+@dataclass
+class SAETrainingConfig:
+    lr: float | None = None  # Adam learning rate; None = 2e-4 / sqrt(d_sae / 2**14) for topk, 2e-5 for paper
+    batch_size: int = 4096  # tokens (rows) per optimiser step; incoming batches are re-cut to this
+    epochs: int = 1  # passes over `batches` (>1 needs a re-iterable such as a list)
+    max_steps: int | None = None  # stop after this many optimiser steps (None = no limit)
+    aux_k: int | None = None  # AuxK: dead latents used to model the residual; None = d_in // 2
+    aux_coefficient: float = 1 / 32  # weight of the AuxK loss (0 disables it)
+    dead_steps_threshold: int = 100  # a latent is dead after this many steps without firing
+    autocast_bf16: bool = True  # bf16 encoder matmul (topk) / autocast matmuls (paper); False = fp32
+    seed: int = 0  # seeds the weight init (torch.Generator)
+    init_b_dec: str = "geometric_median"  # b_dec init from init_sample: "mean" | "geometric_median"
+    lr_warmup_steps: int = 50  # linear warm-up from 0 to lr over these steps
+    lr_decay: float = 0.2  # fraction of total steps at the end with linear decay to 0 (0 = none)
+    grad_clip: float | None = None  # clip the global gradient norm to this value (None = off)
+    log_every: int = 20  # steps between entries of the returned history
+
+    def validate(self) -> None:
+        if self.lr is not None and not self.lr > 0:
+            raise LayerscopeError(f"learning rate {self.lr!r} must be > 0; pass a positive --sae-lr")
+        if self.batch_size < 1:
+            raise LayerscopeError(f"batch_size={self.batch_size} must be >= 1; pass a positive --sae-batch-size")
+        if self.epochs < 1:
+            raise LayerscopeError(f"epochs={self.epochs} must be >= 1; pass --sae-epochs 1 or more")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise LayerscopeError(f"max_steps={self.max_steps} must be >= 1; pass a positive --sae-steps")
+        if self.init_b_dec not in ("mean", "geometric_median"):
+            raise LayerscopeError(f"init_b_dec={self.init_b_dec!r} must be 'mean' or 'geometric_median'")
+        if not 0 <= self.lr_decay <= 1:
+            raise LayerscopeError(f"lr_decay={self.lr_decay} must be a fraction in [0, 1]")
+        if self.dead_steps_threshold < 1 or self.lr_warmup_steps < 0 or self.log_every < 1:
+            raise LayerscopeError("dead_steps_threshold and log_every must be >= 1 and lr_warmup_steps >= 0")
+
+    def resolved_lr(self, sae_cfg: SAEConfig) -> float:
+        """``lr`` or the default: the paper's 2e-5, or for TopK the 1/sqrt(latents) scaling of
+        Gao et al. 2024 (2e-4 at 16k latents; 6.5e-4 at 1536, 4.6e-4 at 3072)."""
+        if self.lr is not None:
+            return self.lr
+        return 2e-5 if sae_cfg.architecture == "paper" else 2e-4 / math.sqrt(sae_cfg.d_sae / 2**14)
+
+
+def num_steps(num_tokens: int, train_cfg: SAETrainingConfig) -> int:
+    """Optimiser steps ``train_sae`` takes on ``num_tokens`` rows (pass it as ``total_steps``)."""
+    steps = math.ceil(num_tokens / train_cfg.batch_size) * train_cfg.epochs
+    return min(steps, train_cfg.max_steps) if train_cfg.max_steps else steps
+
+
+def normalization_scale(sample: torch.Tensor) -> float:
+    """``sqrt(mean_t ||x_t - mean(x)||^2 / d_in)`` of ``sample [n, d_in]`` (float64)."""
+    x = sample.double()
+    return math.sqrt((x - x.mean(0)).pow(2).sum(1).mean().item() / x.shape[1])
+
+
+def geometric_median(x: torch.Tensor, iters: int = 30, eps: float = 1e-8) -> torch.Tensor:
+    """Weiszfeld iterations for the point minimising the summed distance to rows of ``x [n, d]``."""
+    x = x.double()
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(eps)  # [n]
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() <= 1e-7 * y.norm().clamp_min(1.0):
+            return y_new.float()
+        y = y_new
+    return y.float()
+
+
+def _rebatch(batches: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Re-cut a stream of ``[rows, d]`` tensors into ``[batch_size, d]`` (last one may be short)."""
+    pending: list[torch.Tensor] = []
+    have = 0
+    for b in batches:
+        if b.ndim != 2:
+            raise LayerscopeError(f"activation batches must be 2-D [tokens, d_in], got shape {tuple(b.shape)}")
+        pending.append(b)
+        have += b.shape[0]
+        if have < batch_size:
+            continue
+        joined = pending[0] if len(pending) == 1 else torch.cat(pending)
+        full = have // batch_size * batch_size
+        yield from joined[:full].split(batch_size)
+        rest = joined[full:]
+        pending, have = ([rest], rest.shape[0]) if rest.shape[0] else ([], 0)
+    if have:
+        yield pending[0] if len(pending) == 1 else torch.cat(pending)
+
+
+def _epochs(batches: Iterable[torch.Tensor], epochs: int) -> Iterator[torch.Tensor]:
+    if epochs > 1 and iter(batches) is batches:
+        raise ValueError("epochs > 1 needs a re-iterable `batches` (a list or a Dataset), not an iterator")
+    for _ in range(epochs):
+        yield from batches
+
+
+def _lr_factor(step: int, total: int | None, warmup: int, decay: float) -> float:
+    """Linear warm-up over ``warmup`` steps, linear decay to 0 over the last ``decay`` of ``total``."""
+    f = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if total and decay > 0:
+        decay_steps = max(1, int(total * decay))
+        f = min(f, (total - step) / decay_steps)
+    return max(f, 0.0)
+
+
+def _topk_step(sae: SparseAutoencoder, xn: torch.Tensor, dead: torch.Tensor, aux_k: int, aux_coef: float, bf16: bool):
+    """Forward + loss for TopK. Returns (loss, mse, aux, fired [d_sae] bool, active latents)."""
+    values, indices = topk_encode(xn - sae.b_dec, sae.W_enc, sae.b_enc, sae.cfg.k, bf16)  # [n, k]
+    xn_hat = sparse_decode(values, indices, sae.W_dec) + sae.b_dec  # [n, d]
+    denom = xn.numel()
+    mse = (xn_hat - xn).pow(2).sum() / denom
+    aux = torch.zeros(())  # stays 0 while no latent is dead
+    n_dead = int(dead.sum())
+    if n_dead and aux_coef > 0:
+        dead_idx = dead.nonzero().squeeze(1)  # [n_dead]
+        k_aux = min(aux_k, n_dead)
+        residual = (xn - xn_hat).detach()  # [n, d]
+        v_aux, i_aux = topk_encode(xn - sae.b_dec, sae.W_enc[:, dead_idx], sae.b_enc[dead_idx], k_aux, bf16)
+        e_hat = sparse_decode(v_aux, i_aux, sae.W_dec[dead_idx])  # [n, d]
+        aux = min(n_dead / aux_k, 1.0) * (e_hat - residual).pow(2).sum() / denom
+    loss = mse + aux_coef * aux
+    active = values > 0  # [n, k]
+    fired = torch.bincount(indices[active], minlength=sae.cfg.d_sae) > 0
+    return loss, mse, aux, fired, int(active.sum())
+
+
+def _paper_step(sae: SparseAutoencoder, xn: torch.Tensor, bf16: bool):
+    """Forward + loss for the Linear-ReLU-Linear SAE. Returns (loss, mse, l1, fired, active)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        h = F.relu(xn @ sae.W_enc + sae.b_enc)  # [n, m]
+        xn_hat = h @ sae.W_dec + sae.b_dec  # [n, d]
+    h = h.float()
+    mse = (xn_hat.float() - xn).pow(2).mean()
+    l1 = h.abs().mean()
+    loss = mse + sae.cfg.l1_coefficient * l1
+    active = h.detach() > 0  # [n, m]
+    return loss, mse, l1, active.any(0), int(active.sum())
+
+
+def train_sae(
+    sae_cfg: SAEConfig,
+    train_cfg: SAETrainingConfig,
+    batches: Iterable[torch.Tensor],
+    *,
+    init_sample: torch.Tensor,
+    total_steps: int | None = None,
+    progress: bool = True,
+    desc: str = "",
+) -> tuple[SparseAutoencoder, dict]:
+    """Train an SAE on ``batches`` of raw activations ``[rows, d_in]``.
+
+    ``init_sample [n, d_in]`` fixes ``normalization_scale`` and initialises ``b_dec``
+    (``train_cfg.init_b_dec``). ``total_steps`` (see ``num_steps``) sizes the progress bar and the
+    learning-rate decay; without it (and without ``max_steps``) there is no decay.
+
+    Returns the SAE (eval mode) and a history dict: ``step``/``loss``/``mse``/``aux_loss``/``l0``
+    lists (means over each logging window; ``aux_loss`` holds the L1 term for "paper"),
+    ``dead_fraction`` (share of latents that did not fire during the last
+    ``min(dead_steps_threshold, num_steps)`` steps), ``num_steps``, ``num_tokens``,
+    ``tokens_per_second``, ``lr``, ``normalization_scale``.
+    """
+    train_cfg.validate()
+    sae_cfg.validate()
+    d = sae_cfg.d_in
+    init_sample = init_sample.detach().float()
+    if init_sample.ndim != 2 or init_sample.shape[1] != d or init_sample.shape[0] < 2:
+        raise LayerscopeError(
+            f"init_sample has shape {tuple(init_sample.shape)} but needs [n >= 2, d_in={d}]; "
+            "collect activations of the hidden state this SAE reads"
+        )
+    if not torch.isfinite(init_sample).all():
+        raise LayerscopeError("activations contain NaN or inf; re-extract them (the model or its dtype may be broken)")
+    scale = normalization_scale(init_sample)
+    if not scale > 0:
+        raise LayerscopeError("all activations in init_sample are identical, nothing to learn; check the extraction")
+
+    sae_cfg = replace(sae_cfg, normalization_scale=scale)
+    gen = torch.Generator().manual_seed(train_cfg.seed)
+    sae = SparseAutoencoder(sae_cfg, generator=gen)
+    with torch.no_grad():
+        xs = init_sample / scale
+        sae.b_dec.copy_(xs.mean(0) if train_cfg.init_b_dec == "mean" else geometric_median(xs))
+
+    topk = sae_cfg.architecture == "topk"
+    lr = train_cfg.resolved_lr(sae_cfg)
+    aux_k = train_cfg.aux_k or max(1, d // 2)
+    bf16 = train_cfg.autocast_bf16
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    total = min(filter(None, (total_steps, train_cfg.max_steps)), default=None)
+    steps_since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long)  # [d_sae]
+
+    hist: dict = {"step": [], "loss": [], "mse": [], "aux_loss": [], "l0": []}
+    window = torch.zeros(4, dtype=torch.float64)  # running sums of loss, mse, aux, l0
+    window_steps = 0
+    step = num_tokens = 0
+    bar = tqdm(total=total, disable=not progress, desc=desc or "sae", unit="step", leave=False)
+    t0 = time.perf_counter()
+    sae.train()
+    for x in _rebatch(_epochs(batches, train_cfg.epochs), train_cfg.batch_size):
+        if train_cfg.max_steps and step >= train_cfg.max_steps:
+            break
+        if x.shape[1] != d:
+            raise LayerscopeError(
+                f"activation batch is {x.shape[1]} wide but the SAE expects d_in={d}; "
+                "pass activations of the hidden state it was configured for"
+            )
+        xn = x.float() / scale  # [n, d]
+        for group in opt.param_groups:
+            group["lr"] = lr * _lr_factor(step, total, train_cfg.lr_warmup_steps, train_cfg.lr_decay)
+
+        if topk:
+            dead = steps_since_fired >= train_cfg.dead_steps_threshold
+            loss, mse, aux, fired, n_active = _topk_step(sae, xn, dead, aux_k, train_cfg.aux_coefficient, bf16)
+        else:
+            loss, mse, aux, fired, n_active = _paper_step(sae, xn, bf16)
+        if not torch.isfinite(loss):
+            raise LayerscopeError(
+                f"SAE loss became {loss.item()} at step {step}; check the activations for NaN/inf or lower --sae-lr"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if topk:
+            sae.remove_gradient_parallel_to_decoder_directions()
+        if train_cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), train_cfg.grad_clip)
+        opt.step()
+        if topk:
+            sae.set_decoder_norm_to_unit_norm()
+
+        steps_since_fired += 1
+        steps_since_fired[fired] = 0
+        step += 1
+        num_tokens += xn.shape[0]
+        window += torch.tensor([loss.item(), mse.item(), aux.item(), n_active / xn.shape[0]], dtype=torch.float64)
+        window_steps += 1
+        if step % train_cfg.log_every == 0:
+            _log(hist, step, window / window_steps)
+            bar.set_postfix(loss=f"{hist['loss'][-1]:.4f}", l0=f"{hist['l0'][-1]:.1f}")
+            window.zero_()
+            window_steps = 0
+        bar.update(1)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    if step == 0:
+        raise LayerscopeError("no activation batches to train the SAE on; extract activations first")
+    if window_steps:
+        _log(hist, step, window / window_steps)
+
+    sae.eval()
+    recent = min(train_cfg.dead_steps_threshold, step)
+    hist.update(
+        dead_fraction=(steps_since_fired >= recent).double().mean().item(),
+        num_steps=step,
+        num_tokens=num_tokens,
+        tokens_per_second=num_tokens / max(elapsed, 1e-9),
+        lr=lr,
+        normalization_scale=scale,
+    )
+    return sae, hist
+
+
+def _log(hist: dict, step: int, means: torch.Tensor) -> None:
+    hist["step"].append(step)
+    for key, value in zip(("loss", "mse", "aux_loss", "l0"), means.tolist()):
+        hist[key].append(value)

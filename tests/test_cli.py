@@ -1,0 +1,75 @@
+"""The command line: verbs, JSON report, and one clear line (exit 2) for every user mistake."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from tests.conftest import ROOT
+
+
+def cli(*args, check=False):
+    out = subprocess.run([sys.executable, "-m", "core", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(ROOT)})
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def assert_user_error(out, *fragments):
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, out.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_report_json_from_cli(tiny_run):
+    rep = json.loads(cli("report", "--run", tiny_run.root, "--json", check=True).stdout)
+    assert rep["num_layers"] == 2 and len(rep["similarity"]) == 3
+    assert "Layer similarity" in cli("report", "--run", tiny_run.root, check=True).stdout
+
+
+def test_config_verb_shows_resolved_settings(tiny_run):
+    out = cli("config", "--run", tiny_run.root, check=True).stdout
+    assert "finetune.epochs = 10.0" in out and "data.seed = 0" in out
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["data", "--dataset", "imbd"], ["unknown dataset 'imbd'", "imdb"]),
+        (["finetune"], ["needs step 'data'"]),
+        (["report"], ["does not exist", "python -m core build"]),
+        (["data", "--set", "data.max_row=5"], ["did you mean 'data.max_rows'"]),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line(tmp_path, args, fragments):
+    assert_user_error(cli(*args, "--run", tmp_path / "run"), *fragments)
+
+
+def test_unreachable_model_says_how_to_pass_a_local_path(tmp_path, tiny_csv):
+    cli("data", "--run", tmp_path / "r", "--dataset", tiny_csv, "--preset", "tiny", "--model", "bert-base-uncased", check=True)
+    out = cli("finetune", "--run", tmp_path / "r")
+    assert_user_error(out, "bert-base-uncased", "unreachable", "local folder")
+
+
+def test_bad_csv_on_existing_run_damages_nothing(tmp_path, tiny_run):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"review": ["x"] * 30, "label": [0, 1] * 15}).to_csv(bad, index=False)
+    assert_user_error(cli("data", "--run", run, "--dataset", bad), "--force")  # settings changed
+    assert_user_error(cli("data", "--run", run, "--dataset", bad, "--force"), "no column 'text'")
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_incompatible_run_folder_from_cli(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps({"format_version": 99, "config": {}, "steps": {}}))
+    assert_user_error(cli("report", "--run", tmp_path / "old"), "format 99", "rebuild")

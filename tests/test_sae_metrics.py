@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import torch
+
+from core.errors import LayerscopeError
+from core.sae import SAEConfig, SparseAutoencoder
+from core.sae_metrics import evaluate_sae, feature_density
+
+
+def make_sae(architecture: str) -> SparseAutoencoder:
+    """d=6, m=20, k=3; latents 0-1 always fire, latents 2-4 never fire (through b_enc)."""
+    g = torch.Generator().manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(d_in=6, d_sae=20, k=3, architecture=architecture, normalization_scale=1.7), generator=g)
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(6, generator=g))
+        sae.b_enc.copy_(0.1 * torch.randn(20, generator=g))
+        sae.b_enc[:2] = 50.0
+        sae.b_enc[2:5] = -50.0
+    return sae
+
+
+def reference(sae: SparseAutoencoder, x: np.ndarray, dense_threshold: float) -> dict:
+    """The same metrics written directly in numpy (float64)."""
+    p = {name: t.detach().double().numpy() for name, t in sae.named_parameters()}
+    s = sae.cfg.normalization_scale
+    xn = x / s
+    if sae.cfg.architecture == "topk":
+        pre = (xn - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+        z = np.zeros_like(pre)
+        top = np.argsort(-pre, axis=1)[:, : sae.cfg.k]
+        np.put_along_axis(z, top, np.maximum(np.take_along_axis(pre, top, 1), 0), 1)
+    else:
+        z = np.maximum(xn @ p["W_enc"] + p["b_enc"], 0)
+    x_hat = (z @ p["W_dec"] + p["b_dec"]) * s
+    fires = z > 0
+    return {
+        "mse": np.mean((x - x_hat) ** 2),
+        "fvu": np.sum((x - x_hat) ** 2) / np.sum((x - x.mean(0)) ** 2),
+        "l0": fires.sum(1).mean(),
+        "dead_fraction": np.mean(~fires.any(0)),
+        "dense_fraction": np.mean(fires.mean(0) > dense_threshold),
+        "density": fires.mean(0),
+    }
+
+
+@pytest.mark.parametrize("architecture", ["topk", "paper"])
+def test_metrics_match_hand_computation(architecture):
+    sae = make_sae(architecture)
+    g = torch.Generator().manual_seed(1)
+    x = 2 + 3 * torch.randn(70, 6, generator=g)
+    got = evaluate_sae(sae, x.split(16), dense_threshold=0.3)  # 5 uneven batches
+    want = reference(sae, x.double().numpy(), 0.3)
+    assert got["num_tokens"] == 70
+    for key in ("mse", "fvu", "l0", "dead_fraction", "dense_fraction"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4), key
+    if architecture == "topk":
+        assert got["l0"] == 3 and got["dead_fraction"] >= 3 / 20 and got["dense_fraction"] >= 2 / 20
+    np.testing.assert_allclose(feature_density(sae, x.split(16)).numpy(), want["density"])
+
+
+def test_fvu_of_perfect_and_of_mean_reconstruction():
+    sae = make_sae("paper")
+    with torch.no_grad():  # decoder outputs b_dec only: reconstruction = constant
+        sae.W_dec.zero_()
+        sae.b_dec.fill_(0.0)
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(2))
+    x = x - x.mean(0)  # mean is exactly 0 -> reconstructing 0 is the mean -> FVU 1
+    assert evaluate_sae(sae, [x])["fvu"] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_empty_evaluation_is_an_error():
+    with pytest.raises(LayerscopeError, match="no activations"):
+        evaluate_sae(make_sae("topk"), [])

@@ -1,0 +1,141 @@
+import math
+
+import pytest
+import torch
+
+from core.errors import LayerscopeError
+from core.sae import SAEConfig
+from core.sae_training import SAETrainingConfig, geometric_median, normalization_scale, num_steps, train_sae
+
+
+def planted(n: int, d=16, atoms=32, active=3, seed=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples that are sparse positive combinations of `active` out of `atoms` unit vectors."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(atoms, d, generator=g)
+    D /= D.norm(dim=1, keepdim=True)
+    idx = torch.rand(n, atoms, generator=g).argsort(1)[:, :active]
+    coef = torch.zeros(n, atoms).scatter(1, idx, 0.5 + torch.rand(n, active, generator=g))
+    return coef @ D, D
+
+
+def random_batches(n_batches=6, rows=64, d=8, seed=0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [5 + 3 * torch.randn(rows, d, generator=g) for _ in range(n_batches)]
+
+
+def quick(**kw) -> SAETrainingConfig:
+    return SAETrainingConfig(**{"batch_size": 64, "lr": 1e-3, "lr_warmup_steps": 2, "log_every": 2, **kw})
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_topk_learns_planted_dictionary(bf16):
+    x, D = planted(128 * 300)
+    sae, hist = train_sae(
+        SAEConfig(d_in=16, d_sae=64, k=4),
+        SAETrainingConfig(lr=3e-3, batch_size=128, lr_warmup_steps=10, dead_steps_threshold=20, autocast_bf16=bf16),
+        x.split(128), init_sample=x[:2000], total_steps=300, progress=False,
+    )
+    assert hist["num_steps"] == 300 and hist["num_tokens"] == 128 * 300
+    assert hist["loss"][-1] < 0.3 * hist["loss"][0]
+    best_cos = (D @ sae.W_dec.detach().T).amax(1)  # [atoms] best decoder row per planted atom
+    assert (best_cos > 0.9).float().mean() >= 0.9
+
+
+def test_decoder_rows_stay_unit_norm_and_history_is_filled():
+    sae, hist = train_sae(SAEConfig(d_in=8, d_sae=32, k=4), quick(), random_batches(), init_sample=random_batches()[0], progress=False)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
+    assert hist["step"] == [2, 4, 6] and len(hist["loss"]) == 3
+    assert all(l0 == pytest.approx(4.0) for l0 in hist["l0"])
+    assert 0 <= hist["dead_fraction"] <= 1 and hist["tokens_per_second"] > 0
+    assert not sae.training
+
+
+def test_paper_architecture_loss_falls():
+    x, _ = planted(128 * 150, seed=1)
+    sae, hist = train_sae(
+        SAEConfig(d_in=16, d_sae=64, architecture="paper", l1_coefficient=1e-3),
+        SAETrainingConfig(lr=1e-3, batch_size=128, lr_warmup_steps=5, autocast_bf16=False, log_every=10),
+        x.split(128), init_sample=x[:1000], progress=False,
+    )
+    assert hist["loss"][-1] < 0.5 * hist["loss"][0]
+    assert hist["aux_loss"][-1] > 0  # the L1 term is reported in aux_loss
+
+
+def test_normalization_scale_and_b_dec_init():
+    batches = random_batches()
+    sample = torch.cat(batches)
+    sae, hist = train_sae(SAEConfig(d_in=8, d_sae=16, k=2), quick(max_steps=1, lr_warmup_steps=0, init_b_dec="mean"),
+                          batches, init_sample=sample, progress=False)
+    x = sample.double().numpy()
+    expected = math.sqrt(((x - x.mean(0)) ** 2).sum(1).mean() / 8)
+    assert sae.cfg.normalization_scale == pytest.approx(expected, rel=1e-9)
+    assert hist["normalization_scale"] == sae.cfg.normalization_scale
+    # b_dec starts at the mean and moves by at most ~lr per coordinate in one Adam step
+    torch.testing.assert_close(sae.b_dec.detach(), torch.from_numpy(x.mean(0) / expected).float(), atol=2e-3, rtol=0)
+
+
+def test_geometric_median_resists_outliers():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(200, 3, generator=g) * 0.1, torch.full((20, 3), 100.0)])
+    assert geometric_median(x).norm() < 0.5 < x.mean(0).norm()
+    assert normalization_scale(torch.ones(5, 3)) == 0
+
+
+def test_training_is_seeded_and_batches_are_recut():
+    sizes = [10, 100, 37, 64, 3, 90]  # 304 rows -> steps of 64, 64, 64, 64, 48
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(s, 8, generator=g).half() for s in sizes]
+    runs = [train_sae(SAEConfig(d_in=8, d_sae=16, k=2), quick(), batches, init_sample=batches[1], progress=False) for _ in range(2)]
+    (a, ha), (b, hb) = runs
+    assert ha["num_steps"] == 5 and ha["num_tokens"] == 304
+    assert num_steps(304, quick()) == 5 and num_steps(304, quick(epochs=3, max_steps=7)) == 7
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    c, _ = train_sae(SAEConfig(d_in=8, d_sae=16, k=2), quick(seed=1), batches, init_sample=batches[1], progress=False)
+    assert not torch.equal(a.W_dec, c.W_dec)
+
+
+def test_epochs_and_max_steps():
+    batches = random_batches(n_batches=3)
+    _, h = train_sae(SAEConfig(d_in=8, d_sae=16, k=2), quick(epochs=2), batches, init_sample=batches[0], progress=False)
+    assert h["num_steps"] == 6
+    _, h = train_sae(SAEConfig(d_in=8, d_sae=16, k=2), quick(epochs=2, max_steps=4), batches, init_sample=batches[0], progress=False)
+    assert h["num_steps"] == 4
+    with pytest.raises(ValueError, match="re-iterable"):
+        train_sae(SAEConfig(d_in=8, d_sae=16, k=2), quick(epochs=2), iter(batches), init_sample=batches[0], progress=False)
+
+
+def test_auxk_loss_kicks_in_for_dead_latents():
+    batches = random_batches(n_batches=8)
+    cfg = SAEConfig(d_in=8, d_sae=64, k=1)
+    _, h = train_sae(cfg, quick(dead_steps_threshold=1, aux_k=4), batches, init_sample=batches[0], progress=False)
+    assert max(h["aux_loss"]) > 0
+    _, h = train_sae(cfg, quick(dead_steps_threshold=1, aux_coefficient=0.0), batches, init_sample=batches[0], progress=False)
+    assert max(h["aux_loss"]) == 0
+
+
+def test_user_errors():
+    cfg = SAEConfig(d_in=8, d_sae=16, k=2)
+    with pytest.raises(LayerscopeError, match=r"init_sample has shape \(10, 5\)"):
+        train_sae(cfg, quick(), random_batches(), init_sample=torch.randn(10, 5), progress=False)
+    with pytest.raises(LayerscopeError, match="no activation batches"):
+        train_sae(cfg, quick(), [], init_sample=torch.randn(10, 8), progress=False)
+    with pytest.raises(LayerscopeError, match="5 wide but the SAE expects d_in=8"):
+        train_sae(cfg, quick(), [torch.randn(64, 5)], init_sample=torch.randn(10, 8), progress=False)
+    with pytest.raises(LayerscopeError, match="identical"):
+        train_sae(cfg, quick(), random_batches(), init_sample=torch.ones(10, 8), progress=False)
+    with pytest.raises(LayerscopeError, match="NaN"):
+        train_sae(cfg, quick(), random_batches(), init_sample=torch.full((10, 8), float("nan")), progress=False)
+
+
+def test_nan_batches_stop_training_with_a_clear_error():
+    batches = random_batches()
+    batches[2][0, 0] = float("nan")
+    with pytest.raises(LayerscopeError, match="loss became nan at step 2"):
+        train_sae(SAEConfig(d_in=8, d_sae=16, k=2), quick(), batches, init_sample=batches[0], progress=False)
+
+
+def test_default_learning_rates():
+    assert SAETrainingConfig().resolved_lr(SAEConfig(d_in=384, d_sae=1536)) == pytest.approx(6.53e-4, rel=1e-3)
+    assert SAETrainingConfig().resolved_lr(SAEConfig(d_in=384, d_sae=1536, architecture="paper")) == 2e-5
+    assert SAETrainingConfig(lr=1e-3).resolved_lr(SAEConfig(d_in=384, d_sae=1536)) == 1e-3

@@ -1,0 +1,164 @@
+"""The saes and features steps and the per-sentence analysis on the tiny run, against direct computations."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from core.activations import ActivationStore
+from core.errors import LayerscopeError
+from core.report import build_report
+from core.sae import SparseAutoencoder
+from tests.test_cli import assert_user_error, cli
+
+SAE_KEYS = {"model", "layer", "architecture", "d_sae", "l0", "fvu", "mse", "dead_fraction", "dense_fraction", "accuracy_spliced", "kl_spliced"}
+
+
+def _encode_numpy(sae: SparseAutoencoder, x: np.ndarray) -> np.ndarray:
+    """TopK encoder written out by hand from the saved weights."""
+    p = {k: v.detach().double().numpy() for k, v in sae.named_parameters()}
+    pre = (x / sae.cfg.normalization_scale - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    z = np.zeros_like(pre)
+    top = np.argsort(-pre, axis=1)[:, : sae.cfg.k]
+    rows = np.arange(len(x))[:, None]
+    z[rows, top] = np.maximum(pre[rows, top], 0)
+    return z
+
+
+def test_every_sae_is_saved_and_reported(tiny_run):
+    rep = build_report(tiny_run)
+    assert {(s["model"], s["layer"]) for s in rep["saes"]} == {(m, l) for m in ("pretrained", "finetuned") for l in (1, 2)}
+    for s in rep["saes"]:
+        assert SAE_KEYS <= set(s)
+        assert s["l0"] <= 8 + 1e-9 and 0 <= s["dead_fraction"] <= 1
+        assert ("fvu_on_finetuned" in s) == (s["model"] == "pretrained")
+        folder = tiny_run.sae_dir(s["model"], s["layer"])
+        cfg = json.loads((folder / "cfg.json").read_text())
+        assert cfg["d_in"] == 32 and cfg["hook_name"].startswith("bert.encoder.layer.") and cfg["model"] == s["model"]
+        assert (folder / "sae_weights.safetensors").is_file()
+    for m in rep["matching"]:
+        assert m["kept"] + m["shifted"] + m["lost"] == pytest.approx(1.0)
+        assert 0 <= m["new"] <= 1
+
+
+def test_fvu_and_l0_equal_a_direct_computation(tiny_run):
+    store = ActivationStore(tiny_run, "test")
+    for model, layer, folder in tiny_run.sae_dirs():
+        sae = SparseAutoencoder.load(folder)
+        x = store.load_layer(model, layer).double().numpy()
+        z = _encode_numpy(sae, x)
+        p = {k: v.detach().double().numpy() for k, v in sae.named_parameters()}
+        x_hat = (z @ p["W_dec"] + p["b_dec"]) * sae.cfg.normalization_scale
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["fvu"] == pytest.approx(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(), rel=1e-3)
+        assert metrics["l0"] == pytest.approx((z > 0).sum(1).mean(), rel=1e-6)
+        assert metrics["dead_fraction"] == pytest.approx(((z > 0).sum(0) == 0).mean())
+
+
+def test_spliced_accuracy_equals_a_hand_made_hook(tiny_run):
+    from transformers import AutoModelForSequenceClassification
+
+    from core.data import load_split
+    from core.models import encode, load_tokenizer
+
+    folder = tiny_run.sae_dir("finetuned", 1)
+    sae = SparseAutoencoder.load(folder)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_run.model_dir("finetuned"))).eval()
+    block = model.bert.encoder.layer[0]  # its output is hidden state 1
+
+    def replace(_m, _i, out):
+        h = out[0] if isinstance(out, tuple) else out
+        new = sae(h[0])[0][None]
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    block.register_forward_hook(replace)
+    cfg = tiny_run.manifest()["config"]["model"]
+    test = load_split(tiny_run, "test")
+    tok = load_tokenizer(str(tiny_run.model_dir("finetuned")))
+    with torch.no_grad():
+        preds = [int(model(input_ids=torch.tensor([ids])).logits.argmax()) for ids in encode(tok, test["text"].tolist(), cfg["max_length"], cfg["truncation"])]
+    assert metrics["accuracy_spliced"] == pytest.approx(np.mean(np.array(preds) == test["label"].to_numpy()))
+
+
+def test_analyze_equals_direct_computation(tiny_run):
+    from transformers import AutoModel
+
+    from core.analysis import analyze_text, load_bundle
+
+    bundle = load_bundle(tiny_run)
+    result = analyze_text(bundle, "the plot was brilliant", top=3, clean=False)
+    tok = bundle.tokenizer
+    ids = tok("the plot was brilliant")["input_ids"]
+    assert result["tokens"] == tok.convert_ids_to_tokens(ids) and result["tokens"][0] == "[CLS]"
+    hidden = {}
+    for m in ("pretrained", "finetuned"):
+        with torch.no_grad():
+            hidden[m] = AutoModel.from_pretrained(str(tiny_run.model_dir(m)))(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    for layer, row in enumerate(result["cosine"]):
+        a, b = hidden["pretrained"][layer][0].double().numpy(), hidden["finetuned"][layer][0].double().numpy()
+        direct = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        np.testing.assert_allclose(row, direct, atol=1e-5)
+    for entry in result["saes"]:
+        sae = bundle.saes[(entry["model"], entry["layer"])]
+        z = _encode_numpy(sae, hidden[entry["model"]][entry["layer"]][0].double().numpy())
+        assert len(entry["features"]) == 3
+        for f in entry["features"]:
+            np.testing.assert_allclose(f["activations"], z[:, f["feature"]], atol=1e-4)
+    probs = result["prediction"]["probabilities"]
+    assert sum(probs.values()) == pytest.approx(1.0) and result["prediction"]["label"] == max(probs, key=probs.get)
+
+
+def test_analyze_json_from_cli(tiny_run):
+    out = json.loads(cli("analyze", "--run", tiny_run.root, "--text", "the acting was terrible", "--json", "--top", "2", check=True).stdout)
+    assert {"tokens", "cosine", "saes", "prediction"} <= set(out)
+    assert len(out["cosine"]) == 3 and all(len(c) == len(out["tokens"]) for c in out["cosine"])
+
+
+def test_feature_card_and_table(tiny_run):
+    from core.features_step import feature_card, feature_table
+
+    table = feature_table(tiny_run, "finetuned", 2)
+    assert list(table["variance"]) == sorted(table["variance"], reverse=True)
+    assert {"density", "selectivity", "status", "match_similarity", "logit_effect[positive]"} <= set(table.columns)
+    card = feature_card(tiny_run, "finetuned", 2, int(table["feature"][0]))
+    assert card["top_examples"], "the top-variance feature fires somewhere"
+    ex = card["top_examples"][0]
+    assert ex["activations"][ex["center"]] == pytest.approx(ex["value"], rel=1e-2)
+    assert sum(card["histogram"]["counts"]) > 0 and card["match"]["status"] in {"kept", "shifted", "new", "dead"}
+    with pytest.raises(LayerscopeError, match="does not exist"):
+        feature_card(tiny_run, "finetuned", 2, 10**6)
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.fixture
+def run_copy(tmp_path, tiny_run):
+    dst = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, dst)
+    return dst
+
+
+def test_truncated_sae_file(run_copy):
+    w = run_copy / "saes" / "finetuned" / "layer_1" / "sae_weights.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    assert_user_error(cli("analyze", "--run", run_copy, "--text", "hello"), "truncated")
+
+
+def test_sae_of_another_width(run_copy):
+    folder = run_copy / "saes" / "finetuned" / "layer_1"
+    SparseAutoencoder(__import__("core.sae", fromlist=["SAEConfig"]).SAEConfig(d_in=16, d_sae=32, k=4)).save(folder)
+    assert_user_error(cli("analyze", "--run", run_copy, "--text", "hello"), "16-wide", "hidden size is 32")
+
+
+def test_k_larger_than_dictionary(run_copy):
+    assert_user_error(cli("saes", "--run", run_copy, "--sae-k", "9999", "--force"), "k=9999", "d_sae")
+
+
+def test_empty_activation_shard(run_copy):
+    from safetensors.torch import save_file
+
+    shard = run_copy / "activations" / "train" / "pretrained_00000.safetensors"
+    save_file({f"layer_{i}": torch.zeros(0, 32) for i in range(3)}, str(shard))
+    assert_user_error(cli("saes", "--run", run_copy, "--force"), "empty")
