@@ -117,6 +117,7 @@ def _training_args(cfg: FinetuneConfig, out_dir: str, use_bf16: bool):
         seed=cfg.seed,
         dataloader_num_workers=0,
         ddp_backend=None if torch.cuda.is_available() else ("gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None),
+        ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )
 

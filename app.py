@@ -1,0 +1,92 @@
+"""Layerscope dashboard: ``streamlit run app.py``.
+
+Which run is shown (first match wins):
+  1. ``?run=PATH`` in the URL (a path, or a run name under checkpoints/), applied when it changes;
+  2. the run picked in the sidebar, remembered for the session;
+  3. the ``LAYERSCOPE_RUN`` environment variable;
+  4. the first folder under checkpoints/ holding a manifest.json
+     (``LAYERSCOPE_CHECKPOINTS`` points the search at another folder).
+
+Tests use ``LAYERSCOPE_RUN`` (or ``AppTest.query_params["run"]``) to open the tiny test run.
+With no run at all, the start page offers to build ``checkpoints/default`` in the background
+(``LAYERSCOPE_BUILD_ARGS`` adds options to that build, e.g. ``--preset tiny``).
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from pages import _shared as shared
+
+st.set_page_config(page_title="Layerscope", layout="wide")
+
+PAGES = [
+    st.Page("pages/overview.py", title="Overview", icon=":material/dashboard:", default=True),
+    st.Page("pages/similarity.py", title="Layer similarity", icon=":material/stacked_line_chart:"),
+    st.Page("pages/explorer.py", title="Sentence explorer", icon=":material/text_fields:"),
+    st.Page("pages/features.py", title="Feature browser", icon=":material/grid_view:"),
+]
+
+
+@st.fragment(run_every=1.0)
+def build_progress(target_path: str) -> None:
+    """Poll the background build: a progress bar from its log; show the run once it is done."""
+    from pathlib import Path
+
+    target = Path(target_path)
+    state = shared.build_state(target)
+    if state is None:
+        return
+    if state["running"]:
+        step = state["current"] or (state["done"][-1] if state["done"] else "starting")
+        percent = f" {state['percent']}%" if state["percent"] is not None else ""
+        st.progress(state["fraction"], text=f"Building: step '{step}'{percent} ({len(state['done'])} of {len(shared.STEPS)} steps finished)")
+        with st.expander("Build log"):
+            st.code(state["log_tail"] or "(no output yet)", language="text")
+        return
+    shared.forget_build(target)
+    if state["returncode"] != 0:
+        reason = state["error"] or f"exit code {state['returncode']}"
+        if (target / "manifest.json").is_file():
+            shared.set_run(str(target))
+            st.session_state[shared.KEY_RUN_MESSAGE] = f"the build stopped early ({reason}); showing the steps that finished. Log: {state['log']}"
+            st.rerun(scope="app")
+        st.error(f"The build failed: {reason}")
+        st.code(state["log_tail"], language="text")
+        return
+    shared.set_run(str(target))
+    st.rerun(scope="app")
+
+
+def start_page() -> None:
+    """Shown when no run exists yet: how to build one, and a button that builds it here."""
+    st.title("Layerscope")
+    st.write(
+        "Layerscope fine-tunes a BERT classifier and compares the pre-trained and fine-tuned models "
+        "layer by layer (cosine similarity, CKA) and with sparse autoencoders. No run was found yet "
+        f"in {shared.checkpoints_dir()}."
+    )
+    st.write("Build the default run from a terminal:")
+    st.code("python -m core build --run checkpoints/default", language="bash")
+    target = shared.default_build_target()
+    st.write("or build it from here; the dashboard follows its progress and opens the run when it is done.")
+    if shared.build_state(target) is None:
+        if st.button("Build checkpoints/default", type="primary", icon=":material/play_arrow:"):
+            shared.start_build(target)
+            st.rerun()
+        st.caption(f"The build log is written to {shared.build_log_path(target)}.")
+        return
+    build_progress(str(target))
+
+
+def main() -> None:
+    shared.init_run_selection()
+    shared.run_picker()
+    if shared.selected_run_path() is None:
+        page = st.navigation([st.Page(start_page, title="Get started", icon=":material/rocket_launch:", url_path="start")])
+    else:
+        page = st.navigation(PAGES)
+    page.run()
+
+
+main()

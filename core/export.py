@@ -1,0 +1,247 @@
+"""The paper's three claims checked against a run, and a one-file HTML report of the run.
+
+``paper_claims(rows)`` turns the per-layer similarity rows of ``build_report`` into verdicts
+computed from the numbers. ``export_html(run)`` writes everything the Overview and Similarity
+pages show into a single self-contained HTML string (plotly.js inlined once, works offline);
+every piece of text from the run is escaped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+
+from core import plots
+from core.report import build_report
+from core.runfolder import RunFolder
+
+CLAIM_MEASURES = ("cka", "mean_cosine")
+HIGH_SIMILARITY = 0.9
+SUPPORTED = "supported"
+NOT_SUPPORTED = "not supported by this run"
+UNKNOWN = "cannot be assessed on this run"
+
+
+# ----------------------------------------------------------------------------- claims
+def layer_groups(num_layers: int) -> dict[str, list[int]]:
+    """Split the transformer blocks 1..L into early / middle / late thirds (embeddings excluded)."""
+    blocks = list(range(1, num_layers + 1))
+    k = max(1, round(num_layers / 3))
+    early = blocks[:k]
+    late = blocks[-k:] if num_layers > k else []
+    middle = blocks[k : num_layers - k] if num_layers > 2 * k else []
+    return {"early": early, "middle": middle, "late": late}
+
+
+def _values(rows: Sequence[Mapping], measure: str, layers: Sequence[int]) -> list[float]:
+    by_layer = {int(r["layer"]): float(r[measure]) for r in rows}
+    return [by_layer[l] for l in layers if l in by_layer]
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _claim(key: str, text: str, layers: list[int], verdict: str, numbers: dict, explanation: str) -> dict:
+    return {"key": key, "claim": text, "layers": layers, "verdict": verdict, "supported": verdict == SUPPORTED, "numbers": numbers, "explanation": explanation}
+
+
+def claim_early(rows: Sequence[Mapping], groups: dict, threshold: float) -> dict:
+    """(1) Early layers stay general: every early layer keeps CKA and mean cosine >= threshold."""
+    text = "Early layers stay general: the first third of the layers barely changes during fine-tuning."
+    layers = groups["early"]
+    if not layers:
+        return _claim("early", text, layers, UNKNOWN, {}, "the model has no transformer layers to compare")
+    mins = {m: min(_values(rows, m, layers)) for m in CLAIM_MEASURES}
+    ok = all(v >= threshold for v in mins.values())
+    detail = ", ".join(f"lowest {plots.MEASURE_LABELS[m]} {v:.3f}" for m, v in mins.items())
+    explanation = f"{_span(layers)}: {detail} ({'all' if ok else 'not all'} >= {threshold:g})"
+    return _claim("early", text, layers, SUPPORTED if ok else NOT_SUPPORTED, {f"min_{m}": v for m, v in mins.items()}, explanation)
+
+
+def claim_middle(rows: Sequence[Mapping], groups: dict) -> dict:
+    """(2) Middle layers are a transition: their mean similarity lies between the early and late means."""
+    text = "Middle layers are a transition: their similarity lies between that of the early and the late layers."
+    layers = groups["middle"]
+    if not layers or not groups["early"] or not groups["late"]:
+        return _claim("middle", text, layers, UNKNOWN, {}, "needs at least three transformer layers (early, middle and late)")
+    numbers, parts, ok = {}, [], True
+    for m in CLAIM_MEASURES:
+        e, mid, late = (_mean(_values(rows, m, groups[g])) for g in ("early", "middle", "late"))
+        numbers.update({f"early_{m}": e, f"middle_{m}": mid, f"late_{m}": late})
+        ok &= e > mid > late
+        parts.append(f"{plots.MEASURE_LABELS[m]}: early {e:.3f}, middle {mid:.3f}, late {late:.3f}")
+    explanation = "mean per group; " + "; ".join(parts) + ("" if ok else " (not strictly decreasing)")
+    return _claim("middle", text, layers, SUPPORTED if ok else NOT_SUPPORTED, numbers, explanation)
+
+
+def claim_late(rows: Sequence[Mapping], groups: dict) -> dict:
+    """(3) Late layers specialise: the last layer has the lowest similarity of all layers."""
+    text = "Late layers specialise: the last layer changes the most (lowest similarity)."
+    layers = groups["late"]
+    if not layers or len(rows) < 2:
+        return _claim("late", text, layers, UNKNOWN, {}, "needs at least two transformer layers")
+    last = max(int(r["layer"]) for r in rows)
+    numbers, parts, ok = {"last_layer": last}, [], True
+    for m in CLAIM_MEASURES:
+        ordered = sorted(rows, key=lambda r: int(r["layer"]))
+        vals = [float(r[m]) for r in ordered]
+        lowest = int(ordered[min(range(len(vals)), key=vals.__getitem__)]["layer"])
+        drops = [vals[i - 1] - vals[i] for i in range(1, len(vals))]
+        biggest = int(ordered[1 + max(range(len(drops)), key=drops.__getitem__)]["layer"])
+        numbers.update({f"last_{m}": vals[-1], f"lowest_layer_{m}": lowest, f"largest_drop_into_{m}": biggest, f"largest_drop_{m}": max(drops)})
+        ok &= lowest == last
+        parts.append(f"{plots.MEASURE_LABELS[m]}: last layer {vals[-1]:.3f}, lowest at layer {lowest}, largest drop ({max(drops):.3f}) into layer {biggest}")
+    return _claim("late", text, [last], SUPPORTED if ok else NOT_SUPPORTED, numbers, "; ".join(parts))
+
+
+def paper_claims(rows: Sequence[Mapping], threshold: float = HIGH_SIMILARITY) -> list[dict]:
+    """The three claims with a verdict computed from per-layer similarity rows (``report["similarity"]``)."""
+    num_layers = max((int(r["layer"]) for r in rows), default=0)
+    groups = layer_groups(num_layers)
+    return [claim_early(rows, groups, threshold), claim_middle(rows, groups), claim_late(rows, groups)]
+
+
+def _span(layers: Sequence[int]) -> str:
+    return f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
+
+
+# ----------------------------------------------------------------------------- tables
+def classification_frame(per_class: Mapping[str, Mapping[str, Mapping[str, float]]]) -> pd.DataFrame:
+    """Per-class precision / recall / F1 / support for both models, one row per (class, model)."""
+    models = [m for m in ("pretrained", "finetuned") if m in per_class] + [m for m in per_class if m not in ("pretrained", "finetuned")]
+    classes = [c for c in next(iter(per_class.values()), {}) if c not in ("accuracy", "macro avg", "weighted avg")]
+    rows = []
+    for name in classes:
+        for model in models:
+            scores = per_class[model].get(name, {})
+            rows.append({"class": name, "model": model, "precision": scores.get("precision"), "recall": scores.get("recall"), "f1": scores.get("f1-score"), "support": int(scores.get("support", 0))})
+    return pd.DataFrame(rows, columns=["class", "model", "precision", "recall", "f1", "support"])
+
+
+SAE_COLUMNS = ("model", "layer", "architecture", "d_sae", "l0", "fvu", "dead_fraction", "accuracy_spliced", "fvu_on_finetuned")
+
+
+def sae_frame(saes: Sequence[Mapping]) -> pd.DataFrame:
+    """SAE quality metrics (one row per SAE) with the common columns first."""
+    df = pd.DataFrame(list(saes))
+    if df.empty:
+        return df
+    first = [c for c in SAE_COLUMNS if c in df.columns]
+    rest = [c for c in df.columns if c not in first and df[c].map(lambda v: not isinstance(v, (dict, list))).all()]
+    return df[first + rest]
+
+
+def matching_frame(matching: Sequence[Mapping]) -> pd.DataFrame:
+    """Feature matching per layer: shares kept / shifted / new / lost, then the counts behind them."""
+    rows = []
+    for m in matching:
+        row = {k: v for k, v in m.items() if not isinstance(v, (dict, list))}
+        row.update({f"{k} (count)": v for k, v in (m.get("counts") or {}).items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summary_rows(rep: Mapping) -> list[tuple[str, str]]:
+    """(label, value) pairs describing the run at a glance."""
+    out = [("run", rep["run"]), ("base model", rep["base_model"]), ("dataset", rep["dataset"])]
+    if "labels" in rep:
+        out.append(("classes", ", ".join(map(str, rep["labels"]))))
+    if "rows" in rep:
+        out.append(("rows", ", ".join(f"{k} {v:,}" for k, v in rep["rows"].items())))
+    if "activations" in rep:
+        out.append(("activation tokens", ", ".join(f"{k} {v.get('tokens', 0):,}" for k, v in rep["activations"].items())))
+    if "num_layers" in rep:
+        out.append(("layers", str(rep["num_layers"])))
+    if "similarity_tokens" in rep:
+        out.append(("similarity evaluated on", f"{rep['similarity_tokens']:,} test tokens"))
+    if "finetune" in rep:
+        ft = rep["finetune"]
+        out.append(("accuracy", f"pre-trained {ft['accuracy_pretrained']:.3f} -> fine-tuned {ft['accuracy_finetuned']:.3f}"))
+        out.append(("macro F1", f"pre-trained {ft['macro_f1_pretrained']:.3f} -> fine-tuned {ft['macro_f1_finetuned']:.3f}"))
+    out.append(("steps done", ", ".join(rep.get("steps", {})) or "none"))
+    return out
+
+
+# ----------------------------------------------------------------------------- HTML
+STYLE = """
+body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; }
+h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #ddd; padding-bottom: 0.3rem; }
+table { border-collapse: collapse; margin: 0.8rem 0; font-size: 0.9rem; }
+th, td { border: 1px solid #ddd; padding: 0.3rem 0.6rem; text-align: right; }
+th { background: #f4f4f6; } td:first-child, th:first-child { text-align: left; }
+.verdict { font-weight: 600; } .supported { color: #137333; } .not-supported { color: #b3261e; } .unknown { color: #666; }
+.muted { color: #666; font-size: 0.85rem; }
+"""
+
+
+def _e(text) -> str:
+    return html.escape(str(text))
+
+
+def _table(df: pd.DataFrame) -> str:
+    return df.to_html(index=False, escape=True, float_format=lambda v: f"{v:.4f}", border=0, na_rep="")
+
+
+class _Figures:
+    """Renders figures to HTML divs, inlining plotly.js with the first one only."""
+
+    def __init__(self):
+        self.first = True
+
+    def __call__(self, fig) -> str:
+        out = fig.to_html(full_html=False, include_plotlyjs=self.first, config={"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}})
+        self.first = False
+        return out
+
+
+def _claims_html(rows: Sequence[Mapping], fig) -> list[str]:
+    out = ["<h2>The paper's claims, checked on this run</h2>"]
+    for c in paper_claims(rows):
+        css = "supported" if c["verdict"] == SUPPORTED else "unknown" if c["verdict"] == UNKNOWN else "not-supported"
+        out.append(f"<p><b>{_e(c['claim'])}</b><br><span class='verdict {css}'>{_e(c['verdict'])}</span> &mdash; {_e(c['explanation'])}</p>")
+    groups = layer_groups(max(int(r["layer"]) for r in rows))
+    curves = plots.similarity_curves({"run": rows}, CLAIM_MEASURES, title="CKA and mean cosine per layer, thirds shaded")
+    for name, colour in (("early", "#00CC96"), ("middle", "#FFA15A"), ("late", "#EF553B")):
+        plots.highlight_layers(curves, groups[name], name, colour)
+    out.append(fig(curves))
+    return out
+
+
+def export_html(run: RunFolder) -> str:
+    """One self-contained HTML report of ``run`` (works offline; all run text escaped)."""
+    rep = build_report(run)
+    fig = _Figures()
+    name = run.name
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>Layerscope report: {_e(name)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>Layerscope report: {_e(name)}</h1>",
+        f"<p class='muted'>exported {_e(dt.datetime.now().strftime('%Y-%m-%d %H:%M'))}</p>",
+        "<h2>Summary</h2>",
+        _table(pd.DataFrame(summary_rows(rep), columns=["", "value"])),
+    ]
+    if "finetune" in rep:
+        per_class = rep["finetune"]["per_class"]
+        parts += ["<h2>Classification report (test split)</h2>", _table(classification_frame(per_class))]
+        for model in ("pretrained", "finetuned"):
+            if model in per_class:
+                parts.append(fig(plots.classification_bars(per_class[model], title=f"{model}: precision, recall and F1 per class")))
+    if rep.get("similarity"):
+        rows = rep["similarity"]
+        parts += _claims_html(rows, fig)
+        parts += [
+            "<h2>Layer similarity, pre-trained vs fine-tuned</h2>",
+            fig(plots.similarity_curves({name: rows}, plots.MEASURES, title="Every similarity measure per layer")),
+            _table(plots.frame_of_similarity(rows)),
+            fig(plots.cka_heatmap(rep["cka_matrix"])),
+        ]
+    if rep.get("saes"):
+        parts += ["<h2>Sparse autoencoders (held-out tokens)</h2>", _table(sae_frame(rep["saes"]))]
+    if rep.get("matching"):
+        parts += ["<h2>Feature matching, pre-trained to fine-tuned</h2>", _table(matching_frame(rep["matching"]))]
+    parts.append("</body></html>")
+    return "\n".join(parts)

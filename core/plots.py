@@ -1,0 +1,358 @@
+"""Figures for the dashboard and the HTML export: plain data in, ``plotly.graph_objects.Figure`` out.
+
+Nothing here imports streamlit. Plotly renders tick labels, legend entries, titles and hover
+text as a small HTML subset, so every label that comes from user data (tokens, class names,
+run names) goes through ``esc`` first: ``<b>x</b>`` shows as literal text, never as markup.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+MEASURES = ("cosine_of_means", "mean_cosine", "token_cosine", "cka")
+MEASURE_LABELS = {
+    "cosine_of_means": "cosine of means",
+    "mean_cosine": "mean cosine",
+    "token_cosine": "token cosine",
+    "cka": "linear CKA",
+}
+MEASURE_COLOURS = {"cosine_of_means": "#636EFA", "mean_cosine": "#EF553B", "token_cosine": "#00CC96", "cka": "#AB63FA"}
+RUN_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+CLASS_METRICS = (("precision", "precision"), ("recall", "recall"), ("f1-score", "F1"))
+LAYER_AXIS = "hidden state (0 = embeddings)"
+DEPTH_AXIS = "relative depth (layer / number of layers)"
+
+
+def esc(text) -> str:
+    """Escape ``<``, ``>`` and ``&`` so Plotly shows user text literally."""
+    return html.escape(str(text), quote=False)
+
+
+def _layout(fig: go.Figure, title: str = "", height: int | None = None) -> go.Figure:
+    fig.update_layout(
+        title={"text": title} if title else None,
+        margin={"l": 10, "r": 10, "t": 80 if title else 40, "b": 10},
+        height=height,
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "left", "x": 0},
+    )
+    return fig
+
+
+# ----------------------------------------------------------------------------- layer similarity
+def layer_positions(rows: Sequence[Mapping], normalise_depth: bool) -> list[float]:
+    """x positions of similarity rows: the hidden-state index, or index / number of layers."""
+    layers = [int(r["layer"]) for r in rows]
+    num_layers = max(max(layers, default=0), 1)
+    return [l / num_layers for l in layers] if normalise_depth else layers
+
+
+def similarity_curves(
+    runs: Mapping[str, Sequence[Mapping]],
+    measures: Sequence[str] = MEASURES,
+    normalise_depth: bool = False,
+    title: str = "",
+) -> go.Figure:
+    """One line per (run, measure) over layers; colour = measure, dash = run.
+
+    ``runs`` maps a run name to its similarity rows (``report["similarity"]``: dicts with
+    ``layer`` and one value per measure).
+    """
+    fig = go.Figure()
+    many = len(runs) > 1
+    for r, (name, rows) in enumerate(runs.items()):
+        x = layer_positions(rows, normalise_depth)
+        for m in measures:
+            label = f"{esc(name)} · {MEASURE_LABELS.get(m, esc(m))}" if many else MEASURE_LABELS.get(m, esc(m))
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=[row.get(m) for row in rows],
+                    mode="lines+markers",
+                    name=label,
+                    line={"color": MEASURE_COLOURS.get(m), "dash": RUN_DASHES[r % len(RUN_DASHES)]},
+                    customdata=[[int(row["layer"])] for row in rows],
+                    hovertemplate=f"{label}<br>layer %{{customdata[0]}}<br>%{{y:.4f}}<extra></extra>",
+                )
+            )
+    values = [float(row[m]) for rows in runs.values() for row in rows for m in measures if row.get(m) is not None]
+    low = min(0.0, min(values, default=0.0))
+    fig.update_xaxes(title=DEPTH_AXIS if normalise_depth else LAYER_AXIS, dtick=None if normalise_depth else 1)
+    fig.update_yaxes(title="similarity, pre-trained vs fine-tuned", range=[low - 0.02, 1.02])
+    return _layout(fig, esc(title))
+
+
+def highlight_layers(fig: go.Figure, layers: Sequence[int], label: str = "", colour: str = "#FFA15A") -> go.Figure:
+    """Shade the span of ``layers`` (hidden-state indices) on a non-normalised layer axis."""
+    if len(layers):
+        fig.add_vrect(
+            x0=min(layers) - 0.4,
+            x1=max(layers) + 0.4,
+            fillcolor=colour,
+            opacity=0.18,
+            line_width=0,
+            annotation_text=esc(label),
+            annotation_position="top left",
+        )
+    return fig
+
+
+def cka_heatmap(matrix: Sequence[Sequence[float]], title: str = "Linear CKA, every layer pair") -> go.Figure:
+    """``matrix[i][j]`` = CKA(pre-trained layer i, fine-tuned layer j): pre-trained on y, fine-tuned on x."""
+    z = np.asarray(matrix, dtype=float)
+    n_pre, n_ft = z.shape if z.ndim == 2 else (0, 0)
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(n_ft)),
+            y=list(range(n_pre)),
+            zmin=0,
+            zmax=1,
+            colorscale="Viridis",
+            colorbar={"title": {"text": "CKA"}},
+            hovertemplate="pre-trained layer %{y}<br>fine-tuned layer %{x}<br>CKA %{z:.4f}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(title="fine-tuned hidden state", dtick=1, constrain="domain")
+    fig.update_yaxes(title="pre-trained hidden state", dtick=1, autorange="reversed", scaleanchor="x")
+    return _layout(fig, esc(title))
+
+
+# ----------------------------------------------------------------------------- classification
+def classification_bars(per_class: Mapping[str, Mapping[str, float]], title: str = "") -> go.Figure:
+    """Grouped bars of precision, recall and F1 per class (a sklearn classification report dict)."""
+    classes = [c for c in per_class if c not in ("accuracy", "macro avg", "weighted avg")]
+    names = [esc(c) for c in classes]
+    fig = go.Figure()
+    for key, label in CLASS_METRICS:
+        values = [per_class[c].get(key) for c in classes]
+        fig.add_trace(
+            go.Bar(
+                x=names,
+                y=values,
+                name=label,
+                text=[f"{v:.2f}" if v is not None else "" for v in values],
+                textposition="outside",
+                hovertemplate=f"%{{x}}<br>{label} %{{y:.4f}}<extra></extra>",
+            )
+        )
+    fig.update_layout(barmode="group")
+    fig.update_yaxes(range=[0, 1.1], title="score")
+    fig.update_xaxes(title="class", type="category")
+    return _layout(fig, esc(title))
+
+
+# ----------------------------------------------------------------------------- tokens
+def token_heatmap(
+    z: Sequence[Sequence[float]],
+    x_labels: Sequence[str],
+    y_labels: Sequence,
+    title: str = "",
+    diverging: bool = False,
+    value_name: str = "value",
+    zrange: tuple[float, float] | None = None,
+) -> go.Figure:
+    """Rows x tokens heatmap; x positions are indices so repeated tokens stay separate columns.
+
+    Hover shows the token, the row label and the exact value. ``diverging=True`` centres a
+    red-blue scale at zero (for signed values such as differences).
+    """
+    values = np.asarray(z, dtype=float)
+    if values.ndim == 1:
+        values = values[None, :]
+    tokens = [esc(t) for t in x_labels]
+    rows = [esc(r) for r in y_labels]
+    custom = [[[tok, row] for tok in tokens] for row in rows]
+    trace = dict(
+        z=values,
+        x=list(range(len(tokens))),
+        y=list(range(len(rows))),
+        customdata=custom,
+        hovertemplate=f"token %{{customdata[0]}}<br>%{{customdata[1]}}<br>{esc(value_name)} %{{z:.4f}}<extra></extra>",
+        colorbar={"title": {"text": esc(value_name)}},
+    )
+    if diverging:
+        bound = float(np.nanmax(np.abs(values))) if values.size and np.isfinite(values).any() else 1.0
+        trace.update(colorscale="RdBu", zmid=0)
+        if bound > 0:
+            trace.update(zmin=-bound, zmax=bound)
+    else:
+        trace.update(colorscale="Viridis")
+        if zrange is not None:
+            trace.update(zmin=zrange[0], zmax=zrange[1])
+    fig = go.Figure(go.Heatmap(**trace))
+    fig.update_xaxes(tickmode="array", tickvals=list(range(len(tokens))), ticktext=tokens, tickangle=-45, showgrid=False)
+    fig.update_yaxes(tickmode="array", tickvals=list(range(len(rows))), ticktext=rows, autorange="reversed", showgrid=False)
+    height = max(180, 60 + 28 * len(rows)) + 40
+    return _layout(fig, esc(title), height=height)
+
+
+def feature_comparison(
+    tokens: Sequence[str],
+    pretrained: Sequence[float],
+    finetuned: Sequence[float],
+    difference: Sequence[float] | None = None,
+    title: str = "",
+    row_labels: tuple[str, str] = ("pre-trained", "fine-tuned"),
+) -> go.Figure:
+    """One feature per token on both models (sequential scale) above their difference (red-blue,
+    centred at zero), on a shared token axis so the columns line up."""
+    from plotly.subplots import make_subplots
+
+    pre, ft = np.asarray(pretrained, dtype=float), np.asarray(finetuned, dtype=float)
+    diff = ft - pre if difference is None else np.asarray(difference, dtype=float)
+    labels = [esc(t) for t in tokens]
+    x = list(range(len(labels)))
+    rows = [esc(r) for r in row_labels]
+    top = float(np.nanmax([pre.max(initial=0.0), ft.max(initial=0.0)])) or 1.0
+    bound = float(np.nanmax(np.abs(diff), initial=0.0)) or 1.0
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.62, 0.38], vertical_spacing=0.08)
+    fig.add_trace(
+        go.Heatmap(
+            z=np.stack([pre, ft]),
+            x=x,
+            y=[0, 1],
+            customdata=[[[t, r] for t in labels] for r in rows],
+            hovertemplate="token %{customdata[0]}<br>%{customdata[1]}<br>activation %{z:.4f}<extra></extra>",
+            colorscale="Viridis",
+            zmin=0,
+            zmax=top,
+            colorbar={"title": {"text": "activation"}, "y": 0.78, "len": 0.55},
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Heatmap(
+            z=diff[None, :],
+            x=x,
+            y=[0],
+            customdata=[[[t, "fine-tuned − pre-trained"] for t in labels]],
+            hovertemplate="token %{customdata[0]}<br>%{customdata[1]}<br>difference %{z:.4f}<extra></extra>",
+            colorscale="RdBu",
+            zmid=0,
+            zmin=-bound,
+            zmax=bound,
+            colorbar={"title": {"text": "difference"}, "y": 0.18, "len": 0.4},
+        ),
+        row=2,
+        col=1,
+    )
+    fig.update_yaxes(tickmode="array", tickvals=[0, 1], ticktext=rows, autorange="reversed", showgrid=False, row=1, col=1)
+    fig.update_yaxes(tickmode="array", tickvals=[0], ticktext=["difference"], showgrid=False, row=2, col=1)
+    fig.update_xaxes(tickmode="array", tickvals=x, ticktext=labels, tickangle=-45, showgrid=False, row=2, col=1)
+    fig.update_xaxes(showgrid=False, row=1, col=1)
+    return _layout(fig, esc(title), height=330)
+
+
+# ----------------------------------------------------------------------------- features
+def feature_bars(
+    values: Mapping[str, float] | Sequence[float],
+    labels: Sequence[str] | None = None,
+    title: str = "",
+    x_title: str = "",
+    y_title: str = "",
+    horizontal: bool = False,
+) -> go.Figure:
+    """One bar per label (e.g. mean activation per class, class probabilities, logit effect).
+
+    ``values`` is either a ``{label: value}`` mapping or a list with ``labels`` beside it.
+    Negative bars are drawn in red, the rest in blue.
+    """
+    if isinstance(values, Mapping):
+        labels, nums = list(values.keys()), list(values.values())
+    else:
+        nums = list(values)
+        labels = list(labels) if labels is not None else [str(i) for i in range(len(nums))]
+    names = [esc(l) for l in labels]
+    nums = [float("nan") if v is None else float(v) for v in nums]
+    colours = ["#EF553B" if v < 0 else "#636EFA" for v in nums]
+    bar = go.Bar(
+        x=nums if horizontal else names,
+        y=names if horizontal else nums,
+        orientation="h" if horizontal else "v",
+        marker_color=colours,
+        text=[f"{v:.3g}" for v in nums],
+        textposition="auto",
+        hovertemplate=("%{y}<br>%{x:.4f}" if horizontal else "%{x}<br>%{y:.4f}") + "<extra></extra>",
+    )
+    fig = go.Figure(bar)
+    cat_axis, val_axis = (fig.update_yaxes, fig.update_xaxes) if horizontal else (fig.update_xaxes, fig.update_yaxes)
+    cat_axis(type="category", title=esc(x_title))
+    val_axis(title=esc(y_title))
+    if horizontal:
+        fig.update_yaxes(autorange="reversed")
+    return _layout(fig, esc(title), height=max(220, 80 + 30 * len(names)) if horizontal else None)
+
+
+def histogram(edges: Sequence[float], counts: Sequence[int], title: str = "", x_title: str = "activation", log_y: bool = False) -> go.Figure:
+    """Bars of precomputed bin ``counts`` between consecutive ``edges`` (len(edges) == len(counts) + 1)."""
+    e = np.asarray(edges, dtype=float)
+    c = np.asarray(counts, dtype=float)
+    if len(e) != len(c) + 1:
+        raise ValueError(f"histogram needs len(edges) == len(counts) + 1, got {len(e)} and {len(c)}")
+    centres, widths = (e[:-1] + e[1:]) / 2, np.diff(e)
+    fig = go.Figure(
+        go.Bar(
+            x=centres,
+            y=c,
+            width=widths,
+            marker_color="#636EFA",
+            customdata=np.stack([e[:-1], e[1:]], axis=1) if len(c) else None,
+            hovertemplate="[%{customdata[0]:.3g}, %{customdata[1]:.3g})<br>%{y} tokens<extra></extra>",
+        )
+    )
+    fig.update_layout(bargap=0.02)
+    fig.update_xaxes(title=esc(x_title))
+    fig.update_yaxes(title="tokens", type="log" if log_y else "linear")
+    return _layout(fig, esc(title))
+
+
+def frame_of_similarity(rows: Sequence[Mapping]) -> pd.DataFrame:
+    """The similarity rows as a table with the measures in a fixed order."""
+    df = pd.DataFrame(list(rows))
+    cols = ["layer", *[m for m in MEASURES if m in df.columns]]
+    return df[cols + [c for c in df.columns if c not in cols]] if len(df) else df
+
+
+# ----------------------------------------------------------------------------- HTML token highlighting
+_MARKDOWN_CHARS = {c: f"&#{ord(c)};" for c in "*_`$[]\\~:|#!{}"}
+HIGHLIGHT_RGB = (255, 140, 0)
+
+
+def html_text(text) -> str:
+    """Text for an HTML snippet shown through markdown: HTML-escaped, markdown/LaTeX/emoji characters as entities."""
+    out = html.escape(str(text), quote=True)
+    return "".join(_MARKDOWN_CHARS.get(c, c) for c in out)
+
+
+def token_spans_html(
+    tokens: Sequence[str],
+    activations: Sequence[float],
+    max_value: float | None = None,
+    center: int | None = None,
+    rgb: tuple[int, int, int] = HIGHLIGHT_RGB,
+) -> str:
+    """One line of tokens as ``<span>``s whose background alpha is activation / max_value.
+
+    WordPiece continuations (``##ing``) are glued to the previous token; the ``center`` token is
+    outlined; hovering a token shows its exact activation. Every token is escaped.
+    """
+    acts = [0.0 if a is None else float(a) for a in activations]
+    top = max_value if max_value and max_value > 0 else max([a for a in acts if a > 0], default=1.0)
+    parts = []
+    for i, (tok, act) in enumerate(zip(tokens, acts)):
+        tok = str(tok)
+        glued = tok.startswith("##") and len(tok) > 2
+        shown = tok[2:] if glued else tok
+        alpha = min(1.0, max(0.0, act / top))
+        style = f"background-color: rgba({rgb[0]},{rgb[1]},{rgb[2]},{alpha:.2f}); border-radius: 3px; padding: 0 2px;"
+        if i == center:
+            style += " outline: 1.5px solid #333;"
+        title = html_text(f"{tok}: {act:.4f}")
+        parts.append(("" if glued or i == 0 else " ") + f'<span style="{style}" title="{title}">{html_text(shown)}</span>')
+    return '<div style="line-height: 2; font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 0.9rem;">' + "".join(parts) + "</div>"

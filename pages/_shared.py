@@ -1,0 +1,526 @@
+"""What every dashboard page shares: the selected run, cached calls into ``core``, error display,
+chart and CSV helpers, and the background build started from the empty state.
+
+This module is the only place that defines ``st.cache_data`` / ``st.cache_resource`` wrappers
+and session-state keys. Cached calls take the run *path* plus the manifest's modification time
+(``stamp``) so a rebuilt run is read again. Optional core modules (``core.analysis``,
+``core.features_step``) are imported on use, so pages degrade to a clear message while a
+module or a run step is missing.
+
+Environment:
+    LAYERSCOPE_RUN          run folder selected when the session starts (else ``?run=`` or the first run found)
+    LAYERSCOPE_CHECKPOINTS  folder searched for runs (default: <repo>/checkpoints)
+    LAYERSCOPE_BUILD_ARGS   extra arguments for the background ``python -m core build`` (e.g. ``--preset tiny``)
+"""
+
+from __future__ import annotations
+
+import html
+import importlib
+import inspect
+import os
+import re
+import shlex
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from core.errors import LayerscopeError
+from core.runfolder import STEPS, RunFolder
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RUN_NAME = "default"
+CHART_CONFIG = {"toImageButtonOptions": {"format": "png", "scale": 2}, "displaylogo": False}
+RANKINGS = ("variance", "selectivity", "density")
+MODEL_LABELS = {"pretrained": "pre-trained", "finetuned": "fine-tuned"}
+
+# ----------------------------------------------------------------------------- session-state keys
+KEY_RUN = "ls_run"  # path of the selected run (str) or None
+KEY_RUN_SELECT = "ls_run_select"  # sidebar selectbox
+KEY_RUN_TEXT = "ls_run_text"  # sidebar "other run folder" text box
+KEY_RUN_MESSAGE = "ls_run_message"  # message about a run path that could not be opened
+KEY_QUERY_RUN = "ls_query_run"  # last ?run= value applied, so it is applied once
+KEY_CLAIM_THRESHOLD = "ls_claim_threshold"
+KEY_SIM_MEASURES = "ls_sim_measures"
+KEY_SIM_OVERLAY = "ls_sim_overlay"
+KEY_SIM_NORMALISE = "ls_sim_normalise"
+KEY_TEXT = "ls_text"
+KEY_TEXT_B = "ls_text_b"
+KEY_COMPARE = "ls_compare"
+KEY_EX_MODEL = "ls_ex_model"
+KEY_EX_LAYER = "ls_ex_layer"
+KEY_EX_RANK = "ls_ex_rank"
+KEY_EX_TOP = "ls_ex_top"
+KEY_EX_MATCHED = "ls_ex_matched"
+KEY_FB_MODEL = "ls_fb_model"
+KEY_FB_LAYER = "ls_fb_layer"
+KEY_FB_RANK = "ls_fb_rank"
+KEY_FB_TABLE = "ls_fb_table"
+
+
+def explorer_feature_key(model: str, layer: int) -> str:
+    """Widget key of the explorer's feature picker for one SAE (each SAE keeps its own choice)."""
+    return f"ls_ex_feature_{model}_{layer}"
+
+
+def browser_feature_key(model: str, layer: int, ranking: str) -> str:
+    """Widget key of the feature browser's feature picker for one SAE and ranking."""
+    return f"ls_fb_feature_{model}_{layer}_{ranking}"
+
+
+# ----------------------------------------------------------------------------- runs
+def checkpoints_dir() -> Path:
+    """Folder searched for runs."""
+    return Path(os.environ.get("LAYERSCOPE_CHECKPOINTS") or ROOT / "checkpoints").expanduser()
+
+
+def default_build_target() -> Path:
+    return checkpoints_dir() / DEFAULT_RUN_NAME
+
+
+def discover_runs(base: Path | None = None) -> list[str]:
+    """Every folder under ``base`` (two levels deep) holding a manifest.json, sorted by path."""
+    base = base or checkpoints_dir()
+    found: list[str] = []
+    if not base.is_dir():
+        return found
+    for child in sorted(base.iterdir()):
+        if not child.is_dir() or child.name.startswith("."):
+            continue
+        if (child / "manifest.json").is_file():
+            found.append(str(child))
+            continue
+        found += [str(g) for g in sorted(child.iterdir()) if g.is_dir() and not g.name.startswith(".") and (g / "manifest.json").is_file()]
+    return found
+
+
+def resolve_run_arg(text: str) -> str:
+    """A run given as a path (absolute, relative to the working folder or the repo) or a name under checkpoints/."""
+    text = text.strip()
+    p = Path(text).expanduser()
+    for candidate in (p, ROOT / p, checkpoints_dir() / p):
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    return str(p)
+
+
+def run_label(path: str) -> str:
+    """Short name of a run: its path relative to checkpoints/ when inside it."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(checkpoints_dir().resolve()))
+    except ValueError:
+        return p.name or str(p)
+
+
+def run_stamp(path: str) -> int:
+    """Modification time of the run's manifest (0 when missing): part of every cache key."""
+    try:
+        return (Path(path) / "manifest.json").stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def set_run(path: str | None) -> None:
+    """Select a run for this session and mirror it in the URL."""
+    st.session_state[KEY_RUN] = path
+    st.session_state[KEY_RUN_MESSAGE] = None
+    if path:
+        st.query_params["run"] = path
+        st.session_state[KEY_QUERY_RUN] = path
+
+
+def init_run_selection() -> None:
+    """Choose the run at session start / when ``?run=`` changes: query param, LAYERSCOPE_RUN, first run found."""
+    query = st.query_params.get("run")
+    if query and query != st.session_state.get(KEY_QUERY_RUN):
+        st.session_state[KEY_QUERY_RUN] = query
+        st.session_state[KEY_RUN] = resolve_run_arg(query)
+        return
+    if KEY_RUN not in st.session_state or st.session_state[KEY_RUN] is None:
+        if building(default_build_target()):
+            st.session_state[KEY_RUN] = None
+            return
+        env = os.environ.get("LAYERSCOPE_RUN")
+        runs = discover_runs()
+        st.session_state[KEY_RUN] = resolve_run_arg(env) if env else (runs[0] if runs else None)
+
+
+def selected_run_path() -> str | None:
+    return st.session_state.get(KEY_RUN)
+
+
+def current_run() -> RunFolder:
+    """The selected run; raises LayerscopeError when none is selected or it cannot be read."""
+    path = selected_run_path()
+    if not path:
+        raise LayerscopeError("no run selected; pick one in the sidebar or build one with `python -m core build --run checkpoints/default`")
+    run = RunFolder(path)
+    run.manifest()
+    return run
+
+
+def _select_from_box() -> None:
+    set_run(st.session_state[KEY_RUN_SELECT])
+
+
+def _select_from_text() -> None:
+    text = (st.session_state.get(KEY_RUN_TEXT) or "").strip()
+    if not text:
+        return
+    path = resolve_run_arg(text)
+    if RunFolder(path).exists():
+        set_run(path)
+        st.session_state[KEY_RUN_TEXT] = ""
+    else:
+        st.session_state[KEY_RUN_MESSAGE] = f"{text} is not a Layerscope run (no manifest.json there)"
+
+
+def run_picker() -> None:
+    """Sidebar: a select box of runs under checkpoints/ plus a text box for any other run folder."""
+    runs = discover_runs()
+    current = selected_run_path()
+    options = runs + ([current] if current and current not in runs else [])
+    with st.sidebar:
+        st.subheader("Run")
+        if options:
+            st.session_state[KEY_RUN_SELECT] = current if current in options else options[0]
+            st.selectbox("Run folder", options, key=KEY_RUN_SELECT, format_func=run_label, on_change=_select_from_box)
+        st.text_input("Other run folder", key=KEY_RUN_TEXT, placeholder="/path/to/run", on_change=_select_from_text, help="any folder built by `python -m core build`; press Enter")
+        message = st.session_state.get(KEY_RUN_MESSAGE)
+        if message:
+            st.warning(message)
+        if current:
+            st.caption(steps_line(current))
+
+
+def steps_line(path: str) -> str:
+    """Which pipeline steps the run has finished, for the sidebar."""
+    try:
+        done = RunFolder(path).manifest().get("steps", {})
+    except LayerscopeError:
+        return "not a readable run"
+    missing = [s for s in STEPS if s not in done]
+    return "Steps done: " + (", ".join(s for s in STEPS if s in done) or "none") + (f". Missing: {', '.join(missing)}" if missing else "")
+
+
+# ----------------------------------------------------------------------------- page entry
+def started_outside_app() -> bool:
+    """True when Streamlit ran a page file directly (its legacy ``pages/`` mode, on the first request
+    of a fresh server to a page URL such as ``/explorer``) instead of through app.py's navigation."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    return bool(PagesManager.uses_pages_directory)
+
+
+def page_main(body: Callable[[], None]) -> None:
+    """Entry point of every page file: run ``body`` (errors shown, never raised), or hand the
+    request to app.py when Streamlit started the page without it."""
+    if started_outside_app():
+        import runpy
+
+        runpy.run_path(str(ROOT / "app.py"), run_name="__main__")
+    else:
+        run_page(body)
+
+
+# ----------------------------------------------------------------------------- errors and page bodies
+def show_error(exc: BaseException) -> None:
+    """A LayerscopeError as its own message; anything else as a short note plus details in an expander."""
+    if isinstance(exc, LayerscopeError):
+        st.error(str(exc), icon=":material/error:")
+        return
+    st.error(f"Something went wrong while drawing this part of the page ({type(exc).__name__}). The rest of the dashboard still works.", icon=":material/bug_report:")
+    with st.expander("Details for a bug report"):
+        st.code("".join(traceback.format_exception(exc)), language="text")
+
+
+def run_page(body: Callable[[], None]) -> None:
+    """Run a page body, turning exceptions into ``show_error`` boxes instead of a traceback."""
+    try:
+        body()
+    except Exception as exc:  # noqa: BLE001 - every failure is shown to the viewer, none is swallowed
+        show_error(exc)
+
+
+def guarded(part: Callable[[], None]) -> None:
+    """Like ``run_page`` for one independent section, so one failing panel leaves the others visible."""
+    run_page(part)
+
+
+def chart(fig, key: str | None = None) -> None:
+    """Every chart goes through here: PNG export button at 2x, no Plotly logo."""
+    st.plotly_chart(fig, width="stretch", config=CHART_CONFIG, key=key)
+
+
+def download_csv(df: pd.DataFrame, file_name: str, label: str = "Download CSV", key: str | None = None) -> None:
+    """A download button for ``df`` as CSV."""
+    st.download_button(label, df.to_csv(index=False).encode("utf-8"), file_name=file_name, mime="text/csv", key=key, icon=":material/download:", on_click="ignore")
+
+
+def safe_text(text) -> str:
+    """User text for ``st.markdown``: HTML escaped and markdown control characters neutralised."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|>~$])", r"\\\1", html.escape(str(text), quote=False))
+
+
+def need_step(run: RunFolder, step: str, what: str) -> bool:
+    """True when ``step`` is done; else an info box saying how to build it."""
+    if run.is_done(step):
+        return True
+    st.info(f"{what} needs the '{step}' step, which has not run for this run yet. Build it with:", icon=":material/info:")
+    st.code(f"python -m core {step} --run {run.root}", language="bash")
+    return False
+
+
+# ----------------------------------------------------------------------------- cached core calls
+@st.cache_data(show_spinner=False, max_entries=32)
+def _report(path: str, stamp: int) -> dict:
+    from core.report import build_report
+
+    return build_report(RunFolder(path))
+
+
+def report(run: RunFolder) -> dict:
+    """``build_report(run)``, cached until the run's manifest changes."""
+    return _report(str(run.root), run_stamp(str(run.root)))
+
+
+def report_of_path(path: str) -> dict:
+    return _report(path, run_stamp(path))
+
+
+def html_report(run: RunFolder) -> Callable[[], str]:
+    """Deferred ``export_html(run)`` for ``st.download_button``: built only when clicked."""
+    path = str(run.root)
+
+    def make() -> str:
+        from core.export import export_html
+
+        return export_html(RunFolder(path))
+
+    return make
+
+
+def optional_api(module: str, *names: str) -> object | None:
+    """The module when it defines every name in ``names`` (imported on use), else None."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return None
+    return mod if all(hasattr(mod, n) for n in names) else None
+
+
+def analysis_api():
+    return optional_api("core.analysis", "load_bundle", "analyze_text", "sentence_features")
+
+
+def features_api():
+    return optional_api("core.features_step", "feature_table", "feature_card")
+
+
+@st.cache_resource(show_spinner="Loading models and SAEs ...", max_entries=2)
+def _bundle(path: str, stamp: int):
+    return analysis_api().load_bundle(RunFolder(path))
+
+
+def bundle(run: RunFolder):
+    """Tokenizer, both models and every SAE of the run (loaded once per run and server)."""
+    return _bundle(str(run.root), run_stamp(str(run.root)))
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+@st.cache_resource(show_spinner="Running both models on the sentence ...", max_entries=32)
+def _sentence_state(path: str, stamp: int, text: str):
+    """Both models' forward passes for one sentence (kept unpickled: it holds every hidden state)."""
+    return analysis_api().sentence_state(_bundle(path, stamp), text)
+
+
+def _text_or_state(path: str, stamp: int, text: str):
+    """What ``core.analysis`` slicing functions take: a cached sentence state when it has them, else the text."""
+    return _sentence_state(path, stamp, text) if hasattr(analysis_api(), "sentence_state") else text
+
+
+@st.cache_data(show_spinner="Analysing the sentence ...", max_entries=64)
+def _analysis(path: str, stamp: int, text: str, top: int, rank_by: str) -> dict:
+    api = analysis_api()
+    kwargs = {"state": _sentence_state(path, stamp, text)} if hasattr(api, "sentence_state") and _accepts(api.analyze_text, "state") else {}
+    return api.analyze_text(_bundle(path, stamp), text, top=top, rank_by=rank_by, **kwargs)
+
+
+def analysis(run: RunFolder, text: str, top: int, rank_by: str) -> dict:
+    """``analyze_text`` for one sentence, cached by text."""
+    return _analysis(str(run.root), run_stamp(str(run.root)), text, top, rank_by)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def _sentence_features(path: str, stamp: int, text: str, layer: int, feature: int, sae_model: str) -> dict:
+    return analysis_api().sentence_features(_bundle(path, stamp), _text_or_state(path, stamp, text), layer, feature, sae_model=sae_model)
+
+
+def sentence_features(run: RunFolder, text: str, layer: int, feature: int, sae_model: str) -> dict:
+    """One SAE feature per token for both models' hidden states, cached by text."""
+    return _sentence_features(str(run.root), run_stamp(str(run.root)), text, layer, feature, sae_model)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def _matched_features(path: str, stamp: int, text: str, layer: int, feature_pre: int) -> dict:
+    return analysis_api().matched_features(_bundle(path, stamp), _text_or_state(path, stamp, text), layer, feature_pre)
+
+
+def matched_features(run: RunFolder, text: str, layer: int, feature_pre: int) -> dict:
+    """A pre-trained feature on the pre-trained model next to its matched fine-tuned partner."""
+    return _matched_features(str(run.root), run_stamp(str(run.root)), text, layer, feature_pre)
+
+
+@st.cache_resource(show_spinner=False)
+def _seen_stamps() -> dict:
+    """Last manifest stamp seen per run path (to notice a run rebuilt by another process)."""
+    return {}
+
+
+def _forget_stale_core_caches(path: str, stamp: int) -> None:
+    """Clear core.features_step's in-process file cache when the run changed on disk since last seen."""
+    seen = _seen_stamps()
+    if seen.get(path, stamp) != stamp:
+        load_stats = getattr(features_api(), "load_stats", None)
+        if hasattr(load_stats, "cache_clear"):
+            load_stats.cache_clear()
+    seen[path] = stamp
+
+
+@st.cache_data(show_spinner="Reading feature statistics ...", max_entries=16)
+def _feature_table(path: str, stamp: int, model: str, layer: int, by: str) -> pd.DataFrame:
+    _forget_stale_core_caches(path, stamp)
+    fn = features_api().feature_table
+    if _accepts(fn, "by"):
+        return fn(RunFolder(path), model, layer, by=by)
+    table = fn(RunFolder(path), model, layer)
+    if by in table.columns:
+        table = table.sort_values(by, ascending=False, na_position="last", kind="stable")
+    return table.reset_index(drop=True)
+
+
+def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance") -> pd.DataFrame:
+    """One row per feature of the (model, layer) SAE, best first by ``by``."""
+    return _feature_table(str(run.root), run_stamp(str(run.root)), model, layer, by)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def _feature_card(path: str, stamp: int, model: str, layer: int, feature: int, top: int) -> dict:
+    _forget_stale_core_caches(path, stamp)
+    return features_api().feature_card(RunFolder(path), model, layer, feature, top=top)
+
+
+def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int = 10) -> dict:
+    return _feature_card(str(run.root), run_stamp(str(run.root)), model, layer, feature, top)
+
+
+def sae_layers(run: RunFolder, model: str) -> list[int]:
+    """Layers with a trained SAE for ``model``."""
+    return [layer for m, layer, _ in run.sae_dirs() if m == model]
+
+
+def clear_caches() -> None:
+    """Forget every cached report, analysis and loaded model."""
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+# ----------------------------------------------------------------------------- background build
+STEP_LINE = re.compile(r"^\[(\w+)\]\s+(running|finished|already done)")
+PERCENT = re.compile(r"(\d{1,3})%\|")
+
+
+def parse_build_log(text: str) -> dict:
+    """Progress of ``python -m core build`` from its output: steps done, step running, tqdm percent.
+
+    ``fraction`` counts finished steps plus the running step's last tqdm percentage.
+    """
+    done: list[str] = []
+    current, percent, error = None, None, None
+    for line in re.split(r"[\r\n]+", text):
+        line = line.strip()
+        m = STEP_LINE.match(line)
+        if m:
+            step, what = m.groups()
+            if what == "running":
+                current, percent = step, None
+            else:
+                if step not in done:
+                    done.append(step)
+                if current == step:
+                    current, percent = None, None
+            continue
+        if line.startswith("error:"):
+            error = line[len("error:") :].strip()
+        p = PERCENT.findall(line)
+        if p and current:
+            percent = min(100, int(p[-1]))
+    partial = (percent or 0) / 100 if current else 0.0
+    fraction = min(1.0, (len(done) + partial) / len(STEPS))
+    return {"done": done, "current": current, "percent": percent, "fraction": fraction, "error": error}
+
+
+def build_command(target: Path) -> list[str]:
+    extra = shlex.split(os.environ.get("LAYERSCOPE_BUILD_ARGS", ""))
+    return [sys.executable, "-m", "core", "build", "--run", str(target), *extra]
+
+
+def build_log_path(target: Path) -> Path:
+    """The build's log sits next to the run folder (in its parent), not inside it."""
+    return target.parent / f"build-{target.name}.log"
+
+
+@st.cache_resource(show_spinner=False)
+def _builds() -> dict:
+    """Background builds of this server, by run path: {"process", "log"}."""
+    return {}
+
+
+def start_build(target: Path) -> None:
+    """Start ``python -m core build --run target`` in the background (one at a time per target)."""
+    builds = _builds()
+    running = builds.get(str(target))
+    if running and running["process"].poll() is None:
+        return
+    log = build_log_path(target)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w", encoding="utf-8") as out:
+        process = subprocess.Popen(build_command(target), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    builds[str(target)] = {"process": process, "log": log}
+
+
+def build_state(target: Path) -> dict | None:
+    """None when no build of ``target`` was started by this server, else its parsed progress plus
+    ``running`` (bool), ``returncode`` and ``log_tail``."""
+    entry = _builds().get(str(target))
+    if entry is None:
+        return None
+    try:
+        text = entry["log"].read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    state = parse_build_log(text)
+    code = entry["process"].poll()
+    tail = "\n".join(l for l in re.split(r"[\r\n]+", text)[-15:])
+    return {**state, "running": code is None, "returncode": code, "log_tail": tail, "log": str(entry["log"])}
+
+
+def building(target: Path) -> bool:
+    """True while this server runs a build of ``target``."""
+    entry = _builds().get(str(target))
+    return entry is not None and entry["process"].poll() is None
+
+
+def forget_build(target: Path) -> None:
+    _builds().pop(str(target), None)
+

@@ -1,0 +1,219 @@
+"""Sentence explorer: type a sentence (Enter) and see, per token, how similar the two models'
+hidden states are at every layer, what one SAE feature does in each model, the top features of a
+layer, and the fine-tuned model's prediction. A toggle puts a second sentence beside the first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import streamlit as st
+
+from core import plots
+from pages import _shared as shared
+
+DEFAULT_TEXT = "the acting was brilliant but the plot was dull"
+DEFAULT_TEXT_B = "the acting was terrible but the plot was dull"
+
+
+@dataclass
+class SaeChoice:
+    """What the SAE panels show: the dictionary (model), layer, ranking and number of features."""
+
+    model: str
+    layer: int | None
+    rank_by: str
+    top: int
+
+
+def sentence_inputs() -> list[str]:
+    """One sentence, or two when comparing; Enter (or leaving the box) commits the text."""
+    compare = bool(st.session_state.get(shared.KEY_COMPARE))
+    cols = st.columns([4, 4, 1.1] if compare else [8, 1.1], vertical_alignment="bottom")
+    texts = [cols[0].text_input("Sentence (press Enter)", DEFAULT_TEXT, key=shared.KEY_TEXT, persist_state="session")]
+    if compare:
+        texts.append(cols[1].text_input("Second sentence (press Enter)", DEFAULT_TEXT_B, key=shared.KEY_TEXT_B, persist_state="session"))
+    cols[-1].toggle("Compare", key=shared.KEY_COMPARE)
+    return texts
+
+
+def sae_controls(bundle) -> tuple[SaeChoice, list]:
+    """Layer, SAE dictionary, feature ranking and top-N pickers; also returns two empty slots
+    in the same row for the feature picker and the matched-feature toggle."""
+    layers = list(getattr(bundle, "sae_layers", []) or [])
+    if not layers:
+        st.info("This run has no SAEs yet, so only the per-token similarity and the prediction are shown. Train them with `python -m core saes --run RUN`.")
+        return SaeChoice("pretrained", None, "variance", 5), []
+    c1, c2, c3, c4, c5, c6 = st.columns([1, 1.9, 1.3, 1.3, 1.2, 1.3], vertical_alignment="bottom")
+    layer = c1.selectbox("Layer", layers, index=len(layers) - 1, key=shared.KEY_EX_LAYER, help="hidden state index (0 = embeddings)")
+    model = c2.segmented_control("SAE dictionary", list(shared.MODEL_LABELS), default="pretrained", format_func=shared.MODEL_LABELS.get, key=shared.KEY_EX_MODEL, required=True) or "pretrained"
+    rank_by = c3.selectbox("Rank features by", shared.RANKINGS, key=shared.KEY_EX_RANK)
+    top = c4.slider("Top features", 3, 20, 8, key=shared.KEY_EX_TOP)
+    return SaeChoice(model, layer, rank_by, top), [c5, c6]
+
+
+def top_entry(result: dict, choice: SaeChoice) -> dict | None:
+    """The ``saes`` entry of ``analyze_text`` for the chosen dictionary and layer."""
+    for entry in result.get("saes", []):
+        if entry["model"] == choice.model and int(entry["layer"]) == choice.layer:
+            return entry
+    return None
+
+
+def feature_picker(choice: SaeChoice, result: dict) -> int | None:
+    """Feature number input, defaulting to the top-ranked feature of the chosen SAE."""
+    if choice.layer is None:
+        return None
+    entry = top_entry(result, choice)
+    ranked = [int(f["feature"]) for f in entry["features"]] if entry else []
+    default = ranked[0] if ranked else 0
+    key = shared.explorer_feature_key(choice.model, choice.layer)
+    feature = st.number_input(
+        "Feature",
+        min_value=0,
+        value=default,
+        step=1,
+        key=key,
+        help=f"feature of the {shared.MODEL_LABELS[choice.model]} SAE at layer {choice.layer}; starts at the top feature by {choice.rank_by} (top: {', '.join(map(str, ranked[:10]))})",
+    )
+    return int(feature)
+
+
+def layer_labels(num_rows: int) -> list[str]:
+    return ["emb" if i == 0 else f"layer {i}" for i in range(num_rows)]
+
+
+def prediction(result: dict, key: str) -> None:
+    """The fine-tuned classifier's predicted class and its probabilities."""
+    pred = result["prediction"]
+    fig = plots.feature_bars(pred["probabilities"], title=f"Prediction: {pred['label']}", y_title="probability", horizontal=True)
+    fig.update_xaxes(range=[0, 1])
+    shared.chart(fig, key=f"{key}_probs")
+
+
+def cosine_panel(result: dict, key: str, low: float) -> None:
+    fig = plots.token_heatmap(
+        result["cosine"],
+        result["tokens"],
+        layer_labels(len(result["cosine"])),
+        title="Cosine, pre-trained vs fine-tuned hidden state, per token",
+        value_name="cosine",
+        zrange=(low, 1.0),
+    )
+    shared.chart(fig, key=f"{key}_cosine")
+
+
+def feature_panel(run, text: str, choice: SaeChoice, feature: int, key: str) -> None:
+    """The chosen feature per token on both models' hidden states, and their difference."""
+    acts = shared.sentence_features(run, text, choice.layer, feature, choice.model)
+    fig = plots.feature_comparison(
+        acts["tokens"],
+        acts["pretrained"],
+        acts["finetuned"],
+        acts["difference"],
+        title=f"Feature {feature} ({shared.MODEL_LABELS[choice.model]} SAE, layer {choice.layer}) on each model",
+    )
+    shared.chart(fig, key=f"{key}_feature")
+
+
+def top_features_panel(result: dict, choice: SaeChoice, key: str) -> None:
+    """Tokens x top-N features of the chosen SAE."""
+    entry = top_entry(result, choice)
+    if not entry or not entry["features"]:
+        st.info(f"No features for the {shared.MODEL_LABELS[choice.model]} SAE at layer {choice.layer}.")
+        return
+    fig = plots.token_heatmap(
+        [f["activations"] for f in entry["features"]],
+        result["tokens"],
+        [f"feature {f['feature']}" for f in entry["features"]],
+        title=f"Top {len(entry['features'])} features by {choice.rank_by}, layer {choice.layer}",
+        value_name="activation",
+    )
+    shared.chart(fig, key=f"{key}_top")
+
+
+def matched_panel(run, text: str, choice: SaeChoice, feature: int, key: str) -> None:
+    """A pre-trained feature on the pre-trained model next to its matched fine-tuned feature on the fine-tuned model."""
+    m = shared.matched_features(run, text, choice.layer, feature)
+    partner = m["feature_finetuned"]
+    sim = m.get("similarity")
+    caption = f"matched fine-tuned feature {partner}" if partner >= 0 else "no fine-tuned partner"
+    caption += f", decoder cosine {sim:.2f}" if sim is not None else ""
+    fig = plots.feature_comparison(
+        m["tokens"],
+        m["pretrained"],
+        m["finetuned"],
+        m["difference"],
+        title=f"Feature {feature} and its match: {caption} ({m.get('status', '')})",
+        row_labels=(f"pre-trained f{feature}", f"fine-tuned f{partner}" if partner >= 0 else "fine-tuned (none)"),
+    )
+    shared.chart(fig, key=f"{key}_matched")
+
+
+def sentence_column(run, text: str, result: dict, choice: SaeChoice, feature: int | None, key: str, low: float, matched: bool, wide: bool) -> None:
+    """Every panel for one sentence; a failing panel shows its error and leaves the others.
+
+    ``wide`` (one sentence) puts panels side by side; otherwise they are stacked in a column.
+    """
+    first = st.columns([3, 1]) if wide else [st.container(), st.container()]
+    with first[0]:
+        shared.guarded(lambda: cosine_panel(result, key, low))
+    with first[1]:
+        shared.guarded(lambda: prediction(result, key))
+    if feature is None:
+        return
+    second = st.columns(2) if wide else [st.container(), st.container()]
+    with second[0]:
+        shared.guarded(lambda: feature_panel(run, text, choice, feature, key))
+        if matched:
+            shared.guarded(lambda: matched_panel(run, text, choice, feature, key))
+    with second[1]:
+        shared.guarded(lambda: top_features_panel(result, choice, key))
+
+
+def show_matched(run, choice: SaeChoice) -> bool:
+    """Toggle for the matched-feature panel (pre-trained dictionary with a feature matching only)."""
+    if choice.layer is None or choice.model != "pretrained" or not run.is_done("features") or not hasattr(shared.analysis_api(), "matched_features"):
+        return False
+    return st.toggle("Show match", key=shared.KEY_EX_MATCHED)
+
+
+def lowest_cosine(results: list[dict]) -> float:
+    """Shared lower end of the cosine colour scale, so compared sentences read alike."""
+    values = [v for r in results for row in r["cosine"] for v in row if v is not None]
+    return min(0.0, min(values, default=0.0))
+
+
+def body() -> None:
+    run = shared.current_run()
+    st.title("Sentence explorer")
+    if shared.analysis_api() is None:
+        st.info(
+            "The sentence explorer needs `core.analysis` (load_bundle, analyze_text, sentence_features), "
+            "which this version of Layerscope does not provide yet."
+        )
+        return
+    if not shared.need_step(run, "finetune", "The sentence explorer"):
+        return
+    texts = [t for t in sentence_inputs()]
+    if not all(t.strip() for t in texts):
+        st.info("Type a sentence and press Enter.")
+        return
+    bundle = shared.bundle(run)
+    choice, slots = sae_controls(bundle)
+    results = [shared.analysis(run, t, choice.top, choice.rank_by) for t in texts]
+    feature, matched = None, False
+    if slots:
+        with slots[0]:
+            feature = feature_picker(choice, results[0])
+        with slots[1]:
+            matched = show_matched(run, choice)
+    low = lowest_cosine(results)
+    cols = st.columns(len(texts))
+    for i, (col, text, result) in enumerate(zip(cols, texts, results)):
+        with col:
+            if len(texts) > 1:
+                st.text(text)
+            sentence_column(run, text, result, choice, feature, "ab"[i], low, matched, wide=len(texts) == 1)
+
+
+shared.page_main(body)

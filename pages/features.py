@@ -1,0 +1,151 @@
+"""Feature browser: the ranked features of one SAE, and a card per feature with its top activating
+examples in context, activation histogram, mean activation per class and its matched feature in
+the other model."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import streamlit as st
+
+from core import plots
+from pages import _shared as shared
+
+OTHER = {"pretrained": "finetuned", "finetuned": "pretrained"}
+STATUS_HELP = {
+    "kept": "a partner with a very similar decoder direction exists in the other model",
+    "shifted": "the nearest partner is only moderately similar",
+    "new": "no similar feature in the pre-trained SAE: fine-tuning created it",
+    "lost": "no similar feature in the fine-tuned SAE: fine-tuning removed it",
+    "dead": "this feature never fires",
+}
+
+
+def pickers(run) -> tuple[str, int | None, str]:
+    """Model, layer (of that model's SAEs) and ranking."""
+    models = [m for m in shared.MODEL_LABELS if shared.sae_layers(run, m)]
+    if not models:
+        return "pretrained", None, "variance"
+    c1, c2, c3 = st.columns(3, vertical_alignment="bottom")
+    model = c1.segmented_control("Model", models, default=models[0], format_func=shared.MODEL_LABELS.get, key=shared.KEY_FB_MODEL, required=True) or models[0]
+    layers = shared.sae_layers(run, model)
+    if st.session_state.get(shared.KEY_FB_LAYER) not in layers:
+        st.session_state[shared.KEY_FB_LAYER] = layers[-1]
+    layer = c2.selectbox("Layer (hidden state)", layers, key=shared.KEY_FB_LAYER)
+    ranking = c3.selectbox("Rank by", shared.RANKINGS, key=shared.KEY_FB_RANK)
+    return model, layer, ranking
+
+
+def _pick_row(table: pd.DataFrame, key: str) -> None:
+    rows = st.session_state[shared.KEY_FB_TABLE].selection.rows
+    if rows:
+        st.session_state[key] = int(table.iloc[rows[0]]["feature"])
+
+
+def feature_list(run, model: str, layer: int, table: pd.DataFrame, ranking: str) -> int:
+    """The feature number input, the ranked table (click a row to open it) and its CSV."""
+    key = shared.browser_feature_key(model, layer, ranking)
+    if key not in st.session_state:
+        st.session_state[key] = int(table.iloc[0]["feature"]) if len(table) else 0
+    feature = st.number_input("Feature", min_value=0, max_value=max(0, len(table) - 1), step=1, key=key, help=f"starts at the top feature by {ranking}; or click a row of the table")
+    st.dataframe(
+        table,
+        hide_index=True,
+        width="stretch",
+        height=420,
+        key=shared.KEY_FB_TABLE,
+        on_select=lambda: _pick_row(table, key),
+        selection_mode="single-row",
+        column_config={c: st.column_config.NumberColumn(format="%.4f") for c in table.columns if table[c].dtype.kind == "f"},
+    )
+    shared.download_csv(table, f"{run.name}-features-{model}-layer{layer}-by-{ranking}.csv", key="dl_features")
+    return int(feature)
+
+
+def _open_partner(model: str, layer: int, partner: int) -> None:
+    other = OTHER[model]
+    st.session_state[shared.KEY_FB_MODEL] = other
+    st.session_state[shared.KEY_FB_LAYER] = layer
+    st.session_state[shared.browser_feature_key(other, layer, st.session_state.get(shared.KEY_FB_RANK, shared.RANKINGS[0]))] = partner
+
+
+def match_box(run, model: str, layer: int, match: dict | None) -> None:
+    """The matched feature in the other model, its similarity and status."""
+    if not match:
+        st.caption("No matching information for this feature.")
+        return
+    status = str(match.get("status", ""))
+    partner = match.get("partner")
+    sim = match.get("similarity")
+    other = shared.MODEL_LABELS[OTHER[model]]
+    c1, c2, c3 = st.columns(3)
+    c1.metric(f"Partner in {other}", "none" if partner is None or int(partner) < 0 else int(partner))
+    c2.metric("Similarity", "—" if sim is None or (isinstance(sim, float) and math.isnan(sim)) else f"{float(sim):.3f}")
+    c3.metric("Status", status or "—", help=STATUS_HELP.get(status))
+    if partner is not None and int(partner) >= 0 and layer in shared.sae_layers(run, OTHER[model]):
+        st.button(f"Open feature {int(partner)} in the {other} SAE", on_click=_open_partner, args=(model, layer, int(partner)), icon=":material/swap_horiz:")
+
+
+def top_examples(card: dict) -> None:
+    """Top activating examples with every token shaded by its activation (escaped HTML)."""
+    examples = card.get("top_examples") or []
+    if not examples:
+        st.caption("This feature never fired on the examples it was measured on.")
+        return
+    top = max((max(ex["activations"], default=0.0) for ex in examples), default=1.0) or 1.0
+    lines = []
+    for ex in examples:
+        label = plots.html_text(f"#{ex['example_id']} · {ex['label']} · max {max(ex['activations'], default=0.0):.3f}")
+        spans = plots.token_spans_html(ex["tokens"], ex["activations"], max_value=top, center=ex.get("center"))
+        lines.append(f'<div style="margin-bottom: 0.6rem;"><div style="color: #888; font-size: 0.75rem;">{label}</div>{spans}</div>')
+    st.markdown("<div>" + "".join(lines) + "</div>", unsafe_allow_html=True)
+
+
+def card_view(run, model: str, layer: int, feature: int, row: pd.Series | None) -> None:
+    card = shared.feature_card(run, model, layer, feature)
+    st.subheader(f"Feature {feature} · {shared.MODEL_LABELS[model]} SAE · layer {layer}")
+    if row is not None:
+        stats = [c for c in ("variance", "density", "selectivity") if c in row.index]
+        cols = st.columns(len(stats) + 1)
+        for col, name in zip(cols, stats):
+            col.metric(name, f"{float(row[name]):.4g}")
+        if "best_class" in row.index:
+            cols[-1].metric("best class", str(row["best_class"]))
+    match_box(run, model, layer, card.get("match"))
+    st.markdown("**Top activating examples** (darker = stronger; the outlined token is the peak)")
+    top_examples(card)
+    left, right = st.columns(2)
+    with left:
+        hist = card.get("histogram") or {}
+        if hist.get("counts"):
+            shared.chart(plots.histogram(hist["edges"], hist["counts"], title="Activation histogram", log_y=True), key="fb_hist")
+    with right:
+        if card.get("mean_per_class"):
+            shared.chart(plots.feature_bars(card["mean_per_class"], title="Mean activation per class", x_title="class", y_title="mean activation"), key="fb_classes")
+    if card.get("logit_effect"):
+        shared.chart(plots.feature_bars(card["logit_effect"], title="Effect on the class logits", x_title="class", y_title="logit change"), key="fb_logits")
+
+
+def body() -> None:
+    run = shared.current_run()
+    st.title("Feature browser")
+    if shared.features_api() is None:
+        st.info("The feature browser needs `core.features_step` (feature_table, feature_card), which this version of Layerscope does not provide yet.")
+        return
+    if not shared.need_step(run, "features", "The feature browser"):
+        return
+    model, layer, ranking = pickers(run)
+    if layer is None:
+        st.info("This run has no trained SAEs.")
+        return
+    table = shared.feature_table(run, model, layer, ranking)
+    left, right = st.columns([2, 3])
+    with left:
+        feature = feature_list(run, model, layer, table, ranking)
+    with right:
+        match = table.index[table["feature"] == feature] if "feature" in table else []
+        shared.guarded(lambda: card_view(run, model, layer, feature, table.loc[match[0]] if len(match) else None))
+
+
+shared.page_main(body)

@@ -1,0 +1,161 @@
+"""Overview: the run at a glance, fine-tuning results, SAE quality, and the paper's three claims
+checked against this run's numbers."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from core import plots
+from core.export import (
+    CLAIM_MEASURES,
+    HIGH_SIMILARITY,
+    NOT_SUPPORTED,
+    SUPPORTED,
+    classification_frame,
+    layer_groups,
+    matching_frame,
+    paper_claims,
+    sae_frame,
+    summary_rows,
+)
+from pages import _shared as shared
+
+CLAIM_COLOURS = {"early": "#00CC96", "middle": "#FFA15A", "late": "#EF553B"}
+
+
+def header(run, rep: dict) -> None:
+    """Title, base model and dataset, and the HTML export."""
+    left, right = st.columns([5, 1], vertical_alignment="bottom")
+    with left:
+        st.title("Overview")
+        st.caption(shared.safe_text(f"run {shared.run_label(str(run.root))} · base model {rep['base_model']} · dataset {rep['dataset']}"))
+    with right:
+        st.download_button(
+            "HTML report",
+            data=shared.html_report(run),
+            file_name=f"layerscope-{run.name}.html",
+            mime="text/html",
+            icon=":material/download:",
+            help="one self-contained file with the tables and figures of this run (works offline)",
+            on_click="ignore",
+        )
+
+
+def headline_metrics(rep: dict) -> None:
+    """Accuracy before/after fine-tuning, then the sizes of the run, as metric tiles."""
+    ft = rep.get("finetune")
+    if ft:
+        cols = st.columns(4)
+        cols[0].metric("Accuracy, pre-trained", f"{ft['accuracy_pretrained']:.3f}")
+        cols[1].metric("Accuracy, fine-tuned", f"{ft['accuracy_finetuned']:.3f}", delta=f"{ft['accuracy_finetuned'] - ft['accuracy_pretrained']:+.3f}")
+        cols[2].metric("Macro F1, pre-trained", f"{ft['macro_f1_pretrained']:.3f}")
+        cols[3].metric("Macro F1, fine-tuned", f"{ft['macro_f1_finetuned']:.3f}", delta=f"{ft['macro_f1_finetuned'] - ft['macro_f1_pretrained']:+.3f}")
+    rows = rep.get("rows", {})
+    tokens = rep.get("activations", {})
+    cols = st.columns(6)
+    cols[0].metric("Classes", len(rep.get("labels", [])) or "—")
+    cols[1].metric("Layers", rep.get("num_layers", "—"))
+    for col, split in zip(cols[2:5], ("train", "val", "test")):
+        col.metric(f"{split.capitalize()} rows", f"{rows[split]:,}" if split in rows else "—")
+    cols[5].metric("Test tokens", f"{tokens['test']['tokens']:,}" if "test" in tokens else "—", help="tokens of the held-out sample the layer similarity is measured on")
+
+
+def run_details(rep: dict) -> None:
+    """Paths, sizes and step timings as plain tables, folded away."""
+    with st.expander("Run details"):
+        st.dataframe(pd.DataFrame(summary_rows(rep), columns=["", "value"]), hide_index=True, width="stretch")
+        steps = pd.DataFrame([{"step": k, **v} for k, v in rep.get("steps", {}).items()])
+        if len(steps):
+            st.dataframe(steps, hide_index=True, width="stretch")
+
+
+def finetuning(run, rep: dict) -> None:
+    """Per-class classification report (paper Table 2) and grouped bars (paper Fig 6)."""
+    st.header("Fine-tuning", divider="gray")
+    if not shared.need_step(run, "finetune", "The classification report"):
+        return
+    per_class = rep["finetune"]["per_class"]
+    table = classification_frame(per_class)
+    st.caption(f"Test split, {rep['finetune']['test_examples']:,} examples; trained on {rep['finetune']['train_examples']:,}.")
+    st.dataframe(table, hide_index=True, width="stretch", column_config={k: st.column_config.NumberColumn(format="%.3f") for k in ("precision", "recall", "f1")})
+    shared.download_csv(table, f"{run.name}-classification.csv", key="dl_classification")
+    cols = st.columns(2)
+    for col, model in zip(cols, ("pretrained", "finetuned")):
+        with col:
+            shared.chart(plots.classification_bars(per_class[model], title=f"{shared.MODEL_LABELS[model]}: precision, recall, F1 per class"), key=f"bars_{model}")
+
+
+def claims(run, rep: dict) -> None:
+    """The paper's three claims, each next to this run's figure, with a verdict from the numbers."""
+    st.header("The paper's claims, checked on this run", divider="gray")
+    if not shared.need_step(run, "similarity", "Checking the claims"):
+        return
+    threshold = st.slider(
+        "What counts as 'high' similarity (claim 1)",
+        0.5,
+        1.0,
+        HIGH_SIMILARITY,
+        0.01,
+        key=shared.KEY_CLAIM_THRESHOLD,
+        help="claim 1 is supported when every early layer keeps CKA and mean cosine at or above this value",
+    )
+    rows = rep["similarity"]
+    groups = layer_groups(rep["num_layers"])
+    for i, claim in enumerate(paper_claims(rows, threshold), start=1):
+        text_col, fig_col = st.columns([2, 3])
+        with text_col:
+            st.markdown(f"**{i}. {claim['claim']}**")
+            verdict(claim)
+            st.write(claim["explanation"])
+            if claim["numbers"]:
+                st.dataframe(numbers_frame(claim["numbers"]), hide_index=True, width="stretch")
+        with fig_col:
+            fig = plots.similarity_curves({run.name: rows}, CLAIM_MEASURES)
+            plots.highlight_layers(fig, groups.get(claim["key"], claim["layers"]), claim["key"], CLAIM_COLOURS[claim["key"]])
+            if claim["key"] == "early":
+                fig.add_hline(y=threshold, line_dash="dot", line_color="#888", annotation_text=f"high = {threshold:g}", annotation_position="bottom right")
+            shared.chart(fig, key=f"claim_{claim['key']}")
+
+
+def verdict(claim: dict) -> None:
+    if claim["verdict"] == SUPPORTED:
+        st.success("Supported by this run", icon=":material/check_circle:")
+    elif claim["verdict"] == NOT_SUPPORTED:
+        st.warning("Not supported by this run", icon=":material/cancel:")
+    else:
+        st.info(claim["verdict"].capitalize(), icon=":material/help:")
+
+
+def numbers_frame(numbers: dict) -> pd.DataFrame:
+    return pd.DataFrame({"quantity": [k.replace("_", " ") for k in numbers], "value": [f"{v:.4f}" if isinstance(v, float) else str(v) for v in numbers.values()]})
+
+
+def saes(run, rep: dict) -> None:
+    """SAE quality per (model, layer) and feature matching, when those steps ran."""
+    st.header("Sparse autoencoders", divider="gray")
+    if not rep.get("saes"):
+        shared.need_step(run, "saes", "The SAE quality table")
+        return
+    table = sae_frame(rep["saes"])
+    st.caption("Held-out tokens. L0: active latents per token; FVU: fraction of variance unexplained; dead: latents that never fired; acc spliced: classifier accuracy with the SAE reconstruction spliced in.")
+    st.dataframe(table, hide_index=True, width="stretch")
+    shared.download_csv(table, f"{run.name}-saes.csv", key="dl_saes")
+    if rep.get("matching"):
+        st.subheader("Feature matching, pre-trained to fine-tuned")
+        match = matching_frame(rep["matching"])
+        st.dataframe(match, hide_index=True, width="stretch")
+        shared.download_csv(match, f"{run.name}-matching.csv", key="dl_matching")
+
+
+def body() -> None:
+    run = shared.current_run()
+    rep = shared.report(run)
+    header(run, rep)
+    headline_metrics(rep)
+    run_details(rep)
+    for section in (finetuning, claims, saes):
+        shared.guarded(lambda section=section: section(run, rep))
+
+
+shared.page_main(body)

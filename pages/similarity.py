@@ -1,0 +1,83 @@
+"""Layer similarity: every measure per layer, other runs overlaid (optionally on a depth-normalised
+axis, as in the paper's Figs 1-2), the layer x layer CKA heatmap, and the table as CSV."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from core import plots
+from core.errors import LayerscopeError
+from pages import _shared as shared
+
+
+def controls(run) -> tuple[list[str], list[str], bool]:
+    """Measures, runs to overlay, depth normalisation."""
+    others = [p for p in shared.discover_runs() if p != str(run.root)]
+    c1, c2, c3 = st.columns([3, 3, 2], vertical_alignment="bottom")
+    with c1:
+        measures = st.pills("Measures", list(plots.MEASURES), selection_mode="multi", default=list(plots.MEASURES), format_func=plots.MEASURE_LABELS.get, key=shared.KEY_SIM_MEASURES) or []
+    overlay = c2.multiselect(
+        "Overlay other runs",
+        others,
+        format_func=shared.run_label,
+        key=shared.KEY_SIM_OVERLAY,
+        placeholder="other datasets or model sizes" if others else "no other runs found under checkpoints/",
+    )
+    normalise = c3.toggle("Depth-normalised x axis", key=shared.KEY_SIM_NORMALISE, help="x = layer / number of layers, so models of different depth line up")
+    return measures, overlay, normalise
+
+
+def gather(run, rep: dict, overlay: list[str]) -> tuple[dict, list[dict]]:
+    """Similarity rows per run name, and a description of each run shown."""
+    runs = {shared.run_label(str(run.root)): rep["similarity"]}
+    described = [describe(shared.run_label(str(run.root)), rep)]
+    for path in overlay:
+        name = shared.run_label(path)
+        try:
+            other = shared.report_of_path(path)
+        except LayerscopeError as exc:
+            st.warning(f"{name}: {exc}")
+            continue
+        if not other.get("similarity"):
+            st.warning(f"{name} has no similarity results yet; run `python -m core similarity --run {path}`")
+            continue
+        runs[name] = other["similarity"]
+        described.append(describe(name, other))
+    return runs, described
+
+
+def describe(name: str, rep: dict) -> dict:
+    return {"run": name, "dataset": rep["dataset"], "base model": rep["base_model"], "layers": rep.get("num_layers"), "test tokens": rep.get("similarity_tokens")}
+
+
+def body() -> None:
+    run = shared.current_run()
+    rep = shared.report(run)
+    st.title("Layer similarity")
+    st.caption("Pre-trained vs fine-tuned hidden states on held-out test texts; hidden state 0 is the embedding output, L the last block.")
+    if not shared.need_step(run, "similarity", "This page"):
+        return
+    measures, overlay, normalise = controls(run)
+    runs, described = gather(run, rep, overlay)
+    if not measures:
+        st.info("Pick at least one measure.")
+    else:
+        shared.chart(plots.similarity_curves(runs, measures, normalise), key="sim_curves")
+    if len(described) > 1:
+        st.dataframe(pd.DataFrame(described), hide_index=True, width="stretch")
+    left, right = st.columns([1, 1])
+    with left:
+        st.subheader("CKA between every pair of layers")
+        shared.chart(plots.cka_heatmap(rep["cka_matrix"], title=""), key="sim_cka")
+        st.caption("Row i, column j: linear CKA of pre-trained hidden state i with fine-tuned hidden state j.")
+    with right:
+        st.subheader("Table")
+        table = plots.frame_of_similarity(rep["similarity"])
+        st.dataframe(table, hide_index=True, width="stretch", column_config={m: st.column_config.NumberColumn(plots.MEASURE_LABELS[m], format="%.4f") for m in plots.MEASURES if m in table})
+        shared.download_csv(table, f"{run.name}-similarity.csv", key="dl_similarity")
+        cka = pd.DataFrame(rep["cka_matrix"]).rename(index=lambda i: f"pretrained_{i}", columns=lambda j: f"finetuned_{j}").reset_index(names="layer")
+        shared.download_csv(cka, f"{run.name}-cka-matrix.csv", label="Download CKA matrix", key="dl_cka")
+
+
+shared.page_main(body)

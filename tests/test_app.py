@@ -1,0 +1,485 @@
+"""The dashboard through ``streamlit.testing.v1.AppTest`` against copies of the tiny run.
+
+The app is pointed at a run with ``LAYERSCOPE_RUN`` (or ``?run=``) and searches
+``LAYERSCOPE_CHECKPOINTS`` for the run picker. Three copies of the session's tiny run are used:
+``checkpoints/tiny`` and ``checkpoints/other`` (its similarity numbers halved, so overlays differ),
+and ``evil`` (HTML in its dataset name and text cleaning switched off, so ``<`` and ``>`` reach
+the tokens). Tests of SAE content skip while the tiny run has no SAEs / feature statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from core.runfolder import RunFolder, read_json, write_json
+from pages import _shared as shared
+from tests.conftest import ROOT, tiny_overrides
+
+EVIL_TEXT = "<script>alert(1)</script> <b>x</b>"
+EXPLORER, FEATURES, SIMILARITY = "pages/explorer.py", "pages/features.py", "pages/similarity.py"
+
+
+# ----------------------------------------------------------------------------- fixtures
+def _copy_run(src: Path, dst: Path, edit=None) -> Path:
+    shutil.copytree(src, dst)
+    if edit:
+        m = read_json(dst / "manifest.json")
+        edit(m, dst)
+        write_json(dst / "manifest.json", m)
+    return dst
+
+
+def _halve_similarity(m: dict, root: Path) -> None:
+    m["config"]["data"]["dataset"] = "other.csv"
+    path = root / "similarity" / "similarity.json"
+    sim = read_json(path)
+    for row in sim["layers"]:
+        for k in ("cosine_of_means", "mean_cosine", "token_cosine", "cka"):
+            row[k] *= 0.5
+    write_json(path, sim)
+
+
+def _make_evil(m: dict, root: Path) -> None:
+    m["config"]["data"].update(dataset="<script>alert(1)</script>.csv", remove_html=False, remove_punctuation=False, remove_special=False)
+
+
+@pytest.fixture(scope="session")
+def runs(tiny_run, tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("dashboard")
+    ckpt = base / "checkpoints"
+    return {
+        "checkpoints": ckpt,
+        "tiny": _copy_run(tiny_run.root, ckpt / "tiny"),
+        "other": _copy_run(tiny_run.root, ckpt / "other", _halve_similarity),
+        "evil": _copy_run(tiny_run.root, base / "elsewhere" / "evil", _make_evil),
+    }
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches():
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield
+    _stop_builds()
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def _stop_builds() -> None:
+    for entry in list(shared._builds().values()):
+        if entry["process"].poll() is None:
+            entry["process"].kill()
+            entry["process"].wait(30)
+
+
+@pytest.fixture
+def app(monkeypatch, runs):
+    """``app(run=PATH | None, checkpoints=DIR)`` -> an AppTest of app.py with that environment."""
+
+    def make(run: Path | None = runs["tiny"], checkpoints: Path = runs["checkpoints"], query: str | None = None) -> AppTest:
+        monkeypatch.setenv("LAYERSCOPE_CHECKPOINTS", str(checkpoints))
+        if run is None:
+            monkeypatch.delenv("LAYERSCOPE_RUN", raising=False)
+        else:
+            monkeypatch.setenv("LAYERSCOPE_RUN", str(run))
+        at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+        if query:
+            at.query_params["run"] = query
+        return at
+
+    return make
+
+
+@pytest.fixture
+def sae_run(tiny_run):
+    if not tiny_run.is_done("saes"):
+        pytest.skip("the tiny run has no SAEs yet (conftest builds it without the 'saes' step)")
+    if shared.analysis_api() is None:
+        pytest.skip("core.analysis (load_bundle, analyze_text, sentence_features) is not available")
+    return tiny_run
+
+
+@pytest.fixture
+def features_run(tiny_run):
+    if not tiny_run.is_done("features"):
+        pytest.skip("the tiny run has no feature statistics yet (conftest builds it without the 'features' step)")
+    if shared.features_api() is None:
+        pytest.skip("core.features_step (feature_table, feature_card) is not available")
+    return tiny_run
+
+
+# ----------------------------------------------------------------------------- helpers
+def charts(at: AppTest) -> list[dict]:
+    """Every Plotly chart's figure, decoded (Plotly writes '<' as \\u003c in its JSON)."""
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def title(fig: dict) -> str:
+    t = fig["layout"].get("title") or {}
+    return t.get("text", "") if isinstance(t, dict) else str(t)
+
+
+def chart(at: AppTest, fragment: str) -> dict:
+    found = [f for f in charts(at) if fragment in title(f)]
+    assert found, f"no chart titled like {fragment!r}; titles: {[title(f) for f in charts(at)]}"
+    return found[0]
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def texts(at: AppTest) -> str:
+    """Every markdown/caption/text/code value on the page, joined."""
+    parts = [e.value for kind in ("markdown", "caption", "text", "code", "title", "header", "subheader") for e in at.get(kind)]
+    return re.sub(r"\\(.)", r"\1", "\n".join(str(p) for p in parts))  # markdown backslash escapes removed
+
+
+def open_page(at: AppTest, page: str) -> AppTest:
+    at.run()
+    return at.switch_page(page).run()
+
+
+# ----------------------------------------------------------------------------- pages render
+def test_overview_shows_run_finetuning_and_claims(app, runs):
+    at = app().run()
+    assert_clean(at)
+    figs = charts(at)
+    assert len(figs) >= 5  # 2 classification bar charts + one figure per claim
+    assert any("pre-trained: precision" in title(f) for f in figs) and any("fine-tuned: precision" in title(f) for f in figs)
+    bars = chart(at, "fine-tuned: precision")
+    assert [t["name"] for t in bars["data"]] == ["precision", "recall", "F1"]
+    page = texts(at)
+    assert "Early layers stay general" in page and "Late layers specialise" in page and "Middle layers" in page
+    verdicts = [e.value for kind in ("success", "warning", "info") for e in at.get(kind)]
+    assert any("upported" in v or "assessed" in v.lower() for v in verdicts)
+    assert [m.label for m in at.metric][:2] == ["Accuracy, pre-trained", "Accuracy, fine-tuned"]
+    assert any(d.proto.label == "HTML report" for d in at.get("download_button"))
+    assert at.session_state[shared.KEY_RUN] == str(runs["tiny"])
+
+
+def test_overview_claim_threshold_is_used(app):
+    at = app().run()
+    at.slider(key=shared.KEY_CLAIM_THRESHOLD).set_value(0.5).run()
+    assert ">= 0.5)" in texts(at)
+    at.slider(key=shared.KEY_CLAIM_THRESHOLD).set_value(1.0).run()
+    assert ">= 1)" in texts(at)
+    assert "Not supported by this run" in [w.value for w in at.warning]  # nothing stays at CKA 1 after fine-tuning
+    assert_clean(at)
+
+
+def test_overview_sae_table_when_saes_exist(app, sae_run):
+    at = app().run()
+    assert_clean(at)
+    assert "Sparse autoencoders" in texts(at)
+    frames = [d.value for d in at.dataframe]
+    sae = [df for df in frames if {"model", "layer", "fvu", "l0"} <= set(df.columns)]
+    assert sae and len(sae[0]) == len(sae_run.sae_dirs())
+    if sae_run.is_done("features"):
+        assert any({"kept", "shifted", "new", "lost"} <= set(df.columns) for df in frames)
+
+
+@pytest.mark.parametrize("page", ["pages/overview.py", SIMILARITY, EXPLORER, FEATURES])
+def test_every_page_runs_without_exception(app, page):
+    at = open_page(app(), page)
+    assert_clean(at)
+    assert at.get("plotly_chart") or at.info, "page shows neither charts nor an explanation"
+
+
+def test_similarity_page_curves_heatmap_and_table(app):
+    at = open_page(app(), SIMILARITY)
+    assert_clean(at)
+    curves, heatmap = charts(at)[:2]
+    assert [t["name"] for t in curves["data"]] == ["cosine of means", "mean cosine", "token cosine", "linear CKA"]
+    assert curves["data"][0]["x"] == [0, 1, 2]
+    assert heatmap["data"][0]["type"] == "heatmap" and len(heatmap["data"][0]["z"]) == 3
+    assert "pre-trained" in heatmap["layout"]["yaxis"]["title"]["text"]
+    table = at.dataframe[0].value
+    assert list(table.columns[:5]) == ["layer", "cosine_of_means", "mean_cosine", "token_cosine", "cka"]
+    labels = [d.proto.label for d in at.get("download_button")]
+    assert "Download CSV" in labels and "Download CKA matrix" in labels
+
+
+def test_similarity_overlay_and_depth_normalisation(app, runs):
+    at = open_page(app(), SIMILARITY)
+    at.multiselect(key=shared.KEY_SIM_OVERLAY).select(str(runs["other"])).run()
+    curves = charts(at)[0]
+    names = [t["name"] for t in curves["data"]]
+    assert "tiny · linear CKA" in names and "other · linear CKA" in names
+    tiny_cka = next(t for t in curves["data"] if t["name"] == "tiny · linear CKA")["y"]
+    other_cka = next(t for t in curves["data"] if t["name"] == "other · linear CKA")["y"]
+    assert other_cka == pytest.approx([v * 0.5 for v in tiny_cka])
+    at.toggle(key=shared.KEY_SIM_NORMALISE).set_value(True).run()
+    curves = charts(at)[0]
+    assert curves["data"][0]["x"] == [0, 0.5, 1.0]
+    assert "relative depth" in curves["layout"]["xaxis"]["title"]["text"]
+    at.get("button_group")[0].set_value(["cka"]).run()
+    assert len(charts(at)[0]["data"]) == 2
+    assert_clean(at)
+
+
+# ----------------------------------------------------------------------------- run selection
+def test_sidebar_switches_run_and_remembers_it(app, runs):
+    at = app().run()
+    at.sidebar.selectbox(key=shared.KEY_RUN_SELECT).select(str(runs["other"])).run()
+    assert at.session_state[shared.KEY_RUN] == str(runs["other"])
+    assert "other.csv" in texts(at)
+    at.switch_page(SIMILARITY).run()
+    assert at.session_state[shared.KEY_RUN] == str(runs["other"])
+    assert charts(at)[0]["data"][-1]["y"][0] == pytest.approx(0.5 * read_json(runs["tiny"] / "similarity" / "similarity.json")["layers"][0]["cka"])
+    assert_clean(at)
+
+
+def test_query_param_selects_run(app, runs):
+    at = app(query=str(runs["other"])).run()
+    assert at.session_state[shared.KEY_RUN] == str(runs["other"])
+    at = app(query="other").run()  # a run name under checkpoints/ works too
+    assert Path(at.session_state[shared.KEY_RUN]) == runs["other"].resolve()
+    assert_clean(at)
+
+
+def test_text_box_opens_any_run_folder_and_rejects_others(app, runs, tmp_path):
+    at = app().run()
+    at.sidebar.text_input(key=shared.KEY_RUN_TEXT).input(str(tmp_path)).run()
+    assert at.session_state[shared.KEY_RUN] == str(runs["tiny"])
+    assert "not a Layerscope run" in at.sidebar.warning[0].value
+    at.sidebar.text_input(key=shared.KEY_RUN_TEXT).input(str(runs["evil"])).run()
+    assert at.session_state[shared.KEY_RUN] == str(runs["evil"].resolve())
+    assert_clean(at)
+
+
+def test_missing_run_shows_a_message_not_a_traceback(app, tmp_path):
+    at = app(run=tmp_path / "nope").run()
+    assert not at.exception
+    assert "does not exist" in at.error[0].value and "python -m core build" in at.error[0].value
+    assert not at.expander  # no bug-report details for a user mistake
+
+
+def test_unexpected_bug_shows_details_in_an_expander(app, monkeypatch):
+    import core.report
+
+    def broken(run):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(core.report, "build_report", broken)
+    at = app().run()
+    assert not at.exception
+    assert "Something went wrong" in at.error[0].value
+    assert "RuntimeError: boom" in at.expander[0].code[0].value
+
+
+# ----------------------------------------------------------------------------- escaping
+def test_html_in_run_metadata_is_escaped(app, runs):
+    at = app(run=runs["evil"]).run()
+    assert_clean(at)
+    page = texts(at)
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    for fig in charts(at):
+        assert "<script>" not in json.dumps(fig, ensure_ascii=False)
+
+
+# ----------------------------------------------------------------------------- empty state and build
+def test_empty_state_explains_how_to_build(app, tmp_path):
+    at = app(run=None, checkpoints=tmp_path / "empty").run()
+    assert_clean(at)
+    assert at.session_state[shared.KEY_RUN] is None
+    assert "python -m core build --run checkpoints/default" in [c.value for c in at.code]
+    assert at.button[0].label == "Build checkpoints/default"
+
+
+def test_build_button_builds_in_the_background_and_opens_the_run(app, monkeypatch, tmp_path, tiny_model, tiny_csv):
+    overrides = {**tiny_overrides(tiny_model, tiny_csv), "finetune.epochs": 1}
+    args = ["--preset", "tiny", "--until", "similarity"] + [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    monkeypatch.setenv("LAYERSCOPE_BUILD_ARGS", shlex.join(args))
+    ckpt = tmp_path / "ckpt"
+    at = app(run=None, checkpoints=ckpt).run()
+    at.button[0].click().run()
+    seen_progress = False
+    deadline = time.monotonic() + 240
+    while at.session_state[shared.KEY_RUN] is None and time.monotonic() < deadline:
+        seen_progress |= bool(at.get("progress"))
+        assert not at.exception
+        time.sleep(1)
+        at.run()
+    assert at.session_state[shared.KEY_RUN] == str(ckpt / "default"), (ckpt / "build-default.log").read_text()
+    assert seen_progress
+    assert (ckpt / "build-default.log").is_file()
+    assert RunFolder(ckpt / "default").is_done("similarity")
+    at.run()
+    assert_clean(at)
+    assert len(charts(at)) >= 5
+
+
+def test_parse_build_log_reads_steps_and_tqdm_percent():
+    log = "[data] running in r ...\n[data] finished in 0.1 s\n[finetune] running in r ...\n 10%|#  | 1/10\r 40%|####  | 4/10\r"
+    state = shared.parse_build_log(log)
+    assert state["done"] == ["data"] and state["current"] == "finetune" and state["percent"] == 40
+    assert state["fraction"] == pytest.approx((1 + 0.4) / 6)
+    state = shared.parse_build_log(log + "\n[finetune] finished in 3 s\n[activations] already done in r\nerror: disk full\n")
+    assert state["done"] == ["data", "finetune", "activations"] and state["current"] is None
+    assert state["error"] == "disk full" and state["fraction"] == pytest.approx(3 / 6)
+
+
+# ----------------------------------------------------------------------------- sentence explorer
+def explorer(app, **kw) -> AppTest:
+    at = open_page(app(**kw), EXPLORER)
+    assert_clean(at)
+    return at
+
+
+def test_explorer_shows_cosine_prediction_feature_and_top_features(app, sae_run):
+    at = explorer(app)
+    cosine = chart(at, "Cosine")
+    assert len(cosine["data"][0]["z"]) == sae_run_num_layers(sae_run) + 1
+    assert "[CLS]" in cosine["layout"]["xaxis"]["ticktext"] and "brilliant" in cosine["layout"]["xaxis"]["ticktext"]
+    assert "customdata[0]" in cosine["data"][0]["hovertemplate"]
+    feature = chart(at, "on each model")
+    assert feature["data"][1]["zmid"] == 0  # the difference is diverging, centred at zero
+    assert chart(at, "Top 8 features")["data"][0]["type"] == "heatmap"
+    probs = chart(at, "Prediction")
+    assert sorted(probs["data"][0]["y"]) == sorted(read_json(sae_run.labels_path)["names"])
+
+
+def sae_run_num_layers(run: RunFolder) -> int:
+    return read_json(run.similarity_dir / "similarity.json")["layers"][-1]["layer"]
+
+
+def test_typing_a_sentence_changes_the_heatmaps(app, sae_run):
+    at = explorer(app)
+    before = {k: json.dumps(chart(at, k)) for k in ("Cosine", "on each model", "Top 8")}
+    at.text_input(key=shared.KEY_TEXT).input("the music was awful and boring").run()
+    assert_clean(at)
+    after = {k: json.dumps(chart(at, k)) for k in ("Cosine", "on each model", "Top 8")}
+    assert all(before[k] != after[k] for k in before)
+    assert "awful" in chart(at, "Cosine")["layout"]["xaxis"]["ticktext"]
+
+
+def test_script_tags_typed_as_a_sentence_stay_text(app, sae_run, runs):
+    for run in (runs["tiny"], runs["evil"]):  # with and without the run's text cleaning
+        at = explorer(app, run=run)
+        at.text_input(key=shared.KEY_TEXT).input(EVIL_TEXT).run()
+        assert_clean(at)
+        specs = json.dumps(charts(at), ensure_ascii=False)
+        assert "<script>" not in specs and "<b>" not in specs and "</b>" not in specs
+        assert "<script>" not in texts(at)
+        assert "alert" in chart(at, "Cosine")["layout"]["xaxis"]["ticktext"]
+    assert "&lt;" in chart(at, "Cosine")["layout"]["xaxis"]["ticktext"]  # the uncleaned run keeps '<' as a token
+
+
+def test_layer_and_feature_pickers(app, sae_run):
+    at = explorer(app)
+    layers = at.selectbox(key=shared.KEY_EX_LAYER).options
+    assert len(layers) >= 1
+    first = layers[0]
+    at.selectbox(key=shared.KEY_EX_LAYER).select(int(first)).run()
+    assert f"layer {first}" in title(chart(at, "on each model"))
+    key = shared.explorer_feature_key("pretrained", int(first))
+    top = at.number_input(key=key).value
+    assert f"Feature {top} " in title(chart(at, "on each model"))
+    at.number_input(key=key).set_value(top + 1).run()
+    assert f"Feature {top + 1} " in title(chart(at, "on each model"))
+    at.segmented_control(key=shared.KEY_EX_MODEL).set_value("finetuned").run()
+    assert "fine-tuned SAE" in title(chart(at, "on each model"))
+    at.selectbox(key=shared.KEY_EX_RANK).select("density").run()
+    assert "by density" in title(chart(at, "Top"))
+    assert_clean(at)
+
+
+def test_matched_feature_panel(app, sae_run, features_run):
+    at = explorer(app)
+    at.toggle(key=shared.KEY_EX_MATCHED).set_value(True).run()
+    assert_clean(at)
+    assert chart(at, "its match")["data"][1]["zmid"] == 0
+
+
+def test_compare_toggle_shows_a_second_sentence(app, sae_run):
+    at = explorer(app)
+    n = len(charts(at))
+    at.toggle(key=shared.KEY_COMPARE).set_value(True).run()
+    assert_clean(at)
+    assert len(charts(at)) == 2 * n
+    ticks = [f["layout"]["xaxis"]["ticktext"] for f in charts(at) if title(f).startswith("Cosine")]
+    assert "brilliant" in ticks[0] and "terrible" in ticks[1]
+    at.text_input(key=shared.KEY_TEXT_B).input("the plot was dull").run()
+    ticks = [f["layout"]["xaxis"]["ticktext"] for f in charts(at) if title(f).startswith("Cosine")]
+    assert "terrible" not in ticks[1] and "dull" in ticks[1]
+
+
+# ----------------------------------------------------------------------------- feature browser
+def browser(app, **kw) -> AppTest:
+    at = open_page(app(**kw), FEATURES)
+    assert_clean(at)
+    return at
+
+
+def card_title(at: AppTest) -> str:
+    return [s.value for s in at.subheader if s.value.startswith("Feature ")][0]
+
+
+def test_feature_browser_table_and_card(app, features_run):
+    at = browser(app)
+    table = at.dataframe[0].value
+    assert {"feature", "variance", "density", "selectivity", "best_class"} <= set(table.columns)
+    assert list(table["variance"]) == sorted(table["variance"], reverse=True)
+    top = int(table["feature"].iloc[0])
+    assert card_title(at).startswith(f"Feature {top} · pre-trained SAE")
+    assert title(chart(at, "Mean activation per class"))
+    assert chart(at, "Activation histogram")["data"][0]["type"] == "bar"
+    html = [m.value for m in at.markdown if "<span" in m.value]
+    assert html and all("<script" not in h for h in html)
+    assert any(d.proto.label == "Download CSV" for d in at.get("download_button"))
+
+
+def test_feature_browser_ranking_model_layer_and_feature(app, features_run):
+    at = browser(app)
+    at.selectbox(key=shared.KEY_FB_RANK).select("density").run()
+    table = at.dataframe[0].value
+    assert list(table["density"]) == sorted(table["density"], reverse=True)
+    assert card_title(at).startswith(f"Feature {int(table['feature'].iloc[0])} ")
+    layers = at.selectbox(key=shared.KEY_FB_LAYER).options
+    at.selectbox(key=shared.KEY_FB_LAYER).select(int(layers[0])).run()
+    assert f"layer {layers[0]}" in card_title(at)
+    key = shared.browser_feature_key("pretrained", int(layers[0]), "density")
+    at.number_input(key=key).set_value(3).run()
+    assert card_title(at).startswith("Feature 3 ")
+    at.segmented_control(key=shared.KEY_FB_MODEL).set_value("finetuned").run()
+    assert "fine-tuned SAE" in card_title(at)
+    assert_clean(at)
+
+
+def test_feature_browser_opens_the_matched_partner(app, features_run):
+    at = browser(app)
+    buttons = [b for b in at.button if b.label.startswith("Open feature")]
+    if not buttons:
+        pytest.skip("the top feature has no matched partner in this tiny run")
+    partner = int(buttons[0].label.split()[2])
+    buttons[0].click().run()
+    assert_clean(at)
+    assert card_title(at).startswith(f"Feature {partner} · fine-tuned SAE")
+
+
+def test_feature_card_tokens_are_escaped(app, features_run, monkeypatch):
+    import core.features_step
+
+    real = core.features_step.feature_card
+
+    def evil_card(run, model, layer, feature, top=10):
+        card = real(run, model, layer, feature, top=top)
+        card["top_examples"] = [{"example_id": 1, "label": "<i>neg</i>", "tokens": ["[CLS]", "<script>alert(1)</script>", "<b>x</b>", "##y"], "activations": [0.0, 2.0, 1.0, 0.5], "center": 1}]
+        return card
+
+    monkeypatch.setattr(core.features_step, "feature_card", evil_card)
+    at = browser(app)
+    html = "\n".join(m.value for m in at.markdown if "<span" in m.value)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "&lt;b&gt;x&lt;/b&gt;" in html and "&lt;i&gt;neg&lt;/i&gt;" in html
+    assert "<script" not in html and "<b>" not in html and "<i>" not in html

@@ -1,0 +1,140 @@
+"""The dashboard in a real browser: ``streamlit run app.py`` as a subprocess, driven by headless
+Debian Chromium through the playwright package (no ``playwright install``; skipped without
+/usr/bin/chromium). The server is pointed at a copy of the tiny run whose text cleaning is off,
+so typed ``<script>`` and ``<b>`` reach the tokens and must show as literal text.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from core.runfolder import read_json, write_json
+from tests.conftest import ROOT
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+EVIL_TEXT = "<script>alert(1)</script> <b>x</b> the acting was terrible"
+ERRORS = '[data-testid="stException"], [data-testid="stAlertContentError"]'
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed (/usr/bin/chromium); scripts/test.sh installs it")
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"streamlit did not answer within {timeout} s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def browser_run(tiny_run, tmp_path_factory) -> Path:
+    """A copy of the tiny run with the dataset's text cleaning switched off."""
+    run = tmp_path_factory.mktemp("browser") / "raw"
+    shutil.copytree(tiny_run.root, run)
+    m = read_json(run / "manifest.json")
+    m["config"]["data"].update(remove_html=False, remove_punctuation=False, remove_special=False)
+    write_json(run / "manifest.json", m)
+    return run
+
+
+@pytest.fixture(scope="module")
+def server(browser_run, tmp_path_factory):
+    """``streamlit run app.py`` on a free port; always stopped at the end."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "streamlit.log"
+    env = {**os.environ, "LAYERSCOPE_RUN": str(browser_run), "LAYERSCOPE_CHECKPOINTS": str(browser_run.parent / "none"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, proc, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(15)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    """A 1366x768 Chromium page; JavaScript dialogs are recorded (an alert would mean injected script ran)."""
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            pg = browser.new_page(viewport={"width": 1366, "height": 768})
+            pg.dialogs = []
+            pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
+            yield pg
+        finally:
+            browser.close()
+
+
+def tick_texts(pg) -> list[str]:
+    return pg.eval_on_selector_all(".js-plotly-plot .xtick text", "els => els.map(e => e.textContent)")
+
+
+def assert_no_errors(pg) -> None:
+    assert pg.locator(ERRORS).count() == 0, pg.locator(ERRORS).all_inner_texts()
+    assert pg.dialogs == []
+
+
+def test_sentence_explorer_in_a_browser(server, page, tmp_path, tiny_run):
+    from pages import _shared as shared
+
+    if shared.analysis_api() is None:
+        pytest.skip("core.analysis is not available, so the sentence explorer has nothing to draw")
+    page.goto(f"{server}/explorer", timeout=90_000)
+    box = page.get_by_label("Sentence (press Enter)")
+    box.wait_for(timeout=90_000)
+    page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+    assert "brilliant" in tick_texts(page)
+    box.fill(EVIL_TEXT)
+    box.press("Enter")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.js-plotly-plot .xtick text')].some(e => e.textContent === 'terrible')",
+        timeout=90_000,
+    )
+    page.wait_for_timeout(1500)
+    ticks = tick_texts(page)
+    assert "<" in ticks and "script" in ticks and "alert" in ticks  # '<' shown as a literal token
+    assert page.locator(".js-plotly-plot script, .js-plotly-plot b").count() == 0
+    assert page.locator(".js-plotly-plot").count() >= 3
+    assert_no_errors(page)
+    page.screenshot(path=str(tmp_path / "explorer.png"))
+    assert (tmp_path / "explorer.png").stat().st_size > 10_000
+
+
+def test_overview_and_similarity_in_a_browser(server, page, tmp_path):
+    for path, expected in (("", 5), ("similarity", 2)):
+        page.goto(f"{server}/{path}", timeout=90_000)
+        page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+        page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot').length >= {expected}", timeout=60_000)
+        assert_no_errors(page)
+        page.screenshot(path=str(tmp_path / f"{path or 'overview'}.png"))

@@ -1,0 +1,216 @@
+"""Figure builders (core.plots) and the HTML export (core.export): traces, axes, escaping, verdicts."""
+
+from __future__ import annotations
+
+import json
+
+import plotly.graph_objects as go
+import pytest
+
+from core import plots
+from core.export import NOT_SUPPORTED, SUPPORTED, UNKNOWN, classification_frame, export_html, layer_groups, matching_frame, paper_claims
+
+EVIL = ["[CLS]", "<script>alert(1)</script>", "<b>x</b>", "a&b", "##ing", "[SEP]"]
+
+
+def rows_from(values: dict[str, list[float]]) -> list[dict]:
+    n = len(next(iter(values.values())))
+    return [{"layer": i, **{m: v[i] for m, v in values.items()}} for i in range(n)]
+
+
+def paper_like(num_layers: int = 12) -> list[dict]:
+    """High early, falling through the middle, lowest at the end."""
+    curve = [1.0 - 0.005 * l if l <= num_layers // 3 else 0.98 - 0.05 * (l - num_layers // 3) for l in range(num_layers + 1)]
+    return rows_from({m: curve for m in plots.MEASURES})
+
+
+def spec(fig: go.Figure) -> str:
+    """The figure JSON with Plotly's \\u003c-style escapes decoded, i.e. the strings the browser gets."""
+    return json.dumps(json.loads(fig.to_json()), ensure_ascii=False)
+
+
+def assert_escaped(text: str) -> None:
+    assert "<script>" not in text and "<b>" not in text
+    assert "&lt;script&gt;" in text and "&lt;b&gt;x&lt;/b&gt;" in text and "a&amp;b" in text
+
+
+# ----------------------------------------------------------------------------- similarity
+def test_similarity_curves_one_trace_per_run_and_measure():
+    runs = {"imdb": paper_like(12), "bbc": paper_like(6)}
+    fig = plots.similarity_curves(runs, ["cka", "mean_cosine"])
+    assert len(fig.data) == 4
+    assert {t.name for t in fig.data} == {"imdb · linear CKA", "imdb · mean cosine", "bbc · linear CKA", "bbc · mean cosine"}
+    assert list(fig.data[0].x) == list(range(13))
+    assert fig.layout.xaxis.title.text == plots.LAYER_AXIS
+    assert fig.data[0].line.dash != fig.data[2].line.dash  # runs differ by dash
+    assert fig.data[0].line.color == fig.data[2].line.color  # measures share a colour
+
+
+def test_similarity_curves_depth_normalised():
+    fig = plots.similarity_curves({"a": paper_like(12), "b": paper_like(6)}, ["cka"], normalise_depth=True)
+    assert fig.data[0].x[-1] == pytest.approx(1.0) and fig.data[1].x[-1] == pytest.approx(1.0)
+    assert fig.data[1].x[1] == pytest.approx(1 / 6)
+    assert fig.layout.xaxis.title.text == plots.DEPTH_AXIS
+
+
+def test_single_run_legend_names_measures_only_and_run_names_are_escaped():
+    fig = plots.similarity_curves({"<b>x</b>": paper_like(3)}, plots.MEASURES)
+    assert [t.name for t in fig.data] == [plots.MEASURE_LABELS[m] for m in plots.MEASURES]
+    fig = plots.similarity_curves({"<b>x</b>": paper_like(3), "other": paper_like(3)}, ["cka"])
+    assert fig.data[0].name.startswith("&lt;b&gt;x&lt;/b&gt;")
+
+
+def test_cka_heatmap_axes():
+    matrix = [[1.0, 0.5, 0.2], [0.5, 0.9, 0.3], [0.2, 0.3, 0.4]]
+    fig = plots.cka_heatmap(matrix)
+    (trace,) = fig.data
+    assert trace.type == "heatmap" and trace.zmin == 0 and trace.zmax == 1
+    assert [list(r) for r in trace.z] == matrix
+    assert "pre-trained" in fig.layout.yaxis.title.text and "fine-tuned" in fig.layout.xaxis.title.text
+    assert "%{z:.4f}" in trace.hovertemplate
+
+
+def test_highlight_layers_adds_a_shaded_span():
+    fig = plots.highlight_layers(plots.similarity_curves({"r": paper_like(6)}, ["cka"]), [1, 2], "early")
+    (shape,) = fig.layout.shapes
+    assert shape.x0 == pytest.approx(0.6) and shape.x1 == pytest.approx(2.4)
+
+
+# ----------------------------------------------------------------------------- classification
+def test_classification_bars_grouped_precision_recall_f1():
+    per_class = {"neg": {"precision": 0.9, "recall": 0.8, "f1-score": 0.85, "support": 10}, "<pos>": {"precision": 0.7, "recall": 0.9, "f1-score": 0.79, "support": 12}, "macro avg": {"precision": 0.8}}
+    fig = plots.classification_bars(per_class)
+    assert fig.layout.barmode == "group"
+    assert [t.name for t in fig.data] == ["precision", "recall", "F1"]
+    assert list(fig.data[0].x) == ["neg", "&lt;pos&gt;"]  # summary rows left out, labels escaped
+    assert list(fig.data[2].y) == [0.85, 0.79]
+
+
+def test_classification_frame_one_row_per_class_and_model():
+    per_class = {m: {"neg": {"precision": 1, "recall": 1, "f1-score": 1, "support": 3}, "pos": {"precision": 0.5, "recall": 1, "f1-score": 0.6, "support": 4}} for m in ("pretrained", "finetuned")}
+    df = classification_frame(per_class)
+    assert list(df.columns) == ["class", "model", "precision", "recall", "f1", "support"]
+    assert list(zip(df["class"], df["model"])) == [("neg", "pretrained"), ("neg", "finetuned"), ("pos", "pretrained"), ("pos", "finetuned")]
+
+
+# ----------------------------------------------------------------------------- tokens
+def test_token_heatmap_escapes_labels_and_keeps_repeated_tokens_apart():
+    z = [[0.1 * i for i in range(len(EVIL))], [0.2] * len(EVIL)]
+    fig = plots.token_heatmap(z, EVIL, ["emb", "<i>layer</i>"], title="<b>t</b>")
+    (trace,) = fig.data
+    assert list(trace.x) == list(range(len(EVIL)))
+    ticks = list(fig.layout.xaxis.ticktext)
+    assert ticks[1] == "&lt;script&gt;alert(1)&lt;/script&gt;" and ticks[2] == "&lt;b&gt;x&lt;/b&gt;"
+    assert list(fig.layout.yaxis.ticktext) == ["emb", "&lt;i&gt;layer&lt;/i&gt;"]
+    assert trace.customdata[1][2] == ["&lt;b&gt;x&lt;/b&gt;", "&lt;i&gt;layer&lt;/i&gt;"]
+    assert "customdata[0]" in trace.hovertemplate and "customdata[1]" in trace.hovertemplate and "%{z:.4f}" in trace.hovertemplate
+    assert_escaped(spec(fig))
+    fig2 = plots.token_heatmap([[1, 2, 3]], ["the", "the", "the"], ["r"])
+    assert len(fig2.data[0].x) == 3 and list(fig2.layout.xaxis.ticktext) == ["the"] * 3
+
+
+def test_token_heatmap_diverging_is_centred_at_zero():
+    fig = plots.token_heatmap([[-0.5, 0.2, 2.0]], ["a", "b", "c"], ["diff"], diverging=True)
+    (trace,) = fig.data
+    assert trace.zmid == 0 and trace.zmin == -2.0 and trace.zmax == 2.0
+    assert trace.colorscale == go.Heatmap(colorscale="RdBu").colorscale
+    seq = plots.token_heatmap([[0.1, 0.2]], ["a", "b"], ["r"], zrange=(0, 1)).data[0]
+    assert seq.zmid is None and seq.zmin == 0 and seq.zmax == 1
+
+
+def test_feature_comparison_shares_the_token_axis_and_centres_the_difference():
+    fig = plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3])
+    sequential, diverging = fig.data
+    assert [list(r) for r in sequential.z] == [[0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3]]
+    assert list(diverging.z[0]) == [0, 1, -1, 0, 0, 3]
+    assert diverging.zmid == 0 and diverging.zmin == -3 and diverging.zmax == 3
+    assert sequential.zmid is None
+    assert_escaped(spec(fig))
+
+
+# ----------------------------------------------------------------------------- features
+def test_feature_bars_from_mapping_and_negative_colour():
+    fig = plots.feature_bars({"neg": -0.5, "<pos>": 1.5}, title="effect")
+    (bar,) = fig.data
+    assert list(bar.x) == ["neg", "&lt;pos&gt;"] and list(bar.y) == [-0.5, 1.5]
+    assert bar.marker.color[0] != bar.marker.color[1]
+    h = plots.feature_bars([0.2, 0.8], labels=["a", "b"], horizontal=True).data[0]
+    assert h.orientation == "h" and list(h.y) == ["a", "b"]
+
+
+def test_histogram_uses_bin_edges():
+    fig = plots.histogram([0, 1, 2, 4], [5, 3, 1])
+    (bar,) = fig.data
+    assert list(bar.x) == [0.5, 1.5, 3.0] and list(bar.width) == [1, 1, 2] and list(bar.y) == [5, 3, 1]
+    with pytest.raises(ValueError):
+        plots.histogram([0, 1], [1, 2])
+
+
+def test_token_spans_html_escapes_every_token():
+    out = plots.token_spans_html(EVIL, [0, 2.0, 1.0, 0.5, 0.5, 0], center=1)
+    assert "<script>" not in out and "<b>" not in out
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in out and "&lt;b&gt;x&lt;/b&gt;" in out and "a&amp;b" in out
+    assert "rgba(255,140,0,1.00)" in out and "rgba(255,140,0,0.50)" in out and "outline" in out
+    assert ">a&amp;b</span><span" in out  # "##ing" glued to the previous token without a space
+    assert 'title="&lt;b&gt;x&lt;/b&gt;&#58; 1.0000"' in out
+
+
+# ----------------------------------------------------------------------------- claims
+def test_layer_groups_split_blocks_in_thirds():
+    assert layer_groups(12) == {"early": [1, 2, 3, 4], "middle": [5, 6, 7, 8], "late": [9, 10, 11, 12]}
+    assert layer_groups(6) == {"early": [1, 2], "middle": [3, 4], "late": [5, 6]}
+    assert layer_groups(2) == {"early": [1], "middle": [], "late": [2]}
+
+
+def test_paper_claims_supported_on_a_paper_like_curve():
+    claims = paper_claims(paper_like(12))
+    assert [c["verdict"] for c in claims] == [SUPPORTED] * 3
+    assert claims[0]["numbers"]["min_cka"] >= 0.9
+    assert claims[2]["numbers"]["lowest_layer_cka"] == 12
+
+
+def test_paper_claims_not_supported_when_the_numbers_say_otherwise():
+    flat_then_dip = rows_from({m: [0.5, 0.5, 0.4, 0.3, 0.35, 0.6, 0.7] for m in plots.MEASURES})
+    claims = paper_claims(flat_then_dip)
+    assert claims[0]["verdict"] == NOT_SUPPORTED  # early layers far below 0.9
+    assert claims[2]["verdict"] == NOT_SUPPORTED  # the last layer is not the lowest
+    assert claims[2]["numbers"]["lowest_layer_cka"] == 3
+    assert "0.9" in claims[0]["explanation"]
+
+
+def test_paper_claims_too_few_layers_cannot_be_assessed():
+    claims = paper_claims(paper_like(2))
+    assert claims[1]["verdict"] == UNKNOWN
+
+
+def test_claim_threshold_is_respected():
+    rows = paper_like(12)
+    assert paper_claims(rows, threshold=0.999)[0]["verdict"] == NOT_SUPPORTED
+
+
+def test_matching_frame_flattens_counts():
+    df = matching_frame([{"layer": 1, "kept": 0.5, "shifted": 0.2, "new": 0.1, "lost": 0.3, "counts": {"kept": 5, "new": 1}}])
+    assert {"layer", "kept", "kept (count)", "new (count)"} <= set(df.columns)
+
+
+# ----------------------------------------------------------------------------- HTML export
+def test_export_html_is_self_contained_and_escaped(tiny_run, tmp_path):
+    import shutil
+
+    from core.runfolder import RunFolder, read_json, write_json
+
+    run = RunFolder(tmp_path / "<b>x</b>")
+    shutil.copytree(tiny_run.root, run.root)
+    m = read_json(run.manifest_path)
+    m["config"]["data"]["dataset"] = "<script>alert(1)</script>.csv"
+    write_json(run.manifest_path, m)
+    out = export_html(run)
+    assert out.startswith("<!DOCTYPE html>") and out.rstrip().endswith("</html>")
+    assert "<script>alert(1)</script>" not in out and "<b>x</b>" not in out
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;.csv" in out and "&lt;b&gt;x&lt;/b&gt;" in out
+    assert "<script src=" not in out  # plotly.js inlined, not fetched
+    assert out.count("Plotly.newPlot") >= 5
+    assert "Classification report" in out and "Layer similarity" in out and "claims" in out
+    if run.is_done("saes"):
+        assert "Sparse autoencoders" in out
+    json.dumps(out)  # a plain string
