@@ -4,6 +4,8 @@
     python -m core data|finetune|activations|similarity|saes|features --run DIR
     python -m core report --run DIR [--json]
     python -m core analyze --run DIR --text "the acting was brilliant" [--json]
+    python -m core export --run DIR --out report.html       one self-contained HTML report
+    python -m core figures --run DIR --out DIR              PNG figures (needs kaleido + Chromium)
     python -m core config --run DIR                         the resolved settings
 
 Options go in a TOML file (``--config``; layout as ``core/presets/*.toml``) or one at a
@@ -71,7 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--text", required=True, help="the sentence to analyse")
     a.add_argument("--top", type=int, default=5, help="top features per SAE")
     a.add_argument("--rank-by", default="variance", choices=["variance", "selectivity", "density"], help="feature ranking")
+    a.add_argument("--raw", action="store_true", help="analyse the text as typed (skip the run's lowercasing/punctuation removal)")
     a.add_argument("--json", action="store_true")
+    e = sub.add_parser("export", help="write the run as one self-contained HTML report")
+    e.add_argument("--run", default=str(DEFAULT_RUN))
+    e.add_argument("--out", required=True, help="HTML file to write")
+    f = sub.add_parser("figures", help="write the run's main figures as PNG (needs kaleido + Chromium)")
+    f.add_argument("--run", default=str(DEFAULT_RUN))
+    f.add_argument("--out", required=True, help="folder for the PNG files")
     c = sub.add_parser("config", help="print the resolved configuration of a run")
     c.add_argument("--run", default=str(DEFAULT_RUN))
     _add_config_args(c)
@@ -116,8 +125,20 @@ def _dispatch(args) -> int:
     if args.verb == "analyze":
         from core.analysis import analyze_text, format_analysis, load_bundle
 
-        result = analyze_text(load_bundle(run), args.text, top=args.top, rank_by=args.rank_by)
+        result = analyze_text(load_bundle(run), args.text, top=args.top, rank_by=args.rank_by, clean=not args.raw)
         print(json.dumps(result, indent=2) if args.json else format_analysis(result))
+        return 0
+    if args.verb == "export":
+        from core.export import export_html
+        from core.runfolder import write_text
+
+        write_text(Path(args.out), export_html(run))
+        print(f"wrote {args.out}")
+        return 0
+    if args.verb == "figures":
+        from core.export import write_figures
+
+        print("\n".join(f"wrote {p}" for p in write_figures(run, args.out)))
         return 0
     cfg = pipeline.resolve_run_config(run, args.preset, args.config, _overrides(args))
     if args.verb == "config":

@@ -245,3 +245,35 @@ def export_html(run: RunFolder) -> str:
         parts += ["<h2>Feature matching, pre-trained to fine-tuned</h2>", _table(matching_frame(rep["matching"]))]
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def write_figures(run: RunFolder, out_dir, width: int = 900, height: int = 500) -> list[str]:
+    """PNG files of the run's main figures (needs kaleido and a Chrome/Chromium; set BROWSER_PATH)."""
+    import os
+    from pathlib import Path
+
+    from core.errors import LayerscopeError
+
+    if not os.environ.get("BROWSER_PATH") and os.path.exists("/usr/bin/chromium"):
+        os.environ["BROWSER_PATH"] = "/usr/bin/chromium"
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        raise LayerscopeError("PNG export needs the 'kaleido' package and Chrome/Chromium: `pip install kaleido`; or use the dashboard's camera button") from None
+    rep = build_report(run)
+    figures = {}
+    if rep.get("similarity"):
+        figures["similarity.png"] = plots.similarity_curves({run.name: rep["similarity"]}, plots.MEASURES, title=f"Layer similarity, pre-trained vs fine-tuned ({run.name})")
+        figures["cka_matrix.png"] = plots.cka_heatmap(rep["cka_matrix"])
+    if "finetune" in rep:
+        figures["classification.png"] = plots.classification_bars(rep["finetune"]["per_class"]["finetuned"], title="fine-tuned: precision, recall and F1 per class")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, figure in figures.items():
+        try:
+            figure.write_image(str(out / name), width=width, height=height, scale=2)
+        except Exception as e:  # noqa: BLE001 - kaleido raises several types when no browser is found
+            raise LayerscopeError(f"could not render {name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); install Chrome/Chromium and set BROWSER_PATH") from None
+        written.append(str(out / name))
+    return written

@@ -167,19 +167,22 @@ def run_features(run: RunFolder, cfg: FeaturesConfig, progress: bool = True) -> 
         summary = {"layer": layer, "kept": res.kept, "shifted": res.shifted, "new": res.new, "lost": res.lost, "counts": res.counts, "kept_threshold": cfg.kept_threshold, "shifted_threshold": cfg.shifted_threshold}
         write_json(run.matching_path(layer), {**summary, "partner_of_pretrained": res.partner_of_a, "partner_of_finetuned": res.partner_of_b, "similarity_of_pretrained": np.nan_to_num(res.similarity_of_a, nan=-2.0), "similarity_of_finetuned": np.nan_to_num(res.similarity_of_b, nan=-2.0), "status_of_pretrained": res.status_of_a.tolist(), "status_of_finetuned": res.status_of_b.tolist()})
         matching.append(summary)
-    load_stats.cache_clear()
     return {"matching": matching}
 
 
 # ------------------------------------------------------------------ reading back (dashboard, analyze)
-@lru_cache(maxsize=64)
-def load_stats(run: RunFolder | str, model: str, layer: int) -> dict[str, torch.Tensor]:
-    run = RunFolder(run) if isinstance(run, str) else run
+def load_stats(run: RunFolder, model: str, layer: int) -> dict[str, torch.Tensor]:
+    """The features step's tensors for one SAE (cached in memory until the file changes)."""
     path = run.features_dir(model, layer) / "stats.safetensors"
     if not path.is_file():
         run.require("features", "the feature browser")
         raise LayerscopeError(f"no feature statistics for {model} layer {layer}; re-run `python -m core features --run {run.root} --force`")
-    return load_file(str(path))
+    return _load_stats_file(str(path), path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _load_stats_file(path: str, mtime_ns: int) -> dict[str, torch.Tensor]:
+    return load_file(path)
 
 
 def ranking(run: RunFolder, model: str, layer: int, by: str = "variance", class_index: int | None = None) -> torch.Tensor:

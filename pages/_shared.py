@@ -16,8 +16,6 @@ Environment:
 from __future__ import annotations
 
 import html
-import importlib
-import inspect
 import os
 import re
 import shlex
@@ -306,26 +304,11 @@ def html_report(run: RunFolder) -> Callable[[], str]:
     return make
 
 
-def optional_api(module: str, *names: str) -> object | None:
-    """The module when it defines every name in ``names`` (imported on use), else None."""
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        return None
-    return mod if all(hasattr(mod, n) for n in names) else None
-
-
-def analysis_api():
-    return optional_api("core.analysis", "load_bundle", "analyze_text", "sentence_features")
-
-
-def features_api():
-    return optional_api("core.features_step", "feature_table", "feature_card")
-
-
 @st.cache_resource(show_spinner="Loading models and SAEs ...", max_entries=2)
 def _bundle(path: str, stamp: int):
-    return analysis_api().load_bundle(RunFolder(path))
+    from core.analysis import load_bundle
+
+    return load_bundle(RunFolder(path))
 
 
 def bundle(run: RunFolder):
@@ -333,26 +316,19 @@ def bundle(run: RunFolder):
     return _bundle(str(run.root), run_stamp(str(run.root)))
 
 
-def _accepts(fn: Callable, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
-
-
 @st.cache_resource(show_spinner="Running both models on the sentence ...", max_entries=32)
 def _sentence_state(path: str, stamp: int, text: str):
     """Both models' forward passes for one sentence (kept unpickled: it holds every hidden state)."""
-    return analysis_api().sentence_state(_bundle(path, stamp), text)
+    from core.analysis import sentence_state
 
-
-def _text_or_state(path: str, stamp: int, text: str):
-    """What ``core.analysis`` slicing functions take: a cached sentence state when it has them, else the text."""
-    return _sentence_state(path, stamp, text) if hasattr(analysis_api(), "sentence_state") else text
+    return sentence_state(_bundle(path, stamp), text)
 
 
 @st.cache_data(show_spinner="Analysing the sentence ...", max_entries=64)
 def _analysis(path: str, stamp: int, text: str, top: int, rank_by: str) -> dict:
-    api = analysis_api()
-    kwargs = {"state": _sentence_state(path, stamp, text)} if hasattr(api, "sentence_state") and _accepts(api.analyze_text, "state") else {}
-    return api.analyze_text(_bundle(path, stamp), text, top=top, rank_by=rank_by, **kwargs)
+    from core.analysis import analyze_text
+
+    return analyze_text(_bundle(path, stamp), text, top=top, rank_by=rank_by, state=_sentence_state(path, stamp, text))
 
 
 def analysis(run: RunFolder, text: str, top: int, rank_by: str) -> dict:
@@ -362,7 +338,9 @@ def analysis(run: RunFolder, text: str, top: int, rank_by: str) -> dict:
 
 @st.cache_data(show_spinner=False, max_entries=128)
 def _sentence_features(path: str, stamp: int, text: str, layer: int, feature: int, sae_model: str) -> dict:
-    return analysis_api().sentence_features(_bundle(path, stamp), _text_or_state(path, stamp, text), layer, feature, sae_model=sae_model)
+    from core.analysis import sentence_features
+
+    return sentence_features(_bundle(path, stamp), _sentence_state(path, stamp, text), layer, feature, sae_model=sae_model)
 
 
 def sentence_features(run: RunFolder, text: str, layer: int, feature: int, sae_model: str) -> dict:
@@ -372,7 +350,9 @@ def sentence_features(run: RunFolder, text: str, layer: int, feature: int, sae_m
 
 @st.cache_data(show_spinner=False, max_entries=128)
 def _matched_features(path: str, stamp: int, text: str, layer: int, feature_pre: int) -> dict:
-    return analysis_api().matched_features(_bundle(path, stamp), _text_or_state(path, stamp, text), layer, feature_pre)
+    from core.analysis import matched_features
+
+    return matched_features(_bundle(path, stamp), _sentence_state(path, stamp, text), layer, feature_pre)
 
 
 def matched_features(run: RunFolder, text: str, layer: int, feature_pre: int) -> dict:
@@ -380,32 +360,11 @@ def matched_features(run: RunFolder, text: str, layer: int, feature_pre: int) ->
     return _matched_features(str(run.root), run_stamp(str(run.root)), text, layer, feature_pre)
 
 
-@st.cache_resource(show_spinner=False)
-def _seen_stamps() -> dict:
-    """Last manifest stamp seen per run path (to notice a run rebuilt by another process)."""
-    return {}
-
-
-def _forget_stale_core_caches(path: str, stamp: int) -> None:
-    """Clear core.features_step's in-process file cache when the run changed on disk since last seen."""
-    seen = _seen_stamps()
-    if seen.get(path, stamp) != stamp:
-        load_stats = getattr(features_api(), "load_stats", None)
-        if hasattr(load_stats, "cache_clear"):
-            load_stats.cache_clear()
-    seen[path] = stamp
-
-
 @st.cache_data(show_spinner="Reading feature statistics ...", max_entries=16)
 def _feature_table(path: str, stamp: int, model: str, layer: int, by: str) -> pd.DataFrame:
-    _forget_stale_core_caches(path, stamp)
-    fn = features_api().feature_table
-    if _accepts(fn, "by"):
-        return fn(RunFolder(path), model, layer, by=by)
-    table = fn(RunFolder(path), model, layer)
-    if by in table.columns:
-        table = table.sort_values(by, ascending=False, na_position="last", kind="stable")
-    return table.reset_index(drop=True)
+    from core.features_step import feature_table
+
+    return feature_table(RunFolder(path), model, layer, by=by)
 
 
 def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance") -> pd.DataFrame:
@@ -415,8 +374,9 @@ def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance") 
 
 @st.cache_data(show_spinner=False, max_entries=128)
 def _feature_card(path: str, stamp: int, model: str, layer: int, feature: int, top: int) -> dict:
-    _forget_stale_core_caches(path, stamp)
-    return features_api().feature_card(RunFolder(path), model, layer, feature, top=top)
+    from core.features_step import feature_card
+
+    return feature_card(RunFolder(path), model, layer, feature, top=top)
 
 
 def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int = 10) -> dict:

@@ -172,7 +172,7 @@ def sentence_column(run, text: str, result: dict, choice: SaeChoice, feature: in
 
 def show_matched(run, choice: SaeChoice) -> bool:
     """Toggle for the matched-feature panel (pre-trained dictionary with a feature matching only)."""
-    if choice.layer is None or choice.model != "pretrained" or not run.is_done("features") or not hasattr(shared.analysis_api(), "matched_features"):
+    if choice.layer is None or choice.model != "pretrained" or not run.is_done("features"):
         return False
     return st.toggle("Show match", key=shared.KEY_EX_MATCHED)
 
@@ -186,12 +186,6 @@ def lowest_cosine(results: list[dict]) -> float:
 def body() -> None:
     run = shared.current_run()
     st.title("Sentence explorer")
-    if shared.analysis_api() is None:
-        st.info(
-            "The sentence explorer needs `core.analysis` (load_bundle, analyze_text, sentence_features), "
-            "which this version of Layerscope does not provide yet."
-        )
-        return
     if not shared.need_step(run, "finetune", "The sentence explorer"):
         return
     texts = [t for t in sentence_inputs()]

@@ -130,9 +130,6 @@ def card_view(run, model: str, layer: int, feature: int, row: pd.Series | None) 
 def body() -> None:
     run = shared.current_run()
     st.title("Feature browser")
-    if shared.features_api() is None:
-        st.info("The feature browser needs `core.features_step` (feature_table, feature_card), which this version of Layerscope does not provide yet.")
-        return
     if not shared.need_step(run, "features", "The feature browser"):
         return
     model, layer, ranking = pickers(run)

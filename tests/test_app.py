@@ -101,19 +101,13 @@ def app(monkeypatch, runs):
 
 @pytest.fixture
 def sae_run(tiny_run):
-    if not tiny_run.is_done("saes"):
-        pytest.skip("the tiny run has no SAEs yet (conftest builds it without the 'saes' step)")
-    if shared.analysis_api() is None:
-        pytest.skip("core.analysis (load_bundle, analyze_text, sentence_features) is not available")
+    assert tiny_run.is_done("saes")
     return tiny_run
 
 
 @pytest.fixture
 def features_run(tiny_run):
-    if not tiny_run.is_done("features"):
-        pytest.skip("the tiny run has no feature statistics yet (conftest builds it without the 'features' step)")
-    if shared.features_api() is None:
-        pytest.skip("core.features_step (feature_table, feature_card) is not available")
+    assert tiny_run.is_done("features")
     return tiny_run
 
 

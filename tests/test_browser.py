@@ -106,10 +106,6 @@ def assert_no_errors(pg) -> None:
 
 
 def test_sentence_explorer_in_a_browser(server, page, tmp_path, tiny_run):
-    from pages import _shared as shared
-
-    if shared.analysis_api() is None:
-        pytest.skip("core.analysis is not available, so the sentence explorer has nothing to draw")
     page.goto(f"{server}/explorer", timeout=90_000)
     box = page.get_by_label("Sentence (press Enter)")
     box.wait_for(timeout=90_000)
