@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,8 @@ class SAETrainingConfig:
     autocast_bf16: bool = True  # bf16 encoder matmul (topk) / autocast matmuls (paper); False = fp32
     seed: int = 0  # seeds the weight init (torch.Generator)
     init_b_dec: str = "geometric_median"  # b_dec init from init_sample: "mean" | "geometric_median"
+    init_decoder: str = "random"  # decoder rows: "random" unit vectors | "data": unit-norm centred samples of init_sample
+    resample_at: list[float] = field(default_factory=lambda: [0.25, 0.5])  # topk: fractions of training at which dead latents are re-initialised ([] = never)
     lr_warmup_steps: int = 50  # linear warm-up from 0 to lr over these steps
     lr_decay: float = 0.2  # fraction of total steps at the end with linear decay to 0 (0 = none)
     grad_clip: float | None = None  # clip the global gradient norm to this value (None = off)
@@ -65,6 +67,8 @@ class SAETrainingConfig:
             raise LayerscopeError(f"epochs={self.epochs} must be >= 1; pass --sae-epochs 1 or more")
         if self.max_steps is not None and self.max_steps < 1:
             raise LayerscopeError(f"max_steps={self.max_steps} must be >= 1; pass a positive --sae-steps")
+        if self.init_decoder not in ("random", "data"):
+            raise LayerscopeError(f"init_decoder={self.init_decoder!r} must be 'random' or 'data'")
         if self.init_b_dec not in ("mean", "geometric_median"):
             raise LayerscopeError(f"init_b_dec={self.init_b_dec!r} must be 'mean' or 'geometric_median'")
         if not 0 <= self.lr_decay <= 1:
@@ -162,6 +166,34 @@ def _topk_step(sae: SparseAutoencoder, xn: torch.Tensor, dead: torch.Tensor, aux
     return loss, mse, aux, fired, int(active.sum())
 
 
+@torch.no_grad()
+def resample_dead_latents(sae: SparseAutoencoder, opt: torch.optim.Optimizer, xn: torch.Tensor, dead: torch.Tensor, gen: torch.Generator) -> None:
+    """Point dead latents at inputs the SAE reconstructs worst (Bricken et al. 2023, simplified).
+
+    AuxK cannot revive a latent whose pre-activation is negative on every input (ReLU passes no
+    gradient); this gives such latents a fresh direction. Each dead latent gets the unit residual
+    of a token drawn with probability proportional to its squared error; its encoder column is set
+    to that direction times the mean norm of the live encoder columns, its bias to 0, and its
+    Adam moments are reset.
+    """
+    idx = dead.nonzero().squeeze(1)  # [n_dead]
+    values, indices = topk_encode(xn - sae.b_dec, sae.W_enc, sae.b_enc, sae.cfg.k)
+    residual = xn - (sparse_decode(values, indices, sae.W_dec) + sae.b_dec)  # [n, d]
+    err = residual.pow(2).sum(1)  # [n]
+    pick = torch.multinomial(err / err.sum(), len(idx), replacement=len(idx) > len(err), generator=gen)
+    directions = residual[pick] / residual[pick].norm(dim=1, keepdim=True).clamp_min(1e-12)  # [n_dead, d]
+    live = ~dead
+    enc_norm = sae.W_enc[:, live].norm(dim=0).mean() if live.any() else torch.tensor(1.0)
+    sae.W_dec[idx] = directions
+    sae.W_enc[:, idx] = directions.t() * enc_norm
+    sae.b_enc[idx] = 0.0
+    for p, sl in ((sae.W_dec, (idx,)), (sae.W_enc, (slice(None), idx)), (sae.b_enc, (idx,))):
+        state = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][sl] = 0.0
+
+
 def _paper_step(sae: SparseAutoencoder, xn: torch.Tensor, bf16: bool):
     """Forward + loss for the Linear-ReLU-Linear SAE. Returns (loss, mse, l1, fired, active)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -218,6 +250,12 @@ def train_sae(
     with torch.no_grad():
         xs = init_sample / scale
         sae.b_dec.copy_(xs.mean(0) if train_cfg.init_b_dec == "mean" else geometric_median(xs))
+        if train_cfg.init_decoder == "data":  # every latent starts on a real (centred) input direction
+            idx = torch.randint(len(xs), (sae_cfg.d_sae,), generator=gen)
+            rows = xs[idx] - sae.b_dec  # [d_sae, d_in]
+            rows /= rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            sae.W_dec.copy_(rows)
+            sae.W_enc.copy_(rows.t())
 
     topk = sae_cfg.architecture == "topk"
     lr = train_cfg.resolved_lr(sae_cfg)
@@ -226,6 +264,7 @@ def train_sae(
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     total = min(filter(None, (total_steps, train_cfg.max_steps)), default=None)
     steps_since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long)  # [d_sae]
+    resample_steps = {max(1, int(f * total)) for f in train_cfg.resample_at} if total else set()
 
     hist: dict = {"step": [], "loss": [], "mse": [], "aux_loss": [], "l0": []}
     window = torch.zeros(4, dtype=torch.float64)  # running sums of loss, mse, aux, l0
@@ -267,6 +306,11 @@ def train_sae(
 
         steps_since_fired += 1
         steps_since_fired[fired] = 0
+        if topk and total and step + 1 in resample_steps:
+            dead = steps_since_fired >= min(train_cfg.dead_steps_threshold, step + 1)
+            if dead.any():
+                resample_dead_latents(sae, opt, xn, dead, gen)
+                steps_since_fired[dead] = 0
         step += 1
         num_tokens += xn.shape[0]
         window += torch.tensor([loss.item(), mse.item(), aux.item(), n_active / xn.shape[0]], dtype=torch.float64)

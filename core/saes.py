@@ -47,9 +47,9 @@ class SAEsConfig:
     input: str = "tokens"  # "tokens" (default) or "mean_pooled" (what the paper's code trained on)
     epochs: float = 3.0  # passes over the train-split tokens (paper: 10)
     init_tokens: int = 20000  # tokens used to fix the input scale and initialise the decoder bias
-    splice_examples: int = 400  # test texts used for spliced accuracy / KL (0 = skip the splice check)
+    splice_examples: int = 200  # test texts used for spliced accuracy / KL (0 = skip the splice check)
     # optimiser settings (lr, batch size, AuxK, bf16...); TopK defaults tuned on MiniLM/IMDb (README, "SAE quality")
-    training: SAETrainingConfig = field(default_factory=lambda: SAETrainingConfig(lr=4e-3, batch_size=2048))
+    training: SAETrainingConfig = field(default_factory=lambda: SAETrainingConfig(lr=4e-3, batch_size=2048, dead_steps_threshold=25))
 
 
 def default_layers(num_blocks: int) -> list[int]:

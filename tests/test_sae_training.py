@@ -139,3 +139,25 @@ def test_default_learning_rates():
     assert SAETrainingConfig().resolved_lr(SAEConfig(d_in=384, d_sae=1536)) == pytest.approx(6.53e-4, rel=1e-3)
     assert SAETrainingConfig().resolved_lr(SAEConfig(d_in=384, d_sae=1536, architecture="paper")) == 2e-5
     assert SAETrainingConfig(lr=1e-3).resolved_lr(SAEConfig(d_in=384, d_sae=1536)) == 1e-3
+
+
+def test_resampling_gives_dead_latents_fresh_unit_directions():
+    from core.sae import SAEConfig, SparseAutoencoder
+    from core.sae_training import resample_dead_latents
+
+    gen = torch.Generator().manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(d_in=8, d_sae=16, k=2), generator=gen)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    x = torch.randn(64, 8, generator=gen)
+    loss = sae(x)[0].pow(2).sum()
+    loss.backward()
+    opt.step()  # creates Adam state
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[[3, 7]] = True
+    before = sae.W_dec.detach().clone()
+    resample_dead_latents(sae, opt, x, dead, gen)
+    assert torch.equal(sae.W_dec[~dead], before[~dead])  # live latents untouched
+    assert not torch.allclose(sae.W_dec[dead], before[dead])
+    torch.testing.assert_close(sae.W_dec[dead].norm(dim=1), torch.ones(2))
+    assert (sae.b_enc[dead] == 0).all()
+    assert (opt.state[sae.W_dec]["exp_avg"][dead] == 0).all() and (opt.state[sae.W_dec]["exp_avg"][~dead] != 0).any()
