@@ -45,7 +45,8 @@ class FeaturesConfig:
     window: int = 8  # context tokens kept on each side of a top token
     kept_threshold: float = 0.7  # matched decoder cosine at or above which a feature counts as kept
     shifted_threshold: float = 0.4  # below kept but at or above this: shifted; below: lost (pre) / new (fine-tuned)
-    effect_examples: int = 100  # test texts used to estimate logit effects (0 = skip)
+    effect_examples: int = 64  # test texts used to estimate logit effects (0 = skip)
+    seed_baseline: bool = True  # also match the pre-trained SAE against one retrained with another seed: the noise floor of matching
 
 
 # ------------------------------------------------------------------ computing
@@ -165,9 +166,29 @@ def run_features(run: RunFolder, cfg: FeaturesConfig, progress: bool = True) -> 
         alive = [load_stats(run, m, layer)["density"] > 0 for m in MODELS]
         res = match_features(pre.W_dec.detach(), ft.W_dec.detach(), kept_threshold=cfg.kept_threshold, shifted_threshold=cfg.shifted_threshold, alive_a=alive[0], alive_b=alive[1])
         summary = {"layer": layer, "kept": res.kept, "shifted": res.shifted, "new": res.new, "lost": res.lost, "counts": res.counts, "kept_threshold": cfg.kept_threshold, "shifted_threshold": cfg.shifted_threshold}
+        if cfg.seed_baseline:
+            base = seed_baseline(run, pre, layer, cfg)
+            summary.update({f"baseline_{k}": getattr(base, k) for k in ("kept", "shifted", "new", "lost")})
         write_json(run.matching_path(layer), {**summary, "partner_of_pretrained": res.partner_of_a, "partner_of_finetuned": res.partner_of_b, "similarity_of_pretrained": np.nan_to_num(res.similarity_of_a, nan=-2.0), "similarity_of_finetuned": np.nan_to_num(res.similarity_of_b, nan=-2.0), "status_of_pretrained": res.status_of_a.tolist(), "status_of_finetuned": res.status_of_b.tolist()})
         matching.append(summary)
     return {"matching": matching}
+
+
+def seed_baseline(run: RunFolder, pre: SparseAutoencoder, layer: int, cfg: FeaturesConfig):
+    """Match the pre-trained SAE against a twin trained on the same activations with another seed.
+
+    Two SAEs of the *same* activations already disagree on many features; fractions of
+    pre-trained vs fine-tuned matching mean something only where they differ from this floor.
+    """
+    import dataclasses
+
+    from core.config import load_config
+    from core.saes import train_one
+
+    saes_cfg = load_config(base=run.manifest()["config"]).saes
+    twin_cfg = dataclasses.replace(saes_cfg, training=dataclasses.replace(saes_cfg.training, seed=saes_cfg.training.seed + 7777))
+    twin, _ = train_one(run, twin_cfg, "pretrained", layer, ActivationStore(run, "train"), pre.cfg.hook_name, progress=False)
+    return match_features(pre.W_dec.detach(), twin.W_dec.detach(), kept_threshold=cfg.kept_threshold, shifted_threshold=cfg.shifted_threshold)
 
 
 # ------------------------------------------------------------------ reading back (dashboard, analyze)

@@ -78,6 +78,6 @@ def format_report(rep: dict) -> str:
         rows = [[s["model"], s["layer"], s["architecture"], s["d_sae"], s["l0"], s["fvu"], s["dead_fraction"], s.get("accuracy_spliced", float("nan")), s.get("fvu_on_finetuned", "")] for s in rep["saes"]]
         out += ["", "Sparse autoencoders (held-out tokens)", _table(rows, ["model", "layer", "arch", "d_sae", "L0", "FVU", "dead", "acc spliced", "FVU on ft"])]
     if rep.get("matching"):
-        rows = [[m["layer"], m["kept"], m["shifted"], m["new"], m["lost"]] for m in rep["matching"]]
-        out += ["", "Feature matching, pre-trained -> fine-tuned", _table(rows, ["layer", "kept", "shifted", "new", "lost"])]
+        rows = [[m["layer"], m["kept"], m["shifted"], m["new"], m["lost"], m.get("baseline_kept", ""), m.get("baseline_lost", "")] for m in rep["matching"]]
+        out += ["", "Feature matching, pre-trained -> fine-tuned (baseline: pre-trained vs a retrained seed)", _table(rows, ["layer", "kept", "shifted", "new", "lost", "base kept", "base lost"])]
     return "\n".join(out)
