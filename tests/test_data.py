@@ -85,3 +85,11 @@ def test_run_data_writes_splits_atomically(tmp_path):
     assert set(record["rows"]) == {"train", "val", "test"}
     assert run.labels() == ["negative", "positive"]
     assert not list(run.root.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("name, classes", [("bbc_news", 5), ("clothing_reviews", 5), ("rotten_tomatoes", 2)])
+def test_other_builtin_sources(name, classes):
+    splits, names = prepare(DataConfig(dataset=name, max_rows=300))
+    assert len(names) == classes
+    assert sum(len(f) for f in splits.values()) == 300
+    assert splits["train"]["label"].nunique() == classes
