@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from core.data import load_split
 from core.errors import LayerscopeError
-from core.models import ModelConfig, encode, load_classifier, load_tokenizer, num_hidden_states, quiet_transformers
+from core.models import ModelConfig, encode, load_classifier, load_tokenizer, num_hidden_states, pad_batch, quiet_transformers
 from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -94,16 +94,6 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
         out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     return out.hidden_states
-
-
-def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, ids))
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for r, x in enumerate(ids):
-        input_ids[r, : len(x)] = torch.as_tensor(x)
-        mask[r, : len(x)] = 1
-    return input_ids, mask
 
 
 def _extract_shard(models: dict, tokenizer, ids, example_ids, batches, cfg: ActivationsConfig) -> tuple[dict, dict]:

@@ -16,7 +16,7 @@ from core.data import DataConfig, clean_text
 from core.errors import LayerscopeError
 from core.models import encode, load_classifier, load_tokenizer, quiet_transformers
 from core.runfolder import MODELS, RunFolder
-from core.sae import SparseAutoencoder, check_compatible
+from core.sae import SparseAutoencoder, check_compatible, topk_rows
 
 MAX_TEXT_CHARS = 5000
 
@@ -32,6 +32,7 @@ class Bundle:
     labels: list[str]
     config: dict  # the run's resolved config
     rankings: dict = field(default_factory=dict)  # (model, layer, by) -> LongTensor, filled lazily
+    stacks: list = field(default_factory=list, repr=False)  # SAE weights stacked for one batched encode, filled lazily
 
     @property
     def num_layers(self) -> int:
@@ -124,10 +125,101 @@ def top_features(bundle: Bundle, state: SentenceState, model: str, layer: int, t
     return [{"feature": int(f), "activations": z[:, f].tolist()} for f in order[:top]]
 
 
+@dataclass
+class _Stack:
+    """SAEs of one shape and architecture, weights stacked along a leading axis of size S."""
+
+    keys: list  # [(model, layer)] in stacking order
+    architecture: str
+    k: int
+    W_enc: torch.Tensor  # [S, d_in, d_sae]
+    b_enc: torch.Tensor  # [S, 1, d_sae]
+    b_dec: torch.Tensor  # [S, 1, d_in] (subtracted before encoding: topk only)
+    scale: torch.Tensor  # [S, 1, 1] normalization_scale
+
+
+def _stacks(bundle: Bundle) -> list[_Stack]:
+    """Group the bundle's SAEs by (architecture, k, d_in, d_sae) and stack their encoder weights (cached)."""
+    ident = [(key, id(sae)) for key, sae in sorted(bundle.saes.items())]
+    if bundle.stacks and bundle.stacks[0] == ident:
+        return bundle.stacks[1]
+    groups: dict = {}
+    for key, sae in sorted(bundle.saes.items()):
+        c = sae.cfg
+        groups.setdefault((c.architecture, c.k if c.architecture == "topk" else 0, c.d_in, c.d_sae, sae.W_enc.dtype), []).append(key)
+    stacks = []
+    with torch.no_grad():
+        for (arch, k, _, _, dtype), keys in groups.items():
+            saes = [bundle.saes[key] for key in keys]
+            stacks.append(_Stack(
+                keys=keys,
+                architecture=arch,
+                k=k,
+                W_enc=torch.stack([s.W_enc for s in saes]).contiguous(),
+                b_enc=torch.stack([s.b_enc for s in saes])[:, None, :],
+                b_dec=torch.stack([s.b_dec for s in saes])[:, None, :],
+                scale=torch.tensor([s.cfg.normalization_scale for s in saes], dtype=dtype)[:, None, None],
+            ))
+    bundle.stacks = [ident, stacks]
+    return stacks
+
+
+@torch.no_grad()
+def _encode_stack(st: _Stack, state: SentenceState) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Every SAE of ``st`` on its own model's hidden states, in one batched matmul: the operations of
+    ``SparseAutoencoder.encode`` applied SAE by SAE. Returns (dense latents ``[S, T, d_sae]``, None, None)
+    for ReLU SAEs and (None, values, indices) ``[S, T, k]`` for TopK ones (dense = 0 elsewhere)."""
+    x = torch.stack([state.hidden[m][layer] for m, layer in st.keys]).to(st.W_enc.dtype) / st.scale  # [S, T, d]
+    if st.architecture == "topk":
+        x = x - st.b_dec
+    pre = torch.baddbmm(st.b_enc, x, st.W_enc)  # [S, T, m] = x @ W_enc + b_enc
+    S, T, m = pre.shape
+    if st.architecture != "topk":
+        return torch.relu(pre), None, None
+    values, indices = topk_rows(pre.view(S * T, m), st.k)
+    return None, values.relu().view(S, T, -1), indices.view(S, T, -1)
+
+
+def _variance_over_tokens(values: torch.Tensor, indices: torch.Tensor, m: int) -> torch.Tensor:
+    """Unbiased variance over tokens of the dense TopK latents ``[S, T, m]`` given by (values, indices)
+    ``[S, T, k]``: ``z.var(1)`` computed over the k active entries per token only (two-pass, float64)."""
+    S, T, _ = values.shape
+    v = values.reshape(S, -1).double()  # [S, T*k]
+    flat = indices.reshape(S, -1)
+    mean = torch.zeros(S, m, dtype=torch.float64).scatter_add_(1, flat, v) / T  # [S, m]
+    dev = v - mean.gather(1, flat)  # active entries minus their column mean
+    active = torch.zeros(S, m, dtype=torch.float64).scatter_add_(1, flat, torch.ones_like(v))
+    ss = torch.zeros(S, m, dtype=torch.float64).scatter_add_(1, flat, dev * dev) + (T - active) * mean * mean  # each zero adds mean^2
+    return (ss / (T - 1)).float() if T > 1 else torch.full((S, m), float("nan"))
+
+
+def _all_top_features(bundle: Bundle, state: SentenceState, top: int, by: str) -> dict:
+    """{(model, layer): [{"feature", "activations"}]} for every SAE: what ``top_features`` returns SAE by SAE."""
+    out = {}
+    for st in _stacks(bundle):
+        z, values, indices = _encode_stack(st, state)
+        orders = [feature_order(bundle, m, layer, by) for m, layer in st.keys]
+        if any(o is None for o in orders):  # no dataset statistics yet: rank by variance over this sentence
+            var = z.var(1) if z is not None else _variance_over_tokens(values, indices, st.W_enc.shape[2])
+            by_var = torch.argsort(var, dim=1, descending=True, stable=True)
+            orders = [o if o is not None else by_var[i] for i, o in enumerate(orders)]
+        feats = torch.stack([o[:top] for o in orders])  # [S, top]
+        if z is not None:
+            acts = z.gather(2, feats[:, None, :].expand(-1, z.shape[1], -1))  # [S, T, top]
+        else:  # a latent appears at most once among a token's k indices: the sum picks its value or 0
+            hit = indices.unsqueeze(3) == feats[:, None, None, :]  # [S, T, k, top]
+            acts = (values.unsqueeze(3) * hit).sum(2)  # [S, T, top]
+        acts = acts.transpose(1, 2).tolist()  # [S][top][T]
+        for i, key in enumerate(st.keys):
+            out[key] = [{"feature": f, "activations": a} for f, a in zip(feats[i].tolist(), acts[i])]
+    return out
+
+
 def analyze_text(bundle: Bundle, text: str, top: int = 5, rank_by: str = "variance", clean: bool = True, state: SentenceState | None = None) -> dict:
     """The full per-sentence analysis (``python -m core analyze --json``)."""
     state = state or sentence_state(bundle, text, clean)
     ranked = all(feature_order(bundle, m, l, rank_by) is not None for m, l in bundle.saes)
+    features = _all_top_features(bundle, state, top, rank_by)
     return {
         "text": state.text,
         "tokens": state.tokens,
@@ -138,7 +230,7 @@ def analyze_text(bundle: Bundle, text: str, top: int = 5, rank_by: str = "varian
             "probabilities": dict(zip(bundle.labels, state.probabilities)),
         },
         "ranking": rank_by if ranked else f"{rank_by} over this sentence (run the features step for dataset-level rankings)",
-        "saes": [{"model": m, "layer": l, "features": top_features(bundle, state, m, l, top, rank_by)} for m, l in sorted(bundle.saes, key=lambda k: (MODELS.index(k[0]), k[1]))],
+        "saes": [{"model": m, "layer": l, "features": features[(m, l)]} for m, l in sorted(bundle.saes, key=lambda k: (MODELS.index(k[0]), k[1]))],
     }
 
 

@@ -27,11 +27,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from core.activations import ActivationStore, pad_batch
+from core.activations import ActivationStore
 from core.data import load_split
 from core.errors import LayerscopeError
 from core.features import FeatureStats, FeatureStatsAccumulator, match_features, rank_features
-from core.models import hidden_state_module, load_classifier, load_tokenizer
+from core.models import hidden_state_module, load_classifier, load_tokenizer, pad_batch
 from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
 from core.sae import SparseAutoencoder
 from core.saes import load_sae

@@ -23,7 +23,7 @@ from sklearn.metrics import accuracy_score, classification_report, f1_score
 
 from core.data import load_split
 from core.errors import LayerscopeError
-from core.models import ModelConfig, encode, load_classifier, load_tokenizer, quiet_transformers
+from core.models import ModelConfig, encode, load_classifier, load_tokenizer, predict_proba, quiet_transformers
 from core.runfolder import RunFolder, atomic_path, write_json
 
 
@@ -60,29 +60,6 @@ def bf16_supported() -> bool:
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-@torch.no_grad()
-def predict_proba(model, tokenizer, ids: list[list[int]], batch_size: int = 64, bf16: bool = False) -> np.ndarray:
-    """Class probabilities [n, C], batches of similar length (sorted), returned in input order."""
-    model.eval()
-    device = next(model.parameters()).device
-    order = np.argsort([len(x) for x in ids], kind="stable")
-    out = np.zeros((len(ids), model.config.num_labels), dtype=np.float32)
-    pad = tokenizer.pad_token_id or 0
-    for start in range(0, len(ids), batch_size):
-        idx = order[start : start + batch_size]
-        batch = [ids[i] for i in idx]
-        width = max(map(len, batch))
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, x in enumerate(batch):
-            input_ids[r, : len(x)] = torch.tensor(x)
-            mask[r, : len(x)] = 1
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-        out[idx] = torch.softmax(logits.float(), -1).cpu().numpy()
-    return out
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> dict:
@@ -166,8 +143,8 @@ def run_finetune(run: RunFolder, cfg: FinetuneConfig, model_cfg: ModelConfig) ->
     t0 = time.perf_counter()
     evals = {}
     for name, m in (("pretrained", pretrained), ("finetuned", model)):
-        proba = predict_proba(m.cpu() if not torch.cuda.is_available() else m, tokenizer, test_ids, cfg.eval_batch_size, bf16=False)
-        evals[name] = classification_metrics(y, proba.argmax(1), names)
+        proba = predict_proba(m, test_ids, tokenizer.pad_token_id, cfg.eval_batch_size)
+        evals[name] = classification_metrics(y, proba.argmax(1).numpy(), names)
     eval_seconds = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics = {

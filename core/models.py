@@ -125,6 +125,33 @@ def encode(tokenizer, texts: list[str], max_length: int, truncation: str = "head
     return out
 
 
+def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists to the longest one: (input_ids, attention_mask), both [batch, seq]."""
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for r, x in enumerate(ids):
+        input_ids[r, : len(x)] = torch.as_tensor(x)
+        mask[r, : len(x)] = 1
+    return input_ids, mask
+
+
+@torch.no_grad()
+def predict_proba(model, ids: list[list[int]], pad_id: int, batch_size: int = 64, bf16: bool = False) -> torch.Tensor:
+    """Class probabilities [n, C] in input order; texts batched by similar length (sorted)."""
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = torch.zeros(len(ids), model.config.num_labels)
+    for start in range(0, len(ids), batch_size):
+        idx = order[start : start + batch_size]
+        input_ids, mask = pad_batch([ids[i] for i in idx], pad_id)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+        out[idx] = torch.softmax(logits.float(), -1).cpu()
+    return out
+
+
 def special_mask(tokenizer, ids: list[int]) -> list[int]:
     return tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True)
 

@@ -22,14 +22,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from core.activations import ActivationStore, pad_batch
+from core.activations import ActivationStore
 from core.data import load_split
 from core.errors import LayerscopeError
-from core.models import ModelConfig, encode, hidden_state_module, load_classifier, load_tokenizer, quiet_transformers
+from core.models import ModelConfig, encode, hidden_state_module, load_classifier, load_tokenizer, predict_proba, quiet_transformers
 from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
 from core.sae import SAEConfig, SparseAutoencoder
 from core.sae_metrics import evaluate_sae
@@ -91,27 +90,11 @@ def splice(model, layer: int, sae: SparseAutoencoder):
         handle.remove()
 
 
-@torch.no_grad()
-def class_probabilities(model, ids: list[list[int]], pad_id: int, batch_tokens: int = 8192, bf16: bool = True) -> torch.Tensor:
-    """[n, C] probabilities in input order, length-sorted batches (bf16 autocast: reference and
-    spliced runs use the same precision, so KL measures the splice, not rounding)."""
-    order = np.argsort([-len(x) for x in ids], kind="stable")
-    out = torch.zeros(len(ids), model.config.num_labels)
-    start = 0
-    while start < len(order):
-        width = len(ids[order[start]])
-        size = max(1, batch_tokens // width)
-        idx = order[start : start + size]
-        input_ids, mask = pad_batch([ids[i] for i in idx], pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=input_ids, attention_mask=mask).logits
-        out[torch.as_tensor(idx)] = torch.softmax(logits.float(), -1)
-        start += size
-    return out
-
-
 def fidelity(p_ref: torch.Tensor, p_spliced: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Accuracy of the spliced model and mean KL(p_ref || p_spliced) over examples."""
+    """Accuracy of the spliced model and mean KL(p_ref || p_spliced) over examples.
+
+    Reference and spliced probabilities both come from bf16-autocast passes, so the KL measures
+    the splice, not rounding."""
     kl = (p_ref * (p_ref.clamp_min(1e-12).log() - p_spliced.clamp_min(1e-12).log())).sum(-1)
     return {"accuracy": float((p_spliced.argmax(-1) == labels).float().mean()), "kl": float(kl.mean())}
 
@@ -171,7 +154,7 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
     ids = encode(tokenizer, labels_all["text"].tolist(), model_cfg.max_length, model_cfg.truncation)
     y = torch.tensor(labels_all["label"].tolist())
     classifiers = {m: load_classifier(str(run.model_dir(m))).eval() for m in MODELS}
-    reference = {m: class_probabilities(classifiers[m], ids, tokenizer.pad_token_id) for m in MODELS} if cfg.splice_examples else {}
+    reference = {m: predict_proba(classifiers[m], ids, tokenizer.pad_token_id, bf16=True) for m in MODELS} if cfg.splice_examples else {}
 
     summaries = []
     jobs = [(m, l) for m in MODELS for l in layers]
@@ -190,11 +173,11 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
             metrics["fvu_on_finetuned"] = evaluate_sae(sae, test.iter_layer("finetuned", layer))["fvu"]
         if cfg.splice_examples:
             with splice(classifiers[model], layer, sae):
-                f = fidelity(reference[model], class_probabilities(classifiers[model], ids, tokenizer.pad_token_id), y)
+                f = fidelity(reference[model], predict_proba(classifiers[model], ids, tokenizer.pad_token_id, bf16=True), y)
             metrics.update(accuracy_spliced=f["accuracy"], kl_spliced=f["kl"], accuracy_original=float((reference[model].argmax(-1) == y).float().mean()))
             if model == "pretrained":  # drift: the pre-trained dictionary inside the fine-tuned classifier
                 with splice(classifiers["finetuned"], layer, sae):
-                    f = fidelity(reference["finetuned"], class_probabilities(classifiers["finetuned"], ids, tokenizer.pad_token_id), y)
+                    f = fidelity(reference["finetuned"], predict_proba(classifiers["finetuned"], ids, tokenizer.pad_token_id, bf16=True), y)
                 metrics.update(accuracy_spliced_into_finetuned=f["accuracy"], kl_spliced_into_finetuned=f["kl"])
         metrics["training"] = {k: history[k] for k in ("num_steps", "num_tokens", "tokens_per_second", "dead_fraction", "lr", "normalization_scale")}
         metrics["loss_curve"] = {"step": history["step"], "mse": history["mse"], "l0": history["l0"]}
