@@ -1,0 +1,72 @@
+"""The benchmark suite: ``python -m bench --quick`` runs every benchmark and writes a complete results.json.
+
+No timing is asserted anywhere: the quick mode runs on tiny inputs and its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench.common import SECTIONS, Figure, Results, Section, Context
+from bench.growth import markdown, svg
+from tests.conftest import ROOT
+
+
+def test_quick_run_writes_every_benchmark_with_a_baseline_and_a_ratio(tmp_path):
+    out = tmp_path / "out" / "results.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out), "--work", str(tmp_path / "work")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    res = json.loads(out.read_text())
+    assert res["meta"]["quick"] is True
+    assert res["meta"]["threads"] == 2 and res["meta"]["torch"].startswith("2.") and res["meta"]["cpu"]
+    assert list(res["benchmarks"]) == list(SECTIONS)
+    for name, bench in res["benchmarks"].items():
+        assert bench["figures"], f"{name} has no figures: {bench['notes']}"
+        for f in bench["figures"]:
+            assert f["baseline_name"], (name, f["name"])
+            assert math.isfinite(f["value"]) and math.isfinite(f["baseline"]) and f["baseline"] > 0, (name, f)
+            assert math.isfinite(f["ratio"]), (name, f)
+            assert f["passed"] in (True, False, None)
+            assert (f["passed"] is None) == (f["target"] is None)
+    assert (out.parent / "growth.md").is_file()
+    assert (out.parent / "growth.png").is_file() or (out.parent / "growth.svg").is_file()
+    assert "extraction" in proc.stdout and "ratio" in proc.stdout  # the printed table
+
+
+def test_only_rejects_unknown_names(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench", "--only", "nope", "--out", str(tmp_path / "r.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown benchmark nope" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("target", "value", "baseline", "passed"),
+    [("ratio >= 6", 60.0, 10.0, True), ("ratio >= 6", 50.0, 10.0, False), ("ratio <= 1.15", 1.1, 1.0, True), ("value <= 5", 4.0, 100.0, True), ("abs(value - baseline) <= 0.01", 0.305, 0.3, True), ("abs(value - baseline) <= 0.01", 0.32, 0.3, False), (None, 1.0, 2.0, None)],
+)
+def test_figure_ratio_and_target(target, value, baseline, passed):
+    f = Figure("x", value, "u", baseline, "b", target=target)
+    assert f.ratio == pytest.approx(value / baseline) and f.passed is passed
+
+
+def test_results_table_and_json(tmp_path):
+    results = Results(Context(quick=True), "python -m bench --quick")
+    sec = Section("extraction", "d")
+    sec.add("speed", 12.0, "tok/s", 2.0, "paper loop", target="ratio >= 6")
+    results.add(sec)
+    results.write(tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["benchmarks"]["extraction"]["figures"][0]["ratio"] == 6.0 and data["benchmarks"]["extraction"]["figures"][0]["passed"] is True
+    assert "PASS" in results.table() and "paper loop" in results.table()
+
+
+def test_growth_svg_and_markdown():
+    points = [{"tokens": t, "extraction_s": t / 1e4, "extraction_rss_mb": 900.0, "sae_s": t / 1e5, "sae_rss_mb": 700.0, "sae_tokens": t} for t in (100_000, 500_000, 1_000_000)]
+    text = svg(points)
+    assert text.startswith("<svg") and text.count("<polyline") == 4
+    assert markdown(points).count("\n") == 5
