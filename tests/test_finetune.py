@@ -48,7 +48,7 @@ def test_two_process_gloo_run(tmp_path, tiny_model, tiny_csv):
     base = [sys.executable, "-m", "core"]
     opts = ["--run", str(run), "--preset", "tiny", "--model", str(tiny_model), "--dataset", str(tiny_csv), "--set", "finetune.bf16=false", "--epochs", "2"]
     subprocess.run([*base, "data", *opts], check=True, env=env, cwd=ROOT, capture_output=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "core", "--"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "core", "--"]
     out = subprocess.run([*torchrun, "finetune", "--run", str(run)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.loads(RunFolder(run).finetune_metrics_path.read_text())
