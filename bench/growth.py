@@ -59,6 +59,8 @@ def run(ctx: Context, sizes: tuple[float, ...] | None = None, plot_dir: Path | N
             "sae_tokens": sae["tokens"],
             "sae_s": sae["seconds"],
             "sae_rss_mb": sae["peak_rss_mb"],
+            "extraction_cpu_s": ext["cpu_seconds"],
+            "sae_cpu_s": sae["cpu_seconds"],
         })
 
     small, large = points[0], points[-1]
