@@ -38,12 +38,21 @@ STEPS = ("data", "finetune", "activations", "similarity", "saes", "features")
 
 
 # ---------------------------------------------------------------- atomic writes
+def file_mode() -> int:
+    """Permissions a plain ``open()`` would give a new file (0666 minus the umask); mkstemp's
+    temporary files are 0600, which would make a shared run folder unreadable to others."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -40,6 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from core.errors import LayerscopeError
+from core.runfolder import file_mode
 
 FORMAT = "layerscope-sae-1"
 CFG_FILE = "cfg.json"
@@ -159,11 +160,18 @@ def _quiet_sparse():
 
 
 class _TopKEncode(torch.autograd.Function):
-    """(values, indices) = ReLU(TopK_k(xc @ W_enc + b_enc)) with a sparse backward."""
+    """(values, indices) = ReLU(TopK_k((xn - b_dec) @ W_enc + b_enc)) with a sparse backward.
+
+    ``xn`` is data (no gradient). The gradient reaching ``b_dec`` through the encoder is
+    ``-sum_t grad_pre[t] @ W_enc^T = -grad_b_enc @ W_enc^T``: one [m] x [m, d] product instead
+    of a sparse [n, m] x [m, d] one and a sum over tokens.
+    """
 
     @staticmethod
-    def forward(ctx, xc, W_enc, b_enc, k: int, bf16: bool):
-        pre = _matmul(xc, W_enc, bf16) + b_enc  # [n, m]
+    def forward(ctx, xn, b_dec, W_enc, b_enc, k: int, bf16: bool):
+        xc = xn - b_dec  # [n, d]
+        pre = _matmul(xc, W_enc, bf16)  # [n, m]; bf16 under an autocast: back to b_enc's dtype
+        pre = pre.to(torch.promote_types(pre.dtype, b_enc.dtype)).add_(b_enc)
         values, indices = topk_rows(pre, k)  # [n, k]
         values = values.relu()
         ctx.save_for_backward(xc, W_enc, values, indices)
@@ -175,15 +183,17 @@ class _TopKEncode(torch.autograd.Function):
         xc, W_enc, values, indices = ctx.saved_tensors
         m = W_enc.shape[1]
         g = (grad_values * (values > 0)).contiguous()  # [n, k] gradient w.r.t. pre-activations
-        grad_xc = grad_W = grad_b = None
-        with _quiet_sparse():
-            if ctx.needs_input_grad[0]:
-                grad_xc = _csr_rows(indices, g, m) @ W_enc.t()  # [n, d]
-            if ctx.needs_input_grad[1]:
-                grad_W = (_csr_cols(indices, g, m) @ xc).t()  # [d, m]
+        if ctx.needs_input_grad[0]:
+            raise RuntimeError("topk_encode passes no gradient to its input activations")
+        grad_bd = grad_W = grad_b = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            grad_b = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, indices.reshape(-1), g.reshape(-1))  # [m]
+        if ctx.needs_input_grad[1]:
+            grad_bd = -(grad_b @ W_enc.t())  # [d]
         if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, indices.reshape(-1), g.reshape(-1))
-        return grad_xc, grad_W, grad_b, None, None
+            with _quiet_sparse():
+                grad_W = (_csr_cols(indices, g, m) @ xc).t()  # [d, m]
+        return None, grad_bd, grad_W, grad_b if ctx.needs_input_grad[3] else None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -210,9 +220,10 @@ class _SparseDecode(torch.autograd.Function):
         return grad_values, None, grad_W
 
 
-def topk_encode(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, bf16: bool = False):
-    """Sparse TopK encoder on centred, normalised input ``xc [n, d]`` -> (values, indices) [n, k]."""
-    return _TopKEncode.apply(xc, W_enc, b_enc, k, bf16)
+def topk_encode(xn: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, bf16: bool = False):
+    """Sparse TopK encoder on normalised input ``xn [n, d]`` (centred by ``b_dec`` inside) ->
+    (values, indices) [n, k]."""
+    return _TopKEncode.apply(xn, b_dec, W_enc, b_enc, k, bf16)
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
@@ -261,7 +272,7 @@ class SparseAutoencoder(nn.Module):
         if self.cfg.architecture != "topk":
             raise ValueError("encode_sparse is only defined for the topk architecture")
         xn = self._normalise(x)
-        return topk_encode(xn - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
+        return topk_encode(xn, self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Raw ``[n, d_in]`` -> dense latents ``[n, d_sae]`` (zeros where inactive)."""
@@ -361,6 +372,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

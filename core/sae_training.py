@@ -39,6 +39,16 @@ from core.errors import LayerscopeError
 from core.sae import SAEConfig, SparseAutoencoder, sparse_decode, topk_encode
 
 
+class DyingLatents(LayerscopeError):
+    """Raised during training once more than ``dead_backoff`` of the latents are dead (checked every
+    ``dead_steps_threshold`` steps): the caller may restart at a lower learning rate."""
+
+    def __init__(self, dead_fraction: float, step: int):
+        super().__init__(f"{dead_fraction:.0%} of the latents were dead at step {step}; lower the learning rate")
+        self.dead_fraction = dead_fraction
+        self.step = step
+
+
 @dataclass
 class SAETrainingConfig:
     lr: float | None = None  # Adam learning rate; None = 2e-4 / sqrt(d_sae / 2**14) for topk, 2e-5 for paper
@@ -53,6 +63,7 @@ class SAETrainingConfig:
     init_b_dec: str = "geometric_median"  # b_dec init from init_sample: "mean" | "geometric_median"
     init_decoder: str = "random"  # decoder rows: "random" unit vectors | "data": unit-norm centred samples of init_sample
     resample_at: list[float] = field(default_factory=lambda: [0.25, 0.5])  # topk: fractions of training at which dead latents are re-initialised ([] = never)
+    dead_backoff: float | None = None  # topk: raise DyingLatents as soon as more than this share of latents is dead (None = never)
     lr_warmup_steps: int = 50  # linear warm-up from 0 to lr over these steps
     lr_decay: float = 0.2  # fraction of total steps at the end with linear decay to 0 (0 = none)
     grad_clip: float | None = None  # clip the global gradient norm to this value (None = off)
@@ -147,7 +158,7 @@ def _lr_factor(step: int, total: int | None, warmup: int, decay: float) -> float
 
 def _topk_step(sae: SparseAutoencoder, xn: torch.Tensor, dead: torch.Tensor, aux_k: int, aux_coef: float, bf16: bool):
     """Forward + loss for TopK. Returns (loss, mse, aux, fired [d_sae] bool, active latents)."""
-    values, indices = topk_encode(xn - sae.b_dec, sae.W_enc, sae.b_enc, sae.cfg.k, bf16)  # [n, k]
+    values, indices = topk_encode(xn, sae.b_dec, sae.W_enc, sae.b_enc, sae.cfg.k, bf16)  # [n, k]
     xn_hat = sparse_decode(values, indices, sae.W_dec) + sae.b_dec  # [n, d]
     denom = xn.numel()
     mse = (xn_hat - xn).pow(2).sum() / denom
@@ -157,7 +168,7 @@ def _topk_step(sae: SparseAutoencoder, xn: torch.Tensor, dead: torch.Tensor, aux
         dead_idx = dead.nonzero().squeeze(1)  # [n_dead]
         k_aux = min(aux_k, n_dead)
         residual = (xn - xn_hat).detach()  # [n, d]
-        v_aux, i_aux = topk_encode(xn - sae.b_dec, sae.W_enc[:, dead_idx], sae.b_enc[dead_idx], k_aux, bf16)
+        v_aux, i_aux = topk_encode(xn, sae.b_dec, sae.W_enc[:, dead_idx], sae.b_enc[dead_idx], k_aux, bf16)
         e_hat = sparse_decode(v_aux, i_aux, sae.W_dec[dead_idx])  # [n, d]
         aux = min(n_dead / aux_k, 1.0) * (e_hat - residual).pow(2).sum() / denom
     loss = mse + aux_coef * aux
@@ -177,7 +188,7 @@ def resample_dead_latents(sae: SparseAutoencoder, opt: torch.optim.Optimizer, xn
     Adam moments are reset.
     """
     idx = dead.nonzero().squeeze(1)  # [n_dead]
-    values, indices = topk_encode(xn - sae.b_dec, sae.W_enc, sae.b_enc, sae.cfg.k)
+    values, indices = topk_encode(xn, sae.b_dec, sae.W_enc, sae.b_enc, sae.cfg.k)
     residual = xn - (sparse_decode(values, indices, sae.W_dec) + sae.b_dec)  # [n, d]
     err = residual.pow(2).sum(1)  # [n]
     pick = torch.multinomial(err / err.sum(), len(idx), replacement=len(idx) > len(err), generator=gen)
@@ -306,6 +317,11 @@ def train_sae(
 
         steps_since_fired += 1
         steps_since_fired[fired] = 0
+        if topk and train_cfg.dead_backoff is not None and (step + 1) % train_cfg.dead_steps_threshold == 0:
+            dead_share = (steps_since_fired >= train_cfg.dead_steps_threshold).double().mean().item()
+            if dead_share > train_cfg.dead_backoff:
+                bar.close()
+                raise DyingLatents(dead_share, step + 1)
         if topk and total and step + 1 in resample_steps:
             dead = steps_since_fired >= min(train_cfg.dead_steps_threshold, step + 1)
             if dead.any():

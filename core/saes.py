@@ -32,7 +32,7 @@ from core.models import ModelConfig, encode, hidden_state_module, load_classifie
 from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
 from core.sae import SAEConfig, SparseAutoencoder
 from core.sae_metrics import evaluate_sae
-from core.sae_training import SAETrainingConfig, train_sae
+from core.sae_training import DyingLatents, SAETrainingConfig, train_sae
 
 
 @dataclass
@@ -47,8 +47,9 @@ class SAEsConfig:
     epochs: float = 3.0  # passes over the train-split tokens (paper: 10)
     init_tokens: int = 20000  # tokens used to fix the input scale and initialise the decoder bias
     splice_examples: int = 200  # test texts used for spliced accuracy / KL (0 = skip the splice check)
+    lr_backoff: float = 4.0  # TopK: when training.dead_backoff trips, restart that SAE at lr / lr_backoff (0 = never restart)
     # optimiser settings (lr, batch size, AuxK, bf16...); TopK defaults tuned on MiniLM/IMDb (README, "SAE quality")
-    training: SAETrainingConfig = field(default_factory=lambda: SAETrainingConfig(lr=4e-3, batch_size=2048, dead_steps_threshold=25))
+    training: SAETrainingConfig = field(default_factory=lambda: SAETrainingConfig(lr=4e-3, batch_size=2048, dead_steps_threshold=25, dead_backoff=0.1))
 
 
 def default_layers(num_blocks: int) -> list[int]:
@@ -136,7 +137,20 @@ def train_one(run: RunFolder, cfg: SAEsConfig, model: str, layer: int, train: Ac
     init = _init_sample(train, model, layer, cfg.init_tokens, pooled, cfg.training.seed)
     # a different initialisation per (model, layer): a shared one would bias matching towards "kept"
     training = dataclasses.replace(cfg.training, seed=cfg.training.seed + 1000 * MODELS.index(model) + layer)
-    return train_sae(sae_cfg, training, batches, init_sample=init, total_steps=total, progress=progress, desc=f"SAE {model} layer {layer}")
+    if not cfg.lr_backoff:
+        training = dataclasses.replace(training, dead_backoff=None)
+    try:
+        return train_sae(sae_cfg, training, batches, init_sample=init, total_steps=total, progress=progress, desc=f"SAE {model} layer {layer}")
+    except DyingLatents as err:
+        dying = err
+    # Too high a learning rate kills latents on low-rank layers (e.g. the last layer of a fine-tuned
+    # classifier): start again, same seed, at a lower rate, and record it in the metrics.
+    lr = training.resolved_lr(sae_cfg) / cfg.lr_backoff
+    training = dataclasses.replace(training, lr=lr, dead_backoff=None)
+    batches = train.iter_batches(model, layer, bs, epochs=cfg.epochs, seed=cfg.training.seed + layer, pooled=pooled)
+    sae, hist = train_sae(sae_cfg, training, batches, init_sample=init, total_steps=total, progress=progress, desc=f"SAE {model} layer {layer} (lr {lr:.1e})")
+    hist["lr_backoff"] = {"dead_fraction": dying.dead_fraction, "at_step": dying.step}
+    return sae, hist
 
 
 def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: bool = True, resume: bool = True) -> dict:
@@ -180,6 +194,7 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
                     f = fidelity(reference["finetuned"], predict_proba(classifiers["finetuned"], ids, tokenizer.pad_token_id, bf16=True), y)
                 metrics.update(accuracy_spliced_into_finetuned=f["accuracy"], kl_spliced_into_finetuned=f["kl"])
         metrics["training"] = {k: history[k] for k in ("num_steps", "num_tokens", "tokens_per_second", "dead_fraction", "lr", "normalization_scale")}
+        metrics["training"]["lr_backoff"] = history.get("lr_backoff")  # set when dying latents forced a restart at a lower lr
         metrics["loss_curve"] = {"step": history["step"], "mse": history["mse"], "l0": history["l0"]}
         metrics["settings_hash"] = settings
         with atomic_path(folder) as tmp:

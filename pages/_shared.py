@@ -11,6 +11,7 @@ Environment:
     LAYERSCOPE_RUN          run folder selected when the session starts (else ``?run=`` or the first run found)
     LAYERSCOPE_CHECKPOINTS  folder searched for runs (default: <repo>/checkpoints)
     LAYERSCOPE_BUILD_ARGS   extra arguments for the background ``python -m core build`` (e.g. ``--preset tiny``)
+    LAYERSCOPE_THREADS      torch threads for the per-sentence work (default: CPU cores - 1, at least 1)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 import streamlit as st
+import torch
 
 from core.errors import LayerscopeError
 from core.runfolder import STEPS, RunFolder
@@ -36,6 +38,23 @@ DEFAULT_RUN_NAME = "default"
 CHART_CONFIG = {"toImageButtonOptions": {"format": "png", "scale": 2}, "displaylogo": False}
 RANKINGS = ("variance", "selectivity", "density")
 MODEL_LABELS = {"pretrained": "pre-trained", "finetuned": "fine-tuned"}
+
+
+
+def dashboard_threads() -> int:
+    """Torch threads for the dashboard's forward passes and SAE encodes.
+
+    One core is left to Streamlit's event loop and, usually on the same machine, the browser
+    drawing the charts: on 2 cores, two torch threads competing with a busy browser made the
+    two forward passes of a sentence 2-3x slower than one thread (``bench/dashboard.py``).
+    """
+    value = os.environ.get("LAYERSCOPE_THREADS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+torch.set_num_threads(dashboard_threads())  # once per server process; the background build is a subprocess with its own
 
 # ----------------------------------------------------------------------------- session-state keys
 KEY_RUN = "ls_run"  # path of the selected run (str) or None

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("LAYERSCOPE_THREADS", str(torch.get_num_threads()))  # importing pages/_shared.py must not slow the rest of the suite
 
 POSITIVE = ["brilliant", "great", "wonderful", "superb", "moving", "delightful", "excellent", "fun"]
 NEGATIVE = ["terrible", "awful", "boring", "dull", "painful", "weak", "bad", "messy"]

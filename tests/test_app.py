@@ -477,3 +477,14 @@ def test_feature_card_tokens_are_escaped(app, features_run, monkeypatch):
     html = "\n".join(m.value for m in at.markdown if "<span" in m.value)
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "&lt;b&gt;x&lt;/b&gt;" in html and "&lt;i&gt;neg&lt;/i&gt;" in html
     assert "<script" not in html and "<b>" not in html and "<i>" not in html
+
+
+def test_dashboard_threads_leave_a_core_to_the_browser(monkeypatch):
+    monkeypatch.setenv("LAYERSCOPE_THREADS", "3")
+    assert shared.dashboard_threads() == 3
+    for value in ("", "zero", "0"):
+        monkeypatch.setenv("LAYERSCOPE_THREADS", value)
+        monkeypatch.setattr(shared.os, "cpu_count", lambda: 2)
+        assert shared.dashboard_threads() == 1
+        monkeypatch.setattr(shared.os, "cpu_count", lambda: 8)
+        assert shared.dashboard_threads() == 7

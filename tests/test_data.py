@@ -93,3 +93,19 @@ def test_other_builtin_sources(name, classes):
     assert len(names) == classes
     assert sum(len(f) for f in splits.values()) == 300
     assert splits["train"]["label"].nunique() == classes
+
+
+def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
+    import os
+
+    from core.runfolder import write_json
+    from core.sae import SAEConfig, SparseAutoencoder
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        SparseAutoencoder(SAEConfig(d_in=4, d_sae=8, k=2)).save(tmp_path / "sae")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "a.json", tmp_path / "sae" / "cfg.json", tmp_path / "sae" / "sae_weights.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o644, path  # mkstemp alone would leave 0o600

@@ -68,7 +68,7 @@ def test_sparse_kernels_match_dense_autograd():
     upstream = torch.randn(n, d, generator=g, dtype=torch.float64)
 
     def sparse(W, b, Wd, bd):
-        v, i = topk_encode(x - bd, W, b, k)
+        v, i = topk_encode(x, bd, W, b, k)
         return sparse_decode(v, i, Wd) + bd
 
     def dense(W, b, Wd, bd):

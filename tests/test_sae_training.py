@@ -161,3 +161,15 @@ def test_resampling_gives_dead_latents_fresh_unit_directions():
     torch.testing.assert_close(sae.W_dec[dead].norm(dim=1), torch.ones(2))
     assert (sae.b_enc[dead] == 0).all()
     assert (opt.state[sae.W_dec]["exp_avg"][dead] == 0).all() and (opt.state[sae.W_dec]["exp_avg"][~dead] != 0).any()
+
+
+def test_dying_latents_stop_training_only_when_asked():
+    from core.sae_training import DyingLatents
+
+    batches = random_batches(n_batches=8)
+    cfg = SAEConfig(d_in=8, d_sae=64, k=1)  # 64 latents, one active per row: most never fire
+    with pytest.raises(DyingLatents) as err:
+        train_sae(cfg, quick(dead_steps_threshold=2, dead_backoff=0.1), batches, init_sample=batches[0], progress=False)
+    assert err.value.dead_fraction > 0.1 and err.value.step % 2 == 0  # checked every dead_steps_threshold steps
+    _, h = train_sae(cfg, quick(dead_steps_threshold=2), batches, init_sample=batches[0], progress=False)
+    assert h["dead_fraction"] > 0.1  # the same run goes to the end without dead_backoff

@@ -162,3 +162,18 @@ def test_empty_activation_shard(run_copy):
     shard = run_copy / "activations" / "train" / "pretrained_00000.safetensors"
     save_file({f"layer_{i}": torch.zeros(0, 32) for i in range(3)}, str(shard))
     assert_user_error(cli("saes", "--run", run_copy, "--force"), "empty")
+
+
+def test_dying_latents_restart_at_a_lower_learning_rate(tiny_run):
+    import dataclasses
+
+    from core.saes import SAEsConfig, train_one
+
+    store = ActivationStore(tiny_run, "train")
+    base = SAEsConfig(k=2, expansion_factor=4, epochs=1)
+    trip = dataclasses.replace(base, training=dataclasses.replace(base.training, batch_size=64, dead_steps_threshold=1, dead_backoff=0.0))
+    _, hist = train_one(tiny_run, trip, "finetuned", 2, store, "bert.encoder.layer.1", progress=False)
+    assert hist["lr_backoff"]["dead_fraction"] > 0 and hist["lr_backoff"]["at_step"] == 1
+    assert hist["lr"] == pytest.approx(base.training.lr / base.lr_backoff)
+    _, hist = train_one(tiny_run, dataclasses.replace(trip, lr_backoff=0), "finetuned", 2, store, "bert.encoder.layer.1", progress=False)
+    assert "lr_backoff" not in hist and hist["lr"] == base.training.lr
