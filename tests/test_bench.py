@@ -28,6 +28,8 @@ def test_quick_run_writes_every_benchmark_with_a_baseline_and_a_ratio(tmp_path):
     assert res["meta"]["threads"] == 2 and res["meta"]["torch"].startswith("2.") and res["meta"]["cpu"]
     assert list(res["benchmarks"]) == list(SECTIONS)
     for name, bench in res["benchmarks"].items():
+        if name == "dashboard" and not bench["figures"] and any(n.startswith("skipped:") for n in bench["notes"]):
+            continue  # no Chromium / playwright on this machine
         assert bench["figures"], f"{name} has no figures: {bench['notes']}"
         for f in bench["figures"]:
             assert f["baseline_name"], (name, f["name"])
