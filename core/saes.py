@@ -133,22 +133,24 @@ def train_one(run: RunFolder, cfg: SAEsConfig, model: str, layer: int, train: Ac
     )
     bs = cfg.training.batch_size
     total = train.num_batches(bs, cfg.epochs, pooled)
-    batches = train.iter_batches(model, layer, bs, epochs=cfg.epochs, seed=cfg.training.seed + layer, pooled=pooled)
     init = _init_sample(train, model, layer, cfg.init_tokens, pooled, cfg.training.seed)
+
+    def attempt(training: SAETrainingConfig, desc: str):
+        batches = train.iter_batches(model, layer, bs, epochs=cfg.epochs, seed=cfg.training.seed + layer, pooled=pooled)
+        return train_sae(sae_cfg, training, batches, init_sample=init, total_steps=total, progress=progress, desc=desc)
+
     # a different initialisation per (model, layer): a shared one would bias matching towards "kept"
     training = dataclasses.replace(cfg.training, seed=cfg.training.seed + 1000 * MODELS.index(model) + layer)
     if not cfg.lr_backoff:
         training = dataclasses.replace(training, dead_backoff=None)
     try:
-        return train_sae(sae_cfg, training, batches, init_sample=init, total_steps=total, progress=progress, desc=f"SAE {model} layer {layer}")
+        return attempt(training, f"SAE {model} layer {layer}")
     except DyingLatents as err:
         dying = err
     # Too high a learning rate kills latents on low-rank layers (e.g. the last layer of a fine-tuned
-    # classifier): start again, same seed, at a lower rate, and record it in the metrics.
+    # classifier): start again, same seed and data order, at a lower rate, and record it.
     lr = training.resolved_lr(sae_cfg) / cfg.lr_backoff
-    training = dataclasses.replace(training, lr=lr, dead_backoff=None)
-    batches = train.iter_batches(model, layer, bs, epochs=cfg.epochs, seed=cfg.training.seed + layer, pooled=pooled)
-    sae, hist = train_sae(sae_cfg, training, batches, init_sample=init, total_steps=total, progress=progress, desc=f"SAE {model} layer {layer} (lr {lr:.1e})")
+    sae, hist = attempt(dataclasses.replace(training, lr=lr, dead_backoff=None), f"SAE {model} layer {layer} (lr {lr:.1e})")
     hist["lr_backoff"] = {"dead_fraction": dying.dead_fraction, "at_step": dying.step}
     return sae, hist
 
