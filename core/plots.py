@@ -43,6 +43,23 @@ def _layout(fig: go.Figure, title: str = "", height: int | None = None) -> go.Fi
     return fig
 
 
+def _token_axis_margins(fig: go.Figure, tokens: Sequence[str], rows: Sequence[str]) -> None:
+    """Margins sized from the longest labels instead of measured by the browser.
+
+    Plotly's default template turns ``automargin`` on, so the browser measures every tick label's
+    box on each redraw; with 64 rotated token labels per chart that was the largest part of the
+    sentence explorer's update time (``bench/dashboard.py``). At Plotly's 12 px font a character
+    is at most ~7 px wide, and a label rotated by -45 degrees reaches ~0.71 of its width down (6 px per character, with room to spare)
+    (and, for the first token, left).
+    """
+    chars = lambda labels: max((len(html.unescape(str(t))) for t in labels), default=1)  # noqa: E731
+    down = 16 + int(6 * chars(tokens))
+    left = 14 + max(int(7 * chars(rows)), int(5 * len(html.unescape(str(tokens[0])))) if tokens else 0)
+    fig.update_xaxes(automargin=False)
+    fig.update_yaxes(automargin=False)
+    fig.update_layout(margin={"l": left, "b": down})
+
+
 # ----------------------------------------------------------------------------- layer similarity
 def layer_positions(rows: Sequence[Mapping], normalise_depth: bool) -> list[float]:
     """x positions of similarity rows: the hidden-state index, or index / number of layers."""
@@ -188,7 +205,9 @@ def token_heatmap(
     fig.update_xaxes(tickmode="array", tickvals=list(range(len(tokens))), ticktext=tokens, tickangle=-45, showgrid=False)
     fig.update_yaxes(tickmode="array", tickvals=list(range(len(rows))), ticktext=rows, autorange="reversed", showgrid=False)
     height = max(180, 60 + 28 * len(rows)) + 40
-    return _layout(fig, esc(title), height=height)
+    _layout(fig, esc(title), height=height)
+    _token_axis_margins(fig, tokens, rows)
+    return fig
 
 
 def feature_comparison(
@@ -246,7 +265,9 @@ def feature_comparison(
     fig.update_yaxes(tickmode="array", tickvals=[0], ticktext=["difference"], showgrid=False, row=2, col=1)
     fig.update_xaxes(tickmode="array", tickvals=x, ticktext=labels, tickangle=-45, showgrid=False, row=2, col=1)
     fig.update_xaxes(showgrid=False, row=1, col=1)
-    return _layout(fig, esc(title), height=330)
+    _layout(fig, esc(title), height=330)
+    _token_axis_margins(fig, labels, [*rows, "difference"])
+    return fig
 
 
 # ----------------------------------------------------------------------------- features

@@ -214,3 +214,16 @@ def test_export_html_is_self_contained_and_escaped(tiny_run, tmp_path):
     if run.is_done("saes"):
         assert "Sparse autoencoders" in out
     json.dumps(out)  # a plain string
+
+
+def test_token_charts_size_their_margins_from_the_labels():
+    """No automargin (the browser would measure every label on each redraw); the fixed margins
+    still leave room for the longest rotated token and the longest row label."""
+    short = plots.token_heatmap([[1.0, 2.0]], ["a", "b"], ["layer 1"])
+    long = plots.token_heatmap([[1.0, 2.0]], ["a", "<extraordinary>"], ["a much longer row label"])
+    for fig in (short, long):
+        assert fig.layout.xaxis.automargin is False and fig.layout.yaxis.automargin is False
+    assert long.layout.margin.b >= 6 * len("<extraordinary>") > short.layout.margin.b
+    assert long.layout.margin.l >= 7 * len("a much longer row label") > short.layout.margin.l
+    comparison = plots.feature_comparison(["[CLS]", "cinematography", "[SEP]"], [0, 1, 0], [0, 2, 0])
+    assert comparison.layout.margin.b >= 6 * len("cinematography") and comparison.layout.xaxis2.automargin is False
