@@ -20,6 +20,8 @@ RUN pip install -r requirements.txt \
 COPY core ./core
 COPY pages ./pages
 COPY app.py ./
+# server settings: tracebacks hidden from viewers, no gc.collect after every rerun, no file watcher
+COPY .streamlit ./.streamlit
 COPY checkpoints/README.md ./checkpoints/README.md
 
 RUN useradd --create-home layerscope && chown -R layerscope /app
