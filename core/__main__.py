@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_config_args(s)
     b = sub.add_parser("build", help="run every step in order, skipping finished ones")
     b.add_argument("--run", default=str(DEFAULT_RUN))
-    b.add_argument("--force", action="store_true", help="redo every step")
+    b.add_argument("--force", action="store_true", help="redo every step (with --from: redo from that step on)")
     b.add_argument("--from", dest="redo_from", choices=STEPS, help="redo this step and every later one")
     b.add_argument("--until", choices=STEPS, help="stop after this step")
     _add_config_args(b)
@@ -145,7 +145,7 @@ def _dispatch(args) -> int:
         print(pipeline.describe_config(cfg))
         return 0
     if args.verb == "build":
-        timings = pipeline.build(run, cfg, force=args.force, redo_from=STEPS[0] if args.force else args.redo_from, until=args.until)
+        timings = pipeline.build(run, cfg, force=args.force, redo_from=args.redo_from or (STEPS[0] if args.force else None), until=args.until)
         if timings and pipeline.is_main_process():
             print("built: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {sum(timings.values()):.0f} s")
         return 0

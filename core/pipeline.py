@@ -97,8 +97,8 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
             return "skipped"
         if not force:
             raise LayerscopeError(
-                f"step '{step}' was built with other settings than the ones asked now; pass --force to rebuild it "
-                f"(later steps are rebuilt too), or drop the changed options"
+                f"step '{step}' was built with other settings than the ones asked now; rebuild it and the later steps "
+                f"with `build --from {step}` (or `{step} --force`), or drop the changed options"
             )
     log(f"[{step}] running in {run.root} ...")
     t0 = time.perf_counter()

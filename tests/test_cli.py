@@ -73,3 +73,12 @@ def test_incompatible_run_folder_from_cli(tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "manifest.json").write_text(json.dumps({"format_version": 99, "config": {}, "steps": {}}))
     assert_user_error(cli("report", "--run", tmp_path / "old"), "format 99", "rebuild")
+
+
+def test_changed_settings_point_to_build_from_and_force_from_redoes_only_later_steps(tiny_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    assert_user_error(cli("build", "--run", run, "--set", "saes.k=4"), "step 'saes' was built with other settings", "build --from saes")
+    out = cli("build", "--run", run, "--force", "--from", "features", check=True)
+    assert "[finetune] already done" in out.stdout and "[saes] already done" in out.stdout
+    assert "[features] running" in out.stdout and "[finetune] running" not in out.stdout
