@@ -49,10 +49,13 @@ def _token_axis_margins(fig: go.Figure, tokens: Sequence[str], rows: Sequence[st
     Plotly's default template turns ``automargin`` on, so the browser measures every tick label's
     box on each redraw; with 64 rotated token labels per chart that was the largest part of the
     sentence explorer's update time (``bench/dashboard.py``). At Plotly's 12 px font a character
-    is at most ~7 px wide, and a label rotated by -45 degrees reaches ~0.71 of its width down (6 px per character, with room to spare)
-    (and, for the first token, left).
+    is at most ~7 px wide; a label rotated by -45 degrees reaches ~0.71 of its width down (and,
+    for the first token, left): 6 px per character leaves room to spare.
     """
-    chars = lambda labels: max((len(html.unescape(str(t))) for t in labels), default=1)  # noqa: E731
+
+    def chars(labels: Sequence[str]) -> int:
+        return max((len(html.unescape(str(t))) for t in labels), default=1)
+
     down = 16 + int(6 * chars(tokens))
     left = 14 + max(int(7 * chars(rows)), int(5 * len(html.unescape(str(tokens[0])))) if tokens else 0)
     fig.update_xaxes(automargin=False)

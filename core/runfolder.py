@@ -38,12 +38,19 @@ STEPS = ("data", "finetune", "activations", "similarity", "saes", "features")
 
 
 # ---------------------------------------------------------------- atomic writes
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only way to read it; done once, at import, before any worker thread
+    os.umask(umask)
+    return umask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
 def file_mode() -> int:
     """Permissions a plain ``open()`` would give a new file (0666 minus the umask); mkstemp's
     temporary files are 0600, which would make a shared run folder unreadable to others."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return _FILE_MODE
 
 
 def write_text(path: Path, text: str) -> None:

@@ -40,7 +40,6 @@ RANKINGS = ("variance", "selectivity", "density")
 MODEL_LABELS = {"pretrained": "pre-trained", "finetuned": "fine-tuned"}
 
 
-
 def dashboard_threads() -> int:
     """Torch threads for the dashboard's forward passes and SAE encodes.
 
@@ -55,6 +54,7 @@ def dashboard_threads() -> int:
 
 
 torch.set_num_threads(dashboard_threads())  # once per server process; the background build is a subprocess with its own
+
 
 # ----------------------------------------------------------------------------- session-state keys
 KEY_RUN = "ls_run"  # path of the selected run (str) or None

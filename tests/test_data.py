@@ -101,11 +101,9 @@ def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
     from core.runfolder import write_json
     from core.sae import SAEConfig, SparseAutoencoder
 
-    old = os.umask(0o022)
-    try:
-        write_json(tmp_path / "a.json", {"x": 1})
-        SparseAutoencoder(SAEConfig(d_in=4, d_sae=8, k=2)).save(tmp_path / "sae")
-    finally:
-        os.umask(old)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    write_json(tmp_path / "a.json", {"x": 1})
+    SparseAutoencoder(SAEConfig(d_in=4, d_sae=8, k=2)).save(tmp_path / "sae")
     for path in (tmp_path / "a.json", tmp_path / "sae" / "cfg.json", tmp_path / "sae" / "sae_weights.safetensors"):
-        assert path.stat().st_mode & 0o777 == 0o644, path  # mkstemp alone would leave 0o600
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path  # mkstemp alone would leave 0o600
