@@ -110,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished steps are kept; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        if "torch" in sys.modules:  # only a step can have joined a process group
+            from core.pipeline import end_distributed
+
+            end_distributed()
 
 
 def _dispatch(args) -> int:

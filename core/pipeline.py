@@ -2,8 +2,12 @@
 
 A step is skipped when the manifest records it as finished with the same settings.
 When its settings changed, the user is told to pass ``--force``; a forced (re)run
-forgets every later step, whose inputs just changed. Only rank 0 of a distributed
-launch writes the manifest.
+forgets every later step, whose inputs just changed.
+
+Under ``torchrun`` / ``accelerate launch`` every process takes part in the steps that
+share out their work (finetune, activations); the others run on rank 0 alone. Only rank 0
+writes the manifest, and all processes leave a step together, once rank 0 has recorded it,
+so a rank never starts a step whose input another rank is still writing.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+
+from datetime import timedelta
 
 import torch
 
@@ -32,6 +38,7 @@ STEP_SECTIONS = {
     "saes": ("saes",),
     "features": ("features",),
 }
+PARALLEL_STEPS = ("finetune", "activations")  # steps whose work is shared out among processes
 PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "scikit-learn", "pandas", "numpy", "streamlit", "plotly")
 
 
@@ -47,6 +54,35 @@ def package_versions() -> dict[str, str]:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _distributed() -> bool:
+    """True under a multi-process launch; joins (or creates) the process group first.
+
+    The group is made here rather than by the first parallel step so that the ranks can wait
+    for rank 0's single-process steps (e.g. ``data`` ahead of ``finetune`` in a ``build``);
+    the timeout is long because they may wait through a whole SAE step.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not torch.distributed.is_initialized():
+        from accelerate import PartialState
+
+        PartialState(timeout=timedelta(hours=12))
+    return True
+
+
+def _sync() -> None:
+    """Every process waits here for the others (a no-op in a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def end_distributed() -> None:
+    """Tear the process group down before exit: a gloo group left alive can abort the process
+    at interpreter exit ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def resolve_run_config(run: RunFolder, preset: str | None, config_file: str | None, overrides: dict) -> RunConfig:
@@ -78,14 +114,10 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
     """
     if step not in STEPS:
         raise LayerscopeError(f"unknown step '{step}'; steps are: {', '.join(STEPS)}")
-    if not run.exists():
-        if is_main_process():
-            run.init_manifest(cfg.to_dict(), package_versions())
-        else:  # wait for rank 0 to create the manifest
-            for _ in range(600):
-                if run.exists():
-                    break
-                time.sleep(0.1)
+    distributed = _distributed()
+    if not run.exists() and is_main_process():
+        run.init_manifest(cfg.to_dict(), package_versions())
+    _sync()  # the other ranks read the manifest rank 0 may just have made
     previous = STEPS[STEPS.index(step) - 1] if STEPS.index(step) > 0 else None
     if previous:
         run.require(previous, step)
@@ -100,6 +132,9 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
                 f"step '{step}' was built with other settings than the ones asked now; rebuild it and the later steps "
                 f"with `build --from {step}` (or `{step} --force`), or drop the changed options"
             )
+    if distributed and step not in PARALLEL_STEPS and not is_main_process():
+        _sync()  # rank 0 runs this step alone
+        return "done"
     log(f"[{step}] running in {run.root} ...")
     t0 = time.perf_counter()
     result = _step_fn(step)(run, cfg, redo)
@@ -111,6 +146,7 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
         run.write_manifest(m)
         run.record_step(step, {"config_hash": config_hash, "seconds": round(seconds, 2), "result": result, "threads": torch.get_num_threads()})
         log(f"[{step}] finished in {seconds:.1f} s")
+    _sync()
     return "done"
 
 

@@ -41,18 +41,22 @@ def test_metrics_equal_an_independent_evaluation(tiny_run):
     assert model.config.id2label == {0: "negative", 1: "positive"}
 
 
-def test_two_process_gloo_run(tmp_path, tiny_model, tiny_csv):
-    """The same step under torchrun with 2 CPU processes (DDP over gloo)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def test_two_process_gloo_build(tmp_path, tiny_model, tiny_csv):
+    """A whole build under torchrun with 2 CPU processes (DDP over gloo).
+
+    Both processes share finetune and activations; rank 0 alone runs the other steps while
+    rank 1 waits, and both leave with the process group torn down (exit code 0 each).
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     run = tmp_path / "ddp"
-    base = [sys.executable, "-m", "core"]
     opts = ["--run", str(run), "--preset", "tiny", "--model", str(tiny_model), "--dataset", str(tiny_csv), "--set", "finetune.bf16=false", "--epochs", "2"]
-    subprocess.run([*base, "data", *opts], check=True, env=env, cwd=ROOT, capture_output=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "core", "--"]
-    out = subprocess.run([*torchrun, "finetune", "--run", str(run)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = subprocess.run([*torchrun, "build", *opts], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    for step, ranks in (("data", 1), ("finetune", 2), ("activations", 2), ("similarity", 1), ("saes", 1), ("features", 1)):
+        assert out.stdout.count(f"[{step}] running") == ranks, (step, out.stdout)
+        assert RunFolder(run).is_done(step)
     metrics = json.loads(RunFolder(run).finetune_metrics_path.read_text())
     assert metrics["world_size"] == 2
     assert (run / "models" / "finetuned" / "model.safetensors").is_file()
-    assert RunFolder(run).is_done("finetune")
     assert 0.0 <= metrics["finetuned"]["accuracy"] <= 1.0 and np.isfinite(metrics["train_loss_curve"]).all()
