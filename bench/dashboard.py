@@ -6,8 +6,8 @@
 waits until the token heatmaps show the new sentence and Streamlit has no stale element left. The
 time runs from the key press to the first animation frame where that holds, measured in the
 page (``performance.now()``), so it covers the websocket round trip, the script rerun (both
-forward passes, 12 SAE encodes, building and sending five Plotly figures) and Plotly drawing
-them. Every sentence is new to the server: each one is a cache miss.
+forward passes, the encodes of the SAE on screen, building and sending three Plotly figures)
+and Plotly drawing them. Every sentence is new to the server: each one is a cache miss.
 
 Sentences: real IMDb review prefixes of exactly 16 and 64 tokens (specials included), each with
 a marker word up front so the update can be recognised. Baseline: the two bare forward passes

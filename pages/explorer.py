@@ -102,33 +102,23 @@ def cosine_panel(result: dict, key: str, low: float) -> None:
     shared.chart(fig, key=f"{key}_cosine")
 
 
-def feature_panel(run, text: str, choice: SaeChoice, feature: int, key: str) -> None:
-    """The chosen feature per token on both models' hidden states, and their difference."""
+def feature_panel(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str) -> None:
+    """The chosen feature per token on both models' hidden states and their difference, above the
+    top-N features of the same SAE: one chart, so every panel reads down the same token columns."""
     acts = shared.sentence_features(run, text, choice.layer, feature, choice.model)
+    entry = top_entry(result, choice)
+    ranked = entry["features"] if entry else []
+    top = ([f"feature {f['feature']}" for f in ranked], [f["activations"] for f in ranked]) if ranked else None
+    below = f"; below, its top {len(ranked)} features by {choice.rank_by}" if ranked else ""
     fig = plots.feature_comparison(
         acts["tokens"],
         acts["pretrained"],
         acts["finetuned"],
         acts["difference"],
-        title=f"Feature {feature} ({shared.MODEL_LABELS[choice.model]} SAE, layer {choice.layer}) on each model",
+        title=f"Feature {feature} ({shared.MODEL_LABELS[choice.model]} SAE, layer {choice.layer}) on each model{below}",
+        top=top,
     )
     shared.chart(fig, key=f"{key}_feature")
-
-
-def top_features_panel(result: dict, choice: SaeChoice, key: str) -> None:
-    """Tokens x top-N features of the chosen SAE."""
-    entry = top_entry(result, choice)
-    if not entry or not entry["features"]:
-        st.info(f"No features for the {shared.MODEL_LABELS[choice.model]} SAE at layer {choice.layer}.")
-        return
-    fig = plots.token_heatmap(
-        [f["activations"] for f in entry["features"]],
-        result["tokens"],
-        [f"feature {f['feature']}" for f in entry["features"]],
-        title=f"Top {len(entry['features'])} features by {choice.rank_by}, layer {choice.layer}",
-        value_name="activation",
-    )
-    shared.chart(fig, key=f"{key}_top")
 
 
 def matched_panel(run, text: str, choice: SaeChoice, feature: int, key: str) -> None:
@@ -152,7 +142,8 @@ def matched_panel(run, text: str, choice: SaeChoice, feature: int, key: str) -> 
 def sentence_column(run, text: str, result: dict, choice: SaeChoice, feature: int | None, key: str, low: float, matched: bool, wide: bool) -> None:
     """Every panel for one sentence; a failing panel shows its error and leaves the others.
 
-    ``wide`` (one sentence) puts panels side by side; otherwise they are stacked in a column.
+    ``wide`` (one sentence) puts the prediction beside the cosine map, else below it. The SAE
+    panels (the chosen feature, then the top features) share one full-width chart.
     """
     first = st.columns([3, 1]) if wide else [st.container(), st.container()]
     with first[0]:
@@ -161,13 +152,9 @@ def sentence_column(run, text: str, result: dict, choice: SaeChoice, feature: in
         shared.guarded(lambda: prediction(result, key))
     if feature is None:
         return
-    second = st.columns(2) if wide else [st.container(), st.container()]
-    with second[0]:
-        shared.guarded(lambda: feature_panel(run, text, choice, feature, key))
-        if matched:
-            shared.guarded(lambda: matched_panel(run, text, choice, feature, key))
-    with second[1]:
-        shared.guarded(lambda: top_features_panel(result, choice, key))
+    shared.guarded(lambda: feature_panel(run, text, result, choice, feature, key))
+    if matched:
+        shared.guarded(lambda: matched_panel(run, text, choice, feature, key))
 
 
 def show_matched(run, choice: SaeChoice) -> bool:
@@ -194,7 +181,8 @@ def body() -> None:
         return
     bundle = shared.bundle(run)
     choice, slots = sae_controls(bundle)
-    results = [shared.analysis(run, t, choice.top, choice.rank_by) for t in texts]
+    sae = (choice.model, choice.layer) if choice.layer is not None else None
+    results = [shared.analysis(run, t, choice.top, choice.rank_by, sae) for t in texts]
     feature, matched = None, False
     if slots:
         with slots[0]:

@@ -339,7 +339,10 @@ def test_explorer_shows_cosine_prediction_feature_and_top_features(app, sae_run)
     assert "customdata[0]" in cosine["data"][0]["hovertemplate"]
     feature = chart(at, "on each model")
     assert feature["data"][1]["zmid"] == 0  # the difference is diverging, centred at zero
-    assert chart(at, "Top 8 features")["data"][0]["type"] == "heatmap"
+    assert "top 8 features by variance" in title(feature)  # the top features share the chart, below
+    top = feature["data"][2]
+    assert top["type"] == "heatmap" and top["xaxis"] == "x" and len(feature["layout"]["yaxis"]["ticktext"]) == 8
+    assert feature["layout"]["xaxis"]["ticktext"] == cosine["layout"]["xaxis"]["ticktext"]  # the same token columns
     probs = chart(at, "Prediction")
     assert sorted(probs["data"][0]["y"]) == sorted(read_json(sae_run.labels_path)["names"])
 
@@ -350,10 +353,10 @@ def sae_run_num_layers(run: RunFolder) -> int:
 
 def test_typing_a_sentence_changes_the_heatmaps(app, sae_run):
     at = explorer(app)
-    before = {k: json.dumps(chart(at, k)) for k in ("Cosine", "on each model", "Top 8")}
+    before = {k: json.dumps(chart(at, k)) for k in ("Cosine", "on each model")}
     at.text_input(key=shared.KEY_TEXT).input("the music was awful and boring").run()
     assert_clean(at)
-    after = {k: json.dumps(chart(at, k)) for k in ("Cosine", "on each model", "Top 8")}
+    after = {k: json.dumps(chart(at, k)) for k in ("Cosine", "on each model")}
     assert all(before[k] != after[k] for k in before)
     assert "awful" in chart(at, "Cosine")["layout"]["xaxis"]["ticktext"]
 
@@ -385,7 +388,7 @@ def test_layer_and_feature_pickers(app, sae_run):
     at.segmented_control(key=shared.KEY_EX_MODEL).set_value("finetuned").run()
     assert "fine-tuned SAE" in title(chart(at, "on each model"))
     at.selectbox(key=shared.KEY_EX_RANK).select("density").run()
-    assert "by density" in title(chart(at, "Top"))
+    assert "by density" in title(chart(at, "on each model"))
     assert_clean(at)
 
 

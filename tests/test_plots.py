@@ -29,6 +29,12 @@ def spec(fig: go.Figure) -> str:
     return json.dumps(json.loads(fig.to_json()), ensure_ascii=False)
 
 
+def validated(fig: go.Figure) -> go.Figure:
+    """The figure rebuilt with plotly.py's validation on: raises on any unknown or ill-typed property
+    (the token charts are built from plain dicts without it)."""
+    return go.Figure(fig.to_plotly_json())
+
+
 def assert_escaped(text: str) -> None:
     assert "<script>" not in text and "<b>" not in text
     assert "&lt;script&gt;" in text and "&lt;b&gt;x&lt;/b&gt;" in text and "a&amp;b" in text
@@ -96,7 +102,7 @@ def test_classification_frame_one_row_per_class_and_model():
 # ----------------------------------------------------------------------------- tokens
 def test_token_heatmap_escapes_labels_and_keeps_repeated_tokens_apart():
     z = [[0.1 * i for i in range(len(EVIL))], [0.2] * len(EVIL)]
-    fig = plots.token_heatmap(z, EVIL, ["emb", "<i>layer</i>"], title="<b>t</b>")
+    fig = validated(plots.token_heatmap(z, EVIL, ["emb", "<i>layer</i>"], title="<b>t</b>"))
     (trace,) = fig.data
     assert list(trace.x) == list(range(len(EVIL)))
     ticks = list(fig.layout.xaxis.ticktext)
@@ -110,21 +116,48 @@ def test_token_heatmap_escapes_labels_and_keeps_repeated_tokens_apart():
 
 
 def test_token_heatmap_diverging_is_centred_at_zero():
-    fig = plots.token_heatmap([[-0.5, 0.2, 2.0]], ["a", "b", "c"], ["diff"], diverging=True)
+    fig = validated(plots.token_heatmap([[-0.5, 0.2, 2.0]], ["a", "b", "c"], ["diff"], diverging=True))
     (trace,) = fig.data
     assert trace.zmid == 0 and trace.zmin == -2.0 and trace.zmax == 2.0
     assert trace.colorscale == go.Heatmap(colorscale="RdBu").colorscale
-    seq = plots.token_heatmap([[0.1, 0.2]], ["a", "b"], ["r"], zrange=(0, 1)).data[0]
+    seq = validated(plots.token_heatmap([[0.1, 0.2]], ["a", "b"], ["r"], zrange=(0, 1))).data[0]
     assert seq.zmid is None and seq.zmin == 0 and seq.zmax == 1
 
 
 def test_feature_comparison_shares_the_token_axis_and_centres_the_difference():
-    fig = plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3])
+    raw = plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3])
+    assert [list(r) for r in raw.data[0].z] == [[0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3]]
+    assert list(raw.data[1].z[0]) == [0, 1, -1, 0, 0, 3]
+    fig = validated(raw)
     sequential, diverging = fig.data
-    assert [list(r) for r in sequential.z] == [[0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3]]
-    assert list(diverging.z[0]) == [0, 1, -1, 0, 0, 3]
     assert diverging.zmid == 0 and diverging.zmin == -3 and diverging.zmax == 3
     assert sequential.zmid is None
+    # the labelled token axis is "x", at the bottom (the difference); the panel above follows it
+    assert (sequential.xaxis, sequential.yaxis, diverging.xaxis, diverging.yaxis) == ("x2", "y2", "x", "y")
+    assert fig.layout.xaxis2.matches == "x" and fig.layout.xaxis2.showticklabels is False
+    assert list(fig.layout.xaxis.ticktext) == [plots.esc(t) for t in EVIL]
+    assert fig.layout.yaxis2.domain[0] > fig.layout.yaxis.domain[1]  # the difference row sits below, apart
+    assert_escaped(spec(fig))
+
+
+def test_feature_comparison_with_top_features_below_on_the_same_tokens():
+    top_values = [[0, 5, 0, 0, 1, 0], [2, 0, 0, 0, 0, 0], [0, 0, 0, 3, 0, 0]]
+    raw = plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], top=(["feature 7", "<i>f</i>", "feature 2"], top_values))
+    assert [list(r) for r in raw.data[2].z] == top_values
+    fig = validated(raw)
+    feature, difference, top = fig.data
+    assert [(t.xaxis, t.yaxis) for t in fig.data] == [("x2", "y2"), ("x3", "y3"), ("x", "y")]
+    assert fig.layout.xaxis2.matches == fig.layout.xaxis3.matches == "x"  # one token axis for all three panels
+    assert fig.layout.xaxis2.showticklabels is False and fig.layout.xaxis3.showticklabels is False
+    assert list(fig.layout.yaxis.ticktext) == ["feature 7", "&lt;i&gt;f&lt;/i&gt;", "feature 2"]
+    assert top.customdata[1][3] == ["a&amp;b", "&lt;i&gt;f&lt;/i&gt;"]
+    # panels from top to bottom, apart, the top-features panel three times the difference row's height
+    (f0, f1), (d0, d1), (t0, t1) = fig.layout.yaxis2.domain, fig.layout.yaxis3.domain, fig.layout.yaxis.domain
+    assert f0 > d1 and d0 > t1 and t0 == pytest.approx(0.0, abs=1e-3) and f1 == pytest.approx(1.0)
+    assert (t1 - t0) == pytest.approx(3 * (d1 - d0), rel=1e-3)
+    assert top.zmin == 0 and difference.zmid == 0 and feature.zmax == 3
+    two = plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3])
+    assert fig.layout.height > two.layout.height
     assert_escaped(spec(fig))
 
 
@@ -223,6 +256,7 @@ def test_token_charts_size_their_margins_from_the_labels():
     long = plots.token_heatmap([[1.0, 2.0]], ["a", "<extraordinary>"], ["a much longer row label"])
     for fig in (short, long):
         assert fig.layout.xaxis.automargin is False and fig.layout.yaxis.automargin is False
+        assert fig.layout.xaxis.ticklabeloverflow == "allow"  # else plotly.js re-measures every label per label
     assert long.layout.margin.b >= 6 * len("<extraordinary>") > short.layout.margin.b
     assert long.layout.margin.l >= 7 * len("a much longer row label") > short.layout.margin.l
     comparison = plots.feature_comparison(["[CLS]", "cinematography", "[SEP]"], [0, 1, 0], [0, 2, 0])

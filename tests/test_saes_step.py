@@ -111,6 +111,25 @@ def test_analyze_equals_direct_computation(tiny_run):
     assert sum(probs.values()) == pytest.approx(1.0) and result["prediction"]["label"] == max(probs, key=probs.get)
 
 
+def test_analyze_one_sae_equals_its_entry_of_the_full_analysis(tiny_run):
+    """The dashboard asks for the chosen SAE only: same features and values as the batched all-SAE path."""
+    from core.analysis import analyze_text, load_bundle, sentence_state
+
+    bundle = load_bundle(tiny_run)
+    state = sentence_state(bundle, "the plot was brilliant", clean=False)
+    assert not any(h.requires_grad for h in state.hidden.values())  # forward passes ran without autograd
+    full = analyze_text(bundle, state.text, top=4, state=state)
+    for key in bundle.saes:
+        (entry,) = analyze_text(bundle, state.text, top=4, state=state, saes=[key])["saes"]
+        (expected,) = [e for e in full["saes"] if (e["model"], e["layer"]) == key]
+        assert [f["feature"] for f in entry["features"]] == [f["feature"] for f in expected["features"]]
+        for a, b in zip(entry["features"], expected["features"]):
+            np.testing.assert_allclose(a["activations"], b["activations"], atol=1e-5)
+    assert analyze_text(bundle, state.text, state=state, saes=[])["saes"] == []
+    with pytest.raises(LayerscopeError, match="no SAE"):
+        analyze_text(bundle, state.text, state=state, saes=[("pretrained", 99)])
+
+
 def test_analyze_json_from_cli(tiny_run):
     out = json.loads(cli("analyze", "--run", tiny_run.root, "--text", "the acting was terrible", "--json", "--top", "2", check=True).stdout)
     assert {"tokens", "cosine", "saes", "prediction"} <= set(out)
