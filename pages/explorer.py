@@ -82,12 +82,17 @@ def layer_labels(num_rows: int) -> list[str]:
     return ["emb" if i == 0 else f"layer {i}" for i in range(num_rows)]
 
 
-def prediction(result: dict, key: str) -> None:
-    """The fine-tuned classifier's predicted class and its probabilities."""
+def prediction(result: dict) -> None:
+    """The fine-tuned classifier's predicted class and one bar per class probability.
+
+    Plain Streamlit bars rather than a Plotly chart: Streamlit rebuilds a Plotly chart from
+    scratch on every Enter, which cost 30-50 ms of the update for two to five numbers
+    (``bench/dashboard.py``, interleaved runs).
+    """
     pred = result["prediction"]
-    fig = plots.feature_bars(pred["probabilities"], title=f"Prediction: {pred['label']}", y_title="probability", horizontal=True)
-    fig.update_xaxes(range=[0, 1])
-    shared.chart(fig, key=f"{key}_probs")
+    st.markdown(f"**Prediction: {shared.safe_text(pred['label'])}**")
+    for label, p in pred["probabilities"].items():
+        st.progress(min(max(float(p), 0.0), 1.0), text=f"{shared.safe_text(label)}: {p:.3f}")
 
 
 def cosine_panel(result: dict, key: str, low: float) -> None:
@@ -149,7 +154,7 @@ def sentence_column(run, text: str, result: dict, choice: SaeChoice, feature: in
     with first[0]:
         shared.guarded(lambda: cosine_panel(result, key, low))
     with first[1]:
-        shared.guarded(lambda: prediction(result, key))
+        shared.guarded(lambda: prediction(result))
     if feature is None:
         return
     shared.guarded(lambda: feature_panel(run, text, result, choice, feature, key))

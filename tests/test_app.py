@@ -343,8 +343,12 @@ def test_explorer_shows_cosine_prediction_feature_and_top_features(app, sae_run)
     top = feature["data"][2]
     assert top["type"] == "heatmap" and top["xaxis"] == "x" and len(feature["layout"]["yaxis"]["ticktext"]) == 8
     assert feature["layout"]["xaxis"]["ticktext"] == cosine["layout"]["xaxis"]["ticktext"]  # the same token columns
-    probs = chart(at, "Prediction")
-    assert sorted(probs["data"][0]["y"]) == sorted(read_json(sae_run.labels_path)["names"])
+    bars = at.get("progress")  # one bar per class, in label order
+    assert [b.text.rsplit(":", 1)[0] for b in bars] == read_json(sae_run.labels_path)["names"]
+    assert 100 - len(bars) <= sum(b.value for b in bars) <= 100 + len(bars)  # probabilities, in percent
+    assert [float(b.text.rsplit(": ", 1)[1]) for b in bars] == pytest.approx([b.value / 100 for b in bars], abs=0.006)
+    shown = max(bars, key=lambda b: b.value).text.rsplit(":", 1)[0]
+    assert f"**Prediction: {shown}**" in [m.value for m in at.markdown]
 
 
 def sae_run_num_layers(run: RunFolder) -> int:
