@@ -260,6 +260,7 @@ def feature_comparison(
     title: str = "",
     row_labels: tuple[str, str] = ("pre-trained", "fine-tuned"),
     top: tuple[Sequence[str], Sequence[Sequence[float]]] | None = None,
+    subtitle: str = "",
 ) -> go.Figure:
     """One feature per token on both models (sequential scale) above their difference (red-blue,
     centred at zero), on a shared token axis so the columns line up.
@@ -285,8 +286,9 @@ def feature_comparison(
         """A colour bar beside panel i, as tall as the panel; titled at its side when there is room
         (a short panel's row label already names what it shows)."""
         lo, up = domains[i]
-        title = {"title": {"text": name, "side": "right"}} if up - lo >= 0.25 else {}
-        return {**title, "y": (lo + up) / 2, "len": max(up - lo, 0.1), "ypad": 0, "thickness": 12}
+        if up - lo >= 0.25:
+            return {"title": {"text": name, "side": "right"}, "y": (lo + up) / 2, "len": up - lo, "ypad": 0, "thickness": 12}
+        return {"y": (lo + up) / 2, "len": max(up - lo, 0.1), "ypad": 0, "thickness": 12, "nticks": 3}
 
     traces = [
         {
@@ -338,7 +340,7 @@ def feature_comparison(
         })
         y_rows.append(top_rows)
     layout = {
-        "title": {"text": esc(title)} if title else None,
+        "title": ({"text": esc(title), **({"subtitle": {"text": esc(subtitle)}} if subtitle else {})}) if title else None,
         "height": 170 + 30 * sum(panels),
         "margin": _token_axis_margins(labels, [r for rs in y_rows for r in rs], top=80 if title else 40),
     }

@@ -114,13 +114,13 @@ def feature_panel(run, text: str, result: dict, choice: SaeChoice, feature: int,
     entry = top_entry(result, choice)
     ranked = entry["features"] if entry else []
     top = ([f"feature {f['feature']}" for f in ranked], [f["activations"] for f in ranked]) if ranked else None
-    below = f"; below, its top {len(ranked)} features by {choice.rank_by}" if ranked else ""
     fig = plots.feature_comparison(
         acts["tokens"],
         acts["pretrained"],
         acts["finetuned"],
         acts["difference"],
-        title=f"Feature {feature} ({shared.MODEL_LABELS[choice.model]} SAE, layer {choice.layer}) on each model{below}",
+        title=f"Feature {feature} ({shared.MODEL_LABELS[choice.model]} SAE, layer {choice.layer}) on each model",
+        subtitle=f"below: the top {len(ranked)} features of this SAE by {choice.rank_by}" if ranked else "",
         top=top,
     )
     shared.chart(fig, key=f"{key}_feature")

@@ -339,7 +339,7 @@ def test_explorer_shows_cosine_prediction_feature_and_top_features(app, sae_run)
     assert "customdata[0]" in cosine["data"][0]["hovertemplate"]
     feature = chart(at, "on each model")
     assert feature["data"][1]["zmid"] == 0  # the difference is diverging, centred at zero
-    assert "top 8 features by variance" in title(feature)  # the top features share the chart, below
+    assert "top 8 features of this SAE by variance" in feature["layout"]["title"]["subtitle"]["text"]  # sharing the chart, below
     top = feature["data"][2]
     assert top["type"] == "heatmap" and top["xaxis"] == "x" and len(feature["layout"]["yaxis"]["ticktext"]) == 8
     assert feature["layout"]["xaxis"]["ticktext"] == cosine["layout"]["xaxis"]["ticktext"]  # the same token columns
@@ -392,7 +392,7 @@ def test_layer_and_feature_pickers(app, sae_run):
     at.segmented_control(key=shared.KEY_EX_MODEL).set_value("finetuned").run()
     assert "fine-tuned SAE" in title(chart(at, "on each model"))
     at.selectbox(key=shared.KEY_EX_RANK).select("density").run()
-    assert "by density" in title(chart(at, "on each model"))
+    assert "by density" in chart(at, "on each model")["layout"]["title"]["subtitle"]["text"]
     assert_clean(at)
 
 

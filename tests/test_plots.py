@@ -142,7 +142,7 @@ def test_feature_comparison_shares_the_token_axis_and_centres_the_difference():
 
 def test_feature_comparison_with_top_features_below_on_the_same_tokens():
     top_values = [[0, 5, 0, 0, 1, 0], [2, 0, 0, 0, 0, 0], [0, 0, 0, 3, 0, 0]]
-    raw = plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], top=(["feature 7", "<i>f</i>", "feature 2"], top_values))
+    raw = plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], title="f", subtitle="top <3>", top=(["feature 7", "<i>f</i>", "feature 2"], top_values))
     assert [list(r) for r in raw.data[2].z] == top_values
     fig = validated(raw)
     feature, difference, top = fig.data
@@ -156,6 +156,7 @@ def test_feature_comparison_with_top_features_below_on_the_same_tokens():
     assert f0 > d1 and d0 > t1 and t0 == pytest.approx(0.0, abs=1e-3) and f1 == pytest.approx(1.0)
     assert (t1 - t0) == pytest.approx(3 * (d1 - d0), rel=1e-3)
     assert top.zmin == 0 and difference.zmid == 0 and feature.zmax == 3
+    assert fig.layout.title.subtitle.text == "top &lt;3&gt;"
     two = plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3])
     assert fig.layout.height > two.layout.height
     assert_escaped(spec(fig))
