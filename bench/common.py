@@ -71,6 +71,12 @@ class Timing:
     def as_dict(self) -> dict:
         return {"median_s": self.median, "runs_s": self.runs, "cpu_s": self.cpu}
 
+    @staticmethod
+    def merge(timings: list["Timing"]) -> "Timing":
+        """One Timing over the runs of several (e.g. single runs taken alternately with another loop)."""
+        runs = [r for t in timings for r in t.runs]
+        return Timing(statistics.median(runs), runs, [c for t in timings for c in t.cpu])
+
 
 def timeit(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, setup: Callable[[], object] | None = None) -> Timing:
     """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs.

@@ -15,11 +15,12 @@ the same real tokens; tokens/s counts real tokens only.
 
 Baseline 2, the bare forward passes: the same batches core plans (same order, same dynamic
 padding, same bf16 autocast) through ``core.activations.hidden_states`` for both models, results
-dropped: the overhead figure is ``extract_split`` time / bare time - 1 (tokenising, gathering
+dropped, timed alternately with the core runs: the overhead figure is ``extract_split`` time / bare time - 1 (tokenising, gathering
 real rows, fp16 conversion and writing shards all count as overhead).
 
-Also reported (info): the same extraction with the default preset's settings (128 tokens,
-head+tail), as the default pipeline runs it.
+Also reported (info): the same extraction with shard writing switched off (what is left is core's
+own bookkeeping: sampling, tokenising, planning, copying real rows), and the extraction with the
+default preset's settings (128 tokens, head+tail), as the default pipeline runs it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import time
 
 import torch
 
-from bench.common import Context, Section, bench_run, default_model_cfg, load_models, scratch_run, timeit
+from bench.common import Context, Section, Timing, bench_run, default_model_cfg, load_models, scratch_run, timeit
 
 
 def paper_loop(models: dict, tokenizer, texts: list[str], batch_size: int = 16, max_length: int = 512) -> int:
@@ -58,6 +59,18 @@ def bare_forward(models: dict, tokenizer, ids: list[list[int]], batch_tokens: in
             hidden_states(model, input_ids, mask, compute_dtype)
 
 
+def without_writes(fn) -> None:
+    """Call ``fn`` with ``core.activations`` writing no shard files (measures the rest of the step)."""
+    import core.activations as act
+
+    real = act._write_shard
+    act._write_shard = lambda *args: None
+    try:
+        fn()
+    finally:
+        act._write_shard = real
+
+
 def run(ctx: Context) -> Section:
     from core.activations import ActivationsConfig, extract_split, sample_split
     from core.models import ModelConfig, encode
@@ -79,16 +92,19 @@ def run(ctx: Context) -> Section:
     def core_extract(model_cfg=same_tokens):
         index.update(extract_split(out, "train", n_texts, cfg, model_cfg, models, tok))
 
-    # warm-up on a few texts (kernel selection), then the timed repeats on all of them
+    # warm-up on a few texts (kernel selection), then the timed repeats on all of them, core and
+    # bare forwards interleaved so that drifts in machine speed and allocator warm-up hit both alike
     extract_split(out, "train", min(32, n_texts), cfg, same_tokens, models, tok)
-    clean()
-    t_core = timeit(core_extract, repeats=ctx.repeats, warmup=0, setup=clean)
-    real_tokens = index["num_tokens"]
-    shard_bytes = sum(p.stat().st_size for p in out.activations_dir("train").glob("*.safetensors"))
-
     ids = encode(tok, texts, same_tokens.max_length, same_tokens.truncation)
+    core_runs, bare_runs, nowrite_runs = [], [], []
+    for _ in range(ctx.repeats):
+        nowrite_runs.append(timeit(lambda: without_writes(core_extract), repeats=1, warmup=0, setup=clean))
+        core_runs.append(timeit(core_extract, repeats=1, warmup=0, setup=clean))  # last: its shards stay for the size below
+        bare_runs.append(timeit(lambda: bare_forward(models, tok, ids, cfg.batch_tokens, cfg.compute_dtype), repeats=1, warmup=0))
+    t_core, t_bare, t_nowrite = Timing.merge(core_runs), Timing.merge(bare_runs), Timing.merge(nowrite_runs)
+    real_tokens = index["num_tokens"]
     assert sum(map(len, ids)) == real_tokens, "core and the bare loop must see the same tokens"
-    t_bare = timeit(lambda: bare_forward(models, tok, ids, cfg.batch_tokens, cfg.compute_dtype), repeats=ctx.repeats, warmup=0)  # kernels warm from the runs above
+    shard_bytes = sum(p.stat().st_size for p in out.activations_dir("train").glob("*.safetensors"))
 
     # paper loop: expensive (every text padded to 512, fp32); one batch of warm-up, then timed passes
     paper_loop(models, tok, texts[:16])
@@ -104,6 +120,8 @@ def run(ctx: Context) -> Section:
             note=f"{n_texts} IMDb reviews, {real_tokens:,} real tokens, truncated at 512 for both; paper loop timed {paper_repeats}x (every batch has the same [16, 512] shape)")
     sec.add("extraction time over bare forward passes", t_core.median, "s", t_bare.median, "bare bf16 forwards on the same batches", target="ratio <= 1.10",
             note="ratio - 1 is the overhead of tokenising, gathering real rows, fp16 conversion and writing shards")
+    sec.add("extraction time with shard writing switched off, over bare forward passes", t_nowrite.median, "s", t_bare.median, "bare bf16 forwards on the same batches",
+            note=f"everything but the disk writes of the {shard_bytes / 1e9:.2f} GB of shards: the cost of core's own bookkeeping")
 
     # the default preset (128 tokens head+tail), for information
     default_cfg = default_model_cfg()
@@ -123,6 +141,7 @@ def run(ctx: Context) -> Section:
         "bare_forward": {**t_bare.as_dict(), "tokens_per_s": bare_tps},
         "paper_loop": {**t_paper.as_dict(), "tokens_per_s": paper_tps, "batch_size": 16, "max_length": 512, "dtype": "float32"},
         "overhead_fraction": t_core.median / t_bare.median - 1,
+        "without_writes": {**t_nowrite.as_dict(), "overhead_fraction": t_nowrite.median / t_bare.median - 1},
         "default_preset": {**t_default.as_dict(), "real_tokens": default_tokens, "tokens_per_s": default_tokens / t_default.median},
     }
     shutil.rmtree(out.root, ignore_errors=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,25 +97,37 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     return out.hidden_states
 
 
-def _extract_shard(models: dict, tokenizer, ids, example_ids, batches, cfg: ActivationsConfig) -> tuple[dict, dict]:
-    """Run one shard's batches through both models. Returns (token meta, {model: {layer_i: [n, d]}})."""
-    store_dtype = DTYPES[cfg.storage_dtype]
-    meta = {"example_ids": [], "token_ids": [], "positions": [], "special": []}
-    hidden: dict[str, dict[str, list]] = {m: {} for m in models}
+def _extract_shard(models: dict, tokenizer, ids, example_ids, batches, cfg: ActivationsConfig, buffers: dict) -> tuple[dict, dict]:
+    """Run one shard's batches through both models. Returns (token meta, {model: {layer_i: [n, d]}}).
+
+    Real-token rows are copied straight from each hidden state into ``buffers``
+    ({model: {layer_i: [capacity, d]}}, reused from shard to shard: fresh memory costs a page fault
+    per 4 KiB), cast to the storage dtype on the way; the returned tensors are views of them.
+    """
+    rows = [i for b in batches for i in b]  # examples in shard order
+    lengths = [len(ids[i]) for i in rows]
+    n = sum(lengths)
     special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    token_ids = torch.as_tensor([t for i in rows for t in ids[i]], dtype=torch.int32)
+    meta = {
+        "example_ids": torch.as_tensor(np.repeat(example_ids[rows], lengths), dtype=torch.int32),
+        "token_ids": token_ids,
+        "positions": torch.as_tensor(np.concatenate([np.arange(k) for k in lengths]), dtype=torch.int32),
+        "special": torch.isin(token_ids, special_ids),
+    }
+    offset = 0
     for b in batches:
         input_ids, mask = pad_batch([ids[i] for i in b], tokenizer.pad_token_id)
-        keep = mask.bool()  # [batch, seq] real tokens only
-        meta["example_ids"].append(torch.as_tensor(example_ids[b], dtype=torch.int32)[:, None].expand_as(input_ids)[keep])
-        meta["token_ids"].append(input_ids[keep].to(torch.int32))
-        meta["positions"].append(torch.arange(input_ids.shape[1], dtype=torch.int32)[None].expand_as(input_ids)[keep])
-        meta["special"].append(torch.isin(input_ids[keep], special_ids))
         for name, model in models.items():
-            for layer, h in enumerate(hidden_states(model, input_ids, mask, cfg.compute_dtype)):
-                hidden[name].setdefault(f"layer_{layer}", []).append(h[keep].to(store_dtype))  # [n_real, d]
-    meta_t = {k: torch.cat(v).contiguous() for k, v in meta.items()}
-    hidden_t = {m: {k: torch.cat(v).contiguous() for k, v in layers.items()} for m, layers in hidden.items()}
-    return meta_t, hidden_t
+            states = hidden_states(model, input_ids, mask, cfg.compute_dtype)  # each [batch, seq, d]
+            for layer, h in enumerate(states):
+                out, at = buffers[name][f"layer_{layer}"], offset
+                for r, i in enumerate(b):
+                    k = len(ids[i])
+                    out[at : at + k].copy_(h[r, :k])  # real tokens only, cast on copy
+                    at += k
+        offset += sum(len(ids[i]) for i in b)
+    return meta, {name: {key: buf[:n] for key, buf in layers.items()} for name, layers in buffers.items()}
 
 
 def extract_split(run: RunFolder, split: str, n_examples: int, cfg: ActivationsConfig, model_cfg: ModelConfig, models: dict, tokenizer, state=None) -> dict:
@@ -135,12 +148,23 @@ def extract_split(run: RunFolder, split: str, n_examples: int, cfg: ActivationsC
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     bar = tqdm(total=sum(lengths[i] for s in mine for b in shards[s] for i in b), unit="tok", unit_scale=True, desc=f"activations {split}", disable=rank != 0)
-    for s in mine:
-        meta, hidden = _extract_shard(models, tokenizer, ids, example_ids, shards[s], cfg)
-        for name, tensors in hidden.items():
-            _save(run.hidden_shard(split, name, s), tensors)
-        _save(run.token_shard(split, s), meta)  # written last: its presence marks the shard complete
-        bar.update(len(meta["token_ids"]))
+    # Shard s is written by a background thread while shard s+1 is computed, so two sets of output
+    # buffers alternate: set j % 2 is refilled only after the write that used it has finished.
+    capacity = max((sum(lengths[i] for b in shards[s] for i in b) for s in mine), default=0)
+    buffer_sets: list[dict | None] = [None, None]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+        pending = None
+        for j, s in enumerate(mine):
+            if buffer_sets[j % 2] is None:
+                block = {m: torch.empty(n_states, capacity, d_model, dtype=DTYPES[cfg.storage_dtype]) for m in models}  # one large block each: own mapping, off the heap
+                buffer_sets[j % 2] = {m: {f"layer_{i}": block[m][i] for i in range(n_states)} for m in models}
+            meta, hidden = _extract_shard(models, tokenizer, ids, example_ids, shards[s], cfg, buffer_sets[j % 2])
+            if pending is not None:
+                pending.result()  # re-raises a failed write here
+            pending = writer.submit(_write_shard, run, split, s, meta, hidden)
+            bar.update(len(meta["token_ids"]))
+        if pending is not None:
+            pending.result()
     bar.close()
     if state is not None:
         state.wait_for_everyone()
@@ -160,6 +184,12 @@ def extract_split(run: RunFolder, split: str, n_examples: int, cfg: ActivationsC
     if rank == 0:
         write_json(run.activation_index(split), index)
     return index
+
+
+def _write_shard(run: RunFolder, split: str, s: int, meta: dict, hidden: dict) -> None:
+    for name, tensors in hidden.items():
+        _save(run.hidden_shard(split, name, s), tensors)
+    _save(run.token_shard(split, s), meta)  # written last: its presence marks the shard complete
 
 
 def _save(path, tensors: dict) -> None:

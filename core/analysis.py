@@ -18,7 +18,8 @@ from core.data import DataConfig, clean_text
 from core.errors import LayerscopeError
 from core.models import encode, load_classifier, load_tokenizer, quiet_transformers
 from core.runfolder import MODELS, RunFolder
-from core.sae import SparseAutoencoder, check_compatible, topk_rows
+from core.sae import SparseAutoencoder, topk_rows
+from core.saes import check_run_sae
 
 MAX_TEXT_CHARS = 5000
 
@@ -64,9 +65,7 @@ def load_bundle(run: RunFolder) -> Bundle:
     hidden_size = models["finetuned"].config.hidden_size
     saes = {}
     for model, layer, folder in run.sae_dirs():
-        sae = SparseAutoencoder.load(folder)
-        check_compatible(sae, hidden_size)
-        saes[(model, layer)] = sae.eval()
+        saes[(model, layer)] = check_run_sae(run, model, SparseAutoencoder.load(folder), hidden_size).eval()
     return Bundle(run=run, tokenizer=tok, models=models, saes=saes, labels=run.labels(), config=m["config"])
 
 

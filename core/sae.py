@@ -59,7 +59,8 @@ class SAEConfig:
     hook_name: str = ""  # HF module path of the hidden state, e.g. "bert.encoder.layer.5"
     hidden_state_index: int = 0  # index into output_hidden_states: 0 = embeddings, i = block i
     model: str = "pretrained"  # which model of the run it reads: "pretrained" | "finetuned"
-    model_path: str = ""  # HF id or local folder of that model
+    model_path: str = ""  # HF id or local folder of that model (where it was when the SAE was trained)
+    model_fingerprint: str = ""  # SHA-256 prefix of that model's weight files ("" = not recorded)
     input: str = "tokens"  # "tokens" (one row per token) | "mean_pooled" (one row per example)
     normalization_scale: float = 1.0  # inputs are divided by this (fixed at training start)
     dtype: str = "float32"  # dtype of the stored weights; only float32 is supported
@@ -411,8 +412,9 @@ def _same_model(a: str, b: str) -> bool:
     return os.path.normpath(a) == os.path.normpath(b)
 
 
-def check_compatible(sae: SparseAutoencoder, hidden_size: int, model_path: str | None = None) -> None:
-    """LayerscopeError unless ``sae`` reads ``hidden_size``-wide activations of ``model_path``."""
+def check_compatible(sae: SparseAutoencoder, hidden_size: int, model_path: str | None = None, fingerprint: str | None = None) -> None:
+    """LayerscopeError unless ``sae`` reads ``hidden_size``-wide activations of ``model_path``, whose
+    weights have ``fingerprint`` (``core.models.model_fingerprint``; unchecked when either side lacks one)."""
     where = sae.path or "(unsaved SAE)"
     if sae.cfg.d_in != hidden_size:
         raise LayerscopeError(
@@ -423,4 +425,10 @@ def check_compatible(sae: SparseAutoencoder, hidden_size: int, model_path: str |
         raise LayerscopeError(
             f"SAE at {where} was trained on activations of {sae.cfg.model_path!r}, not {model_path!r}; "
             f"load the model it was trained on, or {RETRAIN_HINT}"
+        )
+    if fingerprint and sae.cfg.model_fingerprint and fingerprint != sae.cfg.model_fingerprint:
+        raise LayerscopeError(
+            f"SAE at {where} was trained on other {sae.cfg.model} weights than this model's "
+            f"(weights fingerprint {sae.cfg.model_fingerprint}, the model's is {fingerprint}); "
+            f"the model was replaced or fine-tuned again after the SAE was trained: {RETRAIN_HINT}"
         )

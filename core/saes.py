@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 from core.activations import ActivationStore
 from core.data import load_split
 from core.errors import LayerscopeError
-from core.models import ModelConfig, encode, hidden_state_module, load_classifier, load_tokenizer, predict_proba, quiet_transformers
+from core.models import ModelConfig, encode, hidden_state_module, load_classifier, load_tokenizer, model_fingerprint, predict_proba, quiet_transformers
 from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
-from core.sae import SAEConfig, SparseAutoencoder
+from core.sae import RETRAIN_HINT, SAEConfig, SparseAutoencoder, check_compatible
 from core.sae_metrics import evaluate_sae
 from core.sae_training import DyingLatents, SAETrainingConfig, train_sae
 
@@ -129,6 +129,7 @@ def train_one(run: RunFolder, cfg: SAEsConfig, model: str, layer: int, train: Ac
         hidden_state_index=layer,
         model=model,
         model_path=str(run.model_dir(model).resolve()),
+        model_fingerprint=model_fingerprint(run.model_dir(model)),
         input=cfg.input,
     )
     bs = cfg.training.batch_size
@@ -211,4 +212,13 @@ def load_sae(run: RunFolder, model: str, layer: int) -> SparseAutoencoder:
     if not (folder / "cfg.json").is_file():
         run.require("saes", "this")
         raise LayerscopeError(f"no SAE for {model} layer {layer} in {run.root}; available: {[(m, l) for m, l, _ in run.sae_dirs()]}")
-    return SparseAutoencoder.load(folder)
+    return check_run_sae(run, model, SparseAutoencoder.load(folder))
+
+
+def check_run_sae(run: RunFolder, model: str, sae: SparseAutoencoder, hidden_size: int | None = None) -> SparseAutoencoder:
+    """LayerscopeError unless ``sae`` (found under the run's ``model`` SAEs) was trained on this run's ``model``."""
+    check_compatible(sae, hidden_size or sae.cfg.d_in)
+    if sae.cfg.model != model:
+        raise LayerscopeError(f"SAE at {sae.path} was trained on the {sae.cfg.model} model but sits among the {model} SAEs; {RETRAIN_HINT}")
+    check_compatible(sae, sae.cfg.d_in, fingerprint=model_fingerprint(run.model_dir(model)))
+    return sae

@@ -111,17 +111,18 @@ def test_activation_shards_trace_back_to_text(tiny_run):
     assert meta["example_ids"].unique().numel() == len(frame)
     assert int(meta["special"].sum()) == 2 * len(frame)
     assert not (meta["token_ids"] == tok.pad_token_id).any()
-    ex = int(meta["example_ids"][0])
-    rows = meta["example_ids"] == ex
-    ids = encode(tok, [frame.loc[ex, "text"]], cfg["max_length"], cfg["truncation"])[0]
-    assert meta["token_ids"][rows].tolist() == ids
-    # the stored hidden states equal a direct forward of that text alone
+    # every example's rows hold its tokens in order and equal a direct forward of that text alone
     model = AutoModel.from_pretrained(str(tiny_run.model_dir("finetuned"))).eval()
-    with torch.no_grad():
-        direct = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
-    for layer in range(store.num_layers):
-        stored = store.load_layer("finetuned", layer)[rows]
-        np.testing.assert_allclose(stored.numpy(), direct[layer][0].numpy(), atol=1e-4)
+    layers = [store.load_layer("finetuned", layer) for layer in range(store.num_layers)]
+    for ex in meta["example_ids"].unique().tolist():
+        rows = meta["example_ids"] == ex
+        ids = encode(tok, [frame.loc[ex, "text"]], cfg["max_length"], cfg["truncation"])[0]
+        assert meta["token_ids"][rows].tolist() == ids
+        assert meta["positions"][rows].tolist() == list(range(len(ids)))
+        with torch.no_grad():
+            direct = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        for layer, stored in enumerate(layers):
+            np.testing.assert_allclose(stored[rows].numpy(), direct[layer][0].numpy(), atol=1e-4)
 
 
 def test_batches_stream_every_token_once_per_epoch(tiny_run):

@@ -171,6 +171,45 @@ def test_sae_of_another_width(run_copy):
     assert_user_error(cli("analyze", "--run", run_copy, "--text", "hello"), "16-wide", "hidden size is 32")
 
 
+def test_saes_record_the_weights_they_were_trained_on(tiny_run):
+    import hashlib
+
+    from core.models import model_fingerprint
+    from core.saes import load_sae
+
+    prints = {}
+    for m in ("pretrained", "finetuned"):
+        weights = tiny_run.model_dir(m) / "model.safetensors"
+        prints[m] = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]  # independent of core's chunked read
+        assert model_fingerprint(tiny_run.model_dir(m)) == prints[m]
+        assert load_sae(tiny_run, m, 1).cfg.model_fingerprint == prints[m]
+    assert prints["pretrained"] != prints["finetuned"]
+
+
+def test_sae_of_other_weights_is_refused(run_copy):
+    """The fine-tuned model is changed after its SAEs were trained (e.g. fine-tuned again)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = run_copy / "models" / "finetuned" / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert_user_error(cli("analyze", "--run", run_copy, "--text", "hello"), "trained on other finetuned weights", "saes --run")
+    from core.runfolder import RunFolder
+    from core.saes import load_sae
+
+    load_sae(RunFolder(run_copy), "pretrained", 1)  # the untouched model's SAEs still load
+    with pytest.raises(LayerscopeError, match="fingerprint"):
+        load_sae(RunFolder(run_copy), "finetuned", 1)
+
+
+def test_sae_of_the_other_model_is_refused(run_copy):
+    shutil.rmtree(run_copy / "saes" / "pretrained" / "layer_2")
+    shutil.copytree(run_copy / "saes" / "finetuned" / "layer_2", run_copy / "saes" / "pretrained" / "layer_2")
+    assert_user_error(cli("analyze", "--run", run_copy, "--text", "hello"), "trained on the finetuned model", "pretrained SAEs")
+
+
 def test_k_larger_than_dictionary(run_copy):
     assert_user_error(cli("saes", "--run", run_copy, "--sae-k", "9999", "--force"), "k=9999", "d_sae")
 
