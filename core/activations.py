@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ class ActivationsConfig:
     compute_dtype: str = "bfloat16"  # autocast dtype for the forward passes: "bfloat16" (fast) or "float32" (exact)
     storage_dtype: str = "float16"  # dtype of stored hidden states: "float16" or "float32"
     seed: int = 0  # seeds the text sample
+    train_layers: list[int] = field(default_factory=list, metadata={"hash_when_set": True})  # hidden states kept for the train split (only the SAEs read it); [] = all
 
 
 # ------------------------------------------------------------------ planning
@@ -103,6 +104,7 @@ def _extract_shard(models: dict, tokenizer, ids, example_ids, batches, cfg: Acti
     Real-token rows are copied straight from each hidden state into ``buffers``
     ({model: {layer_i: [capacity, d]}}, reused from shard to shard: fresh memory costs a page fault
     per 4 KiB), cast to the storage dtype on the way; the returned tensors are views of them.
+    Hidden states without a buffer are not kept.
     """
     rows = [i for b in batches for i in b]  # examples in shard order
     lengths = [len(ids[i]) for i in rows]
@@ -121,7 +123,9 @@ def _extract_shard(models: dict, tokenizer, ids, example_ids, batches, cfg: Acti
         for name, model in models.items():
             states = hidden_states(model, input_ids, mask, cfg.compute_dtype)  # each [batch, seq, d]
             for layer, h in enumerate(states):
-                out, at = buffers[name][f"layer_{layer}"], offset
+                out, at = buffers[name].get(f"layer_{layer}"), offset
+                if out is None:
+                    continue
                 for r, i in enumerate(b):
                     k = len(ids[i])
                     out[at : at + k].copy_(h[r, :k])  # real tokens only, cast on copy
@@ -130,15 +134,29 @@ def _extract_shard(models: dict, tokenizer, ids, example_ids, batches, cfg: Acti
     return meta, {name: {key: buf[:n] for key, buf in layers.items()} for name, layers in buffers.items()}
 
 
-def extract_split(run: RunFolder, split: str, n_examples: int, cfg: ActivationsConfig, model_cfg: ModelConfig, models: dict, tokenizer, state=None) -> dict:
-    """Extract one split into run/activations/<split>/. Returns its index (also written as index.json)."""
+def check_layers(layers: list[int] | None, n_states: int) -> list[int]:
+    """The sorted hidden-state indices to keep (all when ``layers`` is empty); LayerscopeError if out of range."""
+    if not layers:
+        return list(range(n_states))
+    bad = sorted({l for l in layers if not isinstance(l, int) or not 0 <= l < n_states})
+    if bad:
+        raise LayerscopeError(f"activations.train_layers has {bad}, but this model has hidden states 0..{n_states - 1}; pick from that range or leave it empty (all)")
+    return sorted(set(layers))
+
+
+def extract_split(run: RunFolder, split: str, n_examples: int, cfg: ActivationsConfig, model_cfg: ModelConfig, models: dict, tokenizer, state=None, layers: list[int] | None = None) -> dict:
+    """Extract one split into run/activations/<split>/. Returns its index (also written as index.json).
+
+    ``layers``: the hidden-state indices to keep (None or [] = all of them).
+    """
     frame = sample_split(run, split, n_examples, cfg.seed)
     ids = encode(tokenizer, frame["text"].tolist(), model_cfg.max_length, model_cfg.truncation)
     lengths = [len(x) for x in ids]
     example_ids = frame["id"].to_numpy()
     any_model = next(iter(models.values()))
     n_states, d_model = num_hidden_states(any_model), any_model.config.hidden_size
-    bytes_per_token = n_states * d_model * torch.finfo(DTYPES[cfg.storage_dtype]).bits // 8
+    keep = check_layers(layers, n_states)
+    bytes_per_token = len(keep) * d_model * torch.finfo(DTYPES[cfg.storage_dtype]).bits // 8
     shard_tokens = max(1, cfg.shard_mb * 2**20 // bytes_per_token)  # shard_mb=0: one batch per shard
     shards = plan_shards(plan_batches(lengths, cfg.batch_tokens), lengths, shard_tokens)
 
@@ -156,8 +174,8 @@ def extract_split(run: RunFolder, split: str, n_examples: int, cfg: ActivationsC
         pending = None
         for j, s in enumerate(mine):
             if buffer_sets[j % 2] is None:
-                block = {m: torch.empty(n_states, capacity, d_model, dtype=DTYPES[cfg.storage_dtype]) for m in models}  # one large block each: own mapping, off the heap
-                buffer_sets[j % 2] = {m: {f"layer_{i}": block[m][i] for i in range(n_states)} for m in models}
+                block = {m: torch.empty(len(keep), capacity, d_model, dtype=DTYPES[cfg.storage_dtype]) for m in models}  # one large block each: own mapping, off the heap
+                buffer_sets[j % 2] = {m: {f"layer_{i}": block[m][slot] for slot, i in enumerate(keep)} for m in models}
             meta, hidden = _extract_shard(models, tokenizer, ids, example_ids, shards[s], cfg, buffer_sets[j % 2])
             if pending is not None:
                 pending.result()  # re-raises a failed write here
@@ -175,6 +193,7 @@ def extract_split(run: RunFolder, split: str, n_examples: int, cfg: ActivationsC
         "num_tokens": int(sum(lengths)),
         "num_examples": len(frame),
         "num_hidden_states": n_states,
+        "layers": keep,
         "d_model": d_model,
         "models": list(models),
         "storage_dtype": cfg.storage_dtype,
@@ -210,7 +229,7 @@ def run_activations(run: RunFolder, cfg: ActivationsConfig, model_cfg: ModelConf
     models = {m: load_classifier(str(run.model_dir(m))).to(device).eval() for m in MODELS}
     record = {}
     for split, n in (("train", cfg.sae_examples), ("test", cfg.eval_examples)):
-        idx = extract_split(run, split, n, cfg, model_cfg, models, tokenizer, state)
+        idx = extract_split(run, split, n, cfg, model_cfg, models, tokenizer, state, layers=cfg.train_layers if split == "train" else None)
         record[split] = {"tokens": idx["num_tokens"], "examples": idx["num_examples"], "tokens_per_second": idx["num_tokens"] / max(idx["seconds"], 1e-9)}
     return record
 
@@ -230,6 +249,21 @@ class ActivationStore:
     @property
     def num_layers(self) -> int:
         return self.index["num_hidden_states"]
+
+    @property
+    def layers(self) -> list[int]:
+        """Hidden-state indices stored in this split (all of them unless ``activations.train_layers`` chose)."""
+        return self.index.get("layers", list(range(self.num_layers)))
+
+    def require_layers(self, layers) -> None:
+        """LayerscopeError naming the fix unless every hidden state in ``layers`` was stored."""
+        missing = sorted(set(layers) - set(self.layers))
+        if missing:
+            raise LayerscopeError(
+                f"the {self.split} activations hold hidden states {self.layers} only, not {missing} "
+                f"(activations.train_layers); add them there and re-run `python -m core activations --run {self.run.root} --force`, "
+                "or ask for stored layers only"
+            )
 
     @property
     def d_model(self) -> int:
@@ -256,6 +290,7 @@ class ActivationStore:
         with self._open(self.run.hidden_shard(self.split, model, shard)) as f:
             key = f"layer_{layer}"
             if key not in f.keys():
+                self.require_layers([layer])
                 raise LayerscopeError(f"shard has no {key}; layers are 0..{self.num_layers - 1}")
             t = f.get_tensor(key)
         if t.shape[0] == 0:

@@ -47,8 +47,20 @@ class RunConfig:
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some sections: a step is stale when the hash of what it reads changes."""
-        blob = json.dumps({s: dataclasses.asdict(getattr(self, s)) for s in sections}, sort_keys=True)
+        blob = json.dumps({s: _hashed_fields(getattr(self, s)) for s in sections}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _hashed_fields(section) -> dict:
+    """``asdict(section)`` less the fields marked ``metadata={"hash_when_set": True}`` that hold
+    their default: options added after runs were built leave those runs' step hashes unchanged."""
+    d = dataclasses.asdict(section)
+    for f in dataclasses.fields(section):
+        if f.metadata.get("hash_when_set"):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if d[f.name] == default:
+                del d[f.name]
+    return d
 
 
 def available_presets() -> list[str]:

@@ -164,6 +164,7 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
     quiet_transformers()
     train, test = ActivationStore(run, "train"), ActivationStore(run, "test")
     layers = resolve_layers(cfg, train.num_layers - 1)
+    train.require_layers(layers)
     labels_all = load_split(run, "test")
     if cfg.splice_examples and len(labels_all) > cfg.splice_examples:
         labels_all = labels_all.sample(n=cfg.splice_examples, random_state=0).sort_values("id")

@@ -8,6 +8,7 @@ def test_defaults_presets_file_and_overrides_layer(tmp_path):
     assert {"default", "paper", "tiny"} <= set(available_presets())
     paper = load_config(preset="paper")
     assert paper.finetune.epochs == 10 and paper.data.max_rows == 25000 and paper.saes.layers == [3, 6, 12]
+    assert paper.activations.train_layers == paper.saes.layers  # the train split keeps what the SAEs read
     f = tmp_path / "c.toml"
     f.write_text("[finetune]\nepochs = 3\n[saes]\nk = 16\n")
     cfg = load_config(preset="paper", config_file=f, overrides=parse_set_flags(["finetune.epochs=4", "saes.layers=1,2"]))

@@ -137,3 +137,49 @@ def test_batches_stream_every_token_once_per_epoch(tiny_run):
     # each yielded row is a real stored row, and no row is repeated within the epoch
     assert torch.unique(seen, dim=0).shape[0] == seen.shape[0]
     assert torch.isin(seen[:, 0], everything[:, 0]).all()
+
+
+def test_train_layers_keep_only_the_chosen_hidden_states(tmp_path, tiny_run):
+    """``activations.train_layers``: the shards hold those layers only, equal to a full extraction's."""
+    import shutil
+
+    from core.activations import ActivationsConfig, ActivationStore, extract_split
+    from core.config import load_config
+    from core.models import load_classifier, load_tokenizer
+    from core.saes import run_saes
+
+    cfg = load_config(base=tiny_run.manifest()["config"])
+    run = RunFolder(tmp_path / "r")
+    shutil.copytree(tiny_run.root, run.root, ignore=shutil.ignore_patterns("activations", "saes", "features"))
+    tok = load_tokenizer(str(run.model_dir("finetuned")))
+    models = {m: load_classifier(str(run.model_dir(m))).eval() for m in ("pretrained", "finetuned")}
+    act_cfg = ActivationsConfig(**{**cfg.activations.__dict__, "train_layers": [2, 0]})
+    index = extract_split(run, "train", 0, act_cfg, cfg.model, models, tok, layers=act_cfg.train_layers)
+    assert index["layers"] == [0, 2]
+    part, full = ActivationStore(run, "train"), ActivationStore(tiny_run, "train")
+    assert part.layers == [0, 2] and full.layers == [0, 1, 2]
+    for layer in (0, 2):
+        torch.testing.assert_close(part.load_layer("finetuned", layer), full.load_layer("finetuned", layer))
+    with pytest.raises(LayerscopeError, match=r"hold hidden states \[0, 2\] only, not \[1\].*train_layers"):
+        part.load_layer("pretrained", 1)
+    # the SAE step asks for layers 1..2 and stops before training anything
+    shutil.copytree(tiny_run.activations_dir("test"), run.activations_dir("test"))
+    with pytest.raises(LayerscopeError, match=r"not \[1\]"):
+        run_saes(run, cfg.saes, cfg.model, progress=False)
+    assert not run.sae_dir("pretrained", 2).exists()
+    with pytest.raises(LayerscopeError, match=r"has \[3\], but this model has hidden states 0..2"):
+        extract_split(run, "train", 0, act_cfg, cfg.model, models, tok, layers=[1, 3])
+
+
+def test_options_added_later_leave_old_step_hashes_alone():
+    """A field marked hash_when_set changes a step's hash only when it is set."""
+    import dataclasses
+    import hashlib
+
+    cfg = load_config()
+    old = {k: v for k, v in dataclasses.asdict(cfg.activations).items() if k != "train_layers"}
+    blob = json.dumps({"model": dataclasses.asdict(cfg.model), "activations": old}, sort_keys=True)
+    assert cfg.section_hash("model", "activations") == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    chosen = load_config(overrides={"activations.train_layers": "1,2"})
+    assert chosen.activations.train_layers == [1, 2]
+    assert chosen.section_hash("model", "activations") != cfg.section_hash("model", "activations")
