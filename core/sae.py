@@ -141,15 +141,39 @@ def _csr_rows(indices: torch.Tensor, values: torch.Tensor, m: int) -> torch.Tens
     return torch.sparse_csr_tensor(crow, indices.reshape(-1), values.reshape(-1), (n, m), check_invariants=False)
 
 
-def _csr_cols(indices: torch.Tensor, values: torch.Tensor, m: int) -> torch.Tensor:
-    """The transpose of ``_csr_rows``: sparse CSR [m, n] (one row per latent)."""
-    n, k = indices.shape
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    crow = torch.zeros(m + 1, dtype=torch.long, device=indices.device)
-    crow[1:] = torch.bincount(flat, minlength=m).cumsum(0)
-    tokens = torch.div(order, k, rounding_mode="floor")
-    return torch.sparse_csr_tensor(crow, tokens, values.reshape(-1)[order], (m, n), check_invariants=False)
+class CsrColumns:
+    """The transpose of ``_csr_rows`` for one ``indices [n, k]`` pattern: sparse CSR [m, n] (one row
+    per latent). Its structure (an argsort of the n*k latent ids) is built on first use and reused
+    for other values on the same pattern: the encoder's and the decoder's backward passes of one
+    training step both need it, and the sort is ~5% of the step."""
+
+    def __init__(self) -> None:
+        self._pattern = None  # (indices, key, order, crow, tokens)
+        self.builds = 0  # how many times the structure was computed (for tests)
+
+    @staticmethod
+    def _key(indices: torch.Tensor) -> tuple:
+        # Autograd hands saved tensors back as new Python objects over the same memory, so the
+        # pattern is recognised by its memory and version; the reference kept in `_pattern` keeps
+        # that memory from being freed and reused by another tensor meanwhile.
+        return indices.data_ptr(), tuple(indices.shape), indices.stride(), indices._version
+
+    def of(self, indices: torch.Tensor, values: torch.Tensor, m: int) -> torch.Tensor:
+        n, k = indices.shape
+        if self._pattern is None or self._pattern[1] != self._key(indices):
+            flat = indices.reshape(-1)
+            order = torch.argsort(flat, stable=True)
+            crow = torch.zeros(m + 1, dtype=torch.long, device=indices.device)
+            crow[1:] = torch.bincount(flat, minlength=m).cumsum(0)
+            self._pattern = (indices, self._key(indices), order, crow, torch.div(order, k, rounding_mode="floor"))
+            self.builds += 1
+        _, _, order, crow, tokens = self._pattern
+        return torch.sparse_csr_tensor(crow, tokens, values.reshape(-1)[order], (m, n), check_invariants=False)
+
+
+def _csr_cols(indices: torch.Tensor, values: torch.Tensor, m: int, cols: CsrColumns | None = None) -> torch.Tensor:
+    """Sparse CSR [m, n] with row j holding, at column t, values[t] where indices[t] == j."""
+    return (cols or CsrColumns()).of(indices, values, m)
 
 
 @contextmanager
@@ -169,7 +193,8 @@ class _TopKEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xn, b_dec, W_enc, b_enc, k: int, bf16: bool):
+    def forward(ctx, xn, b_dec, W_enc, b_enc, k: int, bf16: bool, cols: CsrColumns | None):
+        ctx.cols = cols
         xc = xn - b_dec  # [n, d]
         pre = _matmul(xc, W_enc, bf16)  # [n, m]; bf16 under an autocast: back to b_enc's dtype
         pre = pre.to(torch.promote_types(pre.dtype, b_enc.dtype)).add_(b_enc)
@@ -193,15 +218,16 @@ class _TopKEncode(torch.autograd.Function):
             grad_bd = -(grad_b @ W_enc.t())  # [d]
         if ctx.needs_input_grad[2]:
             with _quiet_sparse():
-                grad_W = (_csr_cols(indices, g, m) @ xc).t()  # [d, m]
-        return None, grad_bd, grad_W, grad_b if ctx.needs_input_grad[3] else None, None, None
+                grad_W = (_csr_cols(indices, g, m, ctx.cols) @ xc).t()  # [d, m]
+        return None, grad_bd, grad_W, grad_b if ctx.needs_input_grad[3] else None, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
     """sum_j values[t, j] * W_dec[indices[t, j]] -> [n, d] with a sparse backward."""
 
     @staticmethod
-    def forward(ctx, values, indices, W_dec):
+    def forward(ctx, values, indices, W_dec, cols: CsrColumns | None):
+        ctx.cols = cols
         ctx.save_for_backward(values, indices, W_dec)
         return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")  # [n, d]
 
@@ -217,19 +243,20 @@ class _SparseDecode(torch.autograd.Function):
                 grad_values = torch.sparse.sampled_addmm(pattern, grad_out, W_dec.t(), beta=0.0)
                 grad_values = grad_values.values().view_as(values)
             if ctx.needs_input_grad[2]:
-                grad_W = _csr_cols(indices, values, m) @ grad_out  # [m, d]
-        return grad_values, None, grad_W
+                grad_W = _csr_cols(indices, values, m, ctx.cols) @ grad_out  # [m, d]
+        return grad_values, None, grad_W, None
 
 
-def topk_encode(xn: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, bf16: bool = False):
+def topk_encode(xn: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, bf16: bool = False, cols: CsrColumns | None = None):
     """Sparse TopK encoder on normalised input ``xn [n, d]`` (centred by ``b_dec`` inside) ->
-    (values, indices) [n, k]."""
-    return _TopKEncode.apply(xn, b_dec, W_enc, b_enc, k, bf16)
+    (values, indices) [n, k]. Pass the same ``cols`` to ``sparse_decode`` of these indices to sort
+    them once for both backward passes."""
+    return _TopKEncode.apply(xn, b_dec, W_enc, b_enc, k, bf16, cols)
 
 
-def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, cols: CsrColumns | None = None) -> torch.Tensor:
     """``[n, k]`` (values, indices) times ``W_dec [m, d]`` -> ``[n, d]`` (no bias)."""
-    return _SparseDecode.apply(values, indices, W_dec)
+    return _SparseDecode.apply(values, indices, W_dec, cols)
 
 
 # ----------------------------------------------------------------------------- the module

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from core.errors import LayerscopeError
-from core.sae import SAEConfig, SparseAutoencoder, sparse_decode, topk_encode
+from core.sae import CsrColumns, SAEConfig, SparseAutoencoder, sparse_decode, topk_encode
 
 
 class DyingLatents(LayerscopeError):
@@ -158,8 +158,9 @@ def _lr_factor(step: int, total: int | None, warmup: int, decay: float) -> float
 
 def _topk_step(sae: SparseAutoencoder, xn: torch.Tensor, dead: torch.Tensor, aux_k: int, aux_coef: float, bf16: bool):
     """Forward + loss for TopK. Returns (loss, mse, aux, fired [d_sae] bool, active latents)."""
-    values, indices = topk_encode(xn, sae.b_dec, sae.W_enc, sae.b_enc, sae.cfg.k, bf16)  # [n, k]
-    xn_hat = sparse_decode(values, indices, sae.W_dec) + sae.b_dec  # [n, d]
+    cols = CsrColumns()  # one sort of `indices` for both backward passes
+    values, indices = topk_encode(xn, sae.b_dec, sae.W_enc, sae.b_enc, sae.cfg.k, bf16, cols)  # [n, k]
+    xn_hat = sparse_decode(values, indices, sae.W_dec, cols) + sae.b_dec  # [n, d]
     denom = xn.numel()
     mse = (xn_hat - xn).pow(2).sum() / denom
     aux = torch.zeros(())  # stays 0 while no latent is dead

@@ -6,6 +6,7 @@ import torch
 
 from core.errors import LayerscopeError
 from core.sae import (
+    CsrColumns,
     SAEConfig,
     SparseAutoencoder,
     check_compatible,
@@ -71,18 +72,26 @@ def test_sparse_kernels_match_dense_autograd():
         v, i = topk_encode(x, bd, W, b, k)
         return sparse_decode(v, i, Wd) + bd
 
+    cols = CsrColumns()
+
+    def shared(W, b, Wd, bd):  # as the trainer calls them: one sort of the indices for both backwards
+        v, i = topk_encode(x, bd, W, b, k, cols=cols)
+        return sparse_decode(v, i, Wd, cols=cols) + bd
+
     def dense(W, b, Wd, bd):
         pre = (x - bd) @ W + b
         v, i = pre.topk(k, dim=1)
         return torch.zeros(n, m, dtype=x.dtype).scatter(1, i, v.relu()) @ Wd + bd
 
     grads = []
-    for fn in (sparse, dense):
+    for fn in (dense, sparse, shared):
         out = fn(*params)
         grads.append((out.detach(), torch.autograd.grad(out, params, upstream)))
-    torch.testing.assert_close(grads[0][0], grads[1][0])
-    for a, b in zip(grads[0][1], grads[1][1]):
-        torch.testing.assert_close(a, b)
+    assert cols.builds == 1  # the decoder's backward sorted the indices, the encoder's reused them
+    for got in grads[1:]:
+        torch.testing.assert_close(got[0], grads[0][0])
+        for a, b in zip(got[1], grads[0][1]):
+            torch.testing.assert_close(a, b)
 
 
 def test_gradient_parallel_to_decoder_rows_is_removed():
