@@ -172,7 +172,7 @@ class CsrColumns:
 
 
 def _csr_cols(indices: torch.Tensor, values: torch.Tensor, m: int, cols: CsrColumns | None = None) -> torch.Tensor:
-    """Sparse CSR [m, n] with row j holding, at column t, values[t] where indices[t] == j."""
+    """Sparse CSR [m, n] with row j holding, at column t, values[t, i] where indices[t, i] == j."""
     return (cols or CsrColumns()).of(indices, values, m)
 
 
