@@ -2,7 +2,7 @@
 
     python -m bench                              every benchmark, full size (about 20 minutes on 2 cores)
     python -m bench --quick                      a smoke run on tiny inputs (what tests/test_bench.py runs)
-    python -m bench --only extraction,analysis   some of them
+    python -m bench --only extraction,analysis   some of them (the others stay as they are in results.json)
     python -m bench --out /tmp/x/results.json    write elsewhere (growth plots go next to it)
 
 Benchmarks: extraction, sae_training, finetune, analysis, memory, growth (one module each in
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx.work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     results = Results(ctx, "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]))
+    merge = set(only) != set(SECTIONS)  # a partial run updates its sections of an existing results.json
     t_all = time.perf_counter()
     failed = []
     for name in only:
@@ -72,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         section.seconds = time.perf_counter() - t0
         section.load_average = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         results.add(section)
-        results.write(out)  # after every benchmark, so a long run leaves partial results
+        results.write(out, merge=merge)  # after every benchmark, so a long run leaves partial results
         ctx.log(f"== {name} done in {section.seconds:.0f} s")
     results.meta["seconds"] = time.perf_counter() - t_all
-    results.write(out)
+    results.write(out, merge=merge)
     print()
     print(results.table())
     for s in results.sections.values():

@@ -202,10 +202,24 @@ class Results:
     def as_dict(self) -> dict:
         return {"meta": self.meta, "benchmarks": {k: s.as_dict() for k, s in self.sections.items()}}
 
-    def write(self, path: Path) -> None:
+    def write(self, path: Path, merge: bool = False) -> None:
+        """Write results.json (temp file + rename).
+
+        ``merge`` (``--only``): keep the other benchmarks of an existing file of the same kind
+        (full or ``--quick``) and record the re-measured ones, with their command, start time and
+        CPU, under ``meta.sections_measured_again``, so one re-run never erases the rest."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.as_dict()
+        old = _read_results(path) if merge else None
+        if old is not None and old["meta"].get("quick") == self.meta["quick"]:
+            again = dict(old["meta"].get("sections_measured_again", {}))
+            mine = {"command": self.meta["command"], "started": self.meta["started"]}
+            if (self.meta["cpu"], self.meta["cpu_flags"]) != (old["meta"].get("cpu"), old["meta"].get("cpu_flags")):
+                mine.update(cpu=self.meta["cpu"], cpu_flags=self.meta["cpu_flags"], note="measured on another CPU than the rest of this file")
+            again.update({name: mine for name in self.sections})
+            data = {"meta": {**old["meta"], "sections_measured_again": again}, "benchmarks": {**old["benchmarks"], **data["benchmarks"]}}
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.as_dict(), indent=2, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
         os.replace(tmp, path)
 
     def table(self) -> str:
@@ -217,6 +231,16 @@ class Results:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
+
+
+def _read_results(path: Path) -> dict | None:
+    """An existing results.json, or None when there is none or it cannot be read as one."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(data, dict) and isinstance(data.get("meta"), dict) and isinstance(data.get("benchmarks"), dict)
+    return data if ok else None
 
 
 def fmt(x: float) -> str:

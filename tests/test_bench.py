@@ -67,6 +67,33 @@ def test_results_table_and_json(tmp_path):
     assert "PASS" in results.table() and "paper loop" in results.table()
 
 
+def _one_section_run(name: str, value: float, quick: bool = False) -> Results:
+    results = Results(Context(quick=quick), f"python -m bench --only {name}")
+    sec = Section(name, "d")
+    sec.add("speed", value, "tok/s", 2.0, "baseline")
+    results.add(sec)
+    return results
+
+
+def test_partial_run_updates_its_sections_and_keeps_the_others(tmp_path):
+    path = tmp_path / "r.json"
+    full = _one_section_run("extraction", 12.0)
+    full.add(_one_section_run("analysis", 3.0).sections["analysis"])
+    full.write(path)
+    _one_section_run("analysis", 5.0).write(path, merge=True)
+    data = json.loads(path.read_text())
+    assert [f["value"] for f in data["benchmarks"]["extraction"]["figures"]] == [12.0]  # kept
+    assert [f["value"] for f in data["benchmarks"]["analysis"]["figures"]] == [5.0]  # replaced
+    assert list(data["meta"]["sections_measured_again"]) == ["analysis"]
+    assert data["meta"]["sections_measured_again"]["analysis"]["command"] == "python -m bench --only analysis"
+    # a --quick partial run never mixes into a full file, and without merge the file is replaced
+    _one_section_run("analysis", 7.0, quick=True).write(path, merge=True)
+    assert json.loads(path.read_text())["meta"]["quick"] is True and list(json.loads(path.read_text())["benchmarks"]) == ["analysis"]
+    path.write_text("not json")
+    _one_section_run("analysis", 9.0).write(path, merge=True)  # an unreadable file is replaced, not an error
+    assert json.loads(path.read_text())["benchmarks"]["analysis"]["figures"][0]["value"] == 9.0
+
+
 def test_growth_svg_and_markdown():
     points = [{"tokens": t, "extraction_s": t / 1e4, "extraction_rss_mb": 900.0, "sae_s": t / 1e5, "sae_rss_mb": 700.0, "sae_tokens": t} for t in (100_000, 500_000, 1_000_000)]
     text = svg(points)
