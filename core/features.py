@@ -93,29 +93,35 @@ class FeatureStatsAccumulator:
         if int(labels_of_tokens.max()) >= self.num_classes or int(example_ids.min()) < 0:
             raise ValueError("labels must be < num_classes and example ids >= 0")
         z = latents.detach().float()  # [n, m]
-        zd = z.double()  # [n, m] for the float64 sums
         ids, labels = example_ids.long(), labels_of_tokens.long()
-        self._moments(zd)
-        self._classes(zd, labels)
+        # The sums below run over the non-zero entries only (float64): SAE latents are sparse, so
+        # this is O(active entries) where dense float64 arithmetic would be O(n * m).
+        t, f = (z > 0).nonzero(as_tuple=True)  # [nnz] token and feature of every non-zero entry
+        v = z[t, f].double()  # [nnz]
+        self._moments(n, f, v)
+        self._classes(labels, t, f, v)
         self._top(z, ids)
-        self._histogram(z)
+        self._histogram(z, f, v)
         self._example_max(z, ids, labels)
         self.n += n
 
-    def _moments(self, zd: torch.Tensor) -> None:
-        n_b = zd.shape[0]
-        mean_b = zd.mean(0)
-        m2_b = (zd - mean_b).pow(2).sum(0)
+    def _moments(self, n_b: int, f: torch.Tensor, v: torch.Tensor) -> None:
+        m = self.d_sae
+        count = torch.bincount(f, minlength=m)  # [m] non-zero entries per feature
+        mean_b = torch.zeros(m, dtype=torch.float64).index_add_(0, f, v) / n_b  # [m]
+        dev = v - mean_b[f]  # non-zero entries minus their feature's batch mean
+        m2_b = torch.zeros(m, dtype=torch.float64).index_add_(0, f, dev * dev) + (n_b - count) * mean_b * mean_b  # each zero adds mean^2
         total = self.n + n_b
         delta = mean_b - self.mean
-        self.mean += delta * (n_b / total)
+        self.mean += delta * (n_b / total)  # Chan et al.'s merge of two (count, mean, M2) summaries
         self.m2 += m2_b + delta.pow(2) * (self.n * n_b / total)
-        self.active += (zd > 0).sum(0)
+        self.active += count
 
-    def _classes(self, zd: torch.Tensor, labels: torch.Tensor) -> None:
-        onehot = (labels[None, :] == torch.arange(self.num_classes)[:, None]).double()  # [C, n]; -1 matches none
-        self.class_sum += onehot @ zd
-        self.class_tokens += onehot.sum(1).long()
+    def _classes(self, labels: torch.Tensor, t: torch.Tensor, f: torch.Tensor, v: torch.Tensor) -> None:
+        lab = labels[t]  # [nnz] class of each non-zero entry's example; -1 = unlabelled
+        ok = lab >= 0
+        self.class_sum.view(-1).index_add_(0, lab[ok] * self.d_sae + f[ok], v[ok])  # [C, m] flattened
+        self.class_tokens += torch.bincount(labels[labels >= 0], minlength=self.num_classes)
 
     def _top(self, z: torch.Tensor, ids: torch.Tensor) -> None:
         kb = min(self.top_k, z.shape[0])
@@ -127,7 +133,7 @@ class FeatureStatsAccumulator:
         self.top_values, j = vals.topk(keep, dim=1)  # [m, keep], descending
         self.top_tokens, self.top_examples = tokens.gather(1, j), examples.gather(1, j)
 
-    def _histogram(self, z: torch.Tensor) -> None:
+    def _histogram(self, z: torch.Tensor, f: torch.Tensor, v: torch.Tensor) -> None:
         bmax = z.amax(0).double()  # [m]
         new = (self.hist_hi == 0) & (bmax > 0)
         self.hist_hi[new] = torch.exp2(torch.ceil(torch.log2(bmax[new])))
@@ -137,8 +143,6 @@ class FeatureStatsAccumulator:
             self.hist_counts[grow] = torch.cat([merged, torch.zeros_like(merged)], 1)
             self.hist_hi[grow] *= 2
             grow = bmax > self.hist_hi
-        t, f = (z > 0).nonzero(as_tuple=True)
-        v = z[t, f].double()
         b = (v / self.hist_hi[f] * self.bins).long().clamp_(0, self.bins - 1)
         self.hist_counts.view(-1).index_add_(0, f * self.bins + b, torch.ones_like(b))
 

@@ -98,42 +98,60 @@ def context_windows(sae: SparseAutoencoder, store: ActivationStore, model: str, 
     return token_ids.int(), acts.half()
 
 
-def logit_effects(run: RunFolder, sae: SparseAutoencoder, layer: int, n_examples: int, max_length: int, truncation: str) -> torch.Tensor:
-    """[d_sae, C] attribution-patching estimate of each feature's effect on each logit (fine-tuned model)."""
+def logit_effects(run: RunFolder, saes: dict[int, SparseAutoencoder], n_examples: int, max_length: int, truncation: str) -> dict[int, torch.Tensor]:
+    """{layer: [d_sae, C]} attribution-patching estimate of each feature's effect on each logit
+    (fine-tuned model), for the fine-tuned SAEs ``saes`` ({layer: SAE}) all at once.
+
+    Per batch of texts: one forward pass with the hidden states of every SAE layer captured, then
+    one backward pass per class from that class's logits down to the lowest SAE layer only. The
+    weights are frozen (no parameter gradients) and the lowest captured hidden state is made the
+    leaf of the graph, so nothing below it is differentiated.
+    """
     from core.models import encode
 
-    model = load_classifier(str(run.model_dir("finetuned"))).eval()
+    if not saes:
+        return {}
+    model = load_classifier(str(run.model_dir("finetuned"))).eval().requires_grad_(False)
     tok = load_tokenizer(str(run.model_dir("finetuned")))
     texts = load_split(run, "test")["text"].tolist()[:n_examples]
     ids = encode(tok, texts, max_length, truncation)
-    _, module = hidden_state_module(model, layer)
-    captured = {}
+    layers = sorted(saes)
+    captured: dict[int, torch.Tensor] = {}
 
-    def hook(_m, _i, output):
-        h = output[0] if isinstance(output, tuple) else output
-        h.retain_grad()
-        captured["h"] = h
+    def capture(layer: int):
+        def hook(_m, _i, output):
+            h = output[0] if isinstance(output, tuple) else output  # [B, T, d]
+            if layer == layers[0]:  # the leaf: gradients flow down to here and no further
+                h = h.detach().requires_grad_(True)
+                captured[layer] = h
+                return (h, *output[1:]) if isinstance(output, tuple) else h
+            captured[layer] = h
+            return None
 
-    handle = module.register_forward_hook(hook)
-    effects = torch.zeros(sae.cfg.d_sae, model.config.num_labels, dtype=torch.float64)
-    direction = sae.W_dec.detach() * sae.cfg.normalization_scale  # [d_sae, d] raw units
+        return hook
+
+    handles = [hidden_state_module(model, layer)[1].register_forward_hook(capture(layer)) for layer in layers]
+    C = model.config.num_labels
+    effects = {layer: torch.zeros(saes[layer].cfg.d_sae, C, dtype=torch.float64) for layer in layers}
+    directions = {layer: sae.W_dec.detach() * sae.cfg.normalization_scale for layer, sae in saes.items()}  # [d_sae, d] raw units
     try:
         for lo in range(0, len(ids), 16):
             input_ids, mask = pad_batch(ids[lo : lo + 16], tok.pad_token_id)
-            logits = model(input_ids=input_ids, attention_mask=mask).logits  # [B, C]
-            h = captured["h"]
+            with torch.enable_grad():
+                logits = model(input_ids=input_ids, attention_mask=mask).logits  # [B, C]
             keep = mask.bool()
+            hs = [captured[layer] for layer in layers]
             with torch.no_grad():
-                z = sae.encode(h.detach()[keep].float())  # [n, d_sae]
-            for c in range(logits.shape[1]):
-                model.zero_grad(set_to_none=True)
-                h.grad = None
-                logits[:, c].sum().backward(retain_graph=c + 1 < logits.shape[1])
-                g = h.grad[keep].float()  # [n, d]
-                effects[:, c] += (z * (g @ direction.T)).sum(0).double()  # [d_sae]
+                z = {layer: saes[layer].encode(h.detach()[keep].float()) for layer, h in zip(layers, hs)}  # [n, d_sae]
+            for c in range(C):
+                grads = torch.autograd.grad(logits[:, c].sum(), hs, retain_graph=c + 1 < C)  # each [B, T, d]
+                for layer, g in zip(layers, grads):
+                    g = g[keep].float()  # [n, d]
+                    effects[layer][:, c] += (z[layer] * (g @ directions[layer].T)).sum(0).double()  # [d_sae]
     finally:
-        handle.remove()
-    return (effects / max(len(ids), 1)).float()
+        for handle in handles:
+            handle.remove()
+    return {layer: (e / max(len(ids), 1)).float() for layer, e in effects.items()}
 
 
 def run_features(run: RunFolder, cfg: FeaturesConfig, progress: bool = True) -> dict:
@@ -145,6 +163,10 @@ def run_features(run: RunFolder, cfg: FeaturesConfig, progress: bool = True) -> 
     saes = run.sae_dirs()
     if not saes:
         raise LayerscopeError(f"no SAEs in {run.root}; run `python -m core saes --run {run.root}` first")
+    effects = {}
+    if cfg.effect_examples:  # every fine-tuned SAE from the same forward and backward passes
+        ft_saes = {layer: load_sae(run, model, layer) for model, layer, _ in saes if model == "finetuned"}
+        effects = logit_effects(run, ft_saes, cfg.effect_examples, model_cfg["max_length"], model_cfg["truncation"])
     for model, layer, _ in tqdm(saes, desc="features", unit="sae", disable=not progress):
         sae = load_sae(run, model, layer)
         stats, example_ids = feature_stats(sae, store, model, layer, labels_by_id, num_classes, cfg.top_k)
@@ -152,8 +174,8 @@ def run_features(run: RunFolder, cfg: FeaturesConfig, progress: bool = True) -> 
         tensors = {f: getattr(stats, f).contiguous() for f in STAT_FIELDS}
         tensors["top_example_ids"] = torch.where(stats.top_example_ids >= 0, example_ids[stats.top_example_ids.clamp_min(0)], -1)
         tensors.update(window_token_ids=win_tokens.contiguous(), window_activations=win_acts.contiguous())
-        if model == "finetuned" and cfg.effect_examples:
-            tensors["logit_effect"] = logit_effects(run, sae, layer, cfg.effect_examples, model_cfg["max_length"], model_cfg["truncation"]).contiguous()
+        if model == "finetuned" and layer in effects:
+            tensors["logit_effect"] = effects[layer].contiguous()
         with atomic_path(run.features_dir(model, layer) / "stats.safetensors") as tmp:
             save_file({k: v.float() if v.dtype == torch.float64 else v for k, v in tensors.items()}, str(tmp), metadata={"num_tokens": str(stats.num_tokens), "num_examples": str(stats.num_examples)})
 

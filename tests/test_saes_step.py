@@ -235,3 +235,55 @@ def test_dying_latents_restart_at_a_lower_learning_rate(tiny_run):
     assert hist["lr"] == pytest.approx(base.training.lr / base.lr_backoff)
     _, hist = train_one(tiny_run, dataclasses.replace(trip, lr_backoff=0), "finetuned", 2, store, "bert.encoder.layer.1", progress=False)
     assert "lr_backoff" not in hist and hist["lr"] == base.training.lr
+
+
+def test_logit_effects_equal_finite_differences_of_the_ablation_direction(tiny_run):
+    """Attribution patching (one backward per class, all layers at once) against central finite
+    differences in float64: effect[f, c] = mean_examples d/de logit_c(h + e * V_f), where V_f puts
+    a_f(t) * scale * W_dec[f] on every token t of the SAE's layer."""
+    from core.data import load_split
+    from core.features_step import load_stats, logit_effects
+    from core.models import encode, hidden_state_module, load_classifier, load_tokenizer
+    from core.saes import load_sae
+
+    mc = tiny_run.manifest()["config"]["model"]
+    saes = {layer: load_sae(tiny_run, "finetuned", layer) for layer in (1, 2)}
+    n = 6
+    got = logit_effects(tiny_run, saes, n, mc["max_length"], mc["truncation"])
+    n_step = tiny_run.manifest()["config"]["features"]["effect_examples"]
+    for layer in (1, 2):  # the features step (both layers at once) stored what one layer alone gives
+        torch.testing.assert_close(load_stats(tiny_run, "finetuned", layer)["logit_effect"], logit_effects(tiny_run, {layer: saes[layer]}, n_step, mc["max_length"], mc["truncation"])[layer])
+
+    folder = str(tiny_run.model_dir("finetuned"))
+    model32, model64 = load_classifier(folder).eval(), load_classifier(folder).eval().double()
+    tok = load_tokenizer(folder)
+    ids = encode(tok, load_split(tiny_run, "test")["text"].tolist()[:n], mc["max_length"], mc["truncation"])
+    for layer, sae in saes.items():
+        module64 = hidden_state_module(model64, layer)[1]
+        features = torch.argsort(got[layer].abs().sum(1), descending=True)[:3]  # the features that matter most
+        assert got[layer].abs().max() > 0
+        for f in features.tolist():
+            expected = torch.zeros(model64.config.num_labels, dtype=torch.float64)
+            for x in ids:
+                input_ids = torch.tensor([x])
+                with torch.no_grad():
+                    h = model32(input_ids=input_ids, output_hidden_states=True).hidden_states[layer][0]  # [T, d]
+                    a = sae.encode(h)[:, f].double()  # [T]
+                V = a[:, None] * (sae.W_dec[f].detach().double() * sae.cfg.normalization_scale)  # [T, d]
+                eps = 1e-4
+
+                def logits_with(delta):
+                    def hook(_m, _i, output):
+                        hs = output[0] if isinstance(output, tuple) else output
+                        return (hs + delta, *output[1:]) if isinstance(output, tuple) else hs + delta
+
+                    handle = module64.register_forward_hook(hook)
+                    try:
+                        with torch.no_grad():
+                            return model64(input_ids=input_ids).logits[0]
+                    finally:
+                        handle.remove()
+
+                expected += (logits_with(eps * V) - logits_with(-eps * V)) / (2 * eps)
+            expected /= len(ids)
+            torch.testing.assert_close(got[layer][f].double(), expected, rtol=2e-3, atol=1e-5)
