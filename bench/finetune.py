@@ -6,7 +6,8 @@ IMDb train reviews (128 tokens, head+tail, batch 16, one epoch = 16 optimiser st
 (fresh model and Trainer per repeat, built outside the timing, one short warm-up run first).
 
 * measured: ``core.finetune._training_args`` (bf16 autocast where the CPU has it, length-grouped
-  batches, AdamW with warm-up) and a model loaded with ``attention_probs_dropout_prob=0``, as
+  batches, AdamW with warm-up) and a model loaded with ``attention_probs_dropout_prob=0`` and the
+  training attention kernel of ``core.finetune.training_attention`` (eager on CPU), as
   ``run_finetune`` does;
 * baseline: ``TrainingArguments`` with default settings (fp32, random sampler, default
   dropout) apart from the same batch size, epochs and seed, and no checkpoint saving.
@@ -32,7 +33,7 @@ def run(ctx: Context) -> Section:
     from transformers.utils import logging as hf_logging
 
     from core.data import load_split
-    from core.finetune import FinetuneConfig, _Encoded, _training_args, bf16_supported
+    from core.finetune import FinetuneConfig, _Encoded, _training_args, bf16_supported, training_attention
     from core.models import ModelConfig, encode, load_classifier, load_tokenizer
 
     hf_logging.set_verbosity_error()
@@ -53,7 +54,7 @@ def run(ctx: Context) -> Section:
     def make(recipe: str, count: int):
         dataset = _Encoded(ids[:count], labels[:count])
         if recipe == "core":
-            model = load_classifier(BASE_MODEL, num_labels=len(names), label_names=names, seed=cfg.seed, attention_probs_dropout_prob=cfg.attention_dropout)
+            model = load_classifier(BASE_MODEL, num_labels=len(names), label_names=names, seed=cfg.seed, attention_probs_dropout_prob=cfg.attention_dropout, attn_implementation=training_attention(cfg))
             args = _training_args(cfg, str(tmp / "core"), use_bf16)
             args.disable_tqdm = True
         else:

@@ -163,6 +163,7 @@ def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
+@torch.no_grad()
 def predict_proba(model, ids: list[list[int]], pad_id: int, batch_size: int = 64, bf16: bool = False) -> torch.Tensor:
     """Class probabilities [n, C] in input order; texts batched by similar length (sorted)."""
     model.eval()

@@ -60,3 +60,35 @@ def test_two_process_gloo_build(tmp_path, tiny_model, tiny_csv):
     assert metrics["world_size"] == 2
     assert (run / "models" / "finetuned" / "model.safetensors").is_file()
     assert 0.0 <= metrics["finetuned"]["accuracy"] <= 1.0 and np.isfinite(metrics["train_loss_curve"]).all()
+
+
+def test_eager_and_fused_attention_train_the_same_model(tmp_path, tiny_model, tiny_csv):
+    """``finetune.attention`` picks a kernel for speed only: in fp32, eager and SDPA training of the
+    tiny model end at the same weights (to float rounding), and the saved folders load with the
+    library's default attention."""
+    from transformers import AutoModelForSequenceClassification
+
+    from core.config import load_config
+    from core.errors import LayerscopeError
+    from core.finetune import training_attention
+    from core.pipeline import build
+    from tests.conftest import tiny_overrides
+
+    weights = {}
+    for attention in ("eager", "sdpa"):
+        run = RunFolder(tmp_path / attention)
+        cfg = load_config(preset="tiny", overrides={**tiny_overrides(tiny_model, tiny_csv), "finetune.epochs": 2, "finetune.attention": attention})
+        build(run, cfg, until="finetune", log=lambda *_: None)
+        model = AutoModelForSequenceClassification.from_pretrained(str(run.model_dir("finetuned")))
+        assert model.config._attn_implementation == "sdpa"
+        weights[attention] = model.state_dict()
+        head = AutoModelForSequenceClassification.from_pretrained(str(run.model_dir("pretrained"))).classifier.weight
+        assert not torch.allclose(head, model.classifier.weight)  # it trained
+    assert weights["eager"].keys() == weights["sdpa"].keys()
+    for name, w in weights["eager"].items():
+        torch.testing.assert_close(w, weights["sdpa"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+    cfg = load_config(preset="tiny")
+    assert training_attention(cfg.finetune) == ("sdpa" if torch.cuda.is_available() else "eager")
+    with pytest.raises(LayerscopeError, match="choose auto, eager or sdpa"):
+        training_attention(load_config(preset="tiny", overrides={"finetune.attention": "flash"}).finetune)
