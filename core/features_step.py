@@ -34,6 +34,7 @@ from core.features import FeatureStats, FeatureStatsAccumulator, match_features,
 from core.models import hidden_state_module, load_classifier, load_tokenizer, pad_batch
 from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
 from core.sae import SparseAutoencoder
+from core.sae_metrics import EVAL_CHUNK_ROWS
 from core.saes import load_sae
 
 STAT_FIELDS = ("mean", "variance", "density", "mean_per_class", "class_token_counts", "top_values", "top_example_ids", "top_token_index", "hist_edges", "hist_counts", "selectivity_auroc")
@@ -52,8 +53,11 @@ class FeaturesConfig:
 # ------------------------------------------------------------------ computing
 @torch.no_grad()
 def _latent_chunks(sae: SparseAutoencoder, store: ActivationStore, model: str, layer: int):
+    """Dense latents ``[rows, d_sae]`` of the split's tokens in order, ``EVAL_CHUNK_ROWS`` tokens at a time
+    (a whole shard at once would be a fresh ~100 MB buffer per shard: see ``core.sae_metrics``)."""
     for s in range(store.index["num_shards"]):
-        yield s, sae.encode(store.layer(model, s, layer).float())  # [n, d_sae]
+        for x in store.layer(model, s, layer).split(EVAL_CHUNK_ROWS):
+            yield s, sae.encode(x.float())  # [rows, d_sae]
 
 
 def feature_stats(sae: SparseAutoencoder, store: ActivationStore, model: str, layer: int, labels_by_id: dict, num_classes: int, top_k: int) -> tuple[FeatureStats, torch.Tensor]:

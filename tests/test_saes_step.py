@@ -83,6 +83,53 @@ def test_spliced_accuracy_equals_a_hand_made_hook(tiny_run):
     assert metrics["accuracy_spliced"] == pytest.approx(np.mean(np.array(preds) == test["label"].to_numpy()))
 
 
+@pytest.mark.parametrize("cache_bytes", [2 << 30, 0], ids=["resumed", "full passes"])
+def test_splice_runner_equals_full_spliced_passes(tiny_run, cache_bytes):
+    """Resuming from the kept hidden state gives the probabilities of a full pass with the SAE hooked in."""
+    from core.data import load_split
+    from core.models import encode, load_classifier, load_tokenizer, predict_proba
+    from core.saes import SpliceRunner, splice
+
+    cfg = tiny_run.manifest()["config"]["model"]
+    tok = load_tokenizer(str(tiny_run.model_dir("finetuned")))
+    ids = encode(tok, load_split(tiny_run, "test")["text"].tolist(), cfg["max_length"], cfg["truncation"])
+    model = load_classifier(str(tiny_run.model_dir("finetuned"))).eval()
+    layers = sorted(layer for m, layer, _ in tiny_run.sae_dirs() if m == "pretrained")
+    runner = SpliceRunner(model, ids, tok.pad_token_id, layers, batch_size=3, cache_bytes=cache_bytes)
+    assert bool(runner.layers) == (cache_bytes > 0)
+    assert torch.equal(runner.reference, predict_proba(model, ids, tok.pad_token_id, batch_size=3, bf16=True))
+    for layer in layers:
+        sae = SparseAutoencoder.load(tiny_run.sae_dir("pretrained", layer))
+        with splice(model, layer, sae):
+            full = predict_proba(model, ids, tok.pad_token_id, batch_size=3, bf16=True)
+        spliced = runner.spliced(layer, sae)
+        torch.testing.assert_close(spliced, full, rtol=0, atol=1e-6)
+        assert not torch.allclose(spliced, runner.reference, atol=1e-4), "the splice must change something"
+    assert len(model.bert.encoder.layer) == model.config.num_hidden_layers  # the block list is restored
+
+
+def test_feature_statistics_do_not_depend_on_the_chunk_size(tiny_run, monkeypatch):
+    """Encoding the test tokens a few rows at a time (across shard boundaries) gives the same statistics."""
+    import core.features_step as fs
+    from core.data import load_split
+
+    store = ActivationStore(tiny_run, "test")
+    test = load_split(tiny_run, "test")
+    labels = dict(zip(test["id"].tolist(), test["label"].tolist()))
+    sae = SparseAutoencoder.load(tiny_run.sae_dir("finetuned", 1))
+    results = []
+    for rows in (10**9, 5):
+        monkeypatch.setattr(fs, "EVAL_CHUNK_ROWS", rows)
+        stats, _ = fs.feature_stats(sae, store, "finetuned", 1, labels, 2, top_k=4)
+        results.append((stats, fs.context_windows(sae, store, "finetuned", 1, stats.top_token_index, 3)))
+    (a, ctx_a), (b, ctx_b) = results
+    assert store.num_tokens > 5 * 3
+    for name in fs.STAT_FIELDS:
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-5, atol=1e-6, msg=name)  # fp32 matmuls block rows differently
+    assert torch.equal(ctx_a[0], ctx_b[0])
+    torch.testing.assert_close(ctx_b[1], ctx_a[1], rtol=1e-3, atol=1e-3)  # activations are stored as fp16
+
+
 def test_analyze_equals_direct_computation(tiny_run):
     from transformers import AutoModel
 
