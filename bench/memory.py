@@ -1,4 +1,4 @@
-"""Memory: peak RSS of the extraction and SAE steps, and activation storage per million tokens.
+"""Memory: peak RSS of the extraction and SAE steps, of the dashboard and of the default build, and activation storage per million tokens.
 
 Each measurement runs in its own child process (``python -m bench.memory TASK ...``), which
 reports its peak resident set size as ``VmHWM`` from /proc/self/status when it ends. (The
@@ -13,6 +13,13 @@ least the benchmark process's own size.)
 * SAE: ``core.saes.train_one`` (the ``saes`` step's training of one SAE: default TopK, batch
   2048, shards streamed from disk) for one epoch over those shards. Baseline: a child that
   imports the same modules and opens the activation store.
+* dashboard: a child that serves ``checkpoints/default`` the way the Streamlit server does, run
+  through Streamlit's ``AppTest`` (the same script runs and caches as the server, without a
+  browser): it opens every page and types two sentences into the explorer. Baseline: a child
+  that imports Streamlit and the app's modules and stops. Skipped, with a note, when the default
+  run has not been built (``bash scripts/run.sh`` builds it).
+* build: the peak of each step of the default run's own build, read from its manifest (the
+  pipeline resets the kernel's peak counter before each step): not measured again here.
 * storage: bytes of all shard files (both models, all 7 hidden states, token metadata) per
   million real tokens. Baseline: the same tensors stored as float32 (computed, not written).
 """
@@ -30,6 +37,7 @@ import time
 from pathlib import Path
 
 from bench.common import ROOT, Context, Section, bench_run, dir_bytes, scratch_run
+from core.rss import peak_rss_mb
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -46,16 +54,6 @@ def run_child(task: str, *args: str, threads: int = 2) -> dict:
         return json.loads(Path(out).read_text())
     finally:
         os.unlink(out)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size (VmHWM, reset by exec), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: best effort
 
 
 def run(ctx: Context) -> Section:
@@ -83,6 +81,23 @@ def run(ctx: Context) -> Section:
     sec.add("activation storage per million tokens", shard_bytes / tokens * 1e6 / 1e9, "GB/Mtok", fp32_bytes / tokens * 1e6 / 1e9, "same tensors in float32",
             note="both models x 7 hidden states x 384 dims in float16 + token metadata")
     sec.details = {"floor": floor, "extraction": ext, "sae_floor": sae_floor, "sae": sae, "tokens": tokens, "shard_bytes": shard_bytes, "bytes_per_token": shard_bytes / tokens}
+
+    default = ROOT / "checkpoints" / "default"
+    if (default / "features").is_dir() and not ctx.quick:
+        app_floor = run_child("dashboard_floor", "--run", str(default), threads=ctx.threads)
+        app = run_child("dashboard", "--run", str(default), threads=ctx.threads)
+        sec.add("dashboard serving the default run, peak RSS", app["peak_rss_mb"], "MB", app_floor["peak_rss_mb"], "Streamlit and the app's modules imported",
+                note=f"every page opened and {app['sentences']} sentences analysed in the explorer (Streamlit AppTest, {app['saes']} SAEs loaded)")
+        steps = json.loads((default / "manifest.json").read_text())["steps"]
+        peaks = {name: r.get("peak_rss_mb") for name, r in steps.items() if r.get("peak_rss_mb")}
+        if peaks:
+            top = max(peaks, key=peaks.get)
+            low = min(peaks, key=peaks.get)
+            sec.add("building the default run, peak RSS (its largest step)", peaks[top], "MB", peaks[low], f"its smallest step ({low})",
+                    note=f"from checkpoints/default/manifest.json: {top}; per step " + ", ".join(f"{k} {v:,.0f}" for k, v in peaks.items()))
+        sec.details.update(dashboard=app, dashboard_floor=app_floor, build_peaks_mb=peaks)
+    else:
+        sec.notes.append("the dashboard's memory is measured on checkpoints/default, which is not built here (or --quick): skipped")
     shutil.rmtree(out.root, ignore_errors=True)
     return sec
 
@@ -90,7 +105,7 @@ def run(ctx: Context) -> Section:
 # ----------------------------------------------------------------------------- child side
 def _child(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.memory")
-    p.add_argument("task", choices=["floor", "extraction", "sae_floor", "sae"])
+    p.add_argument("task", choices=["floor", "extraction", "sae_floor", "sae", "dashboard_floor", "dashboard"])
     p.add_argument("--run", required=True)
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--epochs", type=float, default=1.0)
@@ -117,6 +132,8 @@ def _child(argv: list[str]) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         idx = extract_split(run, "train", a.n, ActivationsConfig(sae_examples=a.n), default_model_cfg(), models, tok)
         result = {"tokens": idx["num_tokens"], "shards": idx["num_shards"], "examples": idx["num_examples"]}
+    elif a.task in ("dashboard_floor", "dashboard"):
+        result = _dashboard(a.run, serve=a.task == "dashboard")
     elif a.task == "sae_floor":
         ActivationStore(run, "train")
         result = {}
@@ -130,6 +147,30 @@ def _child(argv: list[str]) -> dict:
     result["peak_rss_mb"] = peak_rss_mb()
     Path(a.json).write_text(json.dumps(result))
     return result
+
+
+def _dashboard(run: str, serve: bool) -> dict:
+    """Open every page of the app on ``run`` through AppTest and analyse two sentences (``serve``), or
+    only import what the app imports."""
+    os.environ["LAYERSCOPE_RUN"] = run
+    from streamlit.testing.v1 import AppTest
+
+    import pages._shared as shared
+
+    if not serve:
+        return {}
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.run()
+    for page in ("pages/overview.py", "pages/similarity.py", "pages/features.py", "pages/explorer.py"):
+        at.switch_page(page).run()
+        if at.exception:
+            raise RuntimeError(f"{page}: {at.exception[0].message}")
+    sentences = ["the acting was wooden and the plot made no sense", "a warm, funny film with a wonderful cast; I would watch it again"]
+    for text in sentences:
+        at.text_input(key=shared.KEY_TEXT).input(text).run()
+    from core.runfolder import RunFolder
+
+    return {"sentences": len(sentences), "saes": len(list(RunFolder(run).sae_dirs()))}
 
 
 if __name__ == "__main__":

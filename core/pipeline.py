@@ -28,6 +28,7 @@ from core import __version__
 from core.config import RunConfig, load_config
 from core.errors import LayerscopeError
 from core.runfolder import STEPS, RunFolder
+from core.rss import peak_rss_mb, release_free_memory, reset_peak_rss
 
 # which config sections each step reads: a change there makes the step stale
 STEP_SECTIONS = {
@@ -136,16 +137,19 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
         _sync()  # rank 0 runs this step alone
         return "done"
     log(f"[{step}] running in {run.root} ...")
+    release_free_memory()  # what earlier steps freed goes back to the system, so it is not counted here
+    per_step = reset_peak_rss()  # else the peak covers the process so far
     t0 = time.perf_counter()
     result = _step_fn(step)(run, cfg, redo)
     seconds = time.perf_counter() - t0
+    peak = {"peak_rss_mb": round(peak_rss_mb(), 1), "peak_rss_scope": "step" if per_step else "process"}
     if is_main_process():
         m = run.manifest()
         m["config"] = cfg.to_dict()
         m["packages"] = package_versions()
         run.write_manifest(m)
-        run.record_step(step, {"config_hash": config_hash, "seconds": round(seconds, 2), "result": result, "threads": torch.get_num_threads()})
-        log(f"[{step}] finished in {seconds:.1f} s")
+        run.record_step(step, {"config_hash": config_hash, "seconds": round(seconds, 2), **peak, "result": result, "threads": torch.get_num_threads()})
+        log(f"[{step}] finished in {seconds:.1f} s (peak memory {peak['peak_rss_mb']:,.0f} MB)")
     _sync()
     return "done"
 

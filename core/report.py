@@ -17,7 +17,7 @@ def build_report(run: RunFolder) -> dict:
         "format_version": m["format_version"],
         "base_model": cfg["model"]["base"],
         "dataset": cfg["data"]["dataset"],
-        "steps": {s: {"seconds": r.get("seconds"), "finished": r.get("finished")} for s, r in steps.items()},
+        "steps": {s: {"seconds": r.get("seconds"), "peak_rss_mb": r.get("peak_rss_mb"), "finished": r.get("finished")} for s, r in steps.items()},
     }
     if "data" in steps:
         rep["labels"] = steps["data"]["result"]["labels"]
@@ -80,4 +80,11 @@ def format_report(rep: dict) -> str:
     if rep.get("matching"):
         rows = [[m["layer"], m["kept"], m["shifted"], m["new"], m["lost"], m.get("baseline_kept", ""), m.get("baseline_lost", "")] for m in rep["matching"]]
         out += ["", "Feature matching, pre-trained -> fine-tuned (baseline: pre-trained vs a retrained seed)", _table(rows, ["layer", "kept", "shifted", "new", "lost", "base kept", "base lost"])]
+    timed = [(name, st) for name, st in rep.get("steps", {}).items() if st.get("seconds") is not None]
+    if timed:
+        peaks = [st.get("peak_rss_mb") for _, st in timed]
+        rows = [[name, f"{st['seconds']:.1f}", "" if peak is None else f"{peak:.0f}"] for (name, st), peak in zip(timed, peaks)]
+        known = [peak for peak in peaks if peak is not None]
+        rows.append(["total / max", f"{sum(st['seconds'] for _, st in timed):.1f}", f"{max(known):.0f}" if known else ""])
+        out += ["", "Build (seconds, peak resident memory in MB)", _table(rows, ["step", "seconds", "peak RSS MB"])]
     return "\n".join(out)

@@ -315,7 +315,7 @@ def test_build_button_builds_in_the_background_and_opens_the_run(app, monkeypatc
 
 
 def test_parse_build_log_reads_steps_and_tqdm_percent():
-    log = "[data] running in r ...\n[data] finished in 0.1 s\n[finetune] running in r ...\n 10%|#  | 1/10\r 40%|####  | 4/10\r"
+    log = "[data] running in r ...\n[data] finished in 0.1 s (peak memory 412 MB)\n[finetune] running in r ...\n 10%|#  | 1/10\r 40%|####  | 4/10\r"
     state = shared.parse_build_log(log)
     assert state["done"] == ["data"] and state["current"] == "finetune" and state["percent"] == 40
     assert state["fraction"] == pytest.approx((1 + 0.4) / 6)

@@ -99,3 +99,13 @@ def test_growth_svg_and_markdown():
     text = svg(points)
     assert text.startswith("<svg") and text.count("<polyline") == 4
     assert markdown(points).count("\n") == 5
+
+
+def test_memory_child_serves_every_page_of_a_run(tiny_run):
+    """The dashboard memory figure's child process: every page opened and two sentences analysed."""
+    from bench.memory import run_child
+
+    floor = run_child("dashboard_floor", "--run", str(tiny_run.root))
+    served = run_child("dashboard", "--run", str(tiny_run.root))
+    assert served["sentences"] == 2 and served["saes"] == len(list(tiny_run.sae_dirs())) > 0
+    assert served["peak_rss_mb"] > floor["peak_rss_mb"] > 100  # loading the run and serving pages costs memory

@@ -26,6 +26,32 @@ def test_manifest_records_everything(tiny_run):
     assert m["config"]["data"]["seed"] == 0 and m["config"]["finetune"]["seed"] == 0
     assert all(r["seconds"] >= 0 and len(r["config_hash"]) == 16 for r in m["steps"].values())
     assert set(m["steps"]["data"]["result"]["hashes"]) == {"train", "val", "test"}
+    # every step's own peak memory: reset before it starts, so the earlier steps' peaks do not leak in
+    assert all(r["peak_rss_scope"] == "step" and r["peak_rss_mb"] > 50 for r in m["steps"].values())
+
+
+def test_each_step_reports_its_own_peak_memory(tmp_path, tiny_model, tiny_csv, monkeypatch):
+    import core.pipeline as pipeline
+    from core.rss import peak_rss_mb, release_free_memory, reset_peak_rss
+
+    real = pipeline._step_fn
+
+    def data_step_plus_300_mb(run, cfg, redo):
+        x = torch.ones(300 * 2**20 // 4)  # 300 MiB, written, so resident
+        del x
+        return real("data")(run, cfg, redo)
+
+    monkeypatch.setattr(pipeline, "_step_fn", lambda step: data_step_plus_300_mb if step == "data" else real(step))
+    release_free_memory()  # as the pipeline does before each step, so `start` is the size the step starts from
+    assert reset_peak_rss()
+    start = peak_rss_mb()
+    run = RunFolder(tmp_path / "r")
+    build(run, _cfg(tiny_model, tiny_csv), until="finetune", log=lambda *_: None)
+    steps = run.manifest()["steps"]
+    assert steps["data"]["peak_rss_mb"] >= start + 250  # sees its 300 MiB
+    assert steps["finetune"]["peak_rss_mb"] < steps["data"]["peak_rss_mb"] - 200  # does not inherit them
+    text = format_report(build_report(run))
+    assert "peak RSS MB" in text and f"{steps['data']['peak_rss_mb']:.0f}" in text
 
 
 def test_report_json_has_documented_fields(tiny_run):
