@@ -106,11 +106,10 @@ class SpliceRunner:
 
     def __init__(self, model, ids: list[list[int]], pad_id: int, layers: list[int], batch_size: int = 64, cache_bytes: int = 2 << 30):
         self.model, self.ids, self.pad_id, self.batch_size = model.eval(), ids, pad_id, batch_size
-        base = getattr(model, model.base_model_prefix, model)
-        d = model.config.hidden_size
-        size = sum(map(len, ids)) * d * 4 * len(layers)  # float32 states kept per layer
-        self.resumable = hasattr(base, "embeddings") and hasattr(getattr(base, "encoder", None), "layer") and size <= cache_bytes
-        self.layers = set(layers) if self.resumable else set()
+        self.base = base = getattr(model, model.base_model_prefix, model)
+        size = sum(map(len, ids)) * model.config.hidden_size * 4 * len(layers)  # float32 states kept per layer
+        resumable = hasattr(base, "embeddings") and hasattr(getattr(base, "encoder", None), "layer") and size <= cache_bytes
+        self.layers = set(layers) if resumable else set()  # hidden states kept; empty = full passes only
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # batches of similar length
         self.batches = []  # (example indices, input_ids [b, T], mask [b, T], {layer: hidden [b, T, d]})
         self.reference = torch.zeros(len(ids), model.config.num_labels)  # [n, C]
@@ -128,7 +127,7 @@ class SpliceRunner:
         if layer not in self.layers:
             with splice(self.model, layer, sae):
                 return predict_proba(self.model, self.ids, self.pad_id, self.batch_size, bf16=True)
-        base = getattr(self.model, self.model.base_model_prefix, self.model)
+        base = self.base
         blocks = base.encoder.layer
         out = torch.zeros_like(self.reference)
         try:
