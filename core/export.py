@@ -122,12 +122,15 @@ def classification_frame(per_class: Mapping[str, Mapping[str, Mapping[str, float
     return pd.DataFrame(rows, columns=["class", "model", "precision", "recall", "f1", "support"])
 
 
-SAE_COLUMNS = ("model", "layer", "architecture", "d_sae", "l0", "fvu", "dead_fraction", "accuracy_spliced", "fvu_on_finetuned")
+SAE_COLUMNS = ("model", "layer", "architecture", "d_sae", "l0", "fvu", "dead_fraction", "accuracy_spliced", "fvu_on_finetuned", "rare_token_share", "rare_error_share", "fvu_rare_tokens", "fvu_other_tokens")
+RARE_COLUMNS = {"token_share": "rare_token_share", "error_share": "rare_error_share", "fvu": "fvu_rare_tokens", "fvu_rest": "fvu_other_tokens"}
 
 
 def sae_frame(saes: Sequence[Mapping]) -> pd.DataFrame:
-    """SAE quality metrics (one row per SAE) with the common columns first."""
-    df = pd.DataFrame(list(saes))
+    """SAE quality metrics (one row per SAE) with the common columns first; the rare-token split
+    (``rare_tokens``, see ``core.sae_metrics``) flattened into four columns."""
+    rows = [{**s, **{RARE_COLUMNS[k]: v for k, v in (s.get("rare_tokens") or {}).items() if k in RARE_COLUMNS}} for s in saes]
+    df = pd.DataFrame(rows)
     if df.empty:
         return df
     first = [c for c in SAE_COLUMNS if c in df.columns]

@@ -59,6 +59,10 @@ def _table(rows: list[list], header: list[str]) -> str:
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in cells)])
 
 
+def _rare(r: dict | None) -> str:
+    return "" if not r else f"{r['token_share']:.0%} -> {r['error_share']:.0%}"
+
+
 def format_report(rep: dict) -> str:
     out = [f"run        {rep['run']}", f"base model {rep['base_model']}", f"dataset    {rep['dataset']}"]
     if "rows" in rep:
@@ -75,8 +79,9 @@ def format_report(rep: dict) -> str:
         rows = [[r["layer"], r["cosine_of_means"], r["mean_cosine"], r["token_cosine"], r["cka"]] for r in rep["similarity"]]
         out += ["", f"Layer similarity, pre-trained vs fine-tuned ({rep['similarity_tokens']} test tokens)", _table(rows, ["layer", "cos(means)", "mean cos", "token cos", "CKA"])]
     if rep.get("saes"):
-        rows = [[s["model"], s["layer"], s["architecture"], s["d_sae"], s["l0"], s["fvu"], s["dead_fraction"], s.get("accuracy_spliced", float("nan")), s.get("fvu_on_finetuned", "")] for s in rep["saes"]]
-        out += ["", "Sparse autoencoders (held-out tokens)", _table(rows, ["model", "layer", "arch", "d_sae", "L0", "FVU", "dead", "acc spliced", "FVU on ft"])]
+        rows = [[s["model"], s["layer"], s["architecture"], s["d_sae"], s["l0"], s["fvu"], s["dead_fraction"], s.get("accuracy_spliced", float("nan")), s.get("fvu_on_finetuned", ""), _rare(s.get("rare_tokens"))] for s in rep["saes"]]
+        out += ["", "Sparse autoencoders (held-out tokens; rare: tokens seen < 50 times in training, share of tokens -> share of error)",
+                _table(rows, ["model", "layer", "arch", "d_sae", "L0", "FVU", "dead", "acc spliced", "FVU on ft", "rare tok -> err"])]
     if rep.get("matching"):
         rows = [[m["layer"], m["kept"], m["shifted"], m["new"], m["lost"], m.get("baseline_kept", ""), m.get("baseline_lost", "")] for m in rep["matching"]]
         out += ["", "Feature matching, pre-trained -> fine-tuned (baseline: pre-trained vs a retrained seed)", _table(rows, ["layer", "kept", "shifted", "new", "lost", "base kept", "base lost"])]

@@ -119,17 +119,20 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bf16: bool) -> torch.Tensor:
 def topk_rows(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact row-wise top-k of ``pre [n, m]`` -> (values [n, k], indices [n, k]), unsorted.
 
-    Two-stage and exact: the top-k elements of a row all lie in the k groups (of 8
-    neighbouring columns) with the largest group maxima, so we take top-k over group maxima,
-    then top-k over the k*8 candidates. About 2x faster than one ``topk`` over m on CPU.
+    Two-stage and exact: the top-k elements of a row all lie in the k groups (of 8 columns)
+    with the largest group maxima, so we take top-k over group maxima, then top-k over the k*8
+    candidates. Group j holds columns j, j + m/8, ..., j + 7m/8: its maximum is then an
+    elementwise max of 8 contiguous [n, m/8] slices, which vectorises (a max over 8 neighbouring
+    columns does not, and cost 10x more). About 2.5x faster than one ``topk`` over m on CPU.
     """
     n, m = pre.shape
     g = 8
     if m % g or k * g * 2 > m:
         return pre.topk(k, dim=1, sorted=False)
-    group_max = pre.view(n, m // g, g).amax(dim=2)  # [n, m/g]
+    w = m // g
+    group_max = pre.view(n, g, w).amax(dim=1)  # [n, w]: max over columns j, j+w, ..., j+(g-1)w
     groups = group_max.topk(k, dim=1, sorted=False).indices  # [n, k]
-    cand = (groups.unsqueeze(2) * g + torch.arange(g, device=pre.device)).view(n, k * g)  # [n, k*g]
+    cand = (groups.unsqueeze(2) + w * torch.arange(g, device=pre.device)).view(n, k * g)  # [n, k*g]
     values, j = pre.gather(1, cand).topk(k, dim=1, sorted=False)  # [n, k]
     return values, cand.gather(1, j)
 

@@ -217,6 +217,24 @@ def train_one(run: RunFolder, cfg: SAEsConfig, model: str, layer: int, train: Ac
     return sae, hist
 
 
+RARE_TOKEN_COUNT = 50  # a test token is "rare" when its id occurs fewer times than this among the SAE's training tokens
+
+
+def rare_token_masks(train: ActivationStore, test: ActivationStore) -> list[torch.Tensor]:
+    """Per test shard, a bool mask ``[tokens]`` of the tokens whose id occurs fewer than
+    ``RARE_TOKEN_COUNT`` times in the train split (where the SAEs learn): the metrics split the
+    reconstruction error along it, since an SAE reconstructs words it rarely saw worst."""
+    seen = torch.bincount(train.all_meta()["token_ids"].long())  # [max id + 1] occurrences per token id
+    masks = []
+    for s in range(test.index["num_shards"]):
+        ids = test.meta(s)["token_ids"].long()
+        counts = torch.zeros_like(ids)
+        known = ids < len(seen)
+        counts[known] = seen[ids[known]]
+        masks.append(counts < RARE_TOKEN_COUNT)
+    return masks
+
+
 def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: bool = True, resume: bool = True) -> dict:
     """Train and evaluate every SAE of the run. Returns the step record.
 
@@ -236,6 +254,8 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
     runners = {m: SpliceRunner(classifiers[m], ids, tokenizer.pad_token_id, layers) for m in MODELS} if cfg.splice_examples else {}
     reference = {m: r.reference for m, r in runners.items()}
 
+    rare = rare_token_masks(train, test)
+
     summaries = []
     jobs = [(m, l) for m in MODELS for l in layers]
     for model, layer in tqdm(jobs, desc="SAEs", unit="sae", disable=not progress):
@@ -248,7 +268,8 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
         hook = hidden_state_module(classifiers[model], layer)[0]
         sae, history = train_one(run, cfg, model, layer, train, hook, progress)
         metrics = {"model": model, "layer": layer, "architecture": cfg.architecture, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k if cfg.architecture == "topk" else None}
-        metrics.update(evaluate_sae(sae, test.iter_layer(model, layer)))
+        metrics.update(evaluate_sae(sae, test.iter_layer(model, layer), rare=rare))
+        metrics["rare_tokens"]["seen_fewer_than"] = RARE_TOKEN_COUNT
         if model == "pretrained":
             metrics["fvu_on_finetuned"] = evaluate_sae(sae, test.iter_layer("finetuned", layer))["fvu"]
         if cfg.splice_examples:

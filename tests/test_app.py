@@ -179,6 +179,10 @@ def test_overview_sae_table_when_saes_exist(app, sae_run):
     frames = [d.value for d in at.dataframe]
     sae = [df for df in frames if {"model", "layer", "fvu", "l0"} <= set(df.columns)]
     assert sae and len(sae[0]) == len(sae_run.sae_dirs())
+    # the rare-token split is flattened into columns, row by row from each SAE's metrics.json
+    want = [json.loads((d / "metrics.json").read_text())["rare_tokens"]["error_share"] for _, _, d in sorted(sae_run.sae_dirs())]
+    shown = sae[0].sort_values(["model", "layer"])["rare_error_share"].tolist()
+    assert shown == pytest.approx(want)
     if sae_run.is_done("features"):
         assert any({"kept", "shifted", "new", "lost"} <= set(df.columns) for df in frames)
 

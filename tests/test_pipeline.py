@@ -66,6 +66,10 @@ def test_report_json_has_documented_fields(tiny_run):
         assert {"cosine_of_means", "mean_cosine", "cka"} <= set(row)
     text = format_report(rep)
     assert "Layer similarity" in text and "Classification report" in text
+    for s in rep["saes"]:  # the rare-token split, as fractions, and its column in the text
+        r = s["rare_tokens"]
+        assert 0 <= r["token_share"] <= 1 and 0 <= r["error_share"] <= 1 and r["seen_fewer_than"] == 50
+        assert f"{r['token_share']:.0%} -> {r['error_share']:.0%}" in text
 
 
 def test_finished_steps_are_skipped_and_changed_settings_need_force(tmp_path, tiny_model, tiny_csv):

@@ -73,6 +73,40 @@ def test_row_chunking_inside_a_batch_changes_nothing(architecture, monkeypatch):
     np.testing.assert_array_equal(metrics.feature_density(sae, [x]).numpy(), reference(sae, x.double().numpy(), 0.1)["density"])
 
 
+@pytest.mark.parametrize("chunk_rows", [4096, 8])
+def test_rare_token_split_matches_hand_computation(chunk_rows, monkeypatch):
+    import core.sae_metrics as metrics
+
+    monkeypatch.setattr(metrics, "EVAL_CHUNK_ROWS", chunk_rows)  # 8: masks cut across row chunks too
+    sae = make_sae("topk")
+    g = torch.Generator().manual_seed(4)
+    x = 2 + 3 * torch.randn(70, 6, generator=g)
+    rare = torch.rand(70, generator=g) < 0.3
+    got = evaluate_sae(sae, x.split(16), rare=rare.split(16))["rare_tokens"]
+    ref = reference(sae, x.double().numpy(), 0.1)
+    xd, r = x.double().numpy(), rare.numpy()
+    p = {name: t.detach().double().numpy() for name, t in sae.named_parameters()}
+    pre = (xd / 1.7 - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    z = np.zeros_like(pre)
+    top = np.argsort(-pre, axis=1)[:, :3]
+    np.put_along_axis(z, top, np.maximum(np.take_along_axis(pre, top, 1), 0), 1)
+    err = (((z @ p["W_dec"] + p["b_dec"]) * 1.7 - xd) ** 2).sum(1)
+    dev = ((xd - xd.mean(0)) ** 2).sum(1)
+    assert got["token_share"] == pytest.approx(r.mean())
+    assert got["error_share"] == pytest.approx(err[r].sum() / err.sum(), rel=1e-4)
+    assert got["fvu"] == pytest.approx(err[r].sum() / dev[r].sum(), rel=1e-4)
+    assert got["fvu_rest"] == pytest.approx(err[~r].sum() / dev[~r].sum(), rel=1e-4)
+    # the two parts recombine into the overall FVU
+    total = got["fvu"] * dev[r].sum() + got["fvu_rest"] * dev[~r].sum()
+    assert total / dev.sum() == pytest.approx(ref["fvu"], rel=1e-4)
+
+
+def test_rare_mask_of_the_wrong_length_is_an_error():
+    x = torch.randn(20, 6, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(LayerscopeError, match="rare-token mask"):
+        evaluate_sae(make_sae("topk"), [x], rare=[torch.zeros(19, dtype=torch.bool)])
+
+
 def test_fvu_of_perfect_and_of_mean_reconstruction():
     sae = make_sae("paper")
     with torch.no_grad():  # decoder outputs b_dec only: reconstruction = constant

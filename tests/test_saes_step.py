@@ -1,5 +1,6 @@
 """The saes and features steps and the per-sentence analysis on the tiny run, against direct computations."""
 
+import collections
 import json
 import shutil
 
@@ -55,6 +56,17 @@ def test_fvu_and_l0_equal_a_direct_computation(tiny_run):
         assert metrics["fvu"] == pytest.approx(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(), rel=1e-3)
         assert metrics["l0"] == pytest.approx((z > 0).sum(1).mean(), rel=1e-6)
         assert metrics["dead_fraction"] == pytest.approx(((z > 0).sum(0) == 0).mean())
+        # the rare-token split: ids seen fewer than 50 times among the train split's tokens
+        train_ids = ActivationStore(tiny_run, "train").all_meta()["token_ids"].numpy()
+        seen = collections.Counter(train_ids.tolist())
+        rare = np.array([seen[t] < 50 for t in store.all_meta()["token_ids"].tolist()])
+        assert 0 < rare.sum() < len(rare)  # the tiny run has both kinds: the check below means something
+        err, dev = ((x - x_hat) ** 2).sum(1), ((x - x.mean(0)) ** 2).sum(1)
+        r = metrics["rare_tokens"]
+        assert r["seen_fewer_than"] == 50 and r["token_share"] == pytest.approx(rare.mean())
+        assert r["error_share"] == pytest.approx(err[rare].sum() / err.sum(), rel=1e-3)
+        assert r["fvu"] == pytest.approx(err[rare].sum() / dev[rare].sum(), rel=1e-3)
+        assert r["fvu_rest"] == pytest.approx(err[~rare].sum() / dev[~rare].sum(), rel=1e-3)
 
 
 def test_spliced_accuracy_equals_a_hand_made_hook(tiny_run):
