@@ -321,6 +321,12 @@ class SparseAutoencoder(nn.Module):
         """(values, indices) ``[n, k]`` -> reconstruction ``[n, d_in]`` in raw units."""
         return (sparse_decode(values, indices, self.W_dec) + self.b_dec) * self.cfg.normalization_scale
 
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw ``x [n, d_in]`` -> ``x_hat [n, d_in]``: ``forward(x)[0]`` without building the dense latents."""
+        if self.cfg.architecture == "topk":
+            return self.decode_sparse(*self.encode_sparse(x))
+        return self.decode(self.encode(x))
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw ``x [n, d_in]`` -> (x_hat [n, d_in] raw units, z [n, d_sae] dense latents)."""
         if self.cfg.architecture == "topk":

@@ -149,7 +149,7 @@ class SpliceRunner:
 def _reconstruct(sae: SparseAutoencoder, hidden: torch.Tensor) -> torch.Tensor:
     """SAE reconstruction of ``hidden [batch, seq, d]`` in its shape and dtype (what ``splice`` inserts)."""
     shape = hidden.shape
-    return sae(hidden.reshape(-1, shape[-1]).float())[0].reshape(shape).to(hidden.dtype)
+    return sae.reconstruct(hidden.reshape(-1, shape[-1]).float()).reshape(shape).to(hidden.dtype)
 
 
 def fidelity(p_ref: torch.Tensor, p_spliced: torch.Tensor, labels: torch.Tensor) -> dict:

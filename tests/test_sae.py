@@ -102,6 +102,14 @@ def test_sparse_kernels_match_dense_autograd():
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("architecture", ["topk", "paper"])
+def test_reconstruct_equals_forward(architecture):
+    sae = make_sae(architecture)
+    x = data()
+    with torch.no_grad():
+        assert torch.equal(sae.reconstruct(x), sae(x)[0])
+
+
 def test_gradient_parallel_to_decoder_rows_is_removed():
     sae = make_sae()
     x_hat, _ = sae(data())
