@@ -314,21 +314,24 @@ class ActivationStore:
 
         Shuffles shard order each pass and rows within (leftover + one shard); yields
         floor(epochs * rows / batch_size) full batches, so one epoch never repeats a row. ``pooled`` yields per-example mean vectors instead of tokens.
+        Rows are shuffled in the stored dtype and each batch converted on its way out (exact for
+        fp16 and bf16): whole-shard float32 copies would be fresh tens of MB per shard.
         """
         gen = torch.Generator().manual_seed(seed)
         total = max(1, int(epochs * (self.index["num_examples"] if pooled else self.num_tokens) // batch_size))
         emitted = 0
-        leftover = torch.empty(0, self.d_model)
+        leftover = None
         while emitted < total:
             for s in torch.randperm(self.index["num_shards"], generator=gen).tolist():
-                x = self.layer(model, s, layer).float()
+                x = self.layer(model, s, layer)  # [n, d] as stored
                 if pooled:
-                    x = mean_pool(x, self.meta(s)["example_ids"])
-                x = torch.cat([leftover, x])
+                    x = mean_pool(x.float(), self.meta(s)["example_ids"])
+                if leftover is not None:
+                    x = torch.cat([leftover, x.to(leftover.dtype)])
                 x = x[torch.randperm(len(x), generator=gen)]
                 full = len(x) // batch_size * batch_size
                 for i in range(0, full, batch_size):
-                    yield x[i : i + batch_size]
+                    yield x[i : i + batch_size].float()
                     emitted += 1
                     if emitted >= total:
                         return

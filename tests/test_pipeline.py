@@ -169,6 +169,40 @@ def test_batches_stream_every_token_once_per_epoch(tiny_run):
     assert torch.isin(seen[:, 0], everything[:, 0]).all()
 
 
+@pytest.mark.parametrize("stored", ["float32", "float16"])
+def test_batches_equal_a_float32_shuffle_of_the_shards(tmp_path, tiny_run, stored):
+    """Shuffling rows in the stored dtype and converting batch by batch yields what shuffling float32 copies would."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from core.activations import ActivationStore
+
+    run = tiny_run
+    if stored == "float16":  # the tiny run stores float32; the default stores float16
+        run = RunFolder(tmp_path / "r")
+        shutil.copytree(tiny_run.root, run.root, ignore=shutil.ignore_patterns("saes", "features"))
+        for s in range(ActivationStore(run, "train").index["num_shards"]):
+            path = run.hidden_shard("train", "finetuned", s)
+            save_file({k: v.half() for k, v in load_file(path).items()}, str(path))
+    store = ActivationStore(run, "train")
+    got = list(store.iter_batches("finetuned", 2, 48, epochs=2.0, seed=3))  # 48 leaves rows over at each shard
+    gen = torch.Generator().manual_seed(3)
+    want, leftover = [], torch.empty(0, store.d_model)
+    while len(want) < len(got):
+        for s in torch.randperm(store.index["num_shards"], generator=gen).tolist():
+            x = torch.cat([leftover, store.layer("finetuned", s, 2).float()])
+            x = x[torch.randperm(len(x), generator=gen)]
+            full = len(x) // 48 * 48
+            want += list(x[:full].split(48))
+            leftover = x[full:]
+    assert store.layer("finetuned", 0, 2).dtype == getattr(torch, stored)
+    assert len(got) == store.num_batches(48, epochs=2.0)
+    assert all(g.dtype == torch.float32 and torch.equal(g, w) for g, w in zip(got, want))
+    if stored == "float16":  # each batch owns its float32 rows: no whole-shard float32 copy is made and kept alive
+        assert all(g.untyped_storage().nbytes() == g.numel() * 4 for g in got)
+
+
 def test_train_layers_keep_only_the_chosen_hidden_states(tmp_path, tiny_run):
     """``activations.train_layers``: the shards hold those layers only, equal to a full extraction's."""
     import shutil

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,6 +80,22 @@ def test_geometric_median_resists_outliers():
     x = torch.cat([torch.randn(200, 3, generator=g) * 0.1, torch.full((20, 3), 100.0)])
     assert geometric_median(x).norm() < 0.5 < x.mean(0).norm()
     assert normalization_scale(torch.ones(5, 3)) == 0
+
+
+def test_geometric_median_matches_weiszfeld_in_numpy_whatever_the_chunk():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1000, 6, generator=g) * torch.tensor([1.0, 2, 3, 0.5, 1, 4]) + 3.0
+    x[:50] += 40.0  # outliers pull the mean, not the median
+    a = x.double().numpy()
+    y = a.mean(0)
+    for _ in range(30):
+        w = 1.0 / np.maximum(np.linalg.norm(a - y, axis=1), 1e-8)
+        y = (w[:, None] * a).sum(0) / w.sum()
+    for chunk in (7, 1000, 4096):
+        np.testing.assert_allclose(geometric_median(x, chunk=chunk).numpy(), y, rtol=0, atol=1e-4)
+    summed = lambda p: np.linalg.norm(a - p, axis=1).sum()  # noqa: E731
+    m = geometric_median(x).double().numpy()
+    assert all(summed(m) <= summed(m + step) for step in np.eye(6) * 1e-2) and summed(m) < summed(a.mean(0))
 
 
 def test_training_is_seeded_and_batches_are_recut():
