@@ -327,7 +327,7 @@ class ActivationStore:
                 if pooled:
                     x = mean_pool(x.float(), self.meta(s)["example_ids"])
                 if leftover is not None:
-                    x = torch.cat([leftover, x.to(leftover.dtype)])
+                    x = torch.cat([leftover, x])
                 x = x[torch.randperm(len(x), generator=gen)]
                 full = len(x) // batch_size * batch_size
                 for i in range(0, full, batch_size):
