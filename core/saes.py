@@ -274,7 +274,7 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
             metrics["fvu_on_finetuned"] = evaluate_sae(sae, test.iter_layer("finetuned", layer))["fvu"]
         if cfg.splice_examples:
             f = fidelity(reference[model], runners[model].spliced(layer, sae), y)
-            metrics.update(accuracy_spliced=f["accuracy"], kl_spliced=f["kl"], accuracy_original=float((reference[model].argmax(-1) == y).float().mean()))
+            metrics.update(accuracy_spliced=f["accuracy"], kl_spliced=f["kl"], accuracy_original=float((reference[model].argmax(-1) == y).float().mean()), splice_texts=len(y))
             if model == "pretrained":  # drift: the pre-trained dictionary inside the fine-tuned classifier
                 f = fidelity(reference["finetuned"], runners["finetuned"].spliced(layer, sae), y)
                 metrics.update(accuracy_spliced_into_finetuned=f["accuracy"], kl_spliced_into_finetuned=f["kl"])

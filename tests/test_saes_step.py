@@ -93,6 +93,7 @@ def test_spliced_accuracy_equals_a_hand_made_hook(tiny_run):
     with torch.no_grad():
         preds = [int(model(input_ids=torch.tensor([ids])).logits.argmax()) for ids in encode(tok, test["text"].tolist(), cfg["max_length"], cfg["truncation"])]
     assert metrics["accuracy_spliced"] == pytest.approx(np.mean(np.array(preds) == test["label"].to_numpy()))
+    assert metrics["splice_texts"] == len(test)  # the tiny run's test split is smaller than saes.splice_examples
 
 
 @pytest.mark.parametrize("cache_bytes", [2 << 30, 0], ids=["resumed", "full passes"])
