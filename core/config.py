@@ -52,11 +52,14 @@ class RunConfig:
 
 
 def _hashed_fields(section) -> dict:
-    """``asdict(section)`` less the fields marked ``metadata={"hash_when_set": True}`` that hold
-    their default: options added after runs were built leave those runs' step hashes unchanged."""
+    """``asdict(section)`` less the fields marked ``metadata={"execution_only": True}`` and those
+    marked ``metadata={"hash_when_set": True}`` that hold their default: options added after runs
+    were built leave those runs' step hashes unchanged."""
     d = dataclasses.asdict(section)
     for f in dataclasses.fields(section):
-        if f.metadata.get("hash_when_set"):
+        if f.metadata.get("execution_only"):  # how the work is spread, not what it computes
+            del d[f.name]
+        elif f.metadata.get("hash_when_set"):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             if d[f.name] == default:
                 del d[f.name]

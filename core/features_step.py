@@ -18,7 +18,7 @@ Files: ``features/<model>/layer_<i>/stats.safetensors`` and ``features/matching/
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -36,6 +36,7 @@ from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
 from core.sae import SparseAutoencoder
 from core.sae_metrics import EVAL_CHUNK_ROWS
 from core.saes import load_sae
+from core.threads import run_side_by_side
 
 STAT_FIELDS = ("mean", "variance", "density", "mean_per_class", "class_token_counts", "top_values", "top_example_ids", "top_token_index", "hist_edges", "hist_counts", "selectivity_auroc")
 
@@ -48,6 +49,7 @@ class FeaturesConfig:
     shifted_threshold: float = 0.4  # below kept but at or above this: shifted; below: lost (pre) / new (fine-tuned)
     effect_examples: int = 64  # test texts used to estimate logit effects (0 = skip)
     seed_baseline: bool = True  # also match the pre-trained SAE against one retrained with another seed: the noise floor of matching
+    workers: int = field(default=2, metadata={"execution_only": True})  # SAEs processed side by side, each on its share of torch's threads (1 = one after another; same results)
 
 
 # ------------------------------------------------------------------ computing
@@ -171,7 +173,8 @@ def run_features(run: RunFolder, cfg: FeaturesConfig, progress: bool = True) -> 
     if cfg.effect_examples:  # every fine-tuned SAE from the same forward and backward passes
         ft_saes = {layer: load_sae(run, model, layer) for model, layer, _ in saes if model == "finetuned"}
         effects = logit_effects(run, ft_saes, cfg.effect_examples, model_cfg["max_length"], model_cfg["truncation"])
-    for model, layer, _ in tqdm(saes, desc="features", unit="sae", disable=not progress):
+    def stats_job(item) -> None:
+        model, layer, _ = item
         sae = load_sae(run, model, layer)
         stats, example_ids = feature_stats(sae, store, model, layer, labels_by_id, num_classes, cfg.top_k)
         win_tokens, win_acts = context_windows(sae, store, model, layer, stats.top_token_index, cfg.window)
@@ -183,28 +186,35 @@ def run_features(run: RunFolder, cfg: FeaturesConfig, progress: bool = True) -> 
         with atomic_path(run.features_dir(model, layer) / "stats.safetensors") as tmp:
             save_file({k: v.float() if v.dtype == torch.float64 else v for k, v in tensors.items()}, str(tmp), metadata={"num_tokens": str(stats.num_tokens), "num_examples": str(stats.num_examples)})
 
+    with tqdm(total=len(saes), desc="features", unit="sae", disable=not progress) as bar:
+        for _ in run_side_by_side(stats_job, saes, cfg.workers):
+            bar.update()
+
     matching = []
-    layers = sorted({l for _, l, _ in saes})
+    layers = [l for l in sorted({l for _, l, _ in saes}) if all(run.sae_dir(m, l).is_dir() for m in MODELS)]
+    twins = {}  # layer -> the pre-trained SAE retrained with another seed
+    if cfg.seed_baseline:
+        jobs = run_side_by_side(lambda layer: seed_twin(run, layer), layers, cfg.workers)
+        twins = dict(tqdm(jobs, total=len(layers), desc="seed baselines", unit="sae", disable=not progress))
     for layer in layers:
-        if not all(run.sae_dir(m, layer).is_dir() for m in MODELS):
-            continue
         pre, ft = load_sae(run, "pretrained", layer), load_sae(run, "finetuned", layer)
         alive = [load_stats(run, m, layer)["density"] > 0 for m in MODELS]
         res = match_features(pre.W_dec.detach(), ft.W_dec.detach(), kept_threshold=cfg.kept_threshold, shifted_threshold=cfg.shifted_threshold, alive_a=alive[0], alive_b=alive[1])
         summary = {"layer": layer, "kept": res.kept, "shifted": res.shifted, "new": res.new, "lost": res.lost, "counts": res.counts, "kept_threshold": cfg.kept_threshold, "shifted_threshold": cfg.shifted_threshold}
         if cfg.seed_baseline:
-            base = seed_baseline(run, pre, layer, cfg)
+            base = match_features(pre.W_dec.detach(), twins[layer].W_dec.detach(), kept_threshold=cfg.kept_threshold, shifted_threshold=cfg.shifted_threshold)
             summary.update({f"baseline_{k}": getattr(base, k) for k in ("kept", "shifted", "new", "lost")})
         write_json(run.matching_path(layer), {**summary, "partner_of_pretrained": res.partner_of_a, "partner_of_finetuned": res.partner_of_b, "similarity_of_pretrained": np.nan_to_num(res.similarity_of_a, nan=-2.0), "similarity_of_finetuned": np.nan_to_num(res.similarity_of_b, nan=-2.0), "status_of_pretrained": res.status_of_a.tolist(), "status_of_finetuned": res.status_of_b.tolist()})
         matching.append(summary)
     return {"matching": matching}
 
 
-def seed_baseline(run: RunFolder, pre: SparseAutoencoder, layer: int, cfg: FeaturesConfig):
-    """Match the pre-trained SAE against a twin trained on the same activations with another seed.
+def seed_twin(run: RunFolder, layer: int) -> SparseAutoencoder:
+    """The pre-trained SAE of ``layer`` retrained on the same activations with another seed.
 
     Two SAEs of the *same* activations already disagree on many features; fractions of
-    pre-trained vs fine-tuned matching mean something only where they differ from this floor.
+    pre-trained vs fine-tuned matching mean something only where they differ from the matching
+    of the pre-trained SAE against this twin: the noise floor.
     """
     import dataclasses
 
@@ -213,8 +223,9 @@ def seed_baseline(run: RunFolder, pre: SparseAutoencoder, layer: int, cfg: Featu
 
     saes_cfg = load_config(base=run.manifest()["config"]).saes
     twin_cfg = dataclasses.replace(saes_cfg, training=dataclasses.replace(saes_cfg.training, seed=saes_cfg.training.seed + 7777))
-    twin, _ = train_one(run, twin_cfg, "pretrained", layer, ActivationStore(run, "train"), pre.cfg.hook_name, progress=False)
-    return match_features(pre.W_dec.detach(), twin.W_dec.detach(), kept_threshold=cfg.kept_threshold, shifted_threshold=cfg.shifted_threshold)
+    hook = load_sae(run, "pretrained", layer).cfg.hook_name
+    twin, _ = train_one(run, twin_cfg, "pretrained", layer, ActivationStore(run, "train"), hook, progress=False)
+    return twin
 
 
 # ------------------------------------------------------------------ reading back (dashboard, analyze)

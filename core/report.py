@@ -8,6 +8,18 @@ from __future__ import annotations
 from core.runfolder import MODELS, RunFolder, read_json
 
 
+def _sae_metrics(m: dict) -> dict:
+    """One SAE's metrics.json as the report shows it. Runs built before every SAE was spliced
+    into the fine-tuned classifier spliced pre-trained SAEs into the pre-trained model, whose
+    head was never trained; their ``*_spliced_into_finetuned`` figures are what
+    ``accuracy_spliced`` / ``kl_spliced`` mean now, so those are shown instead."""
+    if "spliced_into" in m or "accuracy_spliced_into_finetuned" not in m:
+        return m
+    old = ("accuracy_spliced_into_finetuned", "kl_spliced_into_finetuned", "accuracy_original")
+    kept = {k: v for k, v in m.items() if k not in old}
+    return {**kept, "accuracy_spliced": m["accuracy_spliced_into_finetuned"], "kl_spliced": m.get("kl_spliced_into_finetuned"), "spliced_into": "finetuned"}
+
+
 def build_report(run: RunFolder) -> dict:
     m = run.manifest()
     cfg = m["config"]
@@ -46,7 +58,7 @@ def build_report(run: RunFolder) -> dict:
     elif "finetune" in steps:
         rep["num_layers"] = read_json(run.model_dir("finetuned") / "config.json")["num_hidden_layers"]
     if "saes" in steps:
-        rep["saes"] = [read_json(d / "metrics.json") for _, _, d in run.sae_dirs() if (d / "metrics.json").is_file()]
+        rep["saes"] = [_sae_metrics(read_json(d / "metrics.json")) for _, _, d in run.sae_dirs() if (d / "metrics.json").is_file()]
     if "features" in steps:
         rep["matching"] = steps["features"]["result"].get("matching", [])
     return rep

@@ -4,10 +4,11 @@ For every model in {pretrained, finetuned} and every chosen hidden-state index, 
 trained on the train-split activation shards (streamed, shuffled; the trainer in
 ``core.sae_training`` only ever sees tensors) and evaluated on the held-out test-split
 tokens: MSE, FVU, L0, dead and dense fractions (``core.sae_metrics``), and downstream
-fidelity: the classifier's accuracy and mean KL(original || spliced) of its class
-distribution when that layer's hidden state is replaced by the SAE reconstruction.
-Pre-trained SAEs also report drift: their FVU on the fine-tuned model's activations at
-the same layer, and their fidelity when spliced into the fine-tuned classifier.
+fidelity: the fine-tuned classifier's accuracy and mean KL(original || spliced) of its class
+distribution when that layer's hidden state is replaced by the SAE reconstruction. For a
+pre-trained SAE this reads the *fine-tuned* model's hidden state (the pre-trained model has no
+trained head to judge by), so its fidelity includes drift; its FVU on the fine-tuned model's
+activations at the same layer (``fvu_on_finetuned``) measures that drift alone.
 
 Each SAE lands in ``saes/<model>/layer_<i>/`` (cfg.json + sae_weights.safetensors +
 metrics.json). The step is resumable SAE by SAE: a folder whose metrics.json carries
@@ -20,6 +21,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +35,7 @@ from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
 from core.sae import RETRAIN_HINT, SAEConfig, SparseAutoencoder, check_compatible
 from core.sae_metrics import evaluate_sae
 from core.sae_training import DyingLatents, SAETrainingConfig, train_sae
+from core.threads import run_side_by_side
 
 
 @dataclass
@@ -46,7 +49,8 @@ class SAEsConfig:
     input: str = "tokens"  # "tokens" (default) or "mean_pooled" (what the paper's code trained on)
     epochs: float = 3.0  # passes over the train-split tokens (paper: 10)
     init_tokens: int = 20000  # tokens used to fix the input scale and initialise the decoder bias
-    splice_examples: int = 200  # test texts used for spliced accuracy / KL (0 = skip the splice check)
+    splice_examples: int | None = None  # test texts for spliced accuracy / KL: None = every test text, N = a seeded sample of N, 0 = skip
+    workers: int = field(default=2, metadata={"execution_only": True})  # SAEs trained and evaluated side by side, each on its share of torch's threads (1 = one after another; same SAEs either way)
     lr_backoff: float = 4.0  # TopK: when training.dead_backoff trips, restart that SAE at lr / lr_backoff (0 = never restart)
     # optimiser settings (lr, batch size, AuxK, bf16...); TopK defaults tuned on MiniLM/IMDb (README, "SAE quality")
     training: SAETrainingConfig = field(default_factory=lambda: SAETrainingConfig(lr=4e-3, batch_size=2048, dead_steps_threshold=25, dead_backoff=0.1))
@@ -68,7 +72,9 @@ def resolve_layers(cfg: SAEsConfig, num_blocks: int) -> list[int]:
 
 
 def _settings_hash(cfg: SAEsConfig, model: str, layer: int) -> str:
-    blob = json.dumps({"cfg": dataclasses.asdict(cfg), "model": model, "layer": layer}, sort_keys=True)
+    """What one SAE's weights and metrics depend on: the config less execution-only fields (``workers``)."""
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if not SAEsConfig.__dataclass_fields__[k].metadata.get("execution_only")}
+    blob = json.dumps({"cfg": d, "model": model, "layer": layer}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -106,6 +112,7 @@ class SpliceRunner:
 
     def __init__(self, model, ids: list[list[int]], pad_id: int, layers: list[int], batch_size: int = 64, cache_bytes: int = 2 << 30):
         self.model, self.ids, self.pad_id, self.batch_size = model.eval(), ids, pad_id, batch_size
+        self._lock = threading.Lock()
         self.base = base = getattr(model, model.base_model_prefix, model)
         size = sum(map(len, ids)) * model.config.hidden_size * 4 * len(layers)  # float32 states kept per layer
         resumable = hasattr(base, "embeddings") and hasattr(getattr(base, "encoder", None), "layer") and size <= cache_bytes
@@ -123,7 +130,14 @@ class SpliceRunner:
             self.batches.append((idx, input_ids, mask, kept))
 
     def spliced(self, layer: int, sae: SparseAutoencoder) -> torch.Tensor:
-        """[n, C] class probabilities with hidden state ``layer`` replaced by ``sae``'s reconstruction."""
+        """[n, C] class probabilities with hidden state ``layer`` replaced by ``sae``'s reconstruction.
+
+        Safe to call from several threads: a splice swaps the model's block list or hooks one of
+        its modules, so splices take turns."""
+        with self._lock:
+            return self._spliced(layer, sae)
+
+    def _spliced(self, layer: int, sae: SparseAutoencoder) -> torch.Tensor:
         if layer not in self.layers:
             with splice(self.model, layer, sae):
                 return predict_proba(self.model, self.ids, self.pad_id, self.batch_size, bf16=True)
@@ -241,6 +255,8 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
     With ``resume``, an SAE folder left by an interrupted run with the same settings is kept.
     """
     quiet_transformers()
+    if cfg.splice_examples is not None and cfg.splice_examples < 0:
+        raise LayerscopeError(f"saes.splice_examples={cfg.splice_examples}; use a number of test texts, 0 to skip the splice check, or none for all of them")
     train, test = ActivationStore(run, "train"), ActivationStore(run, "test")
     layers = resolve_layers(cfg, train.num_layers - 1)
     train.require_layers(layers)
@@ -250,42 +266,47 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
     tokenizer = load_tokenizer(str(run.model_dir("finetuned")))
     ids = encode(tokenizer, labels_all["text"].tolist(), model_cfg.max_length, model_cfg.truncation)
     y = torch.tensor(labels_all["label"].tolist())
-    classifiers = {m: load_classifier(str(run.model_dir(m))).eval() for m in MODELS}
-    runners = {m: SpliceRunner(classifiers[m], ids, tokenizer.pad_token_id, layers) for m in MODELS} if cfg.splice_examples else {}
-    reference = {m: r.reference for m, r in runners.items()}
+    # Every SAE is judged inside the fine-tuned classifier; both models share its module names.
+    classifier = load_classifier(str(run.model_dir("finetuned"))).eval()
+    runner = SpliceRunner(classifier, ids, tokenizer.pad_token_id, layers) if cfg.splice_examples != 0 else None
 
     rare = rare_token_masks(train, test)
 
-    summaries = []
     jobs = [(m, l) for m in MODELS for l in layers]
-    for model, layer in tqdm(jobs, desc="SAEs", unit="sae", disable=not progress):
-        folder = run.sae_dir(model, layer)
-        settings = _settings_hash(cfg, model, layer)
-        metrics_path = folder / "metrics.json"
-        if resume and metrics_path.is_file() and read_json(metrics_path).get("settings_hash") == settings:
-            summaries.append(read_json(metrics_path))
-            continue
-        hook = hidden_state_module(classifiers[model], layer)[0]
+    settings = {job: _settings_hash(cfg, *job) for job in jobs}
+    done = {}
+    for model, layer in jobs:
+        metrics_path = run.sae_dir(model, layer) / "metrics.json"
+        if resume and metrics_path.is_file() and read_json(metrics_path).get("settings_hash") == settings[(model, layer)]:
+            done[(model, layer)] = read_json(metrics_path)
+
+    def job(key: tuple[str, int]) -> dict:
+        """Train, evaluate and save one SAE (several run side by side: see ``core.threads``)."""
+        model, layer = key
+        hook = hidden_state_module(classifier, layer)[0]
         sae, history = train_one(run, cfg, model, layer, train, hook, progress)
         metrics = {"model": model, "layer": layer, "architecture": cfg.architecture, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k if cfg.architecture == "topk" else None}
         metrics.update(evaluate_sae(sae, test.iter_layer(model, layer), rare=rare))
         metrics["rare_tokens"]["seen_fewer_than"] = RARE_TOKEN_COUNT
         if model == "pretrained":
             metrics["fvu_on_finetuned"] = evaluate_sae(sae, test.iter_layer("finetuned", layer))["fvu"]
-        if cfg.splice_examples:
-            f = fidelity(reference[model], runners[model].spliced(layer, sae), y)
-            metrics.update(accuracy_spliced=f["accuracy"], kl_spliced=f["kl"], accuracy_original=float((reference[model].argmax(-1) == y).float().mean()), splice_texts=len(y))
-            if model == "pretrained":  # drift: the pre-trained dictionary inside the fine-tuned classifier
-                f = fidelity(reference["finetuned"], runners["finetuned"].spliced(layer, sae), y)
-                metrics.update(accuracy_spliced_into_finetuned=f["accuracy"], kl_spliced_into_finetuned=f["kl"])
+        if runner is not None:
+            f = fidelity(runner.reference, runner.spliced(layer, sae), y)
+            metrics.update(accuracy_spliced=f["accuracy"], kl_spliced=f["kl"], accuracy_original=float((runner.reference.argmax(-1) == y).float().mean()), splice_texts=len(y), spliced_into="finetuned")
         metrics["training"] = {k: history[k] for k in ("num_steps", "num_tokens", "tokens_per_second", "dead_fraction", "lr", "normalization_scale")}
         metrics["training"]["lr_backoff"] = history.get("lr_backoff")  # set when dying latents forced a restart at a lower lr
         metrics["loss_curve"] = {"step": history["step"], "mse": history["mse"], "l0": history["l0"]}
-        metrics["settings_hash"] = settings
-        with atomic_path(folder) as tmp:
+        metrics["settings_hash"] = settings[key]
+        with atomic_path(run.sae_dir(model, layer)) as tmp:
             sae.save(tmp)
             write_json(tmp / "metrics.json", metrics)
-        summaries.append(metrics)
+        return metrics
+
+    with tqdm(total=len(jobs), initial=len(done), desc="SAEs", unit="sae", disable=not progress) as bar:
+        for key, metrics in run_side_by_side(job, [j for j in jobs if j not in done], cfg.workers):
+            done[key] = metrics
+            bar.update()
+    summaries = [done[j] for j in jobs]
     return {"layers": layers, "saes": [{k: s.get(k) for k in ("model", "layer", "fvu", "l0", "dead_fraction", "accuracy_spliced")} for s in summaries]}
 
 

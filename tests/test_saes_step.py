@@ -11,6 +11,7 @@ import torch
 from core.activations import ActivationStore
 from core.errors import LayerscopeError
 from core.report import build_report
+from core.runfolder import MODELS
 from core.sae import SparseAutoencoder
 from tests.test_cli import assert_user_error, cli
 
@@ -69,13 +70,15 @@ def test_fvu_and_l0_equal_a_direct_computation(tiny_run):
         assert r["fvu_rest"] == pytest.approx(err[~rare].sum() / dev[~rare].sum(), rel=1e-3)
 
 
-def test_spliced_accuracy_equals_a_hand_made_hook(tiny_run):
+@pytest.mark.parametrize("sae_model", MODELS)
+def test_spliced_accuracy_equals_a_hand_made_hook(tiny_run, sae_model):
+    """Both models' SAEs are judged inside the fine-tuned classifier, on its hidden state 1."""
     from transformers import AutoModelForSequenceClassification
 
     from core.data import load_split
     from core.models import encode, load_tokenizer
 
-    folder = tiny_run.sae_dir("finetuned", 1)
+    folder = tiny_run.sae_dir(sae_model, 1)
     sae = SparseAutoencoder.load(folder)
     metrics = json.loads((folder / "metrics.json").read_text())
     model = AutoModelForSequenceClassification.from_pretrained(str(tiny_run.model_dir("finetuned"))).eval()
@@ -86,7 +89,7 @@ def test_spliced_accuracy_equals_a_hand_made_hook(tiny_run):
         new = sae(h[0])[0][None]
         return (new, *out[1:]) if isinstance(out, tuple) else new
 
-    block.register_forward_hook(replace)
+    handle = block.register_forward_hook(replace)
     cfg = tiny_run.manifest()["config"]["model"]
     test = load_split(tiny_run, "test")
     tok = load_tokenizer(str(tiny_run.model_dir("finetuned")))
@@ -94,6 +97,11 @@ def test_spliced_accuracy_equals_a_hand_made_hook(tiny_run):
         preds = [int(model(input_ids=torch.tensor([ids])).logits.argmax()) for ids in encode(tok, test["text"].tolist(), cfg["max_length"], cfg["truncation"])]
     assert metrics["accuracy_spliced"] == pytest.approx(np.mean(np.array(preds) == test["label"].to_numpy()))
     assert metrics["splice_texts"] == len(test)  # the tiny run's test split is smaller than saes.splice_examples
+    assert metrics["spliced_into"] == "finetuned"
+    handle.remove()
+    with torch.no_grad():  # accuracy_original is the fine-tuned classifier's own accuracy on the same texts
+        plain = [int(model(input_ids=torch.tensor([ids])).logits.argmax()) for ids in encode(tok, test["text"].tolist(), cfg["max_length"], cfg["truncation"])]
+    assert metrics["accuracy_original"] == pytest.approx(np.mean(np.array(plain) == test["label"].to_numpy()))
 
 
 @pytest.mark.parametrize("cache_bytes", [2 << 30, 0], ids=["resumed", "full passes"])
@@ -141,6 +149,49 @@ def test_feature_statistics_do_not_depend_on_the_chunk_size(tiny_run, monkeypatc
         torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-5, atol=1e-6, msg=name)  # fp32 matmuls block rows differently
     assert torch.equal(ctx_a[0], ctx_b[0])
     torch.testing.assert_close(ctx_b[1], ctx_a[1], rtol=1e-3, atol=1e-3)  # activations are stored as fp16
+
+
+def _assert_close_json(a, b, where, rel=1e-6):
+    """Nested JSON values equal, floats to ``rel``."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_close_json(a[k], b[k], (*where, k), rel)
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close_json(x, y, (*where, i), rel)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=rel, abs=1e-12), where
+    else:
+        assert a == b, where
+
+
+def test_side_by_side_saes_and_features_equal_one_after_another(tiny_run, run_copy):
+    """The tiny run was built with saes.workers = features.workers = 2 (the default); one worker
+    gives the same SAEs, metrics, feature statistics and matching, and keeps the step hashes."""
+    from safetensors.torch import load_file
+
+    from core.runfolder import RunFolder
+
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    assert manifest["config"]["saes"]["workers"] == 2 == manifest["config"]["features"]["workers"]
+    cli("saes", "--run", run_copy, "--set", "saes.workers=1", "--force", check=True)
+    cli("features", "--run", run_copy, "--set", "features.workers=1", "--force", check=True)
+    copy = RunFolder(run_copy)
+    for model, layer, folder in tiny_run.sae_dirs():
+        a, b = SparseAutoencoder.load(folder), SparseAutoencoder.load(copy.sae_dir(model, layer))
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())), (model, layer)
+        ma, mb = (json.loads((f / "metrics.json").read_text()) for f in (folder, copy.sae_dir(model, layer)))
+        for m in (ma, mb):
+            m["training"].pop("tokens_per_second")
+        _assert_close_json(mb, ma, (model, layer))  # one thread may sum in another order: last-digit differences
+        sa, sb = (load_file(str(r.features_dir(model, layer) / "stats.safetensors")) for r in (tiny_run, copy))
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), (model, layer)
+    for layer in tiny_run.manifest()["steps"]["saes"]["result"]["layers"]:
+        assert tiny_run.matching_path(layer).read_text() == copy.matching_path(layer).read_text()
+    steps = json.loads((run_copy / "manifest.json").read_text())["steps"]
+    assert steps["saes"]["config_hash"] == manifest["steps"]["saes"]["config_hash"]  # workers is not a setting of the results
 
 
 def test_analyze_equals_direct_computation(tiny_run):
@@ -272,6 +323,40 @@ def test_sae_of_the_other_model_is_refused(run_copy):
 
 def test_k_larger_than_dictionary(run_copy):
     assert_user_error(cli("saes", "--run", run_copy, "--sae-k", "9999", "--force"), "k=9999", "d_sae")
+
+
+def test_negative_splice_sample_is_refused(run_copy):
+    before = (run_copy / "saes" / "finetuned" / "layer_1" / "metrics.json").read_bytes()
+    assert_user_error(cli("saes", "--run", run_copy, "--set", "saes.splice_examples=-3", "--force"), "splice_examples=-3", "none for all")
+    assert (run_copy / "saes" / "finetuned" / "layer_1" / "metrics.json").read_bytes() == before
+
+
+def test_splice_check_on_a_sample_of_the_test_texts(run_copy):
+    """saes.splice_examples=N judges every SAE on the same seeded N test texts."""
+    cli("saes", "--run", run_copy, "--layers", "1", "--set", "saes.splice_examples=5", "--force", check=True)
+    runs = [json.loads((run_copy / "saes" / m / "layer_1" / "metrics.json").read_text()) for m in MODELS]
+    for metrics in runs:
+        assert metrics["splice_texts"] == 5
+        assert round(metrics["accuracy_spliced"] * 5, 4) == int(round(metrics["accuracy_spliced"] * 5))  # k correct of 5
+    assert runs[0]["accuracy_original"] == runs[1]["accuracy_original"]  # one classifier, the same texts
+
+
+def test_report_reads_older_runs_spliced_figures_for_pretrained_saes(run_copy):
+    """Older runs spliced pre-trained SAEs into the untrained-head pre-trained model and kept the
+    fine-tuned classifier's figures under ``*_spliced_into_finetuned``: the report shows those."""
+    from core.runfolder import RunFolder
+
+    path = run_copy / "saes" / "pretrained" / "layer_1" / "metrics.json"
+    m = json.loads(path.read_text())
+    m.pop("spliced_into")
+    m.update(accuracy_spliced=0.5, kl_spliced=1e-6, accuracy_original=0.49, accuracy_spliced_into_finetuned=0.875, kl_spliced_into_finetuned=0.02)
+    path.write_text(json.dumps(m))
+    rows = {(s["model"], s["layer"]): s for s in build_report(RunFolder(run_copy))["saes"]}
+    old = rows[("pretrained", 1)]
+    assert (old["accuracy_spliced"], old["kl_spliced"], old["spliced_into"]) == (0.875, 0.02, "finetuned")
+    assert "accuracy_original" not in old and "accuracy_spliced_into_finetuned" not in old
+    new = json.loads((run_copy / "saes" / "finetuned" / "layer_1" / "metrics.json").read_text())
+    assert rows[("finetuned", 1)]["accuracy_spliced"] == new["accuracy_spliced"]  # current runs pass unchanged
 
 
 def test_empty_activation_shard(run_copy):
