@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from core.errors import LayerscopeError
 from core.sae import CsrColumns, SAEConfig, SparseAutoencoder, sparse_decode, topk_encode
+from core.threads import Abandoned, stop_requested
 
 
 class DyingLatents(LayerscopeError):
@@ -296,6 +297,9 @@ def train_sae(
     for x in _rebatch(_epochs(batches, train_cfg.epochs), train_cfg.batch_size):
         if train_cfg.max_steps and step >= train_cfg.max_steps:
             break
+        if stop_requested():  # this training runs beside others that are being abandoned (Ctrl-C)
+            bar.close()
+            raise Abandoned(f"{desc or 'SAE'} training stopped at step {step}")
         if x.shape[1] != d:
             raise LayerscopeError(
                 f"activation batch is {x.shape[1]} wide but the SAE expects d_in={d}; "

@@ -9,12 +9,15 @@ the GIL inside its kernels, and the jobs share the process's memory (models, act
 instead of copying it into worker processes.
 
 Jobs must not share mutable state; where they do (a model whose block list a splice swaps),
-the owner guards it with a lock.
+the owner guards it with a lock. Python cannot interrupt a thread, so long loops inside jobs
+(the SAE trainer) poll ``stop_requested()``: after Ctrl-C or a failed job, the jobs still
+running stop at their next step instead of running to the end.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import TypeVar
@@ -25,6 +28,17 @@ from core.rss import share_malloc_arena
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+_stop = threading.Event()
+
+
+class Abandoned(Exception):
+    """Raised inside a job that noticed ``stop_requested()``; never reaches the caller."""
+
+
+def stop_requested() -> bool:
+    """True while side-by-side jobs are being abandoned (Ctrl-C, or another job failed)."""
+    return _stop.is_set()
 
 
 @contextlib.contextmanager
@@ -54,19 +68,25 @@ def run_side_by_side(fn: Callable[[T], R], items: Iterable[T], workers: int) -> 
             yield item, fn(item)
         return
     share_malloc_arena()  # a heap arena per thread would hold each job's freed pages apart (core.rss)
-    with torch_threads(threads // workers), ThreadPoolExecutor(workers, thread_name_prefix="layerscope-job") as pool:
-        pending = {pool.submit(fn, item): item for item in items[:workers]}
-        queue, end = iter(items[workers:]), object()
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    item = pending.pop(future)
-                    result = future.result()  # raises the job's exception
-                    nxt = next(queue, end)
-                    if nxt is not end:
-                        pending[pool.submit(fn, nxt)] = nxt
-                    yield item, result
-        finally:
-            for future in pending:
-                future.cancel()
+    try:
+        with torch_threads(threads // workers), ThreadPoolExecutor(workers, thread_name_prefix="layerscope-job") as pool:
+            pending = {pool.submit(fn, item): item for item in items[:workers]}
+            queue, end = iter(items[workers:]), object()
+            try:
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        item = pending.pop(future)
+                        result = future.result()  # raises the job's exception
+                        nxt = next(queue, end)
+                        if nxt is not end:
+                            pending[pool.submit(fn, nxt)] = nxt
+                        yield item, result
+            except BaseException:  # Ctrl-C or a failed job: the running jobs stop at their next poll
+                _stop.set()
+                raise
+            finally:
+                for future in pending:
+                    future.cancel()
+    finally:
+        _stop.clear()

@@ -153,6 +153,29 @@ def test_nan_batches_stop_training_with_a_clear_error():
         train_sae(SAEConfig(d_in=8, d_sae=16, k=2), quick(), batches, init_sample=batches[0], progress=False)
 
 
+def test_training_stops_at_the_next_step_when_side_by_side_jobs_are_abandoned():
+    """Ctrl-C during side-by-side training (core.threads): the trainer stops instead of running on."""
+    import core.threads as threads
+
+    seen = []
+
+    def batches():
+        for i, b in enumerate(random_batches(n_batches=50)):
+            seen.append(i)
+            if i == 3:
+                threads._stop.set()  # what run_side_by_side does when the run is abandoned
+            yield b
+
+    try:
+        with pytest.raises(threads.Abandoned, match="stopped at step 3"):
+            train_sae(SAEConfig(d_in=8, d_sae=16, k=2), quick(), batches(), init_sample=random_batches()[0], progress=False)
+    finally:
+        threads._stop.clear()
+    assert seen == [0, 1, 2, 3]
+    sae, hist = train_sae(SAEConfig(d_in=8, d_sae=16, k=2), quick(), random_batches(), init_sample=random_batches()[0], progress=False)
+    assert hist["num_steps"] == 6  # cleared: the next training runs to the end
+
+
 def test_default_learning_rates():
     assert SAETrainingConfig().resolved_lr(SAEConfig(d_in=384, d_sae=1536)) == pytest.approx(6.53e-4, rel=1e-3)
     assert SAETrainingConfig().resolved_lr(SAEConfig(d_in=384, d_sae=1536, architecture="paper")) == 2e-5

@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from core.threads import run_side_by_side, torch_threads
+from core.threads import run_side_by_side, stop_requested, torch_threads
 
 
 def _job(i: int) -> tuple[int, int, str]:
@@ -48,3 +48,24 @@ def test_a_failing_job_stops_the_rest_and_raises_here():
             list(run_side_by_side(job, range(10), workers=2))
         assert torch.get_num_threads() == 2  # the jobs' 1-thread setting did not outlive them
     assert len(started) < 10
+
+
+def test_running_jobs_are_told_to_stop_when_another_fails():
+    """Python cannot interrupt a thread: long jobs poll stop_requested(), set while the run is abandoned."""
+    polled = []
+
+    def job(i):
+        if i == 0:
+            time.sleep(0.05)
+            raise KeyboardInterrupt  # what Ctrl-C raises in the waiting thread, here from a job
+        t0 = time.perf_counter()
+        while not stop_requested() and time.perf_counter() - t0 < 10:
+            time.sleep(0.005)
+        polled.append(time.perf_counter() - t0)
+        return i
+
+    t0 = time.perf_counter()
+    with torch_threads(2), pytest.raises(KeyboardInterrupt):
+        list(run_side_by_side(job, range(2), workers=2))
+    assert time.perf_counter() - t0 < 5 and polled and polled[0] < 5  # job 1 saw the request, long before its 10 s
+    assert not stop_requested()  # cleared for the next run
