@@ -4,7 +4,7 @@ Training one small SAE keeps two cores less busy than two SAEs on one core each:
 (2,048 x 384 x 1,536) are too small for two threads to split without waiting on each other.
 On the 2-core development machine two default-run SAEs trained in two Python threads with one
 torch thread each took 8.5-10.7 s against 10.8-14.8 s one after the other on two threads, with
-the same weights bit for bit (README, "Performance"). Python threads suffice: torch releases
+the same weights bit for bit (README, "Configuration"). Python threads suffice: torch releases
 the GIL inside its kernels, and the jobs share the process's memory (models, activations)
 instead of copying it into worker processes.
 
@@ -56,9 +56,11 @@ def run_side_by_side(fn: Callable[[T], R], items: Iterable[T], workers: int) -> 
     """Yield ``(item, fn(item))`` for every item, as each finishes, with up to ``workers`` running at once.
 
     ``workers`` is capped by the number of items and by torch's thread count; each job gets
-    ``threads // workers`` torch threads. With one worker the items run in order in this thread,
-    on all threads. An exception in a job stops the jobs not yet started and is raised here once
-    the running ones have finished.
+    ``threads // workers`` torch threads, and so does this thread until the generator is done
+    (the caller's own work between items runs on that share too). With one worker the items run
+    in order in this thread, on all threads. An exception in a job (or Ctrl-C here) cancels the
+    jobs not yet started, asks the running ones to stop (``stop_requested``) and is raised here
+    once they have returned.
     """
     items = list(items)
     threads = torch.get_num_threads()
