@@ -132,8 +132,8 @@ class SpliceRunner:
     def spliced(self, layer: int, sae: SparseAutoencoder) -> torch.Tensor:
         """[n, C] class probabilities with hidden state ``layer`` replaced by ``sae``'s reconstruction.
 
-        Safe to call from several threads: a splice swaps the model's block list or hooks one of
-        its modules, so splices take turns."""
+        Splices from several threads take turns: a splice cuts the model's block list or hooks one
+        of its modules while it runs, so no other thread may use the model without this lock."""
         with self._lock:
             return self._spliced(layer, sae)
 
@@ -280,11 +280,14 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
         if resume and metrics_path.is_file() and read_json(metrics_path).get("settings_hash") == settings[(model, layer)]:
             done[(model, layer)] = read_json(metrics_path)
 
+    # Read before any job starts: a splice in one job cuts the classifier's block list while it runs.
+    hooks = {layer: hidden_state_module(classifier, layer)[0] for layer in layers}
+
     def job(key: tuple[str, int]) -> dict:
-        """Train, evaluate and save one SAE (several run side by side: see ``core.threads``)."""
+        """Train, evaluate and save one SAE (several run side by side: see ``core.threads``).
+        Touches the shared classifier only through ``runner.spliced``, which takes a lock."""
         model, layer = key
-        hook = hidden_state_module(classifier, layer)[0]
-        sae, history = train_one(run, cfg, model, layer, train, hook, progress)
+        sae, history = train_one(run, cfg, model, layer, train, hooks[layer], progress)
         metrics = {"model": model, "layer": layer, "architecture": cfg.architecture, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k if cfg.architecture == "topk" else None}
         metrics.update(evaluate_sae(sae, test.iter_layer(model, layer), rare=rare))
         metrics["rare_tokens"]["seen_fewer_than"] = RARE_TOKEN_COUNT

@@ -194,6 +194,30 @@ def test_side_by_side_saes_and_features_equal_one_after_another(tiny_run, run_co
     assert steps["saes"]["config_hash"] == manifest["steps"]["saes"]["config_hash"]  # workers is not a setting of the results
 
 
+def test_side_by_side_jobs_leave_the_shared_classifier_to_the_splice_lock(run_copy, monkeypatch):
+    """A splice cuts the classifier's block list while it runs, so SAE jobs must not read the
+    model outside ``SpliceRunner.spliced``: module paths are looked up before the jobs start."""
+    import threading
+
+    import core.saes as saes_mod
+    from core.config import load_config
+    from core.runfolder import RunFolder
+    from core.threads import torch_threads
+
+    lookup = saes_mod.hidden_state_module
+
+    def main_thread_only(model, index):
+        assert threading.current_thread() is threading.main_thread(), "a job read the shared classifier"
+        return lookup(model, index)
+
+    monkeypatch.setattr(saes_mod, "hidden_state_module", main_thread_only)
+    run = RunFolder(run_copy)
+    cfg = load_config(base=run.manifest()["config"])
+    with torch_threads(2):  # two workers need two threads
+        out = saes_mod.run_saes(run, cfg.saes, cfg.model, progress=False, resume=False)
+    assert len(out["saes"]) == 2 * len(out["layers"]) >= 4  # every job ran, at least two side by side
+
+
 def test_analyze_equals_direct_computation(tiny_run):
     from transformers import AutoModel
 
