@@ -275,10 +275,11 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
     jobs = [(m, l) for m in MODELS for l in layers]
     settings = {job: _settings_hash(cfg, *job) for job in jobs}
     done = {}
-    for model, layer in jobs:
-        metrics_path = run.sae_dir(model, layer) / "metrics.json"
-        if resume and metrics_path.is_file() and read_json(metrics_path).get("settings_hash") == settings[(model, layer)]:
-            done[(model, layer)] = read_json(metrics_path)
+    for key in jobs:
+        metrics_path = run.sae_dir(*key) / "metrics.json"
+        kept = read_json(metrics_path) if resume and metrics_path.is_file() else {}
+        if kept.get("settings_hash") == settings[key]:
+            done[key] = kept
 
     # Read before any job starts: a splice in one job cuts the classifier's block list while it runs.
     hooks = {layer: hidden_state_module(classifier, layer)[0] for layer in layers}
