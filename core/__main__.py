@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished steps are kept; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush does not fail again
+        return 1
     finally:
         if "torch" in sys.modules:  # only a step can have joined a process group
             from core.pipeline import end_distributed

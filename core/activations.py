@@ -31,7 +31,7 @@ from safetensors.torch import safe_open, save_file
 from tqdm.auto import tqdm
 
 from core.data import load_split
-from core.errors import LayerscopeError
+from core.errors import LayerscopeError, OptionCheck
 from core.models import ModelConfig, encode, load_classifier, load_tokenizer, num_hidden_states, pad_batch, quiet_transformers
 from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
 
@@ -43,11 +43,20 @@ class ActivationsConfig:
     sae_examples: int = 2000  # texts sampled from the train split (SAE training data); 0 = all
     eval_examples: int = 400  # texts sampled from the test split (similarity, SAE evaluation, features); 0 = all
     batch_tokens: int = 8192  # padded tokens per forward pass (dynamic padding after sorting by length)
-    shard_mb: int = 96  # approximate size of one model's shard on disk (bounds memory)
+    shard_mb: int = 96  # approximate size of one model's shard on disk (bounds memory); 0 = one batch per shard
     compute_dtype: str = "bfloat16"  # autocast dtype for the forward passes: "bfloat16" (fast) or "float32" (exact)
     storage_dtype: str = "float16"  # dtype of stored hidden states: "float16" or "float32"
     seed: int = 0  # seeds the text sample
     train_layers: list[int] = field(default_factory=list, metadata={"hash_when_set": True})  # hidden states kept for the train split (only the SAEs read it); [] = all
+
+    def validate(self) -> None:
+        check = OptionCheck("activations", self)
+        check.at_least(0, "sae_examples", "eval_examples")
+        check.at_least(1, "batch_tokens")
+        check.at_least(0, "shard_mb")
+        check.choice("compute_dtype", "bfloat16", "float32")
+        check.choice("storage_dtype", "float16", "float32")
+        check.indices("train_layers")
 
 
 # ------------------------------------------------------------------ planning

@@ -242,6 +242,8 @@ def analyze_text(
     ``saes`` limits the top features to those (model, layer) SAEs (the dashboard shows one at a
     time); by default every SAE of the run is encoded, in one batched matmul per shape.
     """
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise LayerscopeError(f"top={top!r}: ask for at least 1 feature per SAE (--top N, default 5)")
     state = state or sentence_state(bundle, text, clean)
     if saes is None:
         keys = list(bundle.saes)

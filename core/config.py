@@ -45,6 +45,11 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        """Refuse impossible values (negative epochs, unknown choices...) before any step starts."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some sections: a step is stale when the hash of what it reads changes."""
         blob = json.dumps({s: _hashed_fields(getattr(self, s)) for s in sections}, sort_keys=True)
@@ -160,6 +165,7 @@ def load_config(
         _apply(cfg, read_toml(config_file), "")
     if overrides:
         _apply(cfg, _nest(overrides), "")
+    cfg.validate()
     return cfg
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from core.errors import LayerscopeError
+from core.errors import LayerscopeError, OptionCheck
 from core.runfolder import SPLITS, RunFolder, atomic_path, write_json
 
 BUILTIN = ("imdb", "rotten_tomatoes", "clothing_reviews", "bbc_news")
@@ -41,6 +41,16 @@ class DataConfig:
     val_fraction: float = 0.1  # paper: 80/10/10
     test_fraction: float = 0.1
     seed: int = 0  # seeds the cap and the split
+
+    def validate(self) -> None:
+        check = OptionCheck("data", self)
+        if not isinstance(self.dataset, str) or not self.dataset.strip():
+            check.fail("dataset", "a built-in name, a CSV path or hf:NAME")
+        check.at_least(0, "max_rows")
+        check.positive("val_fraction", "test_fraction")
+        check.fraction("val_fraction", "test_fraction", below_one=True)
+        if self.val_fraction + self.test_fraction >= 1:
+            check.fail("test_fraction", f"less than 1 - data.val_fraction ({1 - self.val_fraction:g}): the train split needs rows")
 
 
 # ------------------------------------------------------------------ cleaning

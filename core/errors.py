@@ -6,6 +6,60 @@ A message names the problem *and* the fix, e.g.
 ``"column 'review' not found in data.csv (columns: text, stars); pass --text-column"``.
 """
 
+import math
+
 
 class LayerscopeError(Exception):
     """A problem with the user's input, files or environment, with a fix in the message."""
+
+
+class OptionCheck:
+    """Checks of one config section's values, run before any work starts.
+
+    Each failed check raises one ``LayerscopeError`` naming the option, what it must be and how
+    to set it::
+
+        check = OptionCheck("finetune", cfg)
+        check.positive("epochs", "learning_rate")   # finetune.epochs=-1.0 must be > 0 ...
+        check.choice("attention", "auto", "eager", "sdpa")
+    """
+
+    def __init__(self, section: str, cfg) -> None:
+        self.section, self.cfg = section, cfg
+
+    def fail(self, name: str, must: str) -> None:
+        where = f"{self.section}.{name}"
+        raise LayerscopeError(f"{where}={getattr(self.cfg, name)!r} must be {must}; change it in your --config file or with --set {where}=VALUE")
+
+    def _number(self, name: str):
+        value = getattr(self.cfg, name)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+    def at_least(self, low: float, *names: str) -> None:
+        for name in names:
+            value = self._number(name)
+            if value is None or value < low:
+                self.fail(name, f"a number >= {low}")
+
+    def positive(self, *names: str) -> None:
+        for name in names:
+            value = self._number(name)
+            if value is None or value <= 0:
+                self.fail(name, "a number > 0")
+
+    def fraction(self, *names: str, below_one: bool = False) -> None:
+        """0 <= value <= 1 (or < 1 with ``below_one``)."""
+        for name in names:
+            value = self._number(name)
+            if value is None or value < 0 or value > 1 or (below_one and value == 1):
+                self.fail(name, "a fraction in [0, 1)" if below_one else "a fraction in [0, 1]")
+
+    def choice(self, name: str, *options: str) -> None:
+        if getattr(self.cfg, name) not in options:
+            self.fail(name, "one of " + ", ".join(repr(o) for o in options))
+
+    def indices(self, name: str) -> None:
+        """A list of hidden-state indices: integers >= 0."""
+        values = getattr(self.cfg, name)
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+            self.fail(name, "a list of hidden-state indices >= 0 (0 = embeddings)")

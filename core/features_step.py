@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from core.activations import ActivationStore
 from core.data import load_split
-from core.errors import LayerscopeError
+from core.errors import LayerscopeError, OptionCheck
 from core.features import FeatureStats, FeatureStatsAccumulator, match_features, rank_features
 from core.models import hidden_state_module, load_classifier, load_tokenizer, pad_batch
 from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
@@ -50,6 +50,14 @@ class FeaturesConfig:
     effect_examples: int = 64  # test texts used to estimate logit effects (0 = skip)
     seed_baseline: bool = True  # also match the pre-trained SAE against one retrained with another seed: the noise floor of matching
     workers: int = field(default=2, metadata={"execution_only": True})  # SAEs processed side by side, each on its share of torch's threads (1 = one after another; same results)
+
+    def validate(self) -> None:
+        check = OptionCheck("features", self)
+        check.at_least(1, "top_k", "workers")
+        check.at_least(0, "window", "effect_examples")
+        check.fraction("kept_threshold", "shifted_threshold")
+        if self.shifted_threshold > self.kept_threshold:
+            check.fail("shifted_threshold", f"at most features.kept_threshold ({self.kept_threshold})")
 
 
 # ------------------------------------------------------------------ computing
@@ -258,9 +266,12 @@ def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance") 
     """One row per feature, in ranking order."""
     s = load_stats(run, model, layer)
     names = run.labels()
-    auc = s["selectivity_auroc"].double()
-    sel = (auc - 0.5).abs().nan_to_num(nan=-1.0)
-    df = pd.DataFrame({"feature": np.arange(len(s["variance"])), "variance": s["variance"].numpy(), "density": s["density"].numpy(), "selectivity": sel.amax(1).numpy(), "best_class": [names[i] for i in sel.argmax(1).tolist()]})
+    auc = s["selectivity_auroc"].double()  # [d_sae, C] one class vs the rest
+    sel = (auc - 0.5).abs().nan_to_num(nan=-1.0).amax(1)
+    # the class the feature fires most for: highest AUROC, not the largest |AUROC - 0.5| (with two
+    # classes both are equally far from 0.5, so that would name the first class for every feature)
+    best = [names[c] if s_ > 0 else "none" for c, s_ in zip(auc.nan_to_num(nan=-1.0).argmax(1).tolist(), sel.tolist())]
+    df = pd.DataFrame({"feature": np.arange(len(s["variance"])), "variance": s["variance"].numpy(), "density": s["density"].numpy(), "selectivity": sel.numpy(), "best_class": best})
     for c, name in enumerate(names):
         df[f"mean[{name}]"] = s["mean_per_class"][:, c].numpy()
     if "logit_effect" in s:

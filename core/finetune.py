@@ -22,7 +22,7 @@ import torch
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
 from core.data import load_split
-from core.errors import LayerscopeError
+from core.errors import LayerscopeError, OptionCheck
 from core.models import ModelConfig, encode, load_classifier, load_tokenizer, predict_proba, quiet_transformers
 from core.runfolder import RunFolder, atomic_path, write_json
 
@@ -42,6 +42,15 @@ class FinetuneConfig:
     attention: str = field(default="auto", metadata={"hash_when_set": True})  # attention kernel while training: "eager", "sdpa", or "auto" = eager on CPU (its backward is faster there, README "Performance"), sdpa on GPUs
     seed: int = 0  # seeds the head initialisation, shuffling and dropout
     threads: int = 0  # torch CPU threads (0 = torch's default)
+
+    def validate(self) -> None:
+        check = OptionCheck("finetune", self)
+        check.positive("epochs", "learning_rate")
+        check.at_least(1, "batch_size", "eval_batch_size")
+        check.at_least(0, "weight_decay", "max_train_examples", "threads")
+        check.fraction("warmup_ratio")
+        check.fraction("attention_dropout", below_one=True)
+        check.choice("attention", "auto", "eager", "sdpa")
 
 
 class _Encoded(torch.utils.data.Dataset):
@@ -130,6 +139,9 @@ def run_finetune(run: RunFolder, cfg: FinetuneConfig, model_cfg: ModelConfig) ->
     model = load_classifier(model_cfg.base, num_labels=len(names), label_names=names, seed=cfg.seed, attention_probs_dropout_prob=cfg.attention_dropout, attn_implementation=training_attention(cfg))
     if tokenizer.pad_token_id is None:
         raise LayerscopeError(f"tokenizer of '{model_cfg.base}' has no padding token; pick a BERT-family model")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and model_cfg.max_length > positions:
+        raise LayerscopeError(f"model.max_length={model_cfg.max_length} is longer than '{model_cfg.base}' can read ({positions} positions); set --set model.max_length={positions} or less")
 
     train_ids = encode(tokenizer, train["text"].tolist(), model_cfg.max_length, model_cfg.truncation)
     use_bf16 = cfg.bf16 and bf16_supported()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from core.errors import LayerscopeError
+from core.errors import LayerscopeError, OptionCheck
 
 EMBEDDED_ALIASES = ("all-MiniLM-L6-v2", "minilm", "sentence-transformers/all-MiniLM-L6-v2")
 
@@ -26,6 +26,13 @@ class ModelConfig:
     base: str = "all-MiniLM-L6-v2"  # embedded default, a hub id, or a local from_pretrained folder
     max_length: int = 256  # tokens per text, special tokens included (paper: 512)
     truncation: str = "head_tail"  # "head": keep the start; "head_tail": keep 1/4 start + 3/4 end (Sun et al. 2019)
+
+    def validate(self) -> None:
+        check = OptionCheck("model", self)
+        if not isinstance(self.base, str) or not self.base.strip():
+            check.fail("base", "a model name, hub id or folder")
+        check.at_least(4, "max_length")  # [CLS], [SEP] and a couple of real tokens
+        check.choice("truncation", "head", "head_tail")
 
 
 def resolve_base(name: str) -> str:

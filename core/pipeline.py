@@ -115,6 +115,7 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
     """
     if step not in STEPS:
         raise LayerscopeError(f"unknown step '{step}'; steps are: {', '.join(STEPS)}")
+    cfg.validate()  # a RunConfig built in code has not been through load_config's checks
     distributed = _distributed()
     if not run.exists() and is_main_process():
         run.init_manifest(cfg.to_dict(), package_versions())

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from core.errors import LayerscopeError
+from core.errors import LayerscopeError, OptionCheck
 from core.sae import CsrColumns, SAEConfig, SparseAutoencoder, sparse_decode, topk_encode
 from core.threads import Abandoned, stop_requested
 
@@ -71,22 +71,22 @@ class SAETrainingConfig:
     log_every: int = 20  # steps between entries of the returned history
 
     def validate(self) -> None:
-        if self.lr is not None and not self.lr > 0:
-            raise LayerscopeError(f"learning rate {self.lr!r} must be > 0; pass a positive --sae-lr")
-        if self.batch_size < 1:
-            raise LayerscopeError(f"batch_size={self.batch_size} must be >= 1; pass a positive --sae-batch-size")
-        if self.epochs < 1:
-            raise LayerscopeError(f"epochs={self.epochs} must be >= 1; pass --sae-epochs 1 or more")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise LayerscopeError(f"max_steps={self.max_steps} must be >= 1; pass a positive --sae-steps")
-        if self.init_decoder not in ("random", "data"):
-            raise LayerscopeError(f"init_decoder={self.init_decoder!r} must be 'random' or 'data'")
-        if self.init_b_dec not in ("mean", "geometric_median"):
-            raise LayerscopeError(f"init_b_dec={self.init_b_dec!r} must be 'mean' or 'geometric_median'")
-        if not 0 <= self.lr_decay <= 1:
-            raise LayerscopeError(f"lr_decay={self.lr_decay} must be a fraction in [0, 1]")
-        if self.dead_steps_threshold < 1 or self.lr_warmup_steps < 0 or self.log_every < 1:
-            raise LayerscopeError("dead_steps_threshold and log_every must be >= 1 and lr_warmup_steps >= 0")
+        check = OptionCheck("saes.training", self)
+        for name in ("lr", "grad_clip"):  # None = the default rule / off
+            if getattr(self, name) is not None:
+                check.positive(name)
+        for name in ("max_steps", "aux_k"):
+            if getattr(self, name) is not None:
+                check.at_least(1, name)
+        check.at_least(1, "batch_size", "epochs", "dead_steps_threshold", "log_every")
+        check.at_least(0, "aux_coefficient", "lr_warmup_steps")
+        check.fraction("lr_decay")
+        if self.dead_backoff is not None:
+            check.fraction("dead_backoff")
+        if any(not isinstance(f, (int, float)) or not 0 < f < 1 for f in self.resample_at):
+            check.fail("resample_at", "a list of fractions of training in (0, 1)")
+        check.choice("init_decoder", "random", "data")
+        check.choice("init_b_dec", "mean", "geometric_median")
 
     def resolved_lr(self, sae_cfg: SAEConfig) -> float:
         """``lr`` or the default: the paper's 2e-5, or for TopK the 1/sqrt(latents) scaling of
@@ -316,7 +316,7 @@ def train_sae(
             loss, mse, aux, fired, n_active = _paper_step(sae, xn, bf16)
         if not torch.isfinite(loss):
             raise LayerscopeError(
-                f"SAE loss became {loss.item()} at step {step}; check the activations for NaN/inf or lower --sae-lr"
+                f"SAE loss became {loss.item()} at step {step}; check the activations for NaN/inf or lower the learning rate (saes.training.lr)"
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()

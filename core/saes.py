@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from core.activations import ActivationStore
 from core.data import load_split
-from core.errors import LayerscopeError
+from core.errors import LayerscopeError, OptionCheck
 from core.models import ModelConfig, encode, hidden_state_module, load_classifier, load_tokenizer, model_fingerprint, pad_batch, predict_proba, quiet_transformers
 from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
 from core.sae import RETRAIN_HINT, SAEConfig, SparseAutoencoder, check_compatible
@@ -54,6 +54,23 @@ class SAEsConfig:
     lr_backoff: float = 4.0  # TopK: when training.dead_backoff trips, restart that SAE at lr / lr_backoff (0 = never restart)
     # optimiser settings (lr, batch size, AuxK, bf16...); TopK defaults tuned on MiniLM/IMDb (README, "SAE quality")
     training: SAETrainingConfig = field(default_factory=lambda: SAETrainingConfig(lr=4e-3, batch_size=2048, dead_steps_threshold=25, dead_backoff=0.1))
+
+    def validate(self) -> None:
+        check = OptionCheck("saes", self)
+        check.indices("layers")
+        check.choice("architecture", "topk", "paper")
+        check.choice("input", "tokens", "mean_pooled")
+        check.at_least(1, "expansion_factor", "k", "workers")
+        check.at_least(0, "d_sae", "l1_coefficient")
+        check.positive("epochs")
+        check.at_least(2, "init_tokens")
+        if self.d_sae and self.k > self.d_sae:
+            check.fail("k", f"at most saes.d_sae ({self.d_sae})")
+        if self.splice_examples is not None and not (isinstance(self.splice_examples, int) and self.splice_examples >= 0):
+            check.fail("splice_examples", "a number of test texts (0 skips the splice check) or none for all of them")
+        if self.lr_backoff != 0:
+            check.at_least(1, "lr_backoff")  # 0 = never restart; below 1 would raise the rate
+        self.training.validate()
 
 
 def default_layers(num_blocks: int) -> list[int]:
@@ -255,8 +272,7 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
     With ``resume``, an SAE folder left by an interrupted run with the same settings is kept.
     """
     quiet_transformers()
-    if cfg.splice_examples is not None and cfg.splice_examples < 0:
-        raise LayerscopeError(f"saes.splice_examples={cfg.splice_examples}; use a number of test texts, 0 to skip the splice check, or none for all of them")
+    cfg.validate()
     train, test = ActivationStore(run, "train"), ActivationStore(run, "test")
     layers = resolve_layers(cfg, train.num_layers - 1)
     train.require_layers(layers)

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.activations import ActivationStore, mean_pool
+from core.errors import OptionCheck
 from core.runfolder import RunFolder, atomic_path, write_json
 
 MEASURES = ("cosine_of_means", "mean_cosine", "token_cosine", "cka")
@@ -33,6 +34,9 @@ MEASURES = ("cosine_of_means", "mean_cosine", "token_cosine", "cka")
 @dataclass
 class SimilarityConfig:
     split: str = "test"  # which extracted sample to compare on ("test" or "train")
+
+    def validate(self) -> None:
+        OptionCheck("similarity", self).choice("split", "test", "train")
 
 
 # ------------------------------------------------------------------ pure maths (tensors in, numbers out)

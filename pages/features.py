@@ -107,11 +107,11 @@ def card_view(run, model: str, layer: int, feature: int, row: pd.Series | None) 
     st.subheader(f"Feature {feature} · {shared.MODEL_LABELS[model]} SAE · layer {layer}")
     if row is not None:
         stats = [c for c in ("variance", "density", "selectivity") if c in row.index]
-        cols = st.columns(len(stats) + 1)
+        cols = st.columns([1] * len(stats) + [1.6])  # a class name is wider than a number
         for col, name in zip(cols, stats):
             col.metric(name, f"{float(row[name]):.4g}")
         if "best_class" in row.index:
-            cols[-1].metric("best class", str(row["best_class"]))
+            cols[-1].metric("best class", str(row["best_class"]), help="the class this feature fires most for: the highest one-vs-rest AUROC of its per-text maximum")
     match_box(run, model, layer, card.get("match"))
     st.markdown("**Top activating examples** (darker = stronger; the outlined token is the peak)")
     top_examples(card)

@@ -1,6 +1,7 @@
 """The command line: verbs, JSON report, and one clear line (exit 2) for every user mistake."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,29 @@ def test_config_verb_shows_resolved_settings(tiny_run):
 )
 def test_user_mistakes_exit_2_with_one_line(tmp_path, args, fragments):
     assert_user_error(cli(*args, "--run", tmp_path / "run"), *fragments)
+
+
+def test_impossible_setting_stops_build_before_anything_is_written(tmp_path):
+    out = cli("build", "--run", tmp_path / "run", "--epochs", "-1")
+    assert_user_error(out, "finetune.epochs=-1.0 must be a number > 0", "--set finetune.epochs=")
+    assert not (tmp_path / "run").exists()  # refused before the data step created the run folder
+
+
+def test_max_length_beyond_the_model_positions_is_refused(tmp_path, tiny_model, tiny_csv):
+    out = cli("build", "--run", tmp_path / "r", "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model, "--set", "model.max_length=100")
+    assert_user_error(out, "model.max_length=100", "(64 positions)", "model.max_length=64 or less")
+    assert not (tmp_path / "r" / "finetune").exists()
+
+
+def test_analyze_top_below_one_and_a_closed_pipe(tiny_run):
+    assert_user_error(cli("analyze", "--run", tiny_run.root, "--text", "a fine film", "--top", "0"), "top=0", "at least 1 feature")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `python -m core report | head` once head has left
+    try:
+        out = subprocess.run([sys.executable, "-m", "core", "report", "--run", str(tiny_run.root), "--json"], cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(ROOT)})
+    finally:
+        os.close(write_end)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
 
 
 def test_unreachable_model_says_how_to_pass_a_local_path(tmp_path, tiny_csv):

@@ -37,6 +37,45 @@ def test_bad_options(overrides, message):
         load_config(overrides=overrides)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"finetune.epochs": "-1"}, "finetune.epochs=-1.0 must be a number > 0"),
+        ({"finetune.epochs": "nan"}, "finetune.epochs=nan must be a number > 0"),
+        ({"finetune.batch_size": "0"}, "finetune.batch_size=0 must be a number >= 1"),
+        ({"finetune.warmup_ratio": "1.5"}, "finetune.warmup_ratio=1.5 must be a fraction in [0, 1]"),
+        ({"model.max_length": "2"}, "model.max_length=2 must be a number >= 4"),
+        ({"model.truncation": "tail"}, "model.truncation='tail' must be one of 'head', 'head_tail'"),
+        ({"data.max_rows": "-5"}, "data.max_rows=-5 must be a number >= 0"),
+        ({"data.val_fraction": "0.5", "data.test_fraction": "0.5"}, "data.test_fraction=0.5 must be less than 1 - data.val_fraction"),
+        ({"activations.storage_dtype": "int8"}, "activations.storage_dtype='int8' must be one of"),
+        ({"activations.train_layers": "1,-2"}, "activations.train_layers=[1, -2] must be a list of hidden-state indices"),
+        ({"similarity.split": "val"}, "similarity.split='val' must be one of 'test', 'train'"),
+        ({"saes.k": "0"}, "saes.k=0 must be a number >= 1"),
+        ({"saes.d_sae": "16", "saes.k": "32"}, "saes.k=32 must be at most saes.d_sae (16)"),
+        ({"saes.splice_examples": "-3"}, "none for all of them"),
+        ({"saes.lr_backoff": "0.5"}, "saes.lr_backoff=0.5 must be a number >= 1"),
+        ({"saes.training.lr": "-1e-3"}, "saes.training.lr=-0.001 must be a number > 0"),
+        ({"saes.training.resample_at": "0.5,1.2"}, "saes.training.resample_at=[0.5, 1.2] must be a list of fractions"),
+        ({"features.kept_threshold": "0.3"}, "features.shifted_threshold=0.4 must be at most features.kept_threshold (0.3)"),
+        ({"features.workers": "0"}, "features.workers=0 must be a number >= 1"),
+    ],
+)
+def test_impossible_values_are_refused_before_any_work(overrides, message):
+    with pytest.raises(LayerscopeError) as err:
+        load_config(overrides=overrides)
+    assert message in str(err.value)
+    assert "--set " in str(err.value)  # and the message says how to change it
+
+
+def test_every_preset_and_the_defaults_pass_validation():
+    for preset in available_presets():
+        load_config(preset=preset).validate()
+    RunConfig().validate()
+    for value in ("0", "none"):  # the documented special values stay allowed
+        load_config(overrides={"saes.splice_examples": value, "saes.lr_backoff": "0", "data.max_rows": "0", "activations.sae_examples": "0"})
+
+
 def test_bad_preset_and_file(tmp_path):
     with pytest.raises(LayerscopeError, match="unknown preset"):
         load_config(preset="nope")

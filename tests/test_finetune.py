@@ -1,5 +1,6 @@
 """Fine-tuning on the tiny model: it learns, metrics are recomputable, torchrun works."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -91,4 +92,6 @@ def test_eager_and_fused_attention_train_the_same_model(tmp_path, tiny_model, ti
     cfg = load_config(preset="tiny")
     assert training_attention(cfg.finetune) == ("sdpa" if torch.cuda.is_available() else "eager")
     with pytest.raises(LayerscopeError, match="choose auto, eager or sdpa"):
-        training_attention(load_config(preset="tiny", overrides={"finetune.attention": "flash"}).finetune)
+        training_attention(dataclasses.replace(cfg.finetune, attention="flash"))  # a config built without load_config
+    with pytest.raises(LayerscopeError, match="finetune.attention='flash' must be one of 'auto', 'eager', 'sdpa'"):
+        load_config(preset="tiny", overrides={"finetune.attention": "flash"})

@@ -272,11 +272,15 @@ def test_analyze_json_from_cli(tiny_run):
 
 
 def test_feature_card_and_table(tiny_run):
-    from core.features_step import feature_card, feature_table
+    from core.features_step import feature_card, feature_table, load_stats
 
     table = feature_table(tiny_run, "finetuned", 2)
     assert list(table["variance"]) == sorted(table["variance"], reverse=True)
     assert {"density", "selectivity", "status", "match_similarity", "logit_effect[positive]"} <= set(table.columns)
+    auc_pos = load_stats(tiny_run, "finetuned", 2)["selectivity_auroc"][:, 1].numpy()[table["feature"].to_numpy()]
+    expected = np.where(auc_pos > 0.5, "positive", np.where(auc_pos < 0.5, "negative", "none"))  # two classes: AUROC_neg = 1 - AUROC_pos
+    assert list(table["best_class"]) == list(expected)
+    assert {"positive", "negative"} <= set(table["best_class"]), "features of a fine-tuned classifier fire for both classes"
     card = feature_card(tiny_run, "finetuned", 2, int(table["feature"][0]))
     assert card["top_examples"], "the top-variance feature fires somewhere"
     ex = card["top_examples"][0]
