@@ -16,7 +16,7 @@ import pandas as pd
 
 from core import plots
 from core.report import build_report
-from core.runfolder import RunFolder
+from core.runfolder import RunFolder, make_folder
 
 CLAIM_MEASURES = ("cka", "mean_cosine")
 HIGH_SIMILARITY = 0.9
@@ -271,7 +271,7 @@ def write_figures(run: RunFolder, out_dir, width: int = 900, height: int = 500) 
     if "finetune" in rep:
         figures["classification.png"] = plots.classification_bars(rep["finetune"]["per_class"]["finetuned"], title="fine-tuned: precision, recall and F1 per class")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     written = []
     for name, figure in figures.items():
         try:

@@ -53,8 +53,21 @@ def file_mode() -> int:
     return _FILE_MODE
 
 
+def make_folder(path: Path) -> None:
+    """``mkdir -p`` with one clear message when the path cannot be a folder."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise LayerscopeError(f"cannot create the folder {path}: a file is in the way; pass another path") from None
+    except PermissionError:
+        raise LayerscopeError(f"cannot create the folder {path}: permission denied; pass a path in a folder you can write to") from None
+
+
 def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``text`` to a temporary sibling, then rename it over ``path``."""
+    if path.is_dir():
+        raise LayerscopeError(f"{path} is a folder; pass a file name to write, e.g. {path / 'report.html'}")
+    make_folder(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -119,6 +132,10 @@ class RunFolder:
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
+
+    def _refuse_file(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise LayerscopeError(f"{self.root} is a file, not a run folder; pass a folder (a new one, or one built by `python -m core build`)")
 
     def __eq__(self, other) -> bool:
         return isinstance(other, RunFolder) and self.root.resolve() == other.root.resolve()
@@ -198,6 +215,7 @@ class RunFolder:
         return self.manifest_path.is_file()
 
     def manifest(self) -> dict:
+        self._refuse_file()
         if not self.root.is_dir():
             raise LayerscopeError(f"run folder {self.root} does not exist; build it with `python -m core build --run {self.root}`")
         if not self.manifest_path.is_file():
@@ -225,7 +243,8 @@ class RunFolder:
             "packages": versions,
             "steps": {},
         }
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._refuse_file()
+        make_folder(self.root)
         self.write_manifest(m)
         return m
 
@@ -239,6 +258,7 @@ class RunFolder:
 
     def require(self, step: str, for_step: str) -> None:
         """Raise a clear error when ``step`` has not run yet."""
+        self._refuse_file()
         if not self.is_done(step):
             raise LayerscopeError(
                 f"step '{for_step}' needs step '{step}', which has not run in {self.root}; "

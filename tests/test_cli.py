@@ -52,6 +52,21 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, args, fragments):
     assert_user_error(cli(*args, "--run", tmp_path / "run"), *fragments)
 
 
+@pytest.mark.parametrize("verb", [["build"], ["report"], ["analyze", "--text", "a fine film"]])
+def test_a_file_given_as_run_folder_is_refused_and_left_alone(tmp_path, verb):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    assert_user_error(cli(verb[0], "--run", notes, *verb[1:]), "notes.txt is a file, not a run folder")
+    assert notes.read_text() == "my notes"
+
+
+def test_export_to_a_folder_or_below_a_file_is_refused(tmp_path, tiny_run):
+    assert_user_error(cli("export", "--run", tiny_run.root, "--out", tmp_path), "is a folder; pass a file name", "report.html")
+    (tmp_path / "f").write_text("x")
+    assert_user_error(cli("export", "--run", tiny_run.root, "--out", tmp_path / "f" / "r.html"), "a file is in the way")
+    assert (tmp_path / "f").read_text() == "x"
+
+
 def test_impossible_setting_stops_build_before_anything_is_written(tmp_path):
     out = cli("build", "--run", tmp_path / "run", "--epochs", "-1")
     assert_user_error(out, "finetune.epochs=-1.0 must be a number > 0", "--set finetune.epochs=")
