@@ -225,7 +225,7 @@ def _check_split_size(df: pd.DataFrame, cfg: DataConfig, where: str) -> None:
         raise LayerscopeError(
             f"{where} has {len(df)} usable rows ({df['label'].value_counts().min()} in its smallest class); "
             f"a stratified {1 - cfg.val_fraction - cfg.test_fraction:.0%}/{cfg.val_fraction:.0%}/{cfg.test_fraction:.0%} "
-            f"split of {k} classes needs at least {need} rows and 3 per class: add rows or lower data.max_rows' cap"
+            f"split of {k} classes needs at least {need} rows and 3 per class: add rows, or raise data.max_rows (0 = no cap) if the cap left too few"
         )
 
 

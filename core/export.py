@@ -122,7 +122,7 @@ def classification_frame(per_class: Mapping[str, Mapping[str, Mapping[str, float
     return pd.DataFrame(rows, columns=["class", "model", "precision", "recall", "f1", "support"])
 
 
-SAE_COLUMNS = ("model", "layer", "architecture", "d_sae", "l0", "fvu", "dead_fraction", "accuracy_spliced", "fvu_on_finetuned", "rare_token_share", "rare_error_share", "fvu_rare_tokens", "fvu_other_tokens")
+SAE_COLUMNS = ("model", "layer", "architecture", "d_sae", "l0", "fvu", "dead_fraction", "accuracy_spliced", "kl_spliced", "fvu_on_finetuned", "rare_token_share", "rare_error_share", "fvu_rare_tokens", "fvu_other_tokens")
 RARE_COLUMNS = {"token_share": "rare_token_share", "error_share": "rare_error_share", "fvu": "fvu_rare_tokens", "fvu_rest": "fvu_other_tokens"}
 
 
@@ -178,6 +178,7 @@ th, td { border: 1px solid #ddd; padding: 0.3rem 0.6rem; text-align: right; }
 th { background: #f4f4f6; } td:first-child, th:first-child { text-align: left; }
 .verdict { font-weight: 600; } .supported { color: #137333; } .not-supported { color: #b3261e; } .unknown { color: #666; }
 .muted { color: #666; font-size: 0.85rem; }
+.wide { overflow-x: auto; }
 """
 
 
@@ -185,8 +186,14 @@ def _e(text) -> str:
     return html.escape(str(text))
 
 
+def _number(v: float) -> str:
+    """Four decimals; small values (a spliced KL of 2e-4) in scientific notation instead of 0.0000."""
+    return f"{v:.2e}" if v and abs(v) < 1e-3 else f"{v:.4f}"
+
+
 def _table(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, escape=True, float_format=lambda v: f"{v:.4f}", border=0, na_rep="")
+    """An escaped HTML table that scrolls sideways when wider than the page (the SAE table is)."""
+    return '<div class="wide">' + df.to_html(index=False, escape=True, float_format=_number, border=0, na_rep="") + "</div>"
 
 
 class _Figures:
@@ -240,7 +247,7 @@ def export_html(run: RunFolder) -> str:
             "<h2>Layer similarity, pre-trained vs fine-tuned</h2>",
             fig(plots.similarity_curves({name: rows}, plots.MEASURES, title="Every similarity measure per layer")),
             _table(plots.frame_of_similarity(rows)),
-            fig(plots.cka_heatmap(rep["cka_matrix"])),
+            fig(plots.cka_heatmap(rep["cka_matrix"]).update_layout(width=640)),  # square cells: full width would strand the colour bar
         ]
     if rep.get("saes"):
         parts += ["<h2>Sparse autoencoders (held-out tokens)</h2>", _table(sae_frame(rep["saes"]))]

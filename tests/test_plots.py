@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import pytest
 
 from core import plots
-from core.export import NOT_SUPPORTED, SUPPORTED, UNKNOWN, classification_frame, export_html, layer_groups, matching_frame, paper_claims
+from core.export import NOT_SUPPORTED, SUPPORTED, UNKNOWN, _table, classification_frame, export_html, layer_groups, matching_frame, paper_claims, sae_frame
 
 EVIL = ["[CLS]", "<script>alert(1)</script>", "<b>x</b>", "a&b", "##ing", "[SEP]"]
 
@@ -247,7 +247,16 @@ def test_export_html_is_self_contained_and_escaped(tiny_run, tmp_path):
     assert "Classification report" in out and "Layer similarity" in out and "claims" in out
     if run.is_done("saes"):
         assert "Sparse autoencoders" in out
+    assert out.count('<div class="wide"><table') == out.count("<table")  # wide tables scroll, not overflow
     json.dumps(out)  # a plain string
+
+
+def test_sae_frame_puts_fidelity_together_and_small_numbers_stay_readable():
+    df = sae_frame([{"model": "finetuned", "layer": 6, "fvu": 0.097, "accuracy_spliced": 0.867, "kl_spliced": 0.0002, "mse": 0.1, "rare_tokens": {"token_share": 0.29}}])
+    cols = list(df.columns)
+    assert cols.index("kl_spliced") == cols.index("accuracy_spliced") + 1 and cols[-1] == "mse"
+    html_table = _table(df)
+    assert "2.00e-04" in html_table and "0.8670" in html_table and "0.2900" in html_table
 
 
 def test_token_charts_size_their_margins_from_the_labels():
