@@ -23,7 +23,7 @@ from sklearn.metrics import accuracy_score, classification_report, f1_score
 
 from core.data import load_split
 from core.errors import LayerscopeError, OptionCheck
-from core.models import ModelConfig, encode, load_classifier, load_tokenizer, predict_proba, quiet_transformers
+from core.models import ModelConfig, check_max_length, encode, load_classifier, load_tokenizer, predict_proba, quiet_transformers
 from core.runfolder import RunFolder, atomic_path, write_json
 
 
@@ -139,9 +139,7 @@ def run_finetune(run: RunFolder, cfg: FinetuneConfig, model_cfg: ModelConfig) ->
     model = load_classifier(model_cfg.base, num_labels=len(names), label_names=names, seed=cfg.seed, attention_probs_dropout_prob=cfg.attention_dropout, attn_implementation=training_attention(cfg))
     if tokenizer.pad_token_id is None:
         raise LayerscopeError(f"tokenizer of '{model_cfg.base}' has no padding token; pick a BERT-family model")
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions and model_cfg.max_length > positions:
-        raise LayerscopeError(f"model.max_length={model_cfg.max_length} is longer than '{model_cfg.base}' can read ({positions} positions); set --set model.max_length={positions} or less")
+    check_max_length(model_cfg.max_length, model.config, model_cfg.base)
 
     train_ids = encode(tokenizer, train["text"].tolist(), model_cfg.max_length, model_cfg.truncation)
     use_bf16 = cfg.bf16 and bf16_supported()

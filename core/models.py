@@ -70,6 +70,20 @@ def _load(loader, name: str, **kwargs):
         ) from None
 
 
+def load_model_config(name: str):
+    """The model's ``config.json`` only (no weights): its depth and position table, for early checks."""
+    from transformers import AutoConfig
+
+    return _load(AutoConfig, name)
+
+
+def check_max_length(max_length: int, model_config, name: str) -> None:
+    """LayerscopeError naming the fix when texts would be longer than the model's position table."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions and max_length > positions:
+        raise LayerscopeError(f"model.max_length={max_length} is longer than '{name}' can read ({positions} positions); set --set model.max_length={positions} or less")
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 

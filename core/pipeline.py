@@ -155,6 +155,27 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
     return "done"
 
 
+def preflight(run: RunFolder, cfg: RunConfig, redo_from: str | None = None) -> None:
+    """Before a build fine-tunes, check the options that depend on the model's shape against its
+    ``config.json``: SAE layers, kept train layers and text length. Otherwise a layer that does not
+    exist would be found only at the ``activations`` or ``saes`` step, minutes later."""
+    from core.activations import check_layers
+    from core.models import check_max_length, load_model_config
+    from core.saes import resolve_layers
+
+    record = run.step_record("finetune") if run.exists() else None
+    redo = redo_from is not None and STEPS.index(redo_from) <= STEPS.index("finetune")
+    if record and not redo and record.get("config_hash") == cfg.section_hash(*STEP_SECTIONS["finetune"]):
+        return  # the fine-tuned model exists; later steps check against it, and quickly
+    model_config = load_model_config(cfg.model.base)
+    blocks = model_config.num_hidden_layers
+    check_max_length(cfg.model.max_length, model_config, cfg.model.base)
+    kept = check_layers(cfg.activations.train_layers, blocks + 1)
+    missing = sorted(set(resolve_layers(cfg.saes, blocks)) - set(kept))
+    if missing:
+        raise LayerscopeError(f"saes.layers asks for hidden states {missing}, which activations.train_layers={cfg.activations.train_layers} does not keep; add them there or drop them from saes.layers")
+
+
 def build(run: RunFolder, cfg: RunConfig, *, force: bool = False, redo_from: str | None = None, until: str | None = None, log=print) -> dict:
     """Run every step in order, skipping finished ones. Returns seconds per step run now.
 
@@ -163,6 +184,8 @@ def build(run: RunFolder, cfg: RunConfig, *, force: bool = False, redo_from: str
     timings = {}
     last = STEPS.index(until) if until else len(STEPS) - 1
     first_redo = STEPS.index(redo_from) if redo_from else len(STEPS)
+    if last >= STEPS.index("finetune"):
+        preflight(run, cfg, redo_from)
     for i, step in enumerate(STEPS[: last + 1]):
         t0 = time.perf_counter()
         if run_step(run, step, cfg, force=force, redo=i >= first_redo, log=log) == "done":

@@ -73,8 +73,23 @@ def test_impossible_setting_stops_build_before_anything_is_written(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before the data step created the run folder
 
 
-def test_max_length_beyond_the_model_positions_is_refused(tmp_path, tiny_model, tiny_csv):
-    out = cli("build", "--run", tmp_path / "r", "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model, "--set", "model.max_length=100")
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--layers", "3,9"], ["saes.layers has [9]", "hidden states 0..6"]),
+        (["--set", "activations.train_layers=1,2", "--layers", "2,3"], ["saes.layers asks for hidden states [3]", "activations.train_layers=[1, 2]"]),
+        (["--set", "model.max_length=1000"], ["model.max_length=1000", "(512 positions)"]),
+    ],
+)
+def test_build_checks_layers_and_length_against_the_model_before_any_step(tmp_path, args, fragments):
+    """Found from the embedded model's config.json before the data step, not minutes later."""
+    assert_user_error(cli("build", "--run", tmp_path / "run", *args), *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_max_length_beyond_the_model_positions_is_refused_by_the_finetune_step(tmp_path, tiny_model, tiny_csv):
+    cli("data", "--run", tmp_path / "r", "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model, check=True)
+    out = cli("finetune", "--run", tmp_path / "r", "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model, "--set", "model.max_length=100")
     assert_user_error(out, "model.max_length=100", "(64 positions)", "model.max_length=64 or less")
     assert not (tmp_path / "r" / "finetune").exists()
 
