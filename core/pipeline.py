@@ -156,7 +156,7 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
 
 
 def preflight(run: RunFolder, cfg: RunConfig, redo_from: str | None = None) -> None:
-    """Before a build fine-tunes, check the options that depend on the model's shape against its
+    """Before a build's first step, check the options that depend on the model's shape against its
     ``config.json``: SAE layers, kept train layers and text length. Otherwise a layer that does not
     exist would be found only at the ``activations`` or ``saes`` step, minutes later."""
     from core.activations import check_layers
@@ -165,9 +165,8 @@ def preflight(run: RunFolder, cfg: RunConfig, redo_from: str | None = None) -> N
 
     record = run.step_record("finetune") if run.exists() else None
     redo = redo_from is not None and STEPS.index(redo_from) <= STEPS.index("finetune")
-    if record and not redo and record.get("config_hash") == cfg.section_hash(*STEP_SECTIONS["finetune"]):
-        return  # the fine-tuned model exists; later steps check against it, and quickly
-    model_config = load_model_config(cfg.model.base)
+    kept_model = record and not redo and record.get("config_hash") == cfg.section_hash(*STEP_SECTIONS["finetune"])
+    model_config = load_model_config(str(run.model_dir("finetuned")) if kept_model else cfg.model.base)  # same shape
     blocks = model_config.num_hidden_layers
     check_max_length(cfg.model.max_length, model_config, cfg.model.base)
     kept = check_layers(cfg.activations.train_layers, blocks + 1)

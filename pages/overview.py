@@ -138,7 +138,7 @@ def saes(run, rep: dict) -> None:
         shared.need_step(run, "saes", "The SAE quality table")
         return
     table = sae_frame(rep["saes"])
-    st.caption("Held-out tokens. L0: active latents per token; FVU: fraction of variance unexplained; dead: latents that never fired; acc spliced: the fine-tuned classifier's accuracy with that layer's hidden state replaced by the SAE reconstruction (a pre-trained SAE reads the fine-tuned model's hidden state, so its figure includes drift).")
+    st.caption("Held-out tokens. L0: active latents per token; FVU: fraction of variance unexplained; dead: latents that never fired; acc spliced: the fine-tuned classifier's accuracy with that layer's hidden state replaced by the SAE reconstruction (a pre-trained SAE reads the fine-tuned model's hidden state, so its figure includes drift); KL spliced: the mean KL divergence of those class probabilities from the unspliced ones, finer than accuracy on a few hundred texts.")
     st.dataframe(table, hide_index=True, width="stretch")
     shared.download_csv(table, f"{run.name}-saes.csv", key="dl_saes")
     if rep.get("matching"):

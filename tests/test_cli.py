@@ -87,6 +87,15 @@ def test_build_checks_layers_and_length_against_the_model_before_any_step(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+def test_build_on_a_fine_tuned_run_checks_layers_before_redoing_activations(tmp_path, tiny_run):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    manifest = (run / "manifest.json").read_text()
+    out = cli("build", "--run", run, "--from", "activations", "--set", "activations.train_layers=1", "--layers", "2")
+    assert_user_error(out, "saes.layers asks for hidden states [2]", "activations.train_layers=[1]")
+    assert "[activations] running" not in out.stdout and (run / "manifest.json").read_text() == manifest
+
+
 def test_max_length_beyond_the_model_positions_is_refused_by_the_finetune_step(tmp_path, tiny_model, tiny_csv):
     cli("data", "--run", tmp_path / "r", "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model, check=True)
     out = cli("finetune", "--run", tmp_path / "r", "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model, "--set", "model.max_length=100")
