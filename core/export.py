@@ -187,8 +187,8 @@ def _e(text) -> str:
 
 
 def _number(v: float) -> str:
-    """Four decimals; small values (a spliced KL of 2e-4) in scientific notation instead of 0.0000."""
-    return f"{v:.2e}" if v and abs(v) < 1e-3 else f"{v:.4f}"
+    """Four decimals; values that would print as 0.0000 (a spliced KL of 2e-5) in scientific notation."""
+    return f"{v:.2e}" if v and abs(v) < 1e-4 else f"{v:.4f}"
 
 
 def _table(df: pd.DataFrame) -> str:

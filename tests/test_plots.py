@@ -252,11 +252,11 @@ def test_export_html_is_self_contained_and_escaped(tiny_run, tmp_path):
 
 
 def test_sae_frame_puts_fidelity_together_and_small_numbers_stay_readable():
-    df = sae_frame([{"model": "finetuned", "layer": 6, "fvu": 0.097, "accuracy_spliced": 0.867, "kl_spliced": 0.0002, "mse": 0.1, "rare_tokens": {"token_share": 0.29}}])
+    df = sae_frame([{"model": "finetuned", "layer": 6, "fvu": 0.097, "accuracy_spliced": 0.867, "kl_spliced": 0.00002, "dead_fraction": 0.00066, "mse": 0.1, "rare_tokens": {"token_share": 0.29}}])
     cols = list(df.columns)
     assert cols.index("kl_spliced") == cols.index("accuracy_spliced") + 1 and cols[-1] == "mse"
     html_table = _table(df)
-    assert "2.00e-04" in html_table and "0.8670" in html_table and "0.2900" in html_table
+    assert "2.00e-05" in html_table and "0.0007" in html_table and "0.8670" in html_table and "0.2900" in html_table
 
 
 def test_token_charts_size_their_margins_from_the_labels():
