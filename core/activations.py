@@ -230,8 +230,7 @@ def run_activations(run: RunFolder, cfg: ActivationsConfig, model_cfg: ModelConf
     from accelerate import PartialState
 
     quiet_transformers()
-    if cfg.compute_dtype not in ("bfloat16", "float32") or cfg.storage_dtype not in ("float16", "float32"):
-        raise LayerscopeError("activations.compute_dtype must be bfloat16|float32 and activations.storage_dtype float16|float32")
+    cfg.validate()  # dtypes among others (a config built in code skipped load_config's checks)
     state = PartialState()
     device = state.device
     tokenizer = load_tokenizer(str(run.model_dir("finetuned")))

@@ -194,6 +194,7 @@ def _encode_labels(df: pd.DataFrame, names: list[str] | None, where: str) -> tup
 
 def prepare(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], list[str]]:
     """Load, clean, cap and split. Returns ({split: frame(id,text,label)}, label names)."""
+    cfg.validate()  # split fractions among others; load_config has checked them unless cfg was built in code
     raw, names = load_raw(cfg)
     where = f"dataset '{cfg.dataset}'"
     raw = raw.reset_index(drop=True)
@@ -218,8 +219,6 @@ def prepare(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], list[str]]:
 def _check_split_size(df: pd.DataFrame, cfg: DataConfig, where: str) -> None:
     k = df["label"].nunique()
     smallest = min(cfg.val_fraction, cfg.test_fraction)
-    if not (0 < cfg.val_fraction and 0 < cfg.test_fraction and cfg.val_fraction + cfg.test_fraction < 1):
-        raise LayerscopeError("data.val_fraction and data.test_fraction must be > 0 and sum to less than 1")
     need = max(int(k / smallest) + 1, 3 * k)
     if len(df) < need or df["label"].value_counts().min() < 3:
         raise LayerscopeError(

@@ -209,8 +209,6 @@ def train_one(run: RunFolder, cfg: SAEsConfig, model: str, layer: int, train: Ac
     """Train the SAE of one (model, layer) on the train-split shards."""
     d = train.d_model
     pooled = cfg.input == "mean_pooled"
-    if cfg.input not in ("tokens", "mean_pooled"):
-        raise LayerscopeError(f"saes.input must be 'tokens' or 'mean_pooled', got {cfg.input!r}")
     sae_cfg = SAEConfig(
         d_in=d,
         d_sae=cfg.d_sae or cfg.expansion_factor * d,
