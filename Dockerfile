@@ -24,7 +24,8 @@ COPY app.py ./
 COPY .streamlit ./.streamlit
 COPY checkpoints/README.md ./checkpoints/README.md
 
-RUN useradd --create-home layerscope && chown -R layerscope /app
+# uid 1000: a mounted checkpoints/ folder must be writable by it (chown 1000 checkpoints on the host)
+RUN useradd --create-home --uid 1000 layerscope && chown -R layerscope /app
 USER layerscope
 
 EXPOSE 8501

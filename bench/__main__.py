@@ -1,12 +1,12 @@
 """``python -m bench``: run Layerscope's benchmarks, print a table, write results.json.
 
-    python -m bench                              every benchmark, full size (about 20 minutes on 2 cores)
+    python -m bench                              every benchmark, full size (about 35 minutes on 2 cores)
     python -m bench --quick                      a smoke run on tiny inputs (what tests/test_bench.py runs)
     python -m bench --only extraction,analysis   some of them (the others stay as they are in results.json)
     python -m bench --out /tmp/x/results.json    write elsewhere (growth plots go next to it)
 
-Benchmarks: extraction, sae_training, finetune, analysis, memory, growth (one module each in
-bench/). Every figure is compared with a baseline measured in the same process run; the table
+Benchmarks: extraction, sae_training, finetune, finetune_accuracy, analysis, dashboard, memory,
+growth (one module each in bench/). Every figure is compared with a baseline measured in the same process run; the table
 shows value, baseline, ratio, target and pass/fail, and results.json keeps every raw timing
 together with the thread count, torch version and CPU model.
 """

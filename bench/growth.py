@@ -85,15 +85,17 @@ def markdown(points: list[dict]) -> str:
 
 
 def plot(points: list[dict], folder: Path) -> dict:
-    """growth.png via plotly + kaleido when that works offline, else growth.svg; always growth.md."""
+    """growth.png via plotly + kaleido when that works offline, else growth.svg; always growth.md.
+
+    Returns the file names (they sit next to results.json), not absolute paths."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "growth.md").write_text(markdown(points))
     try:
-        return {"png": str(_plotly_png(points, folder / "growth.png")), "markdown": str(folder / "growth.md"), "renderer": "plotly+kaleido"}
+        return {"png": _plotly_png(points, folder / "growth.png").name, "markdown": "growth.md", "renderer": "plotly+kaleido"}
     except Exception as e:  # noqa: BLE001 - kaleido missing, no browser, ...: fall back to SVG
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     (folder / "growth.svg").write_text(svg(points))
-    return {"svg": str(folder / "growth.svg"), "markdown": str(folder / "growth.md"), "renderer": "hand-written SVG", "png_skipped": reason}
+    return {"svg": "growth.svg", "markdown": "growth.md", "renderer": "hand-written SVG", "png_skipped": reason}
 
 
 def _plotly_png(points: list[dict], path: Path) -> Path:

@@ -16,6 +16,7 @@ Mistakes in input print one line ``error: ...`` and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -113,11 +114,33 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader left (`... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush does not fail again
         return 1
+    except OSError as e:
+        hint = _file_system_hint(e)
+        if hint is None:
+            raise
+        print(f"error: {hint}", file=sys.stderr)
+        return 2
     finally:
         if "torch" in sys.modules:  # only a step can have joined a process group
             from core.pipeline import end_distributed
 
             end_distributed()
+
+
+def _file_system_hint(e: OSError) -> str | None:
+    """One line for the file-system problems a user can fix; None for the rest (a bug: traceback).
+
+    Every file is written under a temporary name and renamed, so none of these damages what a
+    run already holds.
+    """
+    where = e.filename or "a file"
+    if isinstance(e, PermissionError):
+        return f"permission denied on {where}; choose a --run (or --out) path you can write to, or change its permissions (finished steps are kept)"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device while writing {where}; free some space (activations take about 11 KB per token for MiniLM, 40 KB for bert-base) and run the same command again (finished steps are kept)"
+    if e.errno == errno.EROFS:
+        return f"{where} is on a read-only file system; choose a --run (or --out) path on a writable one"
+    return None
 
 
 def _dispatch(args) -> int:

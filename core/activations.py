@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
-from tqdm.auto import tqdm
 
 from core.data import load_split
 from core.errors import LayerscopeError, OptionCheck
 from core.models import ModelConfig, encode, load_classifier, load_tokenizer, num_hidden_states, pad_batch, quiet_transformers
+from core.progress import progress_bar
 from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -174,7 +174,7 @@ def extract_split(run: RunFolder, split: str, n_examples: int, cfg: ActivationsC
     out_dir = run.activations_dir(split)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    bar = tqdm(total=sum(lengths[i] for s in mine for b in shards[s] for i in b), unit="tok", unit_scale=True, desc=f"activations {split}", disable=rank != 0)
+    bar = progress_bar(total=sum(lengths[i] for s in mine for b in shards[s] for i in b), unit="tok", unit_scale=True, desc=f"activations {split}", show=rank == 0)
     # Shard s is written by a background thread while shard s+1 is computed, so two sets of output
     # buffers alternate: set j % 2 is refilled only after the write that used it has finished.
     capacity = max((sum(lengths[i] for b in shards[s] for i in b) for s in mine), default=0)

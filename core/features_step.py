@@ -25,13 +25,13 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from core.activations import ActivationStore
 from core.data import load_split
 from core.errors import LayerscopeError, OptionCheck
 from core.features import FeatureStats, FeatureStatsAccumulator, match_features, rank_features
 from core.models import hidden_state_module, load_classifier, load_tokenizer, pad_batch
+from core.progress import progress_bar
 from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
 from core.sae import SparseAutoencoder
 from core.sae_metrics import EVAL_CHUNK_ROWS
@@ -194,7 +194,7 @@ def run_features(run: RunFolder, cfg: FeaturesConfig, progress: bool = True) -> 
         with atomic_path(run.features_dir(model, layer) / "stats.safetensors") as tmp:
             save_file({k: v.float() if v.dtype == torch.float64 else v for k, v in tensors.items()}, str(tmp), metadata={"num_tokens": str(stats.num_tokens), "num_examples": str(stats.num_examples)})
 
-    with tqdm(total=len(saes), desc="features", unit="sae", disable=not progress) as bar:
+    with progress_bar(total=len(saes), desc="features", unit="sae", show=progress) as bar:
         for _ in run_side_by_side(stats_job, saes, cfg.workers):
             bar.update()
 
@@ -203,7 +203,7 @@ def run_features(run: RunFolder, cfg: FeaturesConfig, progress: bool = True) -> 
     twins = {}  # layer -> the pre-trained SAE retrained with another seed
     if cfg.seed_baseline:
         jobs = run_side_by_side(lambda layer: seed_twin(run, layer), layers, cfg.workers)
-        twins = dict(tqdm(jobs, total=len(layers), desc="seed baselines", unit="sae", disable=not progress))
+        twins = dict(progress_bar(jobs, total=len(layers), desc="seed baselines", unit="sae", show=progress))
     for layer in layers:
         pre, ft = load_sae(run, "pretrained", layer), load_sae(run, "finetuned", layer)
         alive = [load_stats(run, m, layer)["density"] > 0 for m in MODELS]

@@ -24,6 +24,7 @@ from sklearn.metrics import accuracy_score, classification_report, f1_score
 from core.data import load_split
 from core.errors import LayerscopeError, OptionCheck
 from core.models import ModelConfig, check_max_length, encode, load_classifier, load_tokenizer, predict_proba, quiet_transformers
+from core.progress import bars_off
 from core.runfolder import RunFolder, atomic_path, write_json
 
 
@@ -35,7 +36,7 @@ class FinetuneConfig:
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     warmup_ratio: float = 0.1  # fraction of steps with linear warm-up, then linear decay to 0
     group_by_length: bool = True  # batch texts of similar length together: far less padding
-    bf16: bool = True  # bf16 autocast where the hardware supports it (fp32 master weights)
+    bf16: bool = True  # bf16 autocast where the hardware supports it (fp32 master weights); the test-split evaluation uses it too
     max_train_examples: int = 0  # use at most this many training examples (0 = the whole train split)
     eval_batch_size: int = 64  # examples per forward pass when evaluating
     attention_dropout: float = 0.0  # dropout on attention probabilities (BERT: 0.1); 0 saves ~15% of CPU step time
@@ -105,7 +106,7 @@ def _training_args(cfg: FinetuneConfig, out_dir: str, use_bf16: bool):
         dataloader_num_workers=0,
         ddp_backend=None if torch.cuda.is_available() else ("gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None),
         ddp_find_unused_parameters=False,
-        disable_tqdm=False,
+        disable_tqdm=bars_off(),
     )
 
 
@@ -121,6 +122,16 @@ def training_attention(cfg: FinetuneConfig) -> str:
     if cfg.attention != "auto":
         return cfg.attention
     return "sdpa" if torch.cuda.is_available() else "eager"
+
+
+def trained_model(trainer):
+    """The trained model, without the mixed-precision wrapper accelerate put on its forward.
+
+    With bf16 on, accelerate wraps the model's ``forward`` in bf16 autocast for training and
+    leaves it there, so evaluating ``trainer.model`` would silently run in bf16 whatever the
+    caller asks (the fine-tuned model was once scored that way and the pre-trained one in fp32).
+    """
+    return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
 
 
 def run_finetune(run: RunFolder, cfg: FinetuneConfig, model_cfg: ModelConfig) -> dict:
@@ -156,7 +167,7 @@ def run_finetune(run: RunFolder, cfg: FinetuneConfig, model_cfg: ModelConfig) ->
     if not trainer.is_world_process_zero():
         return {}
 
-    model = trainer.model
+    model = trained_model(trainer)
     model.eval()
     model.set_attn_implementation(pretrained.config._attn_implementation)  # saved and used for inference like the pre-trained model
     for name, m in (("pretrained", pretrained), ("finetuned", model)):
@@ -168,8 +179,8 @@ def run_finetune(run: RunFolder, cfg: FinetuneConfig, model_cfg: ModelConfig) ->
     y = test["label"].to_numpy()
     t0 = time.perf_counter()
     evals = {}
-    for name, m in (("pretrained", pretrained), ("finetuned", model)):
-        proba = predict_proba(m, test_ids, tokenizer.pad_token_id, cfg.eval_batch_size)
+    for name, m in (("pretrained", pretrained), ("finetuned", model)):  # both in the training precision, as the saes step splices
+        proba = predict_proba(m, test_ids, tokenizer.pad_token_id, cfg.eval_batch_size, bf16=use_bf16)
         evals[name] = classification_metrics(y, proba.argmax(1).numpy(), names)
     eval_seconds = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -184,6 +195,7 @@ def run_finetune(run: RunFolder, cfg: FinetuneConfig, model_cfg: ModelConfig) ->
         "eval_seconds": eval_seconds,
         "train_examples_per_second": len(train) * cfg.epochs / train_seconds,
         "bf16": use_bf16,
+        "eval_bf16": use_bf16,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "steps": int(result.global_step),
     }

@@ -152,18 +152,34 @@ def hidden_state_module(model, index: int) -> tuple[str, torch.nn.Module]:
 
 
 # ------------------------------------------------------------------ tokenising
+ENCODE_CHUNK = 1000  # texts per tokenizer call (see encode)
+
+
 def encode(tokenizer, texts: list[str], max_length: int, truncation: str = "head_tail") -> list[list[int]]:
-    """Token ids with special tokens, at most ``max_length`` long. No padding (collators pad per batch)."""
+    """Token ids with special tokens, at most ``max_length`` long. No padding (collators pad per batch).
+
+    Texts go to the tokenizer ``ENCODE_CHUNK`` at a time: a fast tokenizer's batch output keeps
+    offsets, masks and token strings for every token of the untruncated texts, so one call over
+    all of them held memory in proportion to the data (320 MB for 8,238 IMDb reviews, about
+    1 GB for all 25,000); in chunks it holds 57 MB for those 8,238 (the ids themselves).
+    """
     if truncation not in ("head", "head_tail"):
         raise LayerscopeError(f"model.truncation must be 'head' or 'head_tail', got {truncation!r}")
+    if truncation == "head_tail" and (tokenizer.cls_token_id is None or tokenizer.sep_token_id is None):
+        raise LayerscopeError("the tokenizer has no [CLS]/[SEP] tokens; use model.truncation='head' or a BERT-family model")
+    out: list[list[int]] = []
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        out.extend(_encode_chunk(tokenizer, texts[start : start + ENCODE_CHUNK], max_length, truncation))
+    return out
+
+
+def _encode_chunk(tokenizer, texts: list[str], max_length: int, truncation: str) -> list[list[int]]:
     if truncation == "head":
         return tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
     body = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-    if cls is None or sep is None:
-        raise LayerscopeError("the tokenizer has no [CLS]/[SEP] tokens; use model.truncation='head' or a BERT-family model")
     room = max_length - 2
-    head = room // 4
+    head = room // 4  # keep the first quarter and the last three quarters of a long text
     out = []
     for ids in body:
         if len(ids) > room:

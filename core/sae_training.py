@@ -33,9 +33,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from core.errors import LayerscopeError, OptionCheck
+from core.progress import progress_bar
 from core.sae import CsrColumns, SAEConfig, SparseAutoencoder, sparse_decode, topk_encode
 from core.threads import Abandoned, stop_requested
 
@@ -291,7 +291,7 @@ def train_sae(
     window = torch.zeros(4, dtype=torch.float64)  # running sums of loss, mse, aux, l0
     window_steps = 0
     step = num_tokens = 0
-    bar = tqdm(total=total, disable=not progress, desc=desc or "sae", unit="step", leave=False)
+    bar = progress_bar(total=total, show=progress, desc=desc or "sae", unit="step", leave=False)
     t0 = time.perf_counter()
     sae.train()
     for x in _rebatch(_epochs(batches, train_cfg.epochs), train_cfg.batch_size):

@@ -25,12 +25,12 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from core.activations import ActivationStore
 from core.data import load_split
 from core.errors import LayerscopeError, OptionCheck
 from core.models import ModelConfig, encode, hidden_state_module, load_classifier, load_tokenizer, model_fingerprint, pad_batch, predict_proba, quiet_transformers
+from core.progress import progress_bar
 from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
 from core.sae import RETRAIN_HINT, SAEConfig, SparseAutoencoder, check_compatible
 from core.sae_metrics import evaluate_sae
@@ -320,7 +320,7 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
             write_json(tmp / "metrics.json", metrics)
         return metrics
 
-    with tqdm(total=len(jobs), initial=len(done), desc="SAEs", unit="sae", disable=not progress) as bar:
+    with progress_bar(total=len(jobs), initial=len(done), desc="SAEs", unit="sae", show=progress) as bar:
         for key, metrics in run_side_by_side(job, [j for j in jobs if j not in done], cfg.workers):
             done[key] = metrics
             bar.update()

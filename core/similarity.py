@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from core.activations import ActivationStore, mean_pool
 from core.errors import OptionCheck
+from core.progress import progress_bar
 from core.runfolder import RunFolder, atomic_path, write_json
 
 MEASURES = ("cosine_of_means", "mean_cosine", "token_cosine", "cka")
@@ -104,7 +104,7 @@ def compare_layers(store: ActivationStore, model_a: str = "pretrained", model_b:
     pooled_b: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     tok_cos_sum = np.zeros(n_layers)
     cov = CrossCovariance(n_layers, n_layers, d)
-    for s in tqdm(range(store.index["num_shards"]), desc="similarity", unit="shard", disable=not progress):
+    for s in progress_bar(range(store.index["num_shards"]), desc="similarity", unit="shard", show=progress):
         ex = store.meta(s)["example_ids"]
         xs = [store.layer(model_a, s, l).float() for l in range(n_layers)]  # [n, d] each
         ys = [store.layer(model_b, s, l).float() for l in range(n_layers)]

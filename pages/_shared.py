@@ -474,6 +474,7 @@ def start_build(target: Path) -> None:
     log = build_log_path(target)
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env.pop("TQDM_DISABLE", None)  # the page's progress bar reads the build's tqdm bars from the log
     with open(log, "w", encoding="utf-8") as out:
         process = subprocess.Popen(build_command(target), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     builds[str(target)] = {"process": process, "log": log}

@@ -1,5 +1,6 @@
 """The command line: verbs, JSON report, and one clear line (exit 2) for every user mistake."""
 
+import errno
 import json
 import os
 import shutil
@@ -12,8 +13,9 @@ import pytest
 from tests.conftest import ROOT
 
 
-def cli(*args, check=False):
-    out = subprocess.run([sys.executable, "-m", "core", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(ROOT)})
+def cli(*args, check=False, env=None):
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(ROOT), **(env or {})}
+    out = subprocess.run([sys.executable, "-m", "core", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     if check:
         assert out.returncode == 0, out.stderr
     return out
@@ -145,3 +147,55 @@ def test_changed_settings_point_to_build_from_and_force_from_redoes_only_later_s
     out = cli("build", "--run", run, "--force", "--from", "features", check=True)
     assert "[finetune] already done" in out.stdout and "[saes] already done" in out.stdout
     assert "[features] running" in out.stdout and "[finetune] running" not in out.stdout
+
+
+def test_tqdm_disable_silences_every_progress_bar(tiny_run, tmp_path):
+    """tqdm ignores TQDM_DISABLE for bars whose caller passes ``disable``, as core's do; core reads it itself."""
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    shown = cli("build", "--run", run, "--force", "--from", "activations", check=True).stderr
+    assert "activations train: 100%" in shown and "similarity: 100%" in shown and "SAEs: 100%" in shown
+    quiet = cli("build", "--run", run, "--force", "--from", "activations", env={"TQDM_DISABLE": "1"}, check=True)
+    assert "%|" not in quiet.stderr, quiet.stderr
+    assert "[features] running" in quiet.stdout
+
+
+@pytest.mark.parametrize(
+    ("err", "fragments"),
+    [
+        (errno.EACCES, ["permission denied on", "report.html", "a --run (or --out) path you can write to"]),
+        (errno.ENOSPC, ["no space left on the device while writing", "free some space"]),
+        (errno.EROFS, ["is on a read-only file system"]),
+    ],
+)
+def test_file_system_errors_are_one_line_and_keep_the_old_file(tmp_path, tiny_run, monkeypatch, capsys, err, fragments):
+    """A folder the user cannot write to, a full disk, a read-only mount: exit 2 with one line, old file intact."""
+    from core import runfolder
+    from core.__main__ import main
+
+    out = tmp_path / "report.html"
+    out.write_text("earlier report")
+
+    def refuse(*args, **kwargs):
+        raise (PermissionError if err == errno.EACCES else OSError)(err, os.strerror(err), str(out))
+
+    monkeypatch.setattr(runfolder.tempfile, "mkstemp", refuse)
+    assert main(["export", "--run", str(tiny_run.root), "--out", str(out)]) == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    assert out.read_text() == "earlier report" and sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+
+
+def test_other_os_errors_still_show_their_traceback(tmp_path, tiny_run, monkeypatch):
+    """Only the file-system problems a user can fix become one line; anything else is a bug to report."""
+    from core import runfolder
+    from core.__main__ import main
+
+    def broken(*args, **kwargs):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), "x")
+
+    monkeypatch.setattr(runfolder.tempfile, "mkstemp", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        main(["export", "--run", str(tiny_run.root), "--out", str(tmp_path / "r.html")])

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -23,12 +24,13 @@ from core.runfolder import RunFolder
 from tests.conftest import ROOT, tiny_overrides
 
 
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+def _env(tmp: Path) -> dict:
+    # TMPDIR: torchrun leaves a torchelastic_* log folder in the temporary directory
+    return {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
 
 
-def _run(cmd: list[str]) -> None:
-    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+def _run(cmd: list[str], tmp: Path) -> None:
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(tmp), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
 
 
@@ -39,8 +41,8 @@ def test_torchrun_extraction_equals_single_process(tmp_path, tiny_model, tiny_cs
     multi = RunFolder(tmp_path / "multi")
     shutil.copytree(single.root, multi.root)
 
-    _run([sys.executable, "-m", "core", "activations", "--run", str(single.root)])
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "core", "--", "activations", "--run", str(multi.root)])
+    _run([sys.executable, "-m", "core", "activations", "--run", str(single.root)], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "core", "--", "activations", "--run", str(multi.root)], tmp_path)
 
     assert multi.is_done("activations")
     for split in ("train", "test"):

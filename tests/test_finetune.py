@@ -48,7 +48,8 @@ def test_two_process_gloo_build(tmp_path, tiny_model, tiny_csv):
     Both processes share finetune and activations; rank 0 alone runs the other steps while
     rank 1 waits, and both leave with the process group torn down (exit code 0 each).
     """
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    # TMPDIR: torchrun leaves a torchelastic_* log folder in the temporary directory
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     run = tmp_path / "ddp"
     opts = ["--run", str(run), "--preset", "tiny", "--model", str(tiny_model), "--dataset", str(tiny_csv), "--set", "finetune.bf16=false", "--epochs", "2"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "core", "--"]
@@ -95,3 +96,35 @@ def test_eager_and_fused_attention_train_the_same_model(tmp_path, tiny_model, ti
         training_attention(dataclasses.replace(cfg.finetune, attention="flash"))  # a config built without load_config
     with pytest.raises(LayerscopeError, match="finetune.attention='flash' must be one of 'auto', 'eager', 'sdpa'"):
         load_config(preset="tiny", overrides={"finetune.attention": "flash"})
+
+
+def test_trained_model_leaves_bf16_autocast_behind(tmp_path, tiny_model):
+    """With bf16 on, accelerate wraps the model's forward in autocast for training and leaves it there;
+    ``trained_model`` (what ``run_finetune`` evaluates and saves) gives the plain fp32 forward again."""
+    from transformers import DataCollatorWithPadding, Trainer
+
+    from core.finetune import FinetuneConfig, _Encoded, _training_args, bf16_supported, trained_model
+    from core.models import load_classifier, load_tokenizer
+    from tests.conftest import make_dataset
+
+    if not bf16_supported():
+        pytest.skip("this CPU has no bf16 autocast, so no wrapper is put on")
+    names = ["negative", "positive"]
+    tok = load_tokenizer(str(tiny_model))
+    ids = [tok(t)["input_ids"] for t in make_dataset(32)["text"]]
+    trainer = Trainer(
+        model=load_classifier(str(tiny_model), num_labels=2, label_names=names),
+        args=_training_args(FinetuneConfig(epochs=1, batch_size=8), str(tmp_path / "trainer"), use_bf16=True),
+        train_dataset=_Encoded(ids, [i % 2 for i in range(32)]),
+        data_collator=DataCollatorWithPadding(tok),
+    )
+    trainer.train()
+    fresh = load_classifier(str(tiny_model), num_labels=2, label_names=names)  # same weights, never wrapped
+    fresh.load_state_dict(trainer.model.state_dict())
+    x = tok(["the movie was great and fun"], return_tensors="pt")
+    with torch.no_grad():
+        reference = fresh.eval()(**x).logits
+        wrapped = trainer.model.eval()(**x).logits  # what the step used to score the fine-tuned model with
+        plain = trained_model(trainer).eval()(**x).logits
+    assert not torch.equal(wrapped, reference)
+    assert torch.equal(plain, reference)

@@ -1,0 +1,31 @@
+"""Tokenising: ``encode`` gives each text's ids as a direct per-text computation does, however many texts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from core import models
+from core.models import encode, load_tokenizer
+from tests.conftest import make_sentence
+
+
+@pytest.mark.parametrize("truncation", ["head", "head_tail"])
+def test_encode_in_chunks_equals_one_text_at_a_time(monkeypatch, tiny_model, truncation):
+    tok = load_tokenizer(str(tiny_model))
+    rng = random.Random(0)
+    texts = [" ".join(make_sentence(rng, i % 2) for _ in range(1 + i % 4)) for i in range(11)]  # some longer than max_length
+    max_length = 16
+    monkeypatch.setattr(models, "ENCODE_CHUNK", 3)  # 11 texts: chunks of 3, 3, 3 and 2
+    got = encode(tok, texts, max_length, truncation)
+
+    expected = []
+    for text in texts:  # independent: one tokenizer call per text, truncation by hand
+        body = tok(text, add_special_tokens=False)["input_ids"]
+        room = max_length - 2
+        if len(body) > room:
+            body = body[:room] if truncation == "head" else body[: room // 4] + body[len(body) - (room - room // 4) :]
+        expected.append([tok.cls_token_id, *body, tok.sep_token_id])
+    assert got == expected
+    assert max(map(len, got)) == max_length and min(map(len, got)) < max_length  # both cases occur
