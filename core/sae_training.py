@@ -218,11 +218,12 @@ def resample_dead_latents(sae: SparseAutoencoder, opt: torch.optim.Optimizer, xn
 def _paper_step(sae: SparseAutoencoder, xn: torch.Tensor, bf16: bool):
     """Forward + loss for the Linear-ReLU-Linear SAE. Returns (loss, mse, l1, fired, active)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        h = F.relu(xn @ sae.W_enc + sae.b_enc)  # [n, m]
+        h = F.relu(xn @ sae.W_enc + sae.b_enc)  # [n, m] (bf16 under the autocast)
         xn_hat = h @ sae.W_dec + sae.b_dec  # [n, d]
-    h = h.float()
     mse = (xn_hat.float() - xn).pow(2).mean()
-    l1 = h.abs().mean()
+    # mean |h| = mean h after the ReLU, summed in float32 straight from h: an fp32 copy of h and
+    # its abs() were two more [n, m] temporaries (and backward passes) per step, for the same gradient
+    l1 = h.sum(dtype=torch.float32) / h.numel()
     loss = mse + sae.cfg.l1_coefficient * l1
     active = h.detach() > 0  # [n, m]
     return loss, mse, l1, active.any(0), int(active.sum())

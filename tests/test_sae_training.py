@@ -62,6 +62,41 @@ def test_paper_architecture_loss_falls():
     assert hist["aux_loss"][-1] > 0  # the L1 term is reported in aux_loss
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_paper_step_loss_and_gradients_match_the_textbook_formula(bf16):
+    """MSE + lambda * mean|h| written out plainly (fp32 copy of h, abs), against the trainer's step."""
+    from core.sae import SparseAutoencoder
+    from core.sae_training import _paper_step
+
+    gen = torch.Generator().manual_seed(3)
+    cfg = SAEConfig(d_in=16, d_sae=64, architecture="paper", l1_coefficient=0.05)
+    sae = SparseAutoencoder(cfg, generator=gen)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3, generator=gen)  # some latents off, some on
+    xn = torch.randn(256, 16, generator=gen)
+
+    loss, mse, l1, fired, active = _paper_step(sae, xn, bf16)
+    got = {"loss": loss.item(), "mse": mse.item(), "l1": l1.item(), "active": active}
+    grads = torch.autograd.grad(loss, list(sae.parameters()))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        h = torch.relu(xn @ sae.W_enc + sae.b_enc)
+        xn_hat = h @ sae.W_dec + sae.b_dec
+    h32 = h.float()
+    ref_mse = (xn_hat.float() - xn).pow(2).mean()
+    ref_l1 = h32.abs().mean()
+    ref_loss = ref_mse + cfg.l1_coefficient * ref_l1
+    ref_grads = torch.autograd.grad(ref_loss, list(sae.parameters()))
+
+    assert got["active"] == int((h32 > 0).sum()) and torch.equal(fired, (h32 > 0).any(0))
+    assert 0 < got["active"] < h.numel()
+    assert math.isclose(got["l1"], ref_l1.item(), rel_tol=1e-6)
+    assert math.isclose(got["mse"], ref_mse.item(), rel_tol=1e-6)
+    assert math.isclose(got["loss"], ref_loss.item(), rel_tol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+
+
 def test_normalization_scale_and_b_dec_init():
     batches = random_batches()
     sample = torch.cat(batches)
