@@ -19,6 +19,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     for step in STEPS:
         s = sub.add_parser(step, help=f"run the '{step}' step")
         s.add_argument("--run", default=str(DEFAULT_RUN), help="run folder (default: checkpoints/default)")
-        s.add_argument("--force", action="store_true", help="redo the step even if it is done (later steps are redone too)")
+        s.add_argument("--force", action="store_true", help="redo the step even if it is done (later steps are then marked not done: `build` redoes them)")
         _add_config_args(s)
     b = sub.add_parser("build", help="run every step in order, skipping finished ones")
     b.add_argument("--run", default=str(DEFAULT_RUN))
@@ -109,13 +110,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished steps are kept; run the same command again to resume", file=sys.stderr)
+        print("interrupted: finished steps are kept; run the command again (without --force) to resume", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader left (`... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush does not fail again
         return 1
     except OSError as e:
         hint = _file_system_hint(e)
+        if hint is None:
+            raise
+        print(f"error: {hint}", file=sys.stderr)
+        return 2
+    except Exception as e:  # safetensors raises its own type, for disk errors too
+        hint = _safetensors_hint(e)
         if hint is None:
             raise
         print(f"error: {hint}", file=sys.stderr)
@@ -141,6 +148,21 @@ def _file_system_hint(e: OSError) -> str | None:
     if e.errno == errno.EROFS:
         return f"{where} is on a read-only file system; choose a --run (or --out) path on a writable one"
     return None
+
+
+def _safetensors_hint(e: Exception) -> str | None:
+    """One line for a ``SafetensorError``: a disk error it wraps ("... (os error 28)") gets the
+    file-system hint; anything else means a damaged file."""
+    if type(e).__name__ != "SafetensorError":
+        return None
+    msg = str(e)
+    code = re.search(r"os error (\d+)", msg)
+    if code:
+        return _file_system_hint(OSError(int(code.group(1)), msg)) or f"could not write a safetensors file ({msg}); finished steps are kept"
+    return (
+        f"a safetensors file in the run is damaged ({msg}); redo the step that wrote it with --force "
+        "(`python -m core report --run DIR` lists the steps), or rebuild the run"
+    )
 
 
 def _dispatch(args) -> int:

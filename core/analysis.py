@@ -65,7 +65,7 @@ def load_bundle(run: RunFolder) -> Bundle:
     hidden_size = models["finetuned"].config.hidden_size
     saes = {}
     for model, layer, folder in run.sae_dirs():
-        saes[(model, layer)] = check_run_sae(run, model, SparseAutoencoder.load(folder), hidden_size).eval()
+        saes[(model, layer)] = check_run_sae(run, model, SparseAutoencoder.load(folder), hidden_size, layer).eval()
     return Bundle(run=run, tokenizer=tok, models=models, saes=saes, labels=run.labels(), config=m["config"])
 
 
@@ -261,7 +261,7 @@ def analyze_text(
             "label": bundle.labels[max(range(len(state.probabilities)), key=state.probabilities.__getitem__)],
             "probabilities": dict(zip(bundle.labels, state.probabilities)),
         },
-        "ranking": rank_by if ranked else f"{rank_by} over this sentence (run the features step for dataset-level rankings)",
+        "ranking": rank_by if ranked else "variance over this sentence" + ("" if rank_by == "variance" else f" (no dataset-level {rank_by} before the features step)"),
         "saes": [{"model": m, "layer": l, "features": features[(m, l)]} for m, l in sorted(keys, key=lambda k: (MODELS.index(k[0]), k[1]))],
     }
 
@@ -283,6 +283,9 @@ def matched_features(bundle: Bundle, state: SentenceState, layer: int, feature_p
     match = load_matching(bundle.run, layer)
     if match is None:
         raise LayerscopeError("no feature matching in this run yet; run `python -m core features` first")
+    n = len(match["partner_of_pretrained"])
+    if isinstance(feature_pre, bool) or not isinstance(feature_pre, int) or not 0 <= feature_pre < n:
+        raise LayerscopeError(f"no feature {feature_pre} in the pre-trained SAE of layer {layer}: its features are 0..{n - 1}")
     partner = int(match["partner_of_pretrained"][feature_pre])
     pre = latents(bundle, state, "pretrained", layer)[:, feature_pre]
     ft = latents(bundle, state, "finetuned", layer)[:, partner] if partner >= 0 else torch.zeros_like(pre)

@@ -88,6 +88,8 @@ def _coerce(value, typ, where: str):
         try:
             if typ is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
+            if isinstance(value, (bool, list, dict)):  # int(True) == 1, str(["x"]) == "['x']": a slip, not a value
+                raise TypeError
             return typ(value)
         except (TypeError, ValueError):
             kind = {"int": "an integer", "float": "a number", "str": "a string"}[typ.__name__]
@@ -96,6 +98,10 @@ def _coerce(value, typ, where: str):
         (item,) = typing.get_args(typ)
         if isinstance(value, str):
             value = [v for v in value.replace(" ", "").split(",") if v]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # `layers = 3` in a TOML file means [3]
+        elif not isinstance(value, list):
+            raise LayerscopeError(f"option {where} expects a list such as [1, 2], got {value!r}")
         return [_coerce(v, item, where) for v in value]
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = [a for a in typing.get_args(typ) if a is not type(None)]

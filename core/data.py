@@ -199,7 +199,7 @@ def prepare(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], list[str]]:
     where = f"dataset '{cfg.dataset}'"
     raw = raw.reset_index(drop=True)
     raw, names = _encode_labels(raw, names, where)
-    df = pd.DataFrame({"id": raw.index.astype(int), "text": raw["text"].astype(str).map(lambda t: clean_text(t, cfg)), "label": raw["label"]})
+    df = pd.DataFrame({"id": raw.index.astype(int), "text": raw["text"].fillna("").astype(str).map(lambda t: clean_text(t, cfg)), "label": raw["label"]})
     df = df[df["text"].str.len() > 0]
     if cfg.drop_duplicates:
         df = df.drop_duplicates(subset="text")

@@ -13,6 +13,7 @@ import html
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
+import plotly.graph_objects as go
 
 from core import plots
 from core.report import build_report
@@ -203,6 +204,9 @@ class _Figures:
         self.first = True
 
     def __call__(self, fig) -> str:
+        # Plotly's own template: a figure built in the dashboard's process (where importing
+        # Streamlit makes its placeholder template the default) would otherwise come out black
+        fig = go.Figure(fig).update_layout(template="plotly")
         out = fig.to_html(full_html=False, include_plotlyjs=self.first, config={"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}})
         self.first = False
         return out

@@ -16,6 +16,7 @@ import dataclasses
 import importlib.metadata
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -117,12 +118,13 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
         raise LayerscopeError(f"unknown step '{step}'; steps are: {', '.join(STEPS)}")
     cfg.validate()  # a RunConfig built in code has not been through load_config's checks
     distributed = _distributed()
-    if not run.exists() and is_main_process():
-        run.init_manifest(cfg.to_dict(), package_versions())
-    _sync()  # the other ranks read the manifest rank 0 may just have made
     previous = STEPS[STEPS.index(step) - 1] if STEPS.index(step) > 0 else None
     if previous:
-        run.require(previous, step)
+        run.require(previous, step)  # before anything is created: a refused step leaves no run behind
+    created = not run.exists()
+    if created and is_main_process():
+        run.init_manifest(cfg.to_dict(), package_versions())
+    _sync()  # the other ranks read the manifest rank 0 may just have made
     config_hash = cfg.section_hash(*STEP_SECTIONS[step])
     record = run.step_record(step)
     if record and not redo:
@@ -137,11 +139,22 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
     if distributed and step not in PARALLEL_STEPS and not is_main_process():
         _sync()  # rank 0 runs this step alone
         return "done"
+    snapshot = None
+    if is_main_process():
+        snapshot = run.manifest(), _file_state(run)
+        run.forget_steps(step)  # redone (or first) from here on: an interrupted redo leaves it not done
     log(f"[{step}] running in {run.root} ...")
     release_free_memory()  # what earlier steps freed goes back to the system, so it is not counted here
     per_step = reset_peak_rss()  # else the peak covers the process so far
     t0 = time.perf_counter()
-    result = _step_fn(step)(run, cfg, redo)
+    try:
+        result = _step_fn(step)(run, cfg, redo)
+    except LayerscopeError:
+        if created and is_main_process():
+            _drop_empty_run(run)  # e.g. an unknown dataset: leave no run folder that holds nothing
+        elif snapshot and _file_state(run) == snapshot[1]:
+            run.write_manifest(snapshot[0])  # refused before it wrote anything: the run is as it was
+        raise
     seconds = time.perf_counter() - t0
     peak = {"peak_rss_mb": round(peak_rss_mb(), 1), "peak_rss_scope": "step" if per_step else "process"}
     if is_main_process():
@@ -153,6 +166,18 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
         log(f"[{step}] finished in {seconds:.1f} s (peak memory {peak['peak_rss_mb']:,.0f} MB)")
     _sync()
     return "done"
+
+
+def _file_state(run: RunFolder) -> dict:
+    """{path: (mtime, size)} of every file of the run but its manifest: did a step write anything?"""
+    return {p: (st.st_mtime_ns, st.st_size) for p in run.root.rglob("*") if p != run.manifest_path and p.is_file() for st in [p.stat()]}
+
+
+def _drop_empty_run(run: RunFolder) -> None:
+    """Remove a run folder this process created if it holds nothing but its manifest."""
+    files = [p for p in run.root.rglob("*") if p.is_file()]
+    if files == [run.manifest_path]:
+        shutil.rmtree(run.root, ignore_errors=True)
 
 
 def preflight(run: RunFolder, cfg: RunConfig, redo_from: str | None = None) -> None:
@@ -173,6 +198,13 @@ def preflight(run: RunFolder, cfg: RunConfig, redo_from: str | None = None) -> N
     missing = sorted(set(resolve_layers(cfg.saes, blocks)) - set(kept))
     if missing:
         raise LayerscopeError(f"saes.layers asks for hidden states {missing}, which activations.train_layers={cfg.activations.train_layers} does not keep; add them there or drop them from saes.layers")
+    d_sae = cfg.saes.d_sae or cfg.saes.expansion_factor * model_config.hidden_size
+    if cfg.saes.architecture == "topk" and cfg.saes.k > d_sae:
+        raise LayerscopeError(
+            f"saes.k={cfg.saes.k} is larger than the dictionary ({d_sae} latents = "
+            + (f"saes.d_sae" if cfg.saes.d_sae else f"saes.expansion_factor {cfg.saes.expansion_factor} x hidden size {model_config.hidden_size}")
+            + "); lower saes.k (--sae-k) or widen the dictionary"
+        )
 
 
 def build(run: RunFolder, cfg: RunConfig, *, force: bool = False, redo_from: str | None = None, until: str | None = None, log=print) -> dict:

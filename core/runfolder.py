@@ -109,6 +109,7 @@ def atomic_path(final: Path):
     _remove(tmp)
     try:
         yield tmp
+        _plain_modes(tmp)
         old = final.parent / f".{final.name}.{os.getpid()}.old"
         if final.exists():
             os.replace(final, old)
@@ -117,6 +118,16 @@ def atomic_path(final: Path):
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _plain_modes(p: Path) -> None:
+    """Give every file under ``p`` the mode a plain ``open()`` would: safetensors (our shards and
+    statistics, and transformers' ``save_pretrained``) writes its files 0600, which would make a
+    shared run folder unreadable to the rest of a team."""
+    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file() and not f.is_symlink()] if p.is_dir() else []
+    for f in files:
+        if f.stat().st_mode & 0o777 != file_mode():
+            os.chmod(f, file_mode())
 
 
 def _remove(p: Path) -> None:
@@ -223,7 +234,16 @@ class RunFolder:
                 f"{self.root} is not a Layerscope run (no manifest.json); pass a run folder built by "
                 f"`python -m core build`, or build one there"
             )
-        m = read_json(self.manifest_path)
+        try:
+            m = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            m = None
+        if not isinstance(m, dict) or not isinstance(m.get("config"), dict) or not isinstance(m.get("steps", {}), dict):
+            raise LayerscopeError(
+                f"{self.manifest_path} is damaged (not the JSON object a build writes); build the run again into a new "
+                f"folder (`python -m core build --run NEW_DIR`), or delete that manifest.json and run `python -m core build "
+                f"--run {self.root}` to redo every step in place"
+            )
         version = m.get("format_version")
         if version != FORMAT_VERSION:
             raise LayerscopeError(
@@ -259,11 +279,22 @@ class RunFolder:
     def require(self, step: str, for_step: str) -> None:
         """Raise a clear error when ``step`` has not run yet."""
         self._refuse_file()
-        if not self.is_done(step):
+        if not self.exists() or not self.is_done(step):
             raise LayerscopeError(
                 f"step '{for_step}' needs step '{step}', which has not run in {self.root}; "
                 f"run `python -m core {step} --run {self.root}` first (or `python -m core build --run {self.root}`)"
             )
+
+    def forget_steps(self, step: str) -> None:
+        """Mark ``step`` and every later step not done (before a forced redo: if it stops half-way,
+        the manifest must not vouch for a mix of old and new files)."""
+        m = self.manifest()
+        steps = m.get("steps", {})
+        gone = [s for s in STEPS[STEPS.index(step) :] if s in steps]
+        if gone:
+            for s in gone:
+                del steps[s]
+            self.write_manifest(m)
 
     def record_step(self, step: str, record: dict) -> None:
         """Mark a step done, and forget every later step (their inputs just changed)."""

@@ -333,13 +333,17 @@ def load_sae(run: RunFolder, model: str, layer: int) -> SparseAutoencoder:
     if not (folder / "cfg.json").is_file():
         run.require("saes", "this")
         raise LayerscopeError(f"no SAE for {model} layer {layer} in {run.root}; available: {[(m, l) for m, l, _ in run.sae_dirs()]}")
-    return check_run_sae(run, model, SparseAutoencoder.load(folder))
+    return check_run_sae(run, model, SparseAutoencoder.load(folder), layer=layer)
 
 
-def check_run_sae(run: RunFolder, model: str, sae: SparseAutoencoder, hidden_size: int | None = None) -> SparseAutoencoder:
-    """LayerscopeError unless ``sae`` (found under the run's ``model`` SAEs) was trained on this run's ``model``."""
+def check_run_sae(run: RunFolder, model: str, sae: SparseAutoencoder, hidden_size: int | None = None, layer: int | None = None) -> SparseAutoencoder:
+    """LayerscopeError unless ``sae`` (found under the run's ``model`` SAEs, in the folder of
+    ``layer``) was trained on this run's ``model`` at that layer."""
     check_compatible(sae, hidden_size or sae.cfg.d_in)
     if sae.cfg.model != model:
         raise LayerscopeError(f"SAE at {sae.path} was trained on the {sae.cfg.model} model but sits among the {model} SAEs; {RETRAIN_HINT}")
+    trained_at = sae.cfg.hidden_state_index
+    if layer is not None and trained_at is not None and trained_at != layer:
+        raise LayerscopeError(f"SAE at {sae.path} was trained on hidden state {trained_at} but sits in the folder of layer {layer}; move it back to layer_{trained_at}, or {RETRAIN_HINT}")
     check_compatible(sae, sae.cfg.d_in, fingerprint=model_fingerprint(run.model_dir(model)))
     return sae

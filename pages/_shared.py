@@ -16,6 +16,7 @@ Environment:
 
 from __future__ import annotations
 
+import hashlib
 import html
 import os
 import re
@@ -80,14 +81,19 @@ KEY_FB_RANK = "ls_fb_rank"
 KEY_FB_TABLE = "ls_fb_table"
 
 
-def explorer_feature_key(model: str, layer: int) -> str:
-    """Widget key of the explorer's feature picker for one SAE (each SAE keeps its own choice)."""
-    return f"ls_ex_feature_{model}_{layer}"
+def _run_tag(run: RunFolder) -> str:
+    return hashlib.sha1(str(run.root.resolve()).encode()).hexdigest()[:10]
 
 
-def browser_feature_key(model: str, layer: int, ranking: str) -> str:
-    """Widget key of the feature browser's feature picker for one SAE and ranking."""
-    return f"ls_fb_feature_{model}_{layer}_{ranking}"
+def explorer_feature_key(run: RunFolder, model: str, layer: int) -> str:
+    """Widget key of the explorer's feature picker for one SAE of one run (each keeps its own
+    choice: a feature number picked on one run means nothing on another)."""
+    return f"ls_ex_feature_{_run_tag(run)}_{model}_{layer}"
+
+
+def browser_feature_key(run: RunFolder, model: str, layer: int, ranking: str) -> str:
+    """Widget key of the feature browser's feature picker for one SAE of one run and ranking."""
+    return f"ls_fb_feature_{_run_tag(run)}_{model}_{layer}_{ranking}"
 
 
 # ----------------------------------------------------------------------------- runs
@@ -328,6 +334,11 @@ def _bundle(path: str, stamp: int):
     from core.analysis import load_bundle
 
     return load_bundle(RunFolder(path))
+
+
+def short_number(v: float) -> str:
+    """At most 8 characters, so a narrow metric tile never cuts off an exponent (4.714e-05 showed as "4.714...")."""
+    return f"{v:.1e}" if v and not 1e-3 <= abs(v) < 1e4 else f"{v:.4g}"
 
 
 def bundle(run: RunFolder):

@@ -59,17 +59,18 @@ def top_entry(result: dict, choice: SaeChoice) -> dict | None:
     return None
 
 
-def feature_picker(choice: SaeChoice, result: dict) -> int | None:
+def feature_picker(run, choice: SaeChoice, result: dict, d_sae: int) -> int | None:
     """Feature number input, defaulting to the top-ranked feature of the chosen SAE."""
     if choice.layer is None:
         return None
     entry = top_entry(result, choice)
     ranked = [int(f["feature"]) for f in entry["features"]] if entry else []
     default = ranked[0] if ranked else 0
-    key = shared.explorer_feature_key(choice.model, choice.layer)
+    key = shared.explorer_feature_key(run, choice.model, choice.layer)
     feature = st.number_input(
         "Feature",
         min_value=0,
+        max_value=d_sae - 1,
         value=default,
         step=1,
         key=key,
@@ -120,7 +121,7 @@ def feature_panel(run, text: str, result: dict, choice: SaeChoice, feature: int,
         acts["finetuned"],
         acts["difference"],
         title=f"Feature {feature} ({shared.MODEL_LABELS[choice.model]} SAE, layer {choice.layer}) on each model",
-        subtitle=f"below: the top {len(ranked)} features of this SAE by {choice.rank_by}" if ranked else "",
+        subtitle=f"below: the top {len(ranked)} features of this SAE by {result['ranking']}" if ranked else "",
         top=top,
     )
     shared.chart(fig, key=f"{key}_feature")
@@ -191,7 +192,7 @@ def body() -> None:
     feature, matched = None, False
     if slots:
         with slots[0]:
-            feature = feature_picker(choice, results[0])
+            feature = feature_picker(run, choice, results[0], bundle.saes[sae].cfg.d_sae)
         with slots[1]:
             matched = show_matched(run, choice)
     low = lowest_cosine(results)

@@ -45,7 +45,7 @@ def _pick_row(table: pd.DataFrame, key: str) -> None:
 
 def feature_list(run, model: str, layer: int, table: pd.DataFrame, ranking: str) -> int:
     """The feature number input, the ranked table (click a row to open it) and its CSV."""
-    key = shared.browser_feature_key(model, layer, ranking)
+    key = shared.browser_feature_key(run, model, layer, ranking)
     if key not in st.session_state:
         st.session_state[key] = int(table.iloc[0]["feature"]) if len(table) else 0
     feature = st.number_input("Feature", min_value=0, max_value=max(0, len(table) - 1), step=1, key=key, help=f"starts at the top feature by {ranking}; or click a row of the table")
@@ -63,11 +63,11 @@ def feature_list(run, model: str, layer: int, table: pd.DataFrame, ranking: str)
     return int(feature)
 
 
-def _open_partner(model: str, layer: int, partner: int) -> None:
+def _open_partner(run, model: str, layer: int, partner: int) -> None:
     other = OTHER[model]
     st.session_state[shared.KEY_FB_MODEL] = other
     st.session_state[shared.KEY_FB_LAYER] = layer
-    st.session_state[shared.browser_feature_key(other, layer, st.session_state.get(shared.KEY_FB_RANK, shared.RANKINGS[0]))] = partner
+    st.session_state[shared.browser_feature_key(run, other, layer, st.session_state.get(shared.KEY_FB_RANK, shared.RANKINGS[0]))] = partner
 
 
 def match_box(run, model: str, layer: int, match: dict | None) -> None:
@@ -84,7 +84,7 @@ def match_box(run, model: str, layer: int, match: dict | None) -> None:
     c2.metric("Similarity", "—" if sim is None or (isinstance(sim, float) and math.isnan(sim)) else f"{float(sim):.3f}")
     c3.metric("Status", status or "—", help=STATUS_HELP.get(status))
     if partner is not None and int(partner) >= 0 and layer in shared.sae_layers(run, OTHER[model]):
-        st.button(f"Open feature {int(partner)} in the {other} SAE", on_click=_open_partner, args=(model, layer, int(partner)), icon=":material/swap_horiz:")
+        st.button(f"Open feature {int(partner)} in the {other} SAE", on_click=_open_partner, args=(run, model, layer, int(partner)), icon=":material/swap_horiz:")
 
 
 def top_examples(card: dict) -> None:
@@ -109,7 +109,7 @@ def card_view(run, model: str, layer: int, feature: int, row: pd.Series | None) 
         stats = [c for c in ("variance", "density", "selectivity") if c in row.index]
         cols = st.columns([1] * len(stats) + [1.6])  # a class name is wider than a number
         for col, name in zip(cols, stats):
-            col.metric(name, f"{float(row[name]):.4g}")
+            col.metric(name, shared.short_number(float(row[name])), help=f"{name} = {float(row[name]):.6g}")
         if "best_class" in row.index:
             cols[-1].metric("best class", str(row["best_class"]), help="the class this feature fires most for: the highest one-vs-rest AUROC of its per-text maximum")
     match_box(run, model, layer, card.get("match"))

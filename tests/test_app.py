@@ -238,6 +238,20 @@ def test_sidebar_switches_run_and_remembers_it(app, runs):
     assert_clean(at)
 
 
+def test_a_feature_picked_on_one_run_does_not_follow_to_another(app, runs, sae_run):
+    """Feature numbers mean nothing across runs: each run keeps its own pick."""
+    at = explorer(app)
+    layer = int(at.selectbox(key=shared.KEY_EX_LAYER).value)
+    key = shared.explorer_feature_key(RunFolder(runs["tiny"]), "pretrained", layer)
+    top = at.number_input(key=key).value
+    at.number_input(key=key).set_value(top + 1).run()
+    at.sidebar.selectbox(key=shared.KEY_RUN_SELECT).select(str(runs["other"])).run()
+    assert_clean(at)
+    other_key = shared.explorer_feature_key(RunFolder(runs["other"]), "pretrained", layer)
+    assert other_key != key and at.number_input(key=other_key).value == top  # the other run's own top feature
+    assert f"Feature {top} " in title(chart(at, "on each model"))
+
+
 def test_query_param_selects_run(app, runs):
     at = app(query=str(runs["other"])).run()
     assert at.session_state[shared.KEY_RUN] == str(runs["other"])
@@ -353,6 +367,9 @@ def test_explorer_shows_cosine_prediction_feature_and_top_features(app, sae_run)
     assert [float(b.text.rsplit(": ", 1)[1]) for b in bars] == pytest.approx([b.value / 100 for b in bars], abs=0.006)
     shown = max(bars, key=lambda b: b.value).text.rsplit(":", 1)[0]
     assert f"**Prediction: {shown}**" in [m.value for m in at.markdown]
+    (picker,) = [n for n in at.number_input if n.label == "Feature"]
+    d_sae = json.loads(next((sae_run.root / "saes").rglob("cfg.json")).read_text())["d_sae"]
+    assert picker.min == 0 and picker.max == d_sae - 1  # no feature beyond the dictionary can be asked for
 
 
 def sae_run_num_layers(run: RunFolder) -> int:
@@ -381,14 +398,14 @@ def test_script_tags_typed_as_a_sentence_stay_text(app, sae_run, runs):
     assert "&lt;" in chart(at, "Cosine")["layout"]["xaxis"]["ticktext"]  # the uncleaned run keeps '<' as a token
 
 
-def test_layer_and_feature_pickers(app, sae_run):
+def test_layer_and_feature_pickers(app, sae_run, runs):
     at = explorer(app)
     layers = at.selectbox(key=shared.KEY_EX_LAYER).options
     assert len(layers) >= 1
     first = layers[0]
     at.selectbox(key=shared.KEY_EX_LAYER).select(int(first)).run()
     assert f"layer {first}" in title(chart(at, "on each model"))
-    key = shared.explorer_feature_key("pretrained", int(first))
+    key = shared.explorer_feature_key(RunFolder(runs["tiny"]), "pretrained", int(first))
     top = at.number_input(key=key).value
     assert f"Feature {top} " in title(chart(at, "on each model"))
     at.number_input(key=key).set_value(top + 1).run()
@@ -445,7 +462,7 @@ def test_feature_browser_table_and_card(app, features_run):
     assert any(d.proto.label == "Download CSV" for d in at.get("download_button"))
 
 
-def test_feature_browser_ranking_model_layer_and_feature(app, features_run):
+def test_feature_browser_ranking_model_layer_and_feature(app, features_run, runs):
     at = browser(app)
     at.selectbox(key=shared.KEY_FB_RANK).select("density").run()
     table = at.dataframe[0].value
@@ -454,12 +471,14 @@ def test_feature_browser_ranking_model_layer_and_feature(app, features_run):
     layers = at.selectbox(key=shared.KEY_FB_LAYER).options
     at.selectbox(key=shared.KEY_FB_LAYER).select(int(layers[0])).run()
     assert f"layer {layers[0]}" in card_title(at)
-    key = shared.browser_feature_key("pretrained", int(layers[0]), "density")
+    key = shared.browser_feature_key(RunFolder(runs["tiny"]), "pretrained", int(layers[0]), "density")
     at.number_input(key=key).set_value(3).run()
     assert card_title(at).startswith("Feature 3 ")
     at.segmented_control(key=shared.KEY_FB_MODEL).set_value("finetuned").run()
     assert "fine-tuned SAE" in card_title(at)
     assert_clean(at)
+    tiles = {m.label: m.value for m in at.metric if m.label in ("variance", "density", "selectivity")}
+    assert tiles and all(len(v) <= 8 for v in tiles.values()), tiles  # a narrow tile must not cut off an exponent
 
 
 def test_feature_browser_opens_the_matched_partner(app, features_run):
@@ -488,6 +507,12 @@ def test_feature_card_tokens_are_escaped(app, features_run, monkeypatch):
     html = "\n".join(m.value for m in at.markdown if "<span" in m.value)
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "&lt;b&gt;x&lt;/b&gt;" in html and "&lt;i&gt;neg&lt;/i&gt;" in html
     assert "<script" not in html and "<b>" not in html and "<i>" not in html
+
+
+def test_metric_tiles_keep_their_exponent():
+    for v in (4.714e-05, -2.051e-05, 0.5, 0.0012345, 123.456, 98765.4, 0.0, 1.0):
+        text = shared.short_number(v)
+        assert len(text) <= 8 and float(text) == pytest.approx(v, rel=0.06), (v, text)
 
 
 def test_dashboard_threads_leave_a_core_to_the_browser(monkeypatch):

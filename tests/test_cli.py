@@ -81,6 +81,7 @@ def test_impossible_setting_stops_build_before_anything_is_written(tmp_path):
         (["--layers", "3,9"], ["saes.layers has [9]", "hidden states 0..6"]),
         (["--set", "activations.train_layers=1,2", "--layers", "2,3"], ["saes.layers asks for hidden states [3]", "activations.train_layers=[1, 2]"]),
         (["--set", "model.max_length=1000"], ["model.max_length=1000", "(512 positions)"]),
+        (["--sae-k", "5000"], ["saes.k=5000 is larger than the dictionary (1536 latents", "expansion_factor 4 x hidden size 384"]),
     ],
 )
 def test_build_checks_layers_and_length_against_the_model_before_any_step(tmp_path, args, fragments):
@@ -199,3 +200,48 @@ def test_other_os_errors_still_show_their_traceback(tmp_path, tiny_run, monkeypa
     monkeypatch.setattr(runfolder.tempfile, "mkstemp", broken)
     with pytest.raises(OSError, match="Input/output error"):
         main(["export", "--run", str(tiny_run.root), "--out", str(tmp_path / "r.html")])
+
+
+@pytest.mark.parametrize("damaged", ["features/finetuned/layer_1/stats.safetensors", "models/finetuned/model.safetensors"])
+def test_damaged_safetensors_files_are_one_line(tiny_run, tmp_path, damaged):
+    """A truncated weights or statistics file: exit 2 and one line naming the damage, no traceback."""
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    path = run / damaged
+    assert path.is_file()
+    path.write_bytes(path.read_bytes()[:5])
+    out = cli("analyze", "--run", run, "--text", "a fine film")
+    assert_user_error(out, "damaged")
+
+
+def test_safetensors_disk_errors_get_the_file_system_hint(tiny_run, tmp_path, monkeypatch, capsys):
+    """safetensors wraps a full disk in its own error type ("... (os error 28)"): same one line as OSError."""
+    from safetensors import SafetensorError
+
+    from core import activations
+    from core.__main__ import main
+
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+
+    def full_disk(tensors, path):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(activations, "save_file", full_disk)
+    assert main(["activations", "--run", str(run), "--force"]) == 2
+    err = capsys.readouterr().err
+    lines = [l[l.index("error:") :] for l in err.splitlines() if "error:" in l]  # after the stopped bar
+    assert len(lines) == 1 and "no space left on the device" in lines[0], err
+    assert not list(run.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("content", ["{\"format_version\": 1, \"config\"", "[]", "{\"format_version\": 1}"])
+def test_damaged_manifest_is_one_line_with_a_fix_that_works(tiny_run, tmp_path, tiny_model, tiny_csv, content):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    (run / "manifest.json").write_text(content)
+    for verb in (["report"], ["build", "--force"]):
+        assert_user_error(cli(*verb, "--run", run), "manifest.json is damaged", "delete that manifest.json")
+    (run / "manifest.json").unlink()  # the fix the message gives
+    cli("build", "--run", run, "--until", "data", "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model, check=True)
+    assert json.loads((run / "manifest.json").read_text())["steps"].keys() == {"data"}

@@ -30,11 +30,18 @@ def test_saved_config_round_trips():
         ({"data.max_rows": "many"}, "expects an integer"),
         ({"finetune.bf16": "maybe"}, "true or false"),
         ({"nosuch.x": "1"}, "unknown option 'nosuch'"),
+        ({"saes.k": True}, "expects an integer, got True"),  # TOML `k = true`
+        ({"model.base": ["x"]}, "expects a string, got \\['x'\\]"),
+        ({"saes.layers": {"a": 1}}, "expects a list such as"),
     ],
 )
 def test_bad_options(overrides, message):
     with pytest.raises(LayerscopeError, match=message):
         load_config(overrides=overrides)
+
+
+def test_a_single_number_for_a_list_option_is_a_list_of_one():
+    assert load_config(overrides={"saes.layers": 3}).saes.layers == [3]  # TOML `layers = 3`
 
 
 @pytest.mark.parametrize(

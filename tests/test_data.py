@@ -66,6 +66,14 @@ def test_bad_csv_gives_one_clear_error(tmp_path, frame, message):
         prepare(DataConfig(dataset=_csv(tmp_path, frame)))
 
 
+def test_rows_with_an_empty_text_cell_are_dropped(tmp_path):
+    frame = make_dataset(200)
+    frame.loc[[3, 17], "text"] = None  # a blank cell reads back as NaN
+    splits, _ = prepare(DataConfig(dataset=_csv(tmp_path, frame), max_rows=0, drop_duplicates=False))
+    kept = pd.concat(splits.values())
+    assert len(kept) == 198 and not ({3, 17} & set(kept["id"])) and "nan" not in set(kept["text"])
+
+
 def test_non_utf8_csv(tmp_path):
     path = tmp_path / "latin.csv"
     path.write_bytes("text,label\ncaf\xe9 ok,1\n".encode("latin-1"))

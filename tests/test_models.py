@@ -1,4 +1,4 @@
-"""Tokenising: ``encode`` gives each text's ids as a direct per-text computation does, however many texts."""
+"""Tokenising (``encode`` gives each text's ids as a direct per-text computation does, however many texts) and loading model folders."""
 
 from __future__ import annotations
 
@@ -29,3 +29,22 @@ def test_encode_in_chunks_equals_one_text_at_a_time(monkeypatch, tiny_model, tru
         expected.append([tok.cls_token_id, *body, tok.sep_token_id])
     assert got == expected
     assert max(map(len, got)) == max_length and min(map(len, got)) < max_length  # both cases occur
+
+
+def test_a_folder_that_is_not_a_model_is_one_clear_error(tmp_path, tiny_model):
+    """An empty folder (transformers raises ValueError: no model_type) and truncated weights."""
+    import shutil
+
+    from core.errors import LayerscopeError
+    from core.models import load_classifier
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LayerscopeError, match="is not a loadable model folder"):
+        load_classifier(str(empty))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:5])
+    with pytest.raises(LayerscopeError, match="is not a loadable model folder"):
+        load_classifier(str(broken))

@@ -90,6 +90,14 @@ def test_step_before_its_input_is_refused(tmp_path, tiny_model, tiny_csv):
     run = RunFolder(tmp_path / "r")
     with pytest.raises(LayerscopeError, match="needs step 'data'"):
         run_step(run, "finetune", _cfg(tiny_model, tiny_csv), log=lambda *_: None)
+    assert not run.root.exists()  # refused before a run folder was made
+
+
+def test_a_first_step_that_fails_leaves_no_run_folder(tmp_path, tiny_model, tiny_csv):
+    run = RunFolder(tmp_path / "r")
+    with pytest.raises(LayerscopeError, match="unknown dataset 'imbd'"):
+        build(run, _cfg(tiny_model, tiny_csv, **{"data.dataset": "imbd"}), log=lambda *_: None)
+    assert not run.root.exists()
 
 
 def test_incompatible_run_folder(tmp_path):
@@ -123,6 +131,33 @@ def test_interrupted_step_leaves_nothing_half_written(tmp_path, tiny_model, tiny
     assert not run.is_done("activations")
     monkeypatch.setattr(act, "save_file", real)
     assert run_step(run, "activations", cfg, log=lambda *_: None) == "done"
+
+
+def test_interrupted_forced_redo_leaves_the_step_and_later_ones_not_done(tmp_path, tiny_model, tiny_csv, monkeypatch):
+    import core.activations as act
+
+    run = RunFolder(tmp_path / "r")
+    cfg = _cfg(tiny_model, tiny_csv)
+    build(run, cfg, until="similarity", log=lambda *_: None)
+    assert run.is_done("activations") and run.is_done("similarity")
+    calls = {"n": 0}
+    real = act.save_file
+
+    def interrupted_after_two_shards(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real(tensors, path)
+
+    monkeypatch.setattr(act, "save_file", interrupted_after_two_shards)
+    with pytest.raises(KeyboardInterrupt):
+        run_step(run, "activations", cfg, force=True, redo=True, log=lambda *_: None)
+    # some shards are new, the rest old: the manifest must not call either step done
+    assert not run.is_done("activations") and not run.is_done("similarity")
+    assert run.is_done("finetune")
+    monkeypatch.setattr(act, "save_file", real)
+    assert build(run, cfg, log=lambda *_: None).keys() >= {"activations", "similarity"}
+    assert run.is_done("activations") and run.is_done("similarity")
 
 
 def test_activation_shards_trace_back_to_text(tiny_run):
@@ -247,3 +282,15 @@ def test_options_added_later_leave_old_step_hashes_alone():
     chosen = load_config(overrides={"activations.train_layers": "1,2"})
     assert chosen.activations.train_layers == [1, 2]
     assert chosen.section_hash("model", "activations") != cfg.section_hash("model", "activations")
+
+
+def test_every_file_of_a_run_gets_ordinary_permissions(tiny_run):
+    """Model weights, shards and feature statistics too (safetensors alone writes them 0600)."""
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    files = [p for p in tiny_run.root.rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in files) and any(p.name == "stats.safetensors" for p in files)
+    wrong = [str(p.relative_to(tiny_run.root)) for p in files if p.stat().st_mode & 0o777 != 0o666 & ~umask]
+    assert not wrong, wrong

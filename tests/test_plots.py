@@ -271,3 +271,16 @@ def test_token_charts_size_their_margins_from_the_labels():
     assert long.layout.margin.l >= 7 * len("a much longer row label") > short.layout.margin.l
     comparison = plots.feature_comparison(["[CLS]", "cinematography", "[SEP]"], [0, 1, 0], [0, 2, 0])
     assert comparison.layout.margin.b >= 6 * len("cinematography") and comparison.layout.xaxis2.automargin is False
+
+
+def test_export_uses_plotlys_own_template_whatever_the_process_default(tiny_run, monkeypatch):
+    """Importing Streamlit makes its placeholder template (colours #000001...) the process default;
+    the dashboard's HTML report must still come out in Plotly's colours."""
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    pio.templates["placeholder"] = go.layout.Template(layout={"colorway": ["#000001", "#000002"]})
+    monkeypatch.setattr(pio.templates, "default", "placeholder")
+    out = export_html(tiny_run)
+    assert "#000001" not in out
+    assert "#636efa" in out  # plotly's first colour

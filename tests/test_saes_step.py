@@ -460,3 +460,39 @@ def test_logit_effects_equal_finite_differences_of_the_ablation_direction(tiny_r
                 expected += (logits_with(eps * V) - logits_with(-eps * V)) / (2 * eps)
             expected /= len(ids)
             torch.testing.assert_close(got[layer][f].double(), expected, rtol=2e-3, atol=1e-5)
+
+
+def test_matched_feature_out_of_range_is_one_clear_error(tiny_run):
+    from core.analysis import load_bundle, matched_features, sentence_state
+
+    bundle = load_bundle(tiny_run)
+    state = sentence_state(bundle, "the plot was brilliant", clean=False)
+    d_sae = bundle.saes[("pretrained", 1)].cfg.d_sae
+    assert matched_features(bundle, state, 1, d_sae - 1)["feature_pretrained"] == d_sae - 1
+    for bad in (d_sae, -1):
+        with pytest.raises(LayerscopeError, match=f"no feature {bad} in the pre-trained SAE of layer 1"):
+            matched_features(bundle, state, 1, bad)
+
+
+def test_without_the_features_step_the_ranking_names_what_was_used(run_copy):
+    """Before the features step, every ranking falls back to variance over the sentence, and says so."""
+    from core.analysis import analyze_text, load_bundle
+    from core.runfolder import RunFolder
+
+    shutil.rmtree(run_copy / "features")
+    run = RunFolder(run_copy)
+    m = run.manifest()
+    m["steps"].pop("features", None)
+    run.write_manifest(m)
+    bundle = load_bundle(run)
+    by_variance = analyze_text(bundle, "the plot was brilliant", top=3, rank_by="variance", clean=False)
+    by_density = analyze_text(bundle, "the plot was brilliant", top=3, rank_by="density", clean=False)
+    assert by_density["ranking"].startswith("variance over this sentence") and "density" in by_density["ranking"]
+    assert [e["features"] for e in by_density["saes"]] == [e["features"] for e in by_variance["saes"]]
+
+
+def test_sae_in_another_layers_folder_is_refused(run_copy):
+    shutil.rmtree(run_copy / "saes" / "finetuned" / "layer_2")
+    shutil.copytree(run_copy / "saes" / "finetuned" / "layer_1", run_copy / "saes" / "finetuned" / "layer_2")
+    for out in (cli("analyze", "--run", run_copy, "--text", "hello"), cli("features", "--run", run_copy, "--force")):
+        assert_user_error(out, "trained on hidden state 1", "folder of layer 2", "layer_1")
