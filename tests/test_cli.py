@@ -236,12 +236,16 @@ def test_safetensors_disk_errors_get_the_file_system_hint(tiny_run, tmp_path, mo
 
 
 @pytest.mark.parametrize("content", ["{\"format_version\": 1, \"config\"", "[]", "{\"format_version\": 1}"])
-def test_damaged_manifest_is_one_line_with_a_fix_that_works(tiny_run, tmp_path, tiny_model, tiny_csv, content):
+def test_damaged_manifest_is_one_line_with_a_fix_that_works(tiny_run, tmp_path, tiny_model, tiny_csv, content, capsys):
+    from core.__main__ import main
+
     run = tmp_path / "copy"
     shutil.copytree(tiny_run.root, run)
     (run / "manifest.json").write_text(content)
     for verb in (["report"], ["build", "--force"]):
-        assert_user_error(cli(*verb, "--run", run), "manifest.json is damaged", "delete that manifest.json")
+        assert main([*verb, "--run", str(run)]) == 2
+        lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+        assert len(lines) == 1 and "manifest.json is damaged" in lines[0] and "delete that manifest.json" in lines[0], lines
     (run / "manifest.json").unlink()  # the fix the message gives
-    cli("build", "--run", run, "--until", "data", "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model, check=True)
+    assert main(["build", "--run", str(run), "--until", "data", "--preset", "tiny", "--dataset", str(tiny_csv), "--model", str(tiny_model)]) == 0
     assert json.loads((run / "manifest.json").read_text())["steps"].keys() == {"data"}
