@@ -61,11 +61,11 @@ def _load(loader, name: str, **kwargs):
     try:
         return loader.from_pretrained(str(Path(path).expanduser()) if _looks_local(path) else path, **kwargs)
     except (OSError, ValueError, SafetensorError) as e:  # ValueError: no model_type; SafetensorError: damaged weights
-        msg = str(e)
+        first_line = (str(e).splitlines() or [type(e).__name__])[0]
         if Path(path).expanduser().is_dir():
-            raise LayerscopeError(f"{path} is not a loadable model folder ({(msg.splitlines() or [type(e).__name__])[0]}); check it has config.json and weights") from None
+            raise LayerscopeError(f"{path} is not a loadable model folder ({first_line}); check it has config.json and weights") from None
         if not isinstance(e, OSError):
-            raise LayerscopeError(f"could not load model '{name}' ({(msg.splitlines() or [type(e).__name__])[0]}); pass a folder written by save_pretrained or another hub id") from None
+            raise LayerscopeError(f"could not load model '{name}' ({first_line}); pass a folder written by save_pretrained or another hub id") from None
         raise LayerscopeError(
             f"could not load model '{name}': it is not a local folder and the Hugging Face hub is unreachable or "
             f"has no such model; download it where you have a connection and pass its local folder, "

@@ -343,7 +343,7 @@ def check_run_sae(run: RunFolder, model: str, sae: SparseAutoencoder, hidden_siz
     if sae.cfg.model != model:
         raise LayerscopeError(f"SAE at {sae.path} was trained on the {sae.cfg.model} model but sits among the {model} SAEs; {RETRAIN_HINT}")
     trained_at = sae.cfg.hidden_state_index
-    if layer is not None and trained_at is not None and trained_at != layer:
+    if layer is not None and trained_at != layer:
         raise LayerscopeError(f"SAE at {sae.path} was trained on hidden state {trained_at} but sits in the folder of layer {layer}; move it back to layer_{trained_at}, or {RETRAIN_HINT}")
     check_compatible(sae, sae.cfg.d_in, fingerprint=model_fingerprint(run.model_dir(model)))
     return sae
