@@ -14,6 +14,8 @@ With no run at all, the start page offers to build ``checkpoints/default`` in th
 
 from __future__ import annotations
 
+import shlex
+
 import streamlit as st
 
 from pages import _shared as shared
@@ -66,12 +68,13 @@ def start_page() -> None:
         "layer by layer (cosine similarity, CKA) and with sparse autoencoders. No run was found yet "
         f"in {shared.checkpoints_dir()}."
     )
-    st.write("Build the default run from a terminal:")
-    st.code("python -m core build --run checkpoints/default", language="bash")
     target = shared.default_build_target()
+    shown = shared.display_path(target)  # LAYERSCOPE_CHECKPOINTS may put it outside checkpoints/
+    st.write("Build the default run from a terminal:")
+    st.code(f"python -m core build --run {shlex.quote(shown)}", language="bash")
     st.write("or build it from here; the dashboard follows its progress and opens the run when it is done.")
     if shared.build_state(target) is None:
-        if st.button("Build checkpoints/default", type="primary", icon=":material/play_arrow:"):
+        if st.button(f"Build {shown}", type="primary", icon=":material/play_arrow:"):
             shared.start_build(target)
             st.rerun()
         st.caption(f"The build log is written to {shared.build_log_path(target)}.")

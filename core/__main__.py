@@ -101,11 +101,22 @@ def _overrides(args) -> dict:
     return out
 
 
+def _dispatch_ending_bars(args: argparse.Namespace) -> int:
+    try:
+        return _dispatch(args)
+    except BaseException:
+        if "tqdm" in sys.modules:  # a step may have left a bar open: end it, so the message printed next starts its own line
+            from core.progress import end_bars
+
+            end_bars()
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return _dispatch(args)
+        return _dispatch_ending_bars(args)
     except LayerscopeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

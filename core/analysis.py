@@ -16,10 +16,10 @@ import torch
 
 from core.data import DataConfig, clean_text
 from core.errors import LayerscopeError
-from core.models import encode, load_classifier, load_tokenizer, quiet_transformers
+from core.models import encode, kept_span, load_classifier, load_tokenizer, quiet_transformers
 from core.runfolder import MODELS, RunFolder
 from core.sae import SparseAutoencoder, topk_rows
-from core.saes import check_run_sae
+from core.saes import load_sae
 
 MAX_TEXT_CHARS = 5000
 
@@ -54,6 +54,7 @@ class SentenceState:
     special: list[bool]
     hidden: dict  # model -> [num_layers + 1, T, d] float32
     probabilities: list[float]
+    truncation: dict | None = None  # what the models did not see of a long text (see ``truncation_info``)
 
 
 def load_bundle(run: RunFolder) -> Bundle:
@@ -64,8 +65,8 @@ def load_bundle(run: RunFolder) -> Bundle:
     models = {name: load_classifier(str(run.model_dir(name))).eval() for name in MODELS}
     hidden_size = models["finetuned"].config.hidden_size
     saes = {}
-    for model, layer, folder in run.sae_dirs():
-        saes[(model, layer)] = check_run_sae(run, model, SparseAutoencoder.load(folder), hidden_size, layer).eval()
+    for model, layer, _ in run.sae_dirs():
+        saes[(model, layer)] = load_sae(run, model, layer, hidden_size).eval()
     return Bundle(run=run, tokenizer=tok, models=models, saes=saes, labels=run.labels(), config=m["config"])
 
 
@@ -100,7 +101,34 @@ def sentence_state(bundle: Bundle, text: str, clean: bool = True) -> SentenceSta
     hidden = {name: torch.stack(out.hidden_states)[:, 0].float() for name, out in outputs.items()}  # [L+1, T, d]
     probs = torch.softmax(outputs["finetuned"].logits[0].float(), -1).tolist()
     special_ids = set(bundle.tokenizer.all_special_ids)
-    return SentenceState(text=text, token_ids=ids, tokens=bundle.tokenizer.convert_ids_to_tokens(ids), special=[i in special_ids for i in ids], hidden=hidden, probabilities=probs)
+    return SentenceState(
+        text=text,
+        token_ids=ids,
+        tokens=bundle.tokenizer.convert_ids_to_tokens(ids),
+        special=[i in special_ids for i in ids],
+        hidden=hidden,
+        probabilities=probs,
+        truncation=truncation_info(bundle.tokenizer, text, len(ids), mc["max_length"], mc["truncation"]),
+    )
+
+
+def truncation_info(tokenizer, text: str, num_tokens: int, max_length: int, truncation: str) -> dict | None:
+    """None when the models saw all of ``text``; else ``text_tokens`` (its length in tokens,
+    special ones not counted), ``kept_head`` / ``kept_tail`` (how many of them the models read
+    from its start and its end, as in training) and ``cut_after`` (index, in the token list the
+    models saw, of the last token before the left-out part)."""
+    if num_tokens < max_length:  # shorter than the limit: nothing can have been cut
+        return None
+    n = len(tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
+    # special tokens the tokenizer adds around a text, and how many of them lead ([CLS]): from a
+    # one-word text, since [UNK] counts as special too and a long text may hold some
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    framed = tokenizer("a")["input_ids"]
+    lead = next((i for i in range(len(framed)) if framed[i : i + len(bare)] == bare), 0)
+    head, tail = kept_span(n, max_length, truncation, specials=len(framed) - len(bare))
+    if tail == 0 and head == n:
+        return None
+    return {"text_tokens": n, "kept_head": head, "kept_tail": tail, "cut_after": lead + head - 1}
 
 
 def layer_cosine(state: SentenceState) -> list[list[float]]:
@@ -261,6 +289,7 @@ def analyze_text(
             "label": bundle.labels[max(range(len(state.probabilities)), key=state.probabilities.__getitem__)],
             "probabilities": dict(zip(bundle.labels, state.probabilities)),
         },
+        "truncation": state.truncation,
         "ranking": rank_by if ranked else "variance over this sentence" + ("" if rank_by == "variance" else f" (no dataset-level {rank_by} before the features step)"),
         "saes": [{"model": m, "layer": l, "features": features[(m, l)]} for m, l in sorted(keys, key=lambda k: (MODELS.index(k[0]), k[1]))],
     }
@@ -293,8 +322,21 @@ def matched_features(bundle: Bundle, state: SentenceState, layer: int, feature_p
     return {"tokens": state.tokens, "feature_pretrained": feature_pre, "feature_finetuned": partner, "similarity": None if sim < -1 else sim, "status": match["status_of_pretrained"][feature_pre], "pretrained": pre.tolist(), "finetuned": ft.tolist(), "difference": (ft - pre).tolist()}
 
 
+def truncation_note(cut: dict) -> str:
+    """One sentence on what a long text lost, for the CLI and the dashboard."""
+    left_out = cut["text_tokens"] - cut["kept_head"] - cut["kept_tail"]
+    if cut["kept_tail"]:
+        read = f"its first {cut['kept_head']} and its last {cut['kept_tail']} ({left_out} in between left out)"
+    else:
+        read = f"its first {cut['kept_head']} (the last {left_out} left out)"
+    return f"the text has {cut['text_tokens']} tokens; as in training, the models read {read}"
+
+
 def format_analysis(result: dict) -> str:
-    lines = [f"text: {result['text']}", "prediction: " + ", ".join(f"{k} {v:.3f}" for k, v in result["prediction"]["probabilities"].items())]
+    lines = [f"text: {result['text']}"]
+    if result.get("truncation"):
+        lines.append(truncation_note(result["truncation"]))
+    lines += ["prediction: " + ", ".join(f"{k} {v:.3f}" for k, v in result["prediction"]["probabilities"].items())]
     lines.append("cosine(pre, ft) per layer, mean over tokens: " + " ".join(f"{sum(c) / len(c):.3f}" for c in result["cosine"]))
     width = max(len(t) for t in result["tokens"])
     for sae in result["saes"]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import shlex
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
@@ -281,6 +282,8 @@ def write_figures(run: RunFolder, out_dir, width: int = 900, height: int = 500) 
         figures["cka_matrix.png"] = plots.cka_heatmap(rep["cka_matrix"])
     if "finetune" in rep:
         figures["classification.png"] = plots.classification_bars(rep["finetune"]["per_class"]["finetuned"], title="fine-tuned: precision, recall and F1 per class")
+    if not figures:
+        raise LayerscopeError(f"{run.root} has no figures to draw yet: they need the finetune and similarity steps; build them with `python -m core build --run {shlex.quote(str(run.root))}`")
     out = Path(out_dir)
     make_folder(out)
     written = []

@@ -181,14 +181,27 @@ def _encode_chunk(tokenizer, texts: list[str], max_length: int, truncation: str)
         return tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
     body = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-    room = max_length - 2
-    head = room // 4  # keep the first quarter and the last three quarters of a long text
     out = []
     for ids in body:
-        if len(ids) > room:
-            ids = ids[:head] + ids[len(ids) - (room - head) :]
-        out.append([cls, *ids, sep])
+        head, tail = kept_span(len(ids), max_length, "head_tail")
+        out.append([cls, *ids[:head], *ids[len(ids) - tail :], sep])
     return out
+
+
+def kept_span(num_tokens: int, max_length: int, truncation: str, specials: int = 2) -> tuple[int, int]:
+    """(head, tail): how many of a text's ``num_tokens`` tokens (special tokens not counted)
+    ``encode`` keeps from its start and from its end; ``specials`` tokens are added around them.
+
+    "head_tail" keeps the first quarter and the last three quarters of a long text: a review's
+    verdict is usually at its end (Sun et al. 2019). "head" keeps the start only.
+    """
+    room = max_length - specials
+    if num_tokens <= room:
+        return num_tokens, 0
+    if truncation == "head":
+        return room, 0
+    head = room // 4
+    return head, room - head
 
 
 def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

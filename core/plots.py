@@ -77,6 +77,44 @@ def _array_ticks(labels: Sequence[str], **extra) -> dict:
     return {"tickmode": "array", "tickvals": list(range(len(labels))), "ticktext": list(labels), **_TOKEN_AXIS, **extra}
 
 
+# At Plotly's 12 px font, labels rotated by -45 degrees need ~17 px each along the axis: 48 fit
+# the ~800 px of a full-width chart in a 1,400-1,600 px browser window, fewer a narrower chart.
+# Longer texts label every n-th token (hover names every one) instead of piling labels up.
+MAX_TOKEN_LABELS = 48
+BAR_GAP = 14  # px between stacked colour bars: room for a 12 px tick label at each bar's end
+
+
+def _token_ticks(labels: Sequence[str], max_labels: int) -> dict:
+    """The token axis: every token labelled, or every n-th one from the first word (after [CLS])
+    when there are more than ``max_labels``."""
+    step = max(1, -(-len(labels) // max(1, max_labels)))
+    ticks = _array_ticks(labels, tickangle=-45)
+    if step > 1:
+        ticks.update(tickvals=ticks["tickvals"][1::step], ticktext=ticks["ticktext"][1::step])
+        ticks["title"] = {"text": f"one token in {step} labelled; hover for every token", "font": {"size": 11}}
+    return ticks
+
+
+def _token_margins(tokens: Sequence[str], rows: Sequence[str], top: int, xaxis: dict) -> dict:
+    """``_token_axis_margins`` plus room for the token axis title, when it has one."""
+    margin = _token_axis_margins(tokens, rows, top)
+    if "title" in xaxis:
+        margin["b"] += 24
+    return margin
+
+
+def _cut_marker(cut_after: int | None) -> dict:
+    """Layout ``shapes`` / ``annotations`` marking where a long text's middle (or end) was left out:
+    a dashed line between token ``cut_after`` and the next, across every panel."""
+    if cut_after is None:
+        return {}
+    x = cut_after + 0.5
+    return {
+        "shapes": [{"type": "line", "xref": "x", "yref": "paper", "x0": x, "x1": x, "y0": 0, "y1": 1, "line": {"color": "#FF4B4B", "width": 2, "dash": "dash"}}],
+        "annotations": [{"xref": "x", "yref": "paper", "x": x, "y": 1, "yanchor": "bottom", "text": "text cut here", "showarrow": False, "font": {"size": 11, "color": "#FF4B4B"}}],
+    }
+
+
 def _spec_figure(data: list[dict], layout: dict) -> go.Figure:
     """A Figure from plain trace and layout dicts, without plotly.py's per-property validation.
 
@@ -130,6 +168,7 @@ def similarity_curves(
     low = min(0.0, min(values, default=0.0))
     fig.update_xaxes(title=DEPTH_AXIS if normalise_depth else LAYER_AXIS, dtick=None if normalise_depth else 1)
     fig.update_yaxes(title="similarity, pre-trained vs fine-tuned", range=[low - 0.02, 1.02])
+    fig.update_layout(showlegend=True)  # Plotly hides the legend of a single line, which then goes unnamed
     return _layout(fig, esc(title))
 
 
@@ -202,11 +241,15 @@ def token_heatmap(
     diverging: bool = False,
     value_name: str = "value",
     zrange: tuple[float, float] | None = None,
+    cut_after: int | None = None,
+    max_labels: int = MAX_TOKEN_LABELS,
 ) -> go.Figure:
     """Rows x tokens heatmap; x positions are indices so repeated tokens stay separate columns.
 
     Hover shows the token, the row label and the exact value. ``diverging=True`` centres a
-    red-blue scale at zero (for signed values such as differences).
+    red-blue scale at zero (for signed values such as differences). ``cut_after`` marks where a
+    truncated text lost tokens (``analyze_text``'s ``truncation``); at most ``max_labels`` tokens
+    are labelled.
     """
     values = np.asarray(z, dtype=float)
     if values.ndim == 1:
@@ -231,12 +274,14 @@ def token_heatmap(
         trace["colorscale"] = _VIRIDIS
         if zrange is not None:
             trace.update(zmin=zrange[0], zmax=zrange[1])
+    xaxis = _token_ticks(tokens, max_labels)
     layout = {
         "title": {"text": esc(title)} if title else None,
         "height": max(180, 60 + 28 * len(rows)) + 40,
-        "margin": _token_axis_margins(tokens, rows, top=80 if title else 40),
-        "xaxis": _array_ticks(tokens, tickangle=-45),
+        "margin": _token_margins(tokens, rows, 80 if title else 40, xaxis),
+        "xaxis": xaxis,
         "yaxis": _array_ticks(rows, autorange="reversed"),
+        **_cut_marker(cut_after),
     }
     return _spec_figure([trace], layout)
 
@@ -261,6 +306,8 @@ def feature_comparison(
     row_labels: tuple[str, str] = ("pre-trained", "fine-tuned"),
     top: tuple[Sequence[str], Sequence[Sequence[float]]] | None = None,
     subtitle: str = "",
+    cut_after: int | None = None,
+    max_labels: int = MAX_TOKEN_LABELS,
 ) -> go.Figure:
     """One feature per token on both models (sequential scale) above their difference (red-blue,
     centred at zero), on a shared token axis so the columns line up.
@@ -269,6 +316,7 @@ def feature_comparison(
     top features of the same SAE), on the same token axis: one chart instead of two halves the
     browser's work per sentence (each Plotly chart is rebuilt from scratch when its data changes).
     The labelled token axis is always ``xaxis``, at the bottom; the panels above follow it.
+    ``cut_after`` and ``max_labels`` as in ``token_heatmap``.
     """
     pre, ft = np.asarray(pretrained, dtype=float), np.asarray(finetuned, dtype=float)
     diff = ft - pre if difference is None else np.asarray(difference, dtype=float)
@@ -281,14 +329,24 @@ def feature_comparison(
     domains = _stacked_domains(panels)
     # axis n (1-based, top panel first): the last one is "x"/"y" and carries the token labels
     names = [f"{i + 2}" for i in range(len(panels) - 1)] + [""]
+    height = 170 + 30 * sum(panels)
+    xaxis = _token_ticks(labels, max_labels)
+    y_labels = [*row_labels, "difference", *(top[0] if len(panels) == 3 else [])]
+    margin = _token_margins(labels, [esc(r) for r in y_labels], 80 if title else 40, xaxis)
+    plot_px = height - margin["t"] - margin["b"]
 
-    def bar(i: int, name: str) -> dict:
-        """A colour bar beside panel i, as tall as the panel; titled at its side when there is room
-        (a short panel's row label already names what it shows)."""
+    def bar(i: int, name: str, low: float, high: float | None) -> dict:
+        """A colour bar beside panel i, in pixels, BAR_GAP short of the panel so the end labels of
+        stacked bars never touch. Titled at its side only when the title fits along the bar (a
+        panel's row labels already say what it shows); a short bar is labelled at its two ends."""
         lo, up = domains[i]
-        if up - lo >= 0.25:
-            return {"title": {"text": name, "side": "right"}, "y": (lo + up) / 2, "len": up - lo, "ypad": 0, "thickness": 12}
-        return {"y": (lo + up) / 2, "len": max(up - lo, 0.1), "ypad": 0, "thickness": 12, "nticks": 3}
+        px = max((up - lo) * plot_px - BAR_GAP, 16)
+        spec = {"y": (lo + up) / 2, "len": px, "lenmode": "pixels", "ypad": 0, "thickness": 12}
+        if px >= 7 * len(name) + 16:
+            spec["title"] = {"text": name, "side": "right"}
+        if px < 60 and high is not None:
+            spec.update(tickmode="array", tickvals=[low, high], ticktext=[f"{low:.2g}", f"{high:.2g}"])
+        return spec
 
     traces = [
         {
@@ -303,7 +361,7 @@ def feature_comparison(
             "colorscale": _VIRIDIS,
             "zmin": 0,
             "zmax": hi,
-            "colorbar": bar(0, "activation"),
+            "colorbar": bar(0, "activation", 0.0, hi),
         },
         {
             "type": "heatmap",
@@ -318,7 +376,7 @@ def feature_comparison(
             "zmid": 0,
             "zmin": -bound,
             "zmax": bound,
-            "colorbar": bar(1, "difference"),
+            "colorbar": bar(1, "difference", -bound, bound),
         },
     ]
     y_rows = [rows, ["difference"]]
@@ -336,17 +394,18 @@ def feature_comparison(
             "hovertemplate": "token %{customdata[0]}<br>%{customdata[1]}<br>activation %{z:.4f}<extra></extra>",
             "colorscale": _VIRIDIS,
             "zmin": 0,
-            "colorbar": bar(2, "activation"),
+            "colorbar": bar(2, "activation", 0.0, float(np.nanmax(values, initial=0.0)) or None),
         })
         y_rows.append(top_rows)
     layout = {
         "title": ({"text": esc(title), **({"subtitle": {"text": esc(subtitle)}} if subtitle else {})}) if title else None,
-        "height": 170 + 30 * sum(panels),
-        "margin": _token_axis_margins(labels, [r for rs in y_rows for r in rs], top=80 if title else 40),
+        "height": height,
+        "margin": margin,
+        **_cut_marker(cut_after),
     }
     for name, domain, ticks in zip(names, domains, y_rows):
         labelled = name == ""
-        layout[f"xaxis{name}"] = {"anchor": f"y{name}", "domain": [0.0, 1.0], **(_array_ticks(labels, tickangle=-45) if labelled else {"matches": "x", "showticklabels": False, **_TOKEN_AXIS})}
+        layout[f"xaxis{name}"] = {"anchor": f"y{name}", "domain": [0.0, 1.0], **(xaxis if labelled else {"matches": "x", "showticklabels": False, "ticks": "", **_TOKEN_AXIS})}
         layout[f"yaxis{name}"] = {"anchor": f"x{name}", "domain": domain, **_array_ticks(ticks, autorange="reversed")}
     return _spec_figure(traces, layout)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from tqdm.auto import tqdm
+from tqdm.std import tqdm as std_tqdm
 
 
 def bars_off() -> bool:
@@ -20,3 +21,11 @@ def bars_off() -> bool:
 def progress_bar(iterable=None, *, show: bool = True, **kwargs) -> tqdm:
     """``tqdm(iterable, **kwargs)``, shown when ``show`` and the environment allow it."""
     return tqdm(iterable, disable=not show or bars_off(), **kwargs)
+
+
+def end_bars() -> None:
+    """Close every open bar. An error raised under a bar leaves it open while the traceback keeps
+    its frame alive, and the error message then printed on the bar's line; closed, the bar ends
+    its line (or clears it, with ``leave=False``) first."""
+    for bar in list(std_tqdm._instances):
+        bar.close()

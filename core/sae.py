@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -46,7 +47,14 @@ FORMAT = "layerscope-sae-1"
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 ARCHITECTURES = ("topk", "paper")
-RETRAIN_HINT = "re-run `python -m core saes --run <run folder> --force` to train it again"
+
+
+def retrain_hint(run: str | os.PathLike | None = None) -> str:
+    """The fix for a broken SAE, naming its run folder when known."""
+    return f"re-run `python -m core saes --run {shlex.quote(str(run)) if run else 'RUN'} --force` to train it again"
+
+
+RETRAIN_HINT = retrain_hint()
 
 
 @dataclass
@@ -373,7 +381,7 @@ class SparseAutoencoder(nn.Module):
         """Read an SAE written by ``save``; LayerscopeError for anything missing or broken."""
         folder = Path(folder)
         if not folder.is_dir():
-            raise LayerscopeError(f"SAE folder {folder} does not exist; train it with `python -m core saes --run <run folder>`")
+            raise LayerscopeError(f"SAE folder {folder} does not exist; {RETRAIN_HINT}")
         cfg = _read_cfg(folder)
         weights_path = folder / WEIGHTS_FILE
         if not weights_path.is_file():
@@ -455,7 +463,7 @@ def check_compatible(sae: SparseAutoencoder, hidden_size: int, model_path: str |
     if sae.cfg.d_in != hidden_size:
         raise LayerscopeError(
             f"SAE at {where} reads {sae.cfg.d_in}-wide activations but the model's hidden size is "
-            f"{hidden_size}; use SAEs trained on this model ({RETRAIN_HINT.replace('re-run', 'run')})"
+            f"{hidden_size}; use SAEs trained on this model, or {RETRAIN_HINT}"
         )
     if model_path is not None and sae.cfg.model_path and not _same_model(sae.cfg.model_path, model_path):
         raise LayerscopeError(

@@ -32,7 +32,7 @@ from core.errors import LayerscopeError, OptionCheck
 from core.models import ModelConfig, encode, hidden_state_module, load_classifier, load_tokenizer, model_fingerprint, pad_batch, predict_proba, quiet_transformers
 from core.progress import progress_bar
 from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
-from core.sae import RETRAIN_HINT, SAEConfig, SparseAutoencoder, check_compatible
+from core.sae import RETRAIN_HINT, SAEConfig, SparseAutoencoder, check_compatible, retrain_hint
 from core.sae_metrics import evaluate_sae
 from core.sae_training import DyingLatents, SAETrainingConfig, train_sae
 from core.threads import run_side_by_side
@@ -328,12 +328,16 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
     return {"layers": layers, "saes": [{k: s.get(k) for k in ("model", "layer", "fvu", "l0", "dead_fraction", "accuracy_spliced")} for s in summaries]}
 
 
-def load_sae(run: RunFolder, model: str, layer: int) -> SparseAutoencoder:
+def load_sae(run: RunFolder, model: str, layer: int, hidden_size: int | None = None) -> SparseAutoencoder:
+    """The run's SAE for ``model`` at ``layer``, checked against the run (see ``check_run_sae``)."""
     folder = run.sae_dir(model, layer)
     if not (folder / "cfg.json").is_file():
         run.require("saes", "this")
         raise LayerscopeError(f"no SAE for {model} layer {layer} in {run.root}; available: {[(m, l) for m, l, _ in run.sae_dirs()]}")
-    return check_run_sae(run, model, SparseAutoencoder.load(folder), layer=layer)
+    try:
+        return check_run_sae(run, model, SparseAutoencoder.load(folder), hidden_size, layer)
+    except LayerscopeError as e:  # the fix names this run's folder
+        raise LayerscopeError(str(e).replace(RETRAIN_HINT, retrain_hint(run.root))) from None
 
 
 def check_run_sae(run: RunFolder, model: str, sae: SparseAutoencoder, hidden_size: int | None = None, layer: int | None = None) -> SparseAutoencoder:

@@ -78,7 +78,7 @@ KEY_EX_MATCHED = "ls_ex_matched"
 KEY_FB_MODEL = "ls_fb_model"
 KEY_FB_LAYER = "ls_fb_layer"
 KEY_FB_RANK = "ls_fb_rank"
-KEY_FB_TABLE = "ls_fb_table"
+KEY_FB_TABLE = "ls_fb_table"  # prefix of the feature table's key (see ``browser_table_key``)
 
 
 def _run_tag(run: RunFolder) -> str:
@@ -96,6 +96,19 @@ def browser_feature_key(run: RunFolder, model: str, layer: int, ranking: str) ->
     return f"ls_fb_feature_{_run_tag(run)}_{model}_{layer}_{ranking}"
 
 
+def browser_table_key(feature_key: str) -> str:
+    """Widget key of the feature browser's table shown with the picker ``feature_key``: one per
+    SAE and ranking, renewed whenever the feature is typed in, so a checked row always names the
+    feature shown (a row checked in one table stayed checked in every other)."""
+    generation = st.session_state.get(f"{feature_key}_typed", 0)
+    return f"{KEY_FB_TABLE}_{feature_key}_{generation}"
+
+
+def feature_typed(feature_key: str) -> None:
+    """``on_change`` of a feature picker: drop the table's row selection (see ``browser_table_key``)."""
+    st.session_state[f"{feature_key}_typed"] = st.session_state.get(f"{feature_key}_typed", 0) + 1
+
+
 # ----------------------------------------------------------------------------- runs
 def checkpoints_dir() -> Path:
     """Folder searched for runs."""
@@ -104,6 +117,12 @@ def checkpoints_dir() -> Path:
 
 def default_build_target() -> Path:
     return checkpoints_dir() / DEFAULT_RUN_NAME
+
+
+def display_path(path: Path) -> str:
+    """``path`` as a user would type it from the project folder: relative inside it, else absolute."""
+    path = Path(path).absolute()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def discover_runs(base: Path | None = None) -> list[str]:
@@ -412,6 +431,18 @@ def _feature_card(path: str, stamp: int, model: str, layer: int, feature: int, t
 
 def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int = 10) -> dict:
     return _feature_card(str(run.root), run_stamp(str(run.root)), model, layer, feature, top)
+
+
+def match_caption(m: dict) -> str:
+    """What the matching says of a pre-trained feature: its partner is a match only when kept or
+    shifted; a lost feature's one-to-one partner is shown, but named as not similar."""
+    partner, sim, status = m["feature_finetuned"], m.get("similarity"), m.get("status", "")
+    cosine = f", decoder cosine {sim:.2f}" if sim is not None else ""
+    if partner < 0:
+        return f"no fine-tuned partner ({status})"
+    if status in ("kept", "shifted"):
+        return f"matched fine-tuned feature {partner}{cosine} ({status})"
+    return f"no similar fine-tuned feature ({status}); shown: its assigned partner, feature {partner}{cosine}"
 
 
 def sae_layers(run: RunFolder, model: str) -> list[int]:

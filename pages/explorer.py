@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import streamlit as st
 
 from core import plots
+from core.analysis import truncation_note
 from pages import _shared as shared
 
 DEFAULT_TEXT = "the acting was brilliant but the plot was dull"
@@ -32,7 +33,7 @@ def sentence_inputs() -> list[str]:
     texts = [cols[0].text_input("Sentence (press Enter)", DEFAULT_TEXT, key=shared.KEY_TEXT, persist_state="session")]
     if compare:
         texts.append(cols[1].text_input("Second sentence (press Enter)", DEFAULT_TEXT_B, key=shared.KEY_TEXT_B, persist_state="session"))
-    cols[-1].toggle("Compare", key=shared.KEY_COMPARE)
+    cols[-1].toggle("Compare", key=shared.KEY_COMPARE, persist_state="session")
     return texts
 
 
@@ -44,10 +45,14 @@ def sae_controls(bundle) -> tuple[SaeChoice, list]:
         st.info("This run has no SAEs yet, so only the per-token similarity and the prediction are shown. Train them with `python -m core saes --run RUN`.")
         return SaeChoice("pretrained", None, "variance", 5), []
     c1, c2, c3, c4, c5, c6 = st.columns([1, 1.9, 1.3, 1.3, 1.2, 1.3], vertical_alignment="bottom")
-    layer = c1.selectbox("Layer", layers, index=len(layers) - 1, key=shared.KEY_EX_LAYER, help="hidden state index (0 = embeddings)")
-    model = c2.segmented_control("SAE dictionary", list(shared.MODEL_LABELS), default="pretrained", format_func=shared.MODEL_LABELS.get, key=shared.KEY_EX_MODEL, required=True) or "pretrained"
-    rank_by = c3.selectbox("Rank features by", shared.RANKINGS, key=shared.KEY_EX_RANK)
-    top = c4.slider("Top features", 3, 20, 8, key=shared.KEY_EX_TOP)
+    # Every choice is kept for the session (persist_state), through an empty sentence and a visit
+    # to another page; a layer kept from another run that lacks it falls back to the last one.
+    if st.session_state.get(shared.KEY_EX_LAYER) not in layers:
+        st.session_state[shared.KEY_EX_LAYER] = layers[-1]
+    layer = c1.selectbox("Layer", layers, key=shared.KEY_EX_LAYER, help="hidden state index (0 = embeddings)", persist_state="session")
+    model = c2.segmented_control("SAE dictionary", list(shared.MODEL_LABELS), default="pretrained", format_func=shared.MODEL_LABELS.get, key=shared.KEY_EX_MODEL, required=True, persist_state="session") or "pretrained"
+    rank_by = c3.selectbox("Rank features by", shared.RANKINGS, key=shared.KEY_EX_RANK, persist_state="session")
+    top = c4.slider("Top features", 3, 20, 8, key=shared.KEY_EX_TOP, persist_state="session")
     return SaeChoice(model, layer, rank_by, top), [c5, c6]
 
 
@@ -74,6 +79,7 @@ def feature_picker(run, choice: SaeChoice, result: dict, d_sae: int) -> int | No
         value=default,
         step=1,
         key=key,
+        persist_state="session",
         help=f"feature of the {shared.MODEL_LABELS[choice.model]} SAE at layer {choice.layer}; starts at the top feature by {choice.rank_by} (top: {', '.join(map(str, ranked[:10]))})",
     )
     return int(feature)
@@ -96,7 +102,12 @@ def prediction(result: dict) -> None:
         st.progress(min(max(float(p), 0.0), 1.0), text=f"{shared.safe_text(label)}: {p:.3f}")
 
 
-def cosine_panel(result: dict, key: str, low: float) -> None:
+def cut_after(result: dict) -> int | None:
+    """Where a long text lost tokens (None when the models saw all of it)."""
+    return (result.get("truncation") or {}).get("cut_after")
+
+
+def cosine_panel(result: dict, key: str, low: float, labels: int) -> None:
     fig = plots.token_heatmap(
         result["cosine"],
         result["tokens"],
@@ -104,11 +115,13 @@ def cosine_panel(result: dict, key: str, low: float) -> None:
         title="Cosine, pre-trained vs fine-tuned hidden state, per token",
         value_name="cosine",
         zrange=(low, 1.0),
+        cut_after=cut_after(result),
+        max_labels=labels,
     )
     shared.chart(fig, key=f"{key}_cosine")
 
 
-def feature_panel(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str) -> None:
+def feature_panel(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str, labels: int) -> None:
     """The chosen feature per token on both models' hidden states and their difference, above the
     top-N features of the same SAE: one chart, so every panel reads down the same token columns."""
     acts = shared.sentence_features(run, text, choice.layer, feature, choice.model)
@@ -123,24 +136,25 @@ def feature_panel(run, text: str, result: dict, choice: SaeChoice, feature: int,
         title=f"Feature {feature} ({shared.MODEL_LABELS[choice.model]} SAE, layer {choice.layer}) on each model",
         subtitle=f"below: the top {len(ranked)} features of this SAE by {result['ranking']}" if ranked else "",
         top=top,
+        cut_after=cut_after(result),
+        max_labels=labels,
     )
     shared.chart(fig, key=f"{key}_feature")
 
 
-def matched_panel(run, text: str, choice: SaeChoice, feature: int, key: str) -> None:
+def matched_panel(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str, labels: int) -> None:
     """A pre-trained feature on the pre-trained model next to its matched fine-tuned feature on the fine-tuned model."""
     m = shared.matched_features(run, text, choice.layer, feature)
     partner = m["feature_finetuned"]
-    sim = m.get("similarity")
-    caption = f"matched fine-tuned feature {partner}" if partner >= 0 else "no fine-tuned partner"
-    caption += f", decoder cosine {sim:.2f}" if sim is not None else ""
     fig = plots.feature_comparison(
         m["tokens"],
         m["pretrained"],
         m["finetuned"],
         m["difference"],
-        title=f"Feature {feature} and its match: {caption} ({m.get('status', '')})",
+        title=f"Feature {feature} and its match: {shared.match_caption(m)}",
         row_labels=(f"pre-trained f{feature}", f"fine-tuned f{partner}" if partner >= 0 else "fine-tuned (none)"),
+        cut_after=cut_after(result),
+        max_labels=labels,
     )
     shared.chart(fig, key=f"{key}_matched")
 
@@ -151,23 +165,28 @@ def sentence_column(run, text: str, result: dict, choice: SaeChoice, feature: in
     ``wide`` (one sentence) puts the prediction beside the cosine map, else below it. The SAE
     panels (the chosen feature, then the top features) share one full-width chart.
     """
+    if result.get("truncation"):
+        st.caption(f":material/content_cut: {shared.safe_text(truncation_note(result['truncation']).capitalize())}; the dashed line marks the cut.")
+    # token labels that fit (see plots.MAX_TOKEN_LABELS): fewer in the cosine map beside the
+    # prediction, fewer still in charts of two sentences side by side
+    full, cosine = (plots.MAX_TOKEN_LABELS, 32) if wide else (24, 24)
     first = st.columns([3, 1]) if wide else [st.container(), st.container()]
     with first[0]:
-        shared.guarded(lambda: cosine_panel(result, key, low))
+        shared.guarded(lambda: cosine_panel(result, key, low, cosine))
     with first[1]:
         shared.guarded(lambda: prediction(result))
     if feature is None:
         return
-    shared.guarded(lambda: feature_panel(run, text, result, choice, feature, key))
+    shared.guarded(lambda: feature_panel(run, text, result, choice, feature, key, full))
     if matched:
-        shared.guarded(lambda: matched_panel(run, text, choice, feature, key))
+        shared.guarded(lambda: matched_panel(run, text, result, choice, feature, key, full))
 
 
 def show_matched(run, choice: SaeChoice) -> bool:
     """Toggle for the matched-feature panel (pre-trained dictionary with a feature matching only)."""
     if choice.layer is None or choice.model != "pretrained" or not run.is_done("features"):
         return False
-    return st.toggle("Show match", key=shared.KEY_EX_MATCHED)
+    return st.toggle("Show match", key=shared.KEY_EX_MATCHED, persist_state="session")
 
 
 def lowest_cosine(results: list[dict]) -> float:

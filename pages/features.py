@@ -28,17 +28,21 @@ def pickers(run) -> tuple[str, int | None, str]:
     if not models:
         return "pretrained", None, "variance"
     c1, c2, c3 = st.columns(3, vertical_alignment="bottom")
-    model = c1.segmented_control("Model", models, default=models[0], format_func=shared.MODEL_LABELS.get, key=shared.KEY_FB_MODEL, required=True) or models[0]
+    # Set through session state rather than a widget default: "Open feature ..." sets them too, and
+    # Streamlit warns when a widget has both. Kept for the session, across pages (persist_state).
+    if st.session_state.get(shared.KEY_FB_MODEL) not in models:
+        st.session_state[shared.KEY_FB_MODEL] = models[0]
+    model = c1.segmented_control("Model", models, format_func=shared.MODEL_LABELS.get, key=shared.KEY_FB_MODEL, required=True, persist_state="session") or models[0]
     layers = shared.sae_layers(run, model)
     if st.session_state.get(shared.KEY_FB_LAYER) not in layers:
         st.session_state[shared.KEY_FB_LAYER] = layers[-1]
-    layer = c2.selectbox("Layer (hidden state)", layers, key=shared.KEY_FB_LAYER)
-    ranking = c3.selectbox("Rank by", shared.RANKINGS, key=shared.KEY_FB_RANK)
+    layer = c2.selectbox("Layer (hidden state)", layers, key=shared.KEY_FB_LAYER, persist_state="session")
+    ranking = c3.selectbox("Rank by", shared.RANKINGS, key=shared.KEY_FB_RANK, persist_state="session")
     return model, layer, ranking
 
 
-def _pick_row(table: pd.DataFrame, key: str) -> None:
-    rows = st.session_state[shared.KEY_FB_TABLE].selection.rows
+def _pick_row(table: pd.DataFrame, key: str, table_key: str) -> None:
+    rows = st.session_state[table_key].selection.rows
     if rows:
         st.session_state[key] = int(table.iloc[rows[0]]["feature"])
 
@@ -48,14 +52,25 @@ def feature_list(run, model: str, layer: int, table: pd.DataFrame, ranking: str)
     key = shared.browser_feature_key(run, model, layer, ranking)
     if key not in st.session_state:
         st.session_state[key] = int(table.iloc[0]["feature"]) if len(table) else 0
-    feature = st.number_input("Feature", min_value=0, max_value=max(0, len(table) - 1), step=1, key=key, help=f"starts at the top feature by {ranking}; or click a row of the table")
+    feature = st.number_input(
+        "Feature",
+        min_value=0,
+        max_value=max(0, len(table) - 1),
+        step=1,
+        key=key,
+        on_change=shared.feature_typed,
+        args=(key,),
+        persist_state="session",
+        help=f"starts at the top feature by {ranking}; or click a row of the table",
+    )
+    table_key = shared.browser_table_key(key)
     st.dataframe(
         table,
         hide_index=True,
         width="stretch",
         height=420,
-        key=shared.KEY_FB_TABLE,
-        on_select=lambda: _pick_row(table, key),
+        key=table_key,
+        on_select=lambda: _pick_row(table, key, table_key),
         selection_mode="single-row",
         column_config={c: st.column_config.NumberColumn(format="%.4f") for c in table.columns if table[c].dtype.kind == "f"},
     )
@@ -80,11 +95,17 @@ def match_box(run, model: str, layer: int, match: dict | None) -> None:
     sim = match.get("similarity")
     other = shared.MODEL_LABELS[OTHER[model]]
     c1, c2, c3 = st.columns(3)
-    c1.metric(f"Partner in {other}", "none" if partner is None or int(partner) < 0 else int(partner))
+    similar = status in ("kept", "shifted")  # a lost or new feature's one-to-one partner is not similar to it
+    c1.metric(
+        f"{'Partner' if similar else 'Assigned partner'} in {other}",
+        "none" if partner is None or int(partner) < 0 else int(partner),
+        help=None if similar else "the one-to-one assignment pairs every feature, but this pair's decoder directions are not similar: it is no match",
+    )
     c2.metric("Similarity", "—" if sim is None or (isinstance(sim, float) and math.isnan(sim)) else f"{float(sim):.3f}")
     c3.metric("Status", status or "—", help=STATUS_HELP.get(status))
     if partner is not None and int(partner) >= 0 and layer in shared.sae_layers(run, OTHER[model]):
-        st.button(f"Open feature {int(partner)} in the {other} SAE", on_click=_open_partner, args=(run, model, layer, int(partner)), icon=":material/swap_horiz:")
+        label = f"Open feature {int(partner)} in the {other} SAE" if similar else f"Open the assigned partner, feature {int(partner)} in the {other} SAE (not similar)"
+        st.button(label, on_click=_open_partner, args=(run, model, layer, int(partner)), icon=":material/swap_horiz:")
 
 
 def top_examples(card: dict) -> None:

@@ -98,6 +98,7 @@ def claims(run, rep: dict) -> None:
         HIGH_SIMILARITY,
         0.01,
         key=shared.KEY_CLAIM_THRESHOLD,
+        persist_state="session",
         help="claim 1 is supported when every early layer keeps CKA and mean cosine at or above this value",
     )
     rows = rep["similarity"]

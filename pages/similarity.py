@@ -15,16 +15,20 @@ def controls(run) -> tuple[list[str], list[str], bool]:
     """Measures, runs to overlay, depth normalisation."""
     others = [p for p in shared.discover_runs() if p != str(run.root)]
     c1, c2, c3 = st.columns([3, 3, 2], vertical_alignment="bottom")
+    # choices kept for the session, across pages (persist_state); overlays kept only while they exist
+    if shared.KEY_SIM_OVERLAY in st.session_state:
+        st.session_state[shared.KEY_SIM_OVERLAY] = [p for p in st.session_state[shared.KEY_SIM_OVERLAY] if p in others]
     with c1:
-        measures = st.pills("Measures", list(plots.MEASURES), selection_mode="multi", default=list(plots.MEASURES), format_func=plots.MEASURE_LABELS.get, key=shared.KEY_SIM_MEASURES) or []
+        measures = st.pills("Measures", list(plots.MEASURES), selection_mode="multi", default=list(plots.MEASURES), format_func=plots.MEASURE_LABELS.get, key=shared.KEY_SIM_MEASURES, persist_state="session") or []
     overlay = c2.multiselect(
         "Overlay other runs",
         others,
         format_func=shared.run_label,
         key=shared.KEY_SIM_OVERLAY,
+        persist_state="session",
         placeholder="other datasets or model sizes" if others else "no other runs found under checkpoints/",
     )
-    normalise = c3.toggle("Depth-normalised x axis", key=shared.KEY_SIM_NORMALISE, help="x = layer / number of layers, so models of different depth line up")
+    normalise = c3.toggle("Depth-normalised x axis", key=shared.KEY_SIM_NORMALISE, persist_state="session", help="x = layer / number of layers, so models of different depth line up")
     return measures, overlay, normalise
 
 

@@ -59,6 +59,12 @@ def test_similarity_curves_depth_normalised():
     assert fig.layout.xaxis.title.text == plots.DEPTH_AXIS
 
 
+def test_one_measure_of_one_run_still_has_its_legend():
+    """Plotly hides a one-trace legend, which left a single curve unnamed."""
+    fig = plots.similarity_curves({"a": paper_like(6)}, ["cka"])
+    assert fig.layout.showlegend is True and fig.data[0].name == "linear CKA"
+
+
 def test_single_run_legend_names_measures_only_and_run_names_are_escaped():
     fig = plots.similarity_curves({"<b>x</b>": paper_like(3)}, plots.MEASURES)
     assert [t.name for t in fig.data] == [plots.MEASURE_LABELS[m] for m in plots.MEASURES]
@@ -271,6 +277,63 @@ def test_token_charts_size_their_margins_from_the_labels():
     assert long.layout.margin.l >= 7 * len("a much longer row label") > short.layout.margin.l
     comparison = plots.feature_comparison(["[CLS]", "cinematography", "[SEP]"], [0, 1, 0], [0, 2, 0])
     assert comparison.layout.margin.b >= 6 * len("cinematography") and comparison.layout.xaxis2.automargin is False
+
+
+def colour_bar_spans(fig: go.Figure) -> list[tuple[float, float, str]]:
+    """(bottom px, top px, title) of every colour bar, measured from the bottom of the plot area."""
+    plot_px = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+    spans = []
+    for trace in fig.data:
+        bar = trace.colorbar
+        assert bar.ypad == 0 and bar.yanchor in (None, "middle")
+        length = bar.len if bar.lenmode == "pixels" else bar.len * plot_px
+        centre = bar.y * plot_px
+        spans.append((centre - length / 2, centre + length / 2, bar.title.text or ""))
+    return sorted(spans)
+
+
+@pytest.mark.parametrize("n_top", [0, 1, 3, 8, 20])
+@pytest.mark.parametrize("tokens", [["[CLS]", "a", "[SEP]"], ["[CLS]", "cinematography", "extraordinarily", "[SEP]"]])
+def test_stacked_colour_bars_never_touch_and_titles_fit(n_top, tokens):
+    """The match panel's two bars overlapped (each as tall as its panel, end labels colliding, and
+    "difference" longer than its bar). Every bar now ends at least 12 px (a tick label) from the
+    next, and a title is drawn only along a bar at least as long as the title (7 px a character)."""
+    n = len(tokens)
+    top = ([f"feature {i}" for i in range(n_top)], [[float(i + t) for t in range(n)] for i in range(n_top)]) if n_top else None
+    fig = validated(plots.feature_comparison(tokens, [0.0] * n, [1.0] * n, title="f", top=top))
+    spans = colour_bar_spans(fig)
+    assert len(spans) == (3 if n_top else 2)
+    for (lo1, hi1, _), (lo2, hi2, _) in zip(spans, spans[1:]):
+        assert lo2 - hi1 >= 12, spans
+    for lo, hi, title in spans:
+        assert lo >= -1 and hi > lo  # inside the plot area
+        assert not title or hi - lo >= 7 * len(title), (title, hi - lo)
+    short = [t for t in fig.data if t.colorbar.lenmode == "pixels" and t.colorbar.len < 60]
+    assert all(len(t.colorbar.tickvals) == 2 for t in short)  # a short bar is labelled at its two ends only
+
+
+def test_long_texts_label_every_nth_token_and_hover_names_each():
+    tokens = [f"t{i}" for i in range(200)]
+    z = [[float(i) for i in range(200)]]
+    fig = validated(plots.token_heatmap(z, tokens, ["layer 1"], max_labels=60))
+    assert list(fig.layout.xaxis.tickvals) == list(range(1, 200, 4)) and list(fig.layout.xaxis.ticktext) == tokens[1::4]  # from the first word
+    assert "one token in 4" in fig.layout.xaxis.title.text
+    assert [c[0] for c in fig.data[0].customdata[0]] == tokens  # every token still has its hover
+    comparison = validated(plots.feature_comparison(tokens, z[0], z[0], max_labels=30))
+    assert len(comparison.layout.xaxis.ticktext) == 29 and comparison.layout.xaxis.ticktext[1] == "t8"
+    assert comparison.layout.margin.b > plots.feature_comparison(tokens, z[0], z[0], max_labels=200).layout.margin.b  # room for the axis title
+    few = validated(plots.token_heatmap(z, tokens, ["layer 1"], max_labels=200))
+    assert list(few.layout.xaxis.ticktext) == tokens and not few.layout.xaxis.title.text
+
+
+def test_the_cut_in_a_truncated_text_is_marked_on_every_token_chart():
+    tokens = ["[CLS]", "a", "b", "c", "d", "[SEP]"]
+    figs = [plots.token_heatmap([[0.0] * 6], tokens, ["r"], cut_after=2), plots.feature_comparison(tokens, [0.0] * 6, [1.0] * 6, cut_after=2)]
+    for fig in map(validated, figs):
+        (line,) = fig.layout.shapes
+        assert (line.x0, line.x1, line.xref, line.yref, line.y0, line.y1) == (2.5, 2.5, "x", "paper", 0, 1)  # between token 2 and 3, across all panels
+        assert "cut" in fig.layout.annotations[0].text
+    assert not validated(plots.token_heatmap([[0.0] * 6], tokens, ["r"])).layout.shapes
 
 
 def test_export_uses_plotlys_own_template_whatever_the_process_default(tiny_run, monkeypatch):

@@ -24,3 +24,22 @@ def test_progress_bar_obeys_show_and_tqdm_disable(monkeypatch, env, show, shown)
         assert list(bar) == [0, 1, 2]  # the iterable passes through either way
     assert ("x: 100%" in out.getvalue()) is shown
     assert bars_off() is (env not in (None, "", "0", "false"))
+
+
+def test_an_error_under_a_bar_prints_on_its_own_line(monkeypatch, capsys):
+    """The traceback keeps the failing step's frame, and its open bar, alive: the error line was
+    printed after the bar's text, on the same line."""
+    import core.__main__ as cli
+    from core.errors import LayerscopeError
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+
+    def failing_step(args):
+        bar = progress_bar(total=10, desc="SAEs", mininterval=0)
+        bar.update(4)
+        raise LayerscopeError("the disk is full")
+
+    monkeypatch.setattr(cli, "_dispatch", failing_step)
+    assert cli.main(["report", "--run", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "SAEs:  40%" in err and "\nerror: the disk is full\n" in err

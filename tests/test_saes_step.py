@@ -265,6 +265,26 @@ def test_analyze_one_sae_equals_its_entry_of_the_full_analysis(tiny_run):
         analyze_text(bundle, state.text, state=state, saes=[("pretrained", 99)])
 
 
+def test_analyze_says_what_a_long_text_lost(tiny_run):
+    """A text over the run's max_length: the tokens shown are its first and last ones, exactly as
+    ``truncation`` says (checked against the untruncated tokenisation), and the note says so."""
+    from core.analysis import analyze_text, format_analysis, load_bundle
+
+    bundle = load_bundle(tiny_run)
+    assert analyze_text(bundle, "the plot was brilliant", top=1, clean=False)["truncation"] is None
+    text = " ".join(f"word{i} the plot was brilliant" for i in range(20))
+    result = analyze_text(bundle, text, top=1, clean=False)
+    cut = result["truncation"]
+    full = bundle.tokenizer.convert_ids_to_tokens(bundle.tokenizer(text, add_special_tokens=False)["input_ids"])
+    max_length = tiny_run.manifest()["config"]["model"]["max_length"]
+    assert cut["text_tokens"] == len(full) > max_length and len(result["tokens"]) == max_length
+    head, tail = cut["kept_head"], cut["kept_tail"]
+    assert head + tail == max_length - 2 and head == (max_length - 2) // 4  # head_tail: a quarter from the start
+    assert result["tokens"][1 : 1 + head] == full[:head] and result["tokens"][1 + head : -1] == full[-tail:]
+    assert cut["cut_after"] == head  # index of the last head token ([CLS] is 0)
+    assert f"the text has {len(full)} tokens" in format_analysis(result) and f"{len(full) - head - tail} in between left out" in format_analysis(result)
+
+
 def test_analyze_json_from_cli(tiny_run):
     out = json.loads(cli("analyze", "--run", tiny_run.root, "--text", "the acting was terrible", "--json", "--top", "2", check=True).stdout)
     assert {"tokens", "cosine", "saes", "prediction"} <= set(out)
@@ -495,4 +515,4 @@ def test_sae_in_another_layers_folder_is_refused(run_copy):
     shutil.rmtree(run_copy / "saes" / "finetuned" / "layer_2")
     shutil.copytree(run_copy / "saes" / "finetuned" / "layer_1", run_copy / "saes" / "finetuned" / "layer_2")
     for out in (cli("analyze", "--run", run_copy, "--text", "hello"), cli("features", "--run", run_copy, "--force")):
-        assert_user_error(out, "trained on hidden state 1", "folder of layer 2", "layer_1")
+        assert_user_error(out, "trained on hidden state 1", "folder of layer 2", "layer_1", f"python -m core saes --run {run_copy} --force")
