@@ -18,7 +18,7 @@ from core.data import DataConfig, clean_text
 from core.errors import LayerscopeError
 from core.models import encode, kept_span, load_classifier, load_tokenizer, quiet_transformers
 from core.runfolder import MODELS, RunFolder
-from core.sae import SparseAutoencoder, topk_rows
+from core.sae import topk_rows
 from core.saes import load_sae
 
 MAX_TEXT_CHARS = 5000

@@ -95,9 +95,9 @@ def _token_ticks(labels: Sequence[str], max_labels: int) -> dict:
     return ticks
 
 
-def _token_margins(tokens: Sequence[str], rows: Sequence[str], top: int, xaxis: dict) -> dict:
-    """``_token_axis_margins`` plus room for the token axis title, when it has one."""
-    margin = _token_axis_margins(tokens, rows, top)
+def _token_margins(rows: Sequence[str], top: int, xaxis: dict) -> dict:
+    """``_token_axis_margins`` for the tokens ``xaxis`` labels, plus room for its title, if any."""
+    margin = _token_axis_margins(xaxis["ticktext"], rows, top)
     if "title" in xaxis:
         margin["b"] += 24
     return margin
@@ -278,7 +278,7 @@ def token_heatmap(
     layout = {
         "title": {"text": esc(title)} if title else None,
         "height": max(180, 60 + 28 * len(rows)) + 40,
-        "margin": _token_margins(tokens, rows, 80 if title else 40, xaxis),
+        "margin": _token_margins(rows, 80 if title else 40, xaxis),
         "xaxis": xaxis,
         "yaxis": _array_ticks(rows, autorange="reversed"),
         **_cut_marker(cut_after),
@@ -329,11 +329,11 @@ def feature_comparison(
     domains = _stacked_domains(panels)
     # axis n (1-based, top panel first): the last one is "x"/"y" and carries the token labels
     names = [f"{i + 2}" for i in range(len(panels) - 1)] + [""]
-    height = 170 + 30 * sum(panels)
     xaxis = _token_ticks(labels, max_labels)
     y_labels = [*row_labels, "difference", *(top[0] if len(panels) == 3 else [])]
-    margin = _token_margins(labels, [esc(r) for r in y_labels], 80 if title else 40, xaxis)
-    plot_px = height - margin["t"] - margin["b"]
+    margin = _token_margins([esc(r) for r in y_labels], 80 if title else 40, xaxis)
+    plot_px = 20 + 30 * sum(panels)  # the panels' own height, whatever the margins take
+    height = margin["t"] + margin["b"] + plot_px
 
     def bar(i: int, name: str, low: float, high: float | None) -> dict:
         """A colour bar beside panel i, in pixels, BAR_GAP short of the panel so the end labels of

@@ -381,7 +381,7 @@ class SparseAutoencoder(nn.Module):
         """Read an SAE written by ``save``; LayerscopeError for anything missing or broken."""
         folder = Path(folder)
         if not folder.is_dir():
-            raise LayerscopeError(f"SAE folder {folder} does not exist; {RETRAIN_HINT}")
+            raise LayerscopeError(f"SAE folder {folder} does not exist; train it with `python -m core saes --run RUN`")
         cfg = _read_cfg(folder)
         weights_path = folder / WEIGHTS_FILE
         if not weights_path.is_file():

@@ -82,7 +82,8 @@ KEY_FB_TABLE = "ls_fb_table"  # prefix of the feature table's key (see ``browser
 
 
 def _run_tag(run: RunFolder) -> str:
-    return hashlib.sha1(str(run.root.resolve()).encode()).hexdigest()[:10]
+    """The run's folder and manifest time: a run rebuilt in place (new SAEs) starts fresh picks."""
+    return hashlib.sha1(f"{run.root.resolve()}:{run_stamp(str(run.root))}".encode()).hexdigest()[:10]
 
 
 def explorer_feature_key(run: RunFolder, model: str, layer: int) -> str:

@@ -4,6 +4,7 @@ layer, and the fine-tuned model's prediction. A toggle puts a second sentence be
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 import streamlit as st
@@ -42,7 +43,7 @@ def sae_controls(bundle) -> tuple[SaeChoice, list]:
     in the same row for the feature picker and the matched-feature toggle."""
     layers = list(getattr(bundle, "sae_layers", []) or [])
     if not layers:
-        st.info("This run has no SAEs yet, so only the per-token similarity and the prediction are shown. Train them with `python -m core saes --run RUN`.")
+        st.info(f"This run has no SAEs yet, so only the per-token similarity and the prediction are shown. Train them with `python -m core saes --run {shlex.quote(shared.display_path(bundle.run.root))}`.")
         return SaeChoice("pretrained", None, "variance", 5), []
     c1, c2, c3, c4, c5, c6 = st.columns([1, 1.9, 1.3, 1.3, 1.2, 1.3], vertical_alignment="bottom")
     # Every choice is kept for the session (persist_state), through an empty sentence and a visit
@@ -166,7 +167,8 @@ def sentence_column(run, text: str, result: dict, choice: SaeChoice, feature: in
     panels (the chosen feature, then the top features) share one full-width chart.
     """
     if result.get("truncation"):
-        st.caption(f":material/content_cut: {shared.safe_text(truncation_note(result['truncation']).capitalize())}; the dashed line marks the cut.")
+        note = truncation_note(result["truncation"])
+        st.caption(f":material/content_cut: {shared.safe_text(note[:1].upper() + note[1:])}; the dashed line marks the cut.")
     # token labels that fit (see plots.MAX_TOKEN_LABELS): fewer in the cosine map beside the
     # prediction, fewer still in charts of two sentences side by side
     full, cosine = (plots.MAX_TOKEN_LABELS, 32) if wide else (24, 24)

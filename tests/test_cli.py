@@ -119,7 +119,8 @@ def test_analyze_top_below_one_and_a_closed_pipe(tiny_run):
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="PNG export needs Chromium (installed by scripts/setup.sh --dev)")
 def test_figures_writes_pngs_and_says_when_there_is_nothing_to_draw(tmp_path, tiny_run, tiny_csv, tiny_model):
-    out = cli("figures", "--run", tiny_run.root, "--out", tmp_path / "figs", check=True)
+    home = {"HOME": str(tmp_path / "home")}  # Chromium writes its profile under $HOME
+    out = cli("figures", "--run", tiny_run.root, "--out", tmp_path / "figs", check=True, env=home)
     names = sorted(p.name for p in (tmp_path / "figs").iterdir())
     assert names == ["cka_matrix.png", "classification.png", "similarity.png"], out.stdout
     for name in names:
@@ -127,7 +128,7 @@ def test_figures_writes_pngs_and_says_when_there_is_nothing_to_draw(tmp_path, ti
         assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") == 2 * 900  # scale 2
         assert f"wrote {tmp_path / 'figs' / name}" in out.stdout
     cli("data", "--run", tmp_path / "r", "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model, check=True)
-    assert_user_error(cli("figures", "--run", tmp_path / "r", "--out", tmp_path / "none"), "no figures to draw yet", f"python -m core build --run {tmp_path / 'r'}")
+    assert_user_error(cli("figures", "--run", tmp_path / "r", "--out", tmp_path / "none", env=home), "no figures to draw yet", f"python -m core build --run {tmp_path / 'r'}")
 
 
 def test_unreachable_model_says_how_to_pass_a_local_path(tmp_path, tiny_csv):

@@ -293,7 +293,7 @@ def colour_bar_spans(fig: go.Figure) -> list[tuple[float, float, str]]:
 
 
 @pytest.mark.parametrize("n_top", [0, 1, 3, 8, 20])
-@pytest.mark.parametrize("tokens", [["[CLS]", "a", "[SEP]"], ["[CLS]", "cinematography", "extraordinarily", "[SEP]"]])
+@pytest.mark.parametrize("tokens", [["[CLS]", "a", "[SEP]"], ["[CLS]", "cinematography", "extraordinarily", "[SEP]"], ["[CLS]", "supercalifragilisticexpialidocious", "[SEP]"]])
 def test_stacked_colour_bars_never_touch_and_titles_fit(n_top, tokens):
     """The match panel's two bars overlapped (each as tall as its panel, end labels colliding, and
     "difference" longer than its bar). Every bar now ends at least 12 px (a tick label) from the

@@ -265,24 +265,28 @@ def test_analyze_one_sae_equals_its_entry_of_the_full_analysis(tiny_run):
         analyze_text(bundle, state.text, state=state, saes=[("pretrained", 99)])
 
 
-def test_analyze_says_what_a_long_text_lost(tiny_run):
+@pytest.mark.parametrize("truncation", ["head_tail", "head"])
+def test_analyze_says_what_a_long_text_lost(tiny_run, truncation):
     """A text over the run's max_length: the tokens shown are its first and last ones, exactly as
     ``truncation`` says (checked against the untruncated tokenisation), and the note says so."""
     from core.analysis import analyze_text, format_analysis, load_bundle
 
     bundle = load_bundle(tiny_run)
+    max_length = bundle.config["model"]["max_length"]
+    bundle.config = {**bundle.config, "model": {**bundle.config["model"], "truncation": truncation}}
     assert analyze_text(bundle, "the plot was brilliant", top=1, clean=False)["truncation"] is None
     text = " ".join(f"word{i} the plot was brilliant" for i in range(20))
     result = analyze_text(bundle, text, top=1, clean=False)
     cut = result["truncation"]
     full = bundle.tokenizer.convert_ids_to_tokens(bundle.tokenizer(text, add_special_tokens=False)["input_ids"])
-    max_length = tiny_run.manifest()["config"]["model"]["max_length"]
     assert cut["text_tokens"] == len(full) > max_length and len(result["tokens"]) == max_length
     head, tail = cut["kept_head"], cut["kept_tail"]
-    assert head + tail == max_length - 2 and head == (max_length - 2) // 4  # head_tail: a quarter from the start
-    assert result["tokens"][1 : 1 + head] == full[:head] and result["tokens"][1 + head : -1] == full[-tail:]
+    assert head + tail == max_length - 2 and head > 0 and (tail > 0) == (truncation == "head_tail")
+    assert result["tokens"][1 : 1 + head] == full[:head] and result["tokens"][1 + head : -1] == full[len(full) - tail :]
     assert cut["cut_after"] == head  # index of the last head token ([CLS] is 0)
-    assert f"the text has {len(full)} tokens" in format_analysis(result) and f"{len(full) - head - tail} in between left out" in format_analysis(result)
+    left_out = len(full) - head - tail
+    assert f"the text has {len(full)} tokens" in format_analysis(result)
+    assert (f"{left_out} in between left out" if tail else f"the last {left_out} left out") in format_analysis(result)
 
 
 def test_analyze_json_from_cli(tiny_run):
