@@ -18,6 +18,9 @@ padding, same bf16 autocast) through ``core.activations.hidden_states`` for both
 dropped, timed alternately with the core runs: the overhead figure is ``extract_split`` time / bare time - 1 (tokenising, gathering
 real rows, fp16 conversion and writing shards all count as overhead).
 
+All three run under the glibc setting ``extract_split`` uses (``core.rss.kept_heap``: large
+tensors reuse freed heap pages), so the ratios compare the code, not the allocator.
+
 Also reported (info): the same extraction with shard writing switched off (what is left is core's
 own bookkeeping: sampling, tokenising, planning, copying real rows), and the extraction with the
 default preset's settings (128 tokens, head+tail), as the default pipeline runs it.
@@ -30,13 +33,15 @@ import time
 
 import torch
 
+from core.rss import kept_heap
+
 from bench.common import Context, Section, Timing, bench_run, default_model_cfg, load_models, scratch_run, timeit
 
 
 def paper_loop(models: dict, tokenizer, texts: list[str], batch_size: int = 16, max_length: int = 512) -> int:
     """The naive extraction loop (fp32, pad to 512). Returns the number of real tokens."""
     real = 0
-    with torch.no_grad():
+    with torch.no_grad(), kept_heap():  # the allocator setting extract_split runs under
         for start in range(0, len(texts), batch_size):
             enc = tokenizer(texts[start : start + batch_size], padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
             mask = enc["attention_mask"].bool()
@@ -53,10 +58,11 @@ def bare_forward(models: dict, tokenizer, ids: list[list[int]], batch_tokens: in
     from core.models import pad_batch
 
     lengths = [len(x) for x in ids]
-    for b in plan_batches(lengths, batch_tokens):
-        input_ids, mask = pad_batch([ids[i] for i in b], tokenizer.pad_token_id)
-        for model in models.values():
-            hidden_states(model, input_ids, mask, compute_dtype)
+    with kept_heap():  # the allocator setting extract_split runs under
+        for b in plan_batches(lengths, batch_tokens):
+            input_ids, mask = pad_batch([ids[i] for i in b], tokenizer.pad_token_id)
+            for model in models.values():
+                hidden_states(model, input_ids, mask, compute_dtype)
 
 
 def without_writes(fn) -> None:

@@ -33,6 +33,7 @@ from core.data import load_split
 from core.errors import LayerscopeError, OptionCheck
 from core.models import ModelConfig, encode, load_classifier, load_tokenizer, num_hidden_states, pad_batch, quiet_transformers
 from core.progress import progress_bar
+from core.rss import kept_heap
 from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -153,6 +154,7 @@ def check_layers(layers: list[int] | None, n_states: int) -> list[int]:
     return sorted(set(layers))
 
 
+@kept_heap()  # each batch reuses the heap pages the previous one freed (core.rss)
 def extract_split(run: RunFolder, split: str, n_examples: int, cfg: ActivationsConfig, model_cfg: ModelConfig, models: dict, tokenizer, state=None, layers: list[int] | None = None) -> dict:
     """Extract one split into run/activations/<split>/. Returns its index (also written as index.json).
 
@@ -183,7 +185,7 @@ def extract_split(run: RunFolder, split: str, n_examples: int, cfg: ActivationsC
         pending = None
         for j, s in enumerate(mine):
             if buffer_sets[j % 2] is None:
-                block = {m: torch.empty(len(keep), capacity, d_model, dtype=DTYPES[cfg.storage_dtype]) for m in models}  # one large block each: own mapping, off the heap
+                block = {m: torch.empty(len(keep), capacity, d_model, dtype=DTYPES[cfg.storage_dtype]) for m in models}  # one large block each
                 buffer_sets[j % 2] = {m: {f"layer_{i}": block[m][slot] for slot, i in enumerate(keep)} for m in models}
             meta, hidden = _extract_shard(models, tokenizer, ids, example_ids, shards[s], cfg, buffer_sets[j % 2])
             if pending is not None:

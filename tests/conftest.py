@@ -22,6 +22,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LAYERSCOPE_THREADS", str(torch.get_num_threads()))  # importing pages/_shared.py must not slow the rest of the suite
 
+
+def _glibc_takes_kept_heap_threshold() -> bool:
+    """Whether this is glibc and it accepts ``core.rss.kept_heap``'s 1 GiB mmap threshold (some
+    versions cap it at 32 MB). Asked in a child process: mallopt changes the process it runs in."""
+    import platform
+    import subprocess
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    code = "import ctypes; from core.rss import KEEP_HEAP_BYTES, M_MMAP_THRESHOLD; print(ctypes.CDLL('libc.so.6').mallopt(M_MMAP_THRESHOLD, KEEP_HEAP_BYTES))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() == "1"
+
+
+needs_kept_heap = pytest.mark.skipif(not _glibc_takes_kept_heap_threshold(), reason="needs a glibc that takes a 1 GiB mmap threshold")
+
+
 POSITIVE = ["brilliant", "great", "wonderful", "superb", "moving", "delightful", "excellent", "fun"]
 NEGATIVE = ["terrible", "awful", "boring", "dull", "painful", "weak", "bad", "messy"]
 NEUTRAL = ["the", "movie", "film", "acting", "plot", "was", "and", "really", "story", "music", "quite", "a", "it", "very", "but", "ending", "cast", "this"]

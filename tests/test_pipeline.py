@@ -11,7 +11,7 @@ from core.errors import LayerscopeError
 from core.pipeline import build, run_step
 from core.report import build_report, format_report
 from core.runfolder import FORMAT_VERSION, RunFolder
-from tests.conftest import tiny_overrides
+from tests.conftest import needs_kept_heap, tiny_overrides
 
 
 def _cfg(tiny_model, tiny_csv, **extra):
@@ -268,6 +268,30 @@ def test_train_layers_keep_only_the_chosen_hidden_states(tmp_path, tiny_run):
     assert not run.sae_dir("pretrained", 2).exists()
     with pytest.raises(LayerscopeError, match=r"has \[3\], but this model has hidden states 0..2"):
         extract_split(run, "train", 0, act_cfg, cfg.model, models, tok, layers=[1, 3])
+
+
+@needs_kept_heap
+def test_extraction_runs_with_freed_heap_kept_and_restores_glibc_after(tmp_path, tiny_run, monkeypatch):
+    """``extract_split`` runs its batches under ``core.rss.kept_heap`` and leaves it when done."""
+    import shutil
+
+    from core import activations, rss
+    from core.config import load_config
+    from core.models import load_classifier, load_tokenizer
+
+    for name in (*rss._GLIBC_ENV, rss.OPT_OUT):
+        monkeypatch.delenv(name, raising=False)
+    seen = []
+    shard = activations._extract_shard
+    monkeypatch.setattr(activations, "_extract_shard", lambda *a, **k: seen.append(rss._on) or shard(*a, **k))
+    cfg = load_config(base=tiny_run.manifest()["config"])
+    run = RunFolder(tmp_path / "r")
+    shutil.copytree(tiny_run.root, run.root, ignore=shutil.ignore_patterns("activations", "saes", "features"))
+    tok = load_tokenizer(str(run.model_dir("finetuned")))
+    models = {m: load_classifier(str(run.model_dir(m))).eval() for m in ("pretrained", "finetuned")}
+    activations.extract_split(run, "test", 0, cfg.activations, cfg.model, models, tok)
+    assert seen and all(seen)
+    assert rss._on is False and rss._depth == 0
 
 
 def test_options_added_later_leave_old_step_hashes_alone():
