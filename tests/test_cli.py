@@ -13,8 +13,22 @@ import pytest
 from tests.conftest import ROOT
 
 
+_HOME = ""  # set by _cli_home for this module's tests
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cli_home(tmp_path_factory):
+    """The CLI runs with a HOME of its own, so caches it or a library writes stay out of the repo."""
+    global _HOME
+    _HOME = str(tmp_path_factory.mktemp("home"))
+
+
+def cli_env(**extra) -> dict:
+    return {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": _HOME, **extra}
+
+
 def cli(*args, check=False, env=None):
-    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(ROOT), **(env or {})}
+    env = cli_env(**(env or {}))
     out = subprocess.run([sys.executable, "-m", "core", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     if check:
         assert out.returncode == 0, out.stderr
@@ -111,7 +125,7 @@ def test_analyze_top_below_one_and_a_closed_pipe(tiny_run):
     read_end, write_end = os.pipe()
     os.close(read_end)  # like `python -m core report | head` once head has left
     try:
-        out = subprocess.run([sys.executable, "-m", "core", "report", "--run", str(tiny_run.root), "--json"], cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(ROOT)})
+        out = subprocess.run([sys.executable, "-m", "core", "report", "--run", str(tiny_run.root), "--json"], cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120, env=cli_env())
     finally:
         os.close(write_end)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
@@ -119,8 +133,7 @@ def test_analyze_top_below_one_and_a_closed_pipe(tiny_run):
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="PNG export needs Chromium (installed by scripts/setup.sh --dev)")
 def test_figures_writes_pngs_and_says_when_there_is_nothing_to_draw(tmp_path, tiny_run, tiny_csv, tiny_model):
-    home = {"HOME": str(tmp_path / "home")}  # Chromium writes its profile under $HOME
-    out = cli("figures", "--run", tiny_run.root, "--out", tmp_path / "figs", check=True, env=home)
+    out = cli("figures", "--run", tiny_run.root, "--out", tmp_path / "figs", check=True)
     names = sorted(p.name for p in (tmp_path / "figs").iterdir())
     assert names == ["cka_matrix.png", "classification.png", "similarity.png"], out.stdout
     for name in names:
@@ -128,7 +141,7 @@ def test_figures_writes_pngs_and_says_when_there_is_nothing_to_draw(tmp_path, ti
         assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") == 2 * 900  # scale 2
         assert f"wrote {tmp_path / 'figs' / name}" in out.stdout
     cli("data", "--run", tmp_path / "r", "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model, check=True)
-    assert_user_error(cli("figures", "--run", tmp_path / "r", "--out", tmp_path / "none", env=home), "no figures to draw yet", f"python -m core build --run {tmp_path / 'r'}")
+    assert_user_error(cli("figures", "--run", tmp_path / "r", "--out", tmp_path / "none"), "no figures to draw yet", f"python -m core build --run {tmp_path / 'r'}")
 
 
 def test_unreachable_model_says_how_to_pass_a_local_path(tmp_path, tiny_csv):
