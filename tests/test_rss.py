@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from core.rss import peak_rss_mb, release_free_memory, reset_peak_rss
-from tests.conftest import needs_kept_heap
+from tests.conftest import ROOT, needs_kept_heap
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 
@@ -79,10 +79,9 @@ def _heap_probe(**env) -> dict:
     import json
     import os
     import subprocess
-    from pathlib import Path
 
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LAYERSCOPE_KEEP_HEAP"))}
-    out = subprocess.run([sys.executable, "-c", HEAP_PROBE], env={**clean, **env}, cwd=Path(__file__).parents[1], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", HEAP_PROBE], env={**clean, **env}, cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
