@@ -255,8 +255,13 @@ def test_dying_latents_stop_training_only_when_asked():
 def test_fused_optimiser_matches_reference_adam(monkeypatch, arch):
     """The trainer's fused Adam gives the weights a plain per-parameter Adam gives."""
     cfg = SAEConfig(d_in=8, d_sae=32, k=4, architecture=arch)
+    batches = random_batches()
+
+    def run(train):
+        return train_sae(cfg, train, batches, init_sample=batches[0], progress=False)[0]
+
     train = quick(max_steps=5, autocast_bf16=False)
-    fused, _ = train_sae(cfg, train, random_batches(), init_sample=random_batches()[0], progress=False)
+    fused = run(train)
 
     real_adam = torch.optim.Adam
 
@@ -264,8 +269,8 @@ def test_fused_optimiser_matches_reference_adam(monkeypatch, arch):
         return real_adam(params, lr=lr, foreach=False)
 
     monkeypatch.setattr(torch.optim, "Adam", reference_adam)
-    reference, _ = train_sae(cfg, train, random_batches(), init_sample=random_batches()[0], progress=False)
+    reference = run(train)
     for (name, p), q in zip(fused.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
-    start = train_sae(cfg, quick(max_steps=1, lr=1e-12, autocast_bf16=False), random_batches(), init_sample=random_batches()[0], progress=False)[0]
+    start = run(quick(max_steps=1, lr=1e-12, autocast_bf16=False))
     assert not torch.allclose(fused.W_enc, start.W_enc, atol=1e-4)  # five steps moved the weights
