@@ -308,31 +308,47 @@ def feature_comparison(
     subtitle: str = "",
     cut_after: int | None = None,
     max_labels: int = MAX_TOKEN_LABELS,
+    cosine: tuple[Sequence[str], Sequence[Sequence[float]]] | None = None,
+    cosine_low: float = 0.0,
 ) -> go.Figure:
     """One feature per token on both models (sequential scale) above their difference (red-blue,
     centred at zero), on a shared token axis so the columns line up.
 
-    ``top = (row labels, [rows][tokens] activations)`` adds a third panel below (the explorer's
-    top features of the same SAE), on the same token axis: one chart instead of two halves the
-    browser's work per sentence (each Plotly chart is rebuilt from scratch when its data changes).
-    The labelled token axis is always ``xaxis``, at the bottom; the panels above follow it.
+    ``top = (row labels, [rows][tokens] activations)`` adds a panel below (the explorer's top
+    features of the same SAE); ``cosine = (row labels, [layers][tokens] cosines)`` adds one above
+    (the two models' hidden states compared per token, on a viridis scale from ``cosine_low`` to
+    1; ``None`` values show as gaps). Everything on one token axis in one chart: the browser
+    rebuilds each Plotly chart from scratch when its data changes, so one chart per sentence
+    instead of two or three is the cheapest update (``bench/dashboard.py``). The labelled token
+    axis is always ``xaxis``, at the bottom; the panels above follow it. Traces are named
+    ("cosine", "feature", "difference", "top features") and ordered top to bottom.
     ``cut_after`` and ``max_labels`` as in ``token_heatmap``.
     """
     pre, ft = np.asarray(pretrained, dtype=float), np.asarray(finetuned, dtype=float)
     diff = ft - pre if difference is None else np.asarray(difference, dtype=float)
     labels = [esc(t) for t in tokens]
-    x = list(range(len(labels)))
-    rows = [esc(r) for r in row_labels]
     hi = float(np.nanmax([pre.max(initial=0.0), ft.max(initial=0.0)])) or 1.0
     bound = float(np.nanmax(np.abs(diff), initial=0.0)) or 1.0
-    panels = [2, 1] + ([len(top[0])] if top is not None and len(top[0]) else [])
-    domains = _stacked_domains(panels)
+    # One panel per entry, top to bottom: (trace name, row labels, [rows][tokens] values, hover
+    # text for the value, colour bar title, its low and high ends, the trace's colour keys).
+    panels = []
+    if cosine is not None:
+        values = np.asarray(cosine[1], dtype=float).reshape(len(cosine[0]), len(labels))
+        panels.append(("cosine", cosine[0], values, "cosine", "cosine", cosine_low, 1.0, {"colorscale": _VIRIDIS, "zmin": cosine_low, "zmax": 1.0}))
+    panels.append(("feature", row_labels, np.stack([pre, ft]), "activation", "activation", 0.0, hi, {"colorscale": _VIRIDIS, "zmin": 0, "zmax": hi}))
+    panels.append(("difference", ["fine-tuned − pre-trained"], diff[None, :], "difference", "difference", -bound, bound, {"colorscale": _RDBU, "zmid": 0, "zmin": -bound, "zmax": bound}))
+    if top is not None and len(top[0]):
+        values = np.asarray(top[1], dtype=float).reshape(len(top[0]), len(labels))
+        panels.append(("top features", top[0], values, "activation", "activation", 0.0, float(np.nanmax(values, initial=0.0)) or None, {"colorscale": _VIRIDIS, "zmin": 0}))
+    sizes = [len(p[1]) for p in panels]
+    domains = _stacked_domains(sizes)
     # axis n (1-based, top panel first): the last one is "x"/"y" and carries the token labels
     names = [f"{i + 2}" for i in range(len(panels) - 1)] + [""]
     xaxis = _token_ticks(labels, max_labels)
-    y_labels = [*row_labels, "difference", *(top[0] if len(panels) == 3 else [])]
-    margin = _token_margins([esc(r) for r in y_labels], 80 if title else 40, xaxis)
-    plot_px = 20 + 30 * sum(panels)  # the panels' own height, whatever the margins take
+    # the difference row is labelled "difference" on its axis; its hover says which way round
+    y_rows = [[esc(r) for r in p[1]] if p[0] != "difference" else ["difference"] for p in panels]
+    margin = _token_margins([r for rows in y_rows for r in rows], 80 if title else 40, xaxis)
+    plot_px = 20 + 30 * sum(sizes)  # the panels' own height, whatever the margins take
     height = margin["t"] + margin["b"] + plot_px
 
     def bar(i: int, name: str, low: float, high: float | None) -> dict:
@@ -348,55 +364,22 @@ def feature_comparison(
             spec.update(tickmode="array", tickvals=[low, high], ticktext=[f"{low:.2g}", f"{high:.2g}"])
         return spec
 
-    traces = [
-        {
-            "type": "heatmap",
-            "xaxis": f"x{names[0]}",
-            "yaxis": f"y{names[0]}",
-            "z": np.stack([pre, ft]),
-            "x": x,
-            "y": [0, 1],
-            "customdata": [[[t, r] for t in labels] for r in rows],
-            "hovertemplate": "token %{customdata[0]}<br>%{customdata[1]}<br>activation %{z:.4f}<extra></extra>",
-            "colorscale": _VIRIDIS,
-            "zmin": 0,
-            "zmax": hi,
-            "colorbar": bar(0, "activation", 0.0, hi),
-        },
-        {
-            "type": "heatmap",
-            "xaxis": f"x{names[1]}",
-            "yaxis": f"y{names[1]}",
-            "z": diff[None, :],
-            "x": x,
-            "y": [0],
-            "customdata": [[[t, "fine-tuned − pre-trained"] for t in labels]],
-            "hovertemplate": "token %{customdata[0]}<br>%{customdata[1]}<br>difference %{z:.4f}<extra></extra>",
-            "colorscale": _RDBU,
-            "zmid": 0,
-            "zmin": -bound,
-            "zmax": bound,
-            "colorbar": bar(1, "difference", -bound, bound),
-        },
-    ]
-    y_rows = [rows, ["difference"]]
-    if len(panels) == 3:
-        top_rows = [esc(r) for r in top[0]]
-        values = np.asarray(top[1], dtype=float).reshape(len(top_rows), len(labels))
+    traces = []
+    for i, ((name, rows, z, value_name, bar_title, low, high, colours), axis) in enumerate(zip(panels, names)):
+        hover_rows = [esc(r) for r in rows]
         traces.append({
             "type": "heatmap",
-            "xaxis": "x",
-            "yaxis": "y",
-            "z": values,
-            "x": x,
-            "y": list(range(len(top_rows))),
-            "customdata": [[[t, r] for t in labels] for r in top_rows],
-            "hovertemplate": "token %{customdata[0]}<br>%{customdata[1]}<br>activation %{z:.4f}<extra></extra>",
-            "colorscale": _VIRIDIS,
-            "zmin": 0,
-            "colorbar": bar(2, "activation", 0.0, float(np.nanmax(values, initial=0.0)) or None),
+            "name": name,
+            "xaxis": f"x{axis}",
+            "yaxis": f"y{axis}",
+            "z": z,
+            "x": list(range(len(labels))),
+            "y": list(range(len(hover_rows))),
+            "customdata": [[[t, r] for t in labels] for r in hover_rows],
+            "hovertemplate": f"token %{{customdata[0]}}<br>%{{customdata[1]}}<br>{value_name} %{{z:.4f}}<extra></extra>",
+            **colours,
+            "colorbar": bar(i, bar_title, low, high),
         })
-        y_rows.append(top_rows)
     layout = {
         "title": ({"text": esc(title), **({"subtitle": {"text": esc(subtitle)}} if subtitle else {})}) if title else None,
         "height": height,

@@ -283,17 +283,20 @@ def show_error(exc: BaseException) -> None:
         st.code("".join(traceback.format_exception(exc)), language="text")
 
 
-def run_page(body: Callable[[], None]) -> None:
-    """Run a page body, turning exceptions into ``show_error`` boxes instead of a traceback."""
+def run_page(body: Callable[[], None]) -> bool:
+    """Run a page body, turning exceptions into ``show_error`` boxes instead of a traceback;
+    False when it failed."""
     try:
         body()
     except Exception as exc:  # noqa: BLE001 - every failure is shown to the viewer, none is swallowed
         show_error(exc)
+        return False
+    return True
 
 
-def guarded(part: Callable[[], None]) -> None:
+def guarded(part: Callable[[], None]) -> bool:
     """Like ``run_page`` for one independent section, so one failing panel leaves the others visible."""
-    run_page(part)
+    return run_page(part)
 
 
 def chart(fig, key: str | None = None) -> None:

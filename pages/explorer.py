@@ -90,8 +90,9 @@ def layer_labels(num_rows: int) -> list[str]:
     return ["emb" if i == 0 else f"layer {i}" for i in range(num_rows)]
 
 
-def prediction(result: dict) -> None:
-    """The fine-tuned classifier's predicted class and one bar per class probability.
+def prediction(result: dict, columns: bool = False) -> None:
+    """The fine-tuned classifier's predicted class and one bar per class probability, stacked or
+    (``columns``, above a full-width chart) side by side, at most five to a row.
 
     Plain Streamlit bars rather than a Plotly chart: Streamlit rebuilds a Plotly chart from
     scratch on every Enter, which cost 30-50 ms of the update for two to five numbers
@@ -99,8 +100,14 @@ def prediction(result: dict) -> None:
     """
     pred = result["prediction"]
     st.markdown(f"**Prediction: {shared.safe_text(pred['label'])}**")
-    for label, p in pred["probabilities"].items():
-        st.progress(min(max(float(p), 0.0), 1.0), text=f"{shared.safe_text(label)}: {p:.3f}")
+    probs = list(pred["probabilities"].items())
+    if columns and len(probs) > 1:
+        per_row = min(len(probs), 5)
+        slots = [c for _ in range(0, len(probs), per_row) for c in st.columns(per_row)][: len(probs)]
+    else:
+        slots = [st] * len(probs)
+    for slot, (label, p) in zip(slots, probs):
+        slot.progress(min(max(float(p), 0.0), 1.0), text=f"{shared.safe_text(label)}: {p:.3f}")
 
 
 def cut_after(result: dict) -> int | None:
@@ -109,6 +116,7 @@ def cut_after(result: dict) -> int | None:
 
 
 def cosine_panel(result: dict, key: str, low: float, labels: int) -> None:
+    """The cosine map alone: for a run without SAEs, or when the SAE panels fail."""
     fig = plots.token_heatmap(
         result["cosine"],
         result["tokens"],
@@ -122,25 +130,34 @@ def cosine_panel(result: dict, key: str, low: float, labels: int) -> None:
     shared.chart(fig, key=f"{key}_cosine")
 
 
-def feature_panel(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str, labels: int) -> None:
-    """The chosen feature per token on both models' hidden states and their difference, above the
-    top-N features of the same SAE: one chart, so every panel reads down the same token columns."""
+def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str, low: float, labels: int) -> None:
+    """Everything about one sentence in one chart, every panel on the same token columns: the
+    cosine map of the two models' hidden states at every layer, the chosen feature on each
+    model and their difference, and the top-N features of the same SAE.
+
+    One chart rather than a cosine chart beside a feature chart: the browser rebuilds every Plotly
+    chart from scratch on each Enter, and one chart instead of two took 30-50 ms off an update
+    of ~300 ms (``bench/dashboard.py``, docs/bench-history.md).
+    """
     acts = shared.sentence_features(run, text, choice.layer, feature, choice.model)
     entry = top_entry(result, choice)
     ranked = entry["features"] if entry else []
     top = ([f"feature {f['feature']}" for f in ranked], [f["activations"] for f in ranked]) if ranked else None
+    below = f"; below the feature: the top {len(ranked)} features of this SAE by {result['ranking']}" if ranked else ""
     fig = plots.feature_comparison(
         acts["tokens"],
         acts["pretrained"],
         acts["finetuned"],
         acts["difference"],
-        title=f"Feature {feature} ({shared.MODEL_LABELS[choice.model]} SAE, layer {choice.layer}) on each model",
-        subtitle=f"below: the top {len(ranked)} features of this SAE by {result['ranking']}" if ranked else "",
+        title=f"Cosine per layer, and feature {feature} ({shared.MODEL_LABELS[choice.model]} SAE, layer {choice.layer}) on each model",
+        subtitle=f"top: cosine of the pre-trained and fine-tuned hidden states per token{below}",
         top=top,
+        cosine=(layer_labels(len(result["cosine"])), result["cosine"]),
+        cosine_low=low,
         cut_after=cut_after(result),
         max_labels=labels,
     )
-    shared.chart(fig, key=f"{key}_feature")
+    shared.chart(fig, key=f"{key}_sentence")
 
 
 def matched_panel(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str, labels: int) -> None:
@@ -163,23 +180,26 @@ def matched_panel(run, text: str, result: dict, choice: SaeChoice, feature: int,
 def sentence_column(run, text: str, result: dict, choice: SaeChoice, feature: int | None, key: str, low: float, matched: bool, wide: bool) -> None:
     """Every panel for one sentence; a failing panel shows its error and leaves the others.
 
-    ``wide`` (one sentence) puts the prediction beside the cosine map, else below it. The SAE
-    panels (the chosen feature, then the top features) share one full-width chart.
+    With an SAE feature: the prediction, then one full-width chart of the cosine map and the SAE
+    panels (``sentence_chart``). Without SAEs: the cosine map with the prediction beside it
+    (``wide``, one sentence) or below it. ``wide`` also labels more tokens per chart.
     """
     if result.get("truncation"):
         note = truncation_note(result["truncation"])
         st.caption(f":material/content_cut: {shared.safe_text(note[:1].upper() + note[1:])}; the dashed line marks the cut.")
     # token labels that fit (see plots.MAX_TOKEN_LABELS): fewer in the cosine map beside the
     # prediction, fewer still in charts of two sentences side by side
-    full, cosine = (plots.MAX_TOKEN_LABELS, 32) if wide else (24, 24)
-    first = st.columns([3, 1]) if wide else [st.container(), st.container()]
-    with first[0]:
-        shared.guarded(lambda: cosine_panel(result, key, low, cosine))
-    with first[1]:
-        shared.guarded(lambda: prediction(result))
+    full, narrow = (plots.MAX_TOKEN_LABELS, 32) if wide else (24, 24)
     if feature is None:
+        first = st.columns([3, 1]) if wide else [st.container(), st.container()]
+        with first[0]:
+            shared.guarded(lambda: cosine_panel(result, key, low, narrow))
+        with first[1]:
+            shared.guarded(lambda: prediction(result))
         return
-    shared.guarded(lambda: feature_panel(run, text, result, choice, feature, key, full))
+    shared.guarded(lambda: prediction(result, columns=wide))
+    if not shared.guarded(lambda: sentence_chart(run, text, result, choice, feature, key, low, full)):
+        shared.guarded(lambda: cosine_panel(result, key, low, full))  # the SAE panels failed; the cosine map needs no SAE
     if matched:
         shared.guarded(lambda: matched_panel(run, text, result, choice, feature, key, full))
 

@@ -9,6 +9,7 @@ the tokens). Tests of SAE content skip while the tiny run has no SAEs / feature 
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shlex
@@ -16,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
@@ -128,6 +130,24 @@ def chart(at: AppTest, fragment: str) -> dict:
     return found[0]
 
 
+def array(z) -> np.ndarray:
+    """A trace's ``z`` as an array: Plotly writes numpy arrays as base64 typed arrays
+    (``{"dtype", "bdata", "shape"}``), plain lists as lists."""
+    if isinstance(z, dict):
+        shape = [int(n) for n in str(z.get("shape", "-1")).split(",")]
+        return np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape(shape)
+    return np.asarray(z, dtype=float)
+
+
+def trace(fig: dict, name: str) -> dict:
+    (found,) = [t for t in fig["data"] if t.get("name") == name]
+    return found
+
+
+# the explorer's one chart per sentence: cosine map, chosen feature, top features
+SENTENCE = "Cosine per layer, and feature"
+
+
 def assert_clean(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
@@ -200,7 +220,7 @@ def test_similarity_page_curves_heatmap_and_table(app):
     curves, heatmap = charts(at)[:2]
     assert [t["name"] for t in curves["data"]] == ["cosine of means", "mean cosine", "token cosine", "linear CKA"]
     assert curves["data"][0]["x"] == [0, 1, 2]
-    assert heatmap["data"][0]["type"] == "heatmap" and len(heatmap["data"][0]["z"]) == 3
+    assert heatmap["data"][0]["type"] == "heatmap" and array(heatmap["data"][0]["z"]).shape == (3, 3)
     assert "pre-trained" in heatmap["layout"]["yaxis"]["title"]["text"]
     table = at.dataframe[0].value
     assert list(table.columns[:5]) == ["layer", "cosine_of_means", "mean_cosine", "token_cosine", "cka"]
@@ -249,7 +269,7 @@ def test_a_feature_picked_on_one_run_does_not_follow_to_another(app, runs, sae_r
     assert_clean(at)
     other_key = shared.explorer_feature_key(RunFolder(runs["other"]), "pretrained", layer)
     assert other_key != key and at.number_input(key=other_key).value == top  # the other run's own top feature
-    assert f"Feature {top} " in title(chart(at, "on each model"))
+    assert f"feature {top} " in title(chart(at, SENTENCE))
 
 
 def test_query_param_selects_run(app, runs):
@@ -353,16 +373,26 @@ def explorer(app, **kw) -> AppTest:
 
 def test_explorer_shows_cosine_prediction_feature_and_top_features(app, sae_run):
     at = explorer(app)
-    cosine = chart(at, "Cosine")
-    assert len(cosine["data"][0]["z"]) == sae_run_num_layers(sae_run) + 1
-    assert "[CLS]" in cosine["layout"]["xaxis"]["ticktext"] and "brilliant" in cosine["layout"]["xaxis"]["ticktext"]
-    assert "customdata[0]" in cosine["data"][0]["hovertemplate"]
-    feature = chart(at, "on each model")
-    assert feature["data"][1]["zmid"] == 0  # the difference is diverging, centred at zero
-    assert "top 8 features of this SAE by variance" in feature["layout"]["title"]["subtitle"]["text"]  # sharing the chart, below
-    top = feature["data"][2]
-    assert top["type"] == "heatmap" and top["xaxis"] == "x" and len(feature["layout"]["yaxis"]["ticktext"]) == 8
-    assert feature["layout"]["xaxis"]["ticktext"] == cosine["layout"]["xaxis"]["ticktext"]  # the same token columns
+    (fig,) = charts(at)  # one chart for the sentence: the browser redraws one chart per Enter, not two
+    assert SENTENCE in title(fig)
+    assert [t["name"] for t in fig["data"]] == ["cosine", "feature", "difference", "top features"]  # top to bottom
+    cosine = trace(fig, "cosine")
+    assert array(cosine["z"]).shape[0] == sae_run_num_layers(sae_run) + 1
+    assert "[CLS]" in fig["layout"]["xaxis"]["ticktext"] and "brilliant" in fig["layout"]["xaxis"]["ticktext"]
+    assert "customdata[0]" in cosine["hovertemplate"] and "cosine %{z" in cosine["hovertemplate"]
+    assert cosine["zmax"] == 1 and cosine["colorbar"]["title"]["text"] == "cosine"
+    # the page shows what core computes for the sentence, on the same token columns as the SAE panels
+    from core.analysis import layer_cosine, load_bundle, sentence_state
+
+    bundle = load_bundle(sae_run)
+    state = sentence_state(bundle, at.text_input(key=shared.KEY_TEXT).value)
+    np.testing.assert_allclose(array(cosine["z"]), np.array(layer_cosine(state), dtype=float), atol=1e-6)
+    assert all(t["x"] == list(range(len(state.tokens))) for t in fig["data"])
+    assert trace(fig, "difference")["zmid"] == 0  # the difference is diverging, centred at zero
+    assert "top 8 features of this SAE by variance" in fig["layout"]["title"]["subtitle"]["text"]  # sharing the chart, below
+    top = trace(fig, "top features")
+    assert top["xaxis"] == "x" and len(fig["layout"]["yaxis"]["ticktext"]) == 8
+    assert all(fig["layout"][f"xaxis{i}"]["matches"] == "x" for i in (2, 3, 4))  # one token axis for every panel
     bars = at.get("progress")  # one bar per class, in label order
     assert [b.text.rsplit(":", 1)[0] for b in bars] == read_json(sae_run.labels_path)["names"]
     assert 100 - len(bars) <= sum(b.value for b in bars) <= 100 + len(bars)  # probabilities, in percent
@@ -374,18 +404,49 @@ def test_explorer_shows_cosine_prediction_feature_and_top_features(app, sae_run)
     assert picker.min == 0 and picker.max == d_sae - 1  # no feature beyond the dictionary can be asked for
 
 
+def _drop_saes(m: dict, root: Path) -> None:
+    shutil.rmtree(root / "saes")
+    for step in ("saes", "features"):
+        m["steps"].pop(step, None)
+
+
+def test_explorer_without_saes_shows_the_cosine_map_beside_the_prediction(app, sae_run, tmp_path):
+    at = explorer(app, run=_copy_run(sae_run.root, tmp_path / "no_saes", _drop_saes))
+    assert any("no SAEs yet" in i.value for i in at.info)
+    (fig,) = charts(at)
+    assert title(fig).startswith("Cosine, pre-trained vs fine-tuned") and len(fig["data"]) == 1
+    assert array(fig["data"][0]["z"]).shape[0] == sae_run_num_layers(sae_run) + 1
+    assert [b.text.rsplit(":", 1)[0] for b in at.get("progress")] == read_json(sae_run.labels_path)["names"]
+
+
+def test_a_failing_sae_panel_leaves_the_cosine_map_and_the_prediction(app, sae_run, monkeypatch):
+    from core.errors import LayerscopeError
+
+    def broken(*args, **kwargs):
+        raise LayerscopeError("feature store unreadable")
+
+    monkeypatch.setattr(shared, "sentence_features", broken)
+    at = open_page(app(), EXPLORER)
+    assert any("feature store unreadable" in e.value for e in at.error) and not at.exception
+    (fig,) = charts(at)
+    assert title(fig).startswith("Cosine, pre-trained vs fine-tuned") and "brilliant" in fig["layout"]["xaxis"]["ticktext"]
+    assert len(at.get("progress")) == len(read_json(sae_run.labels_path)["names"])
+
+
 def sae_run_num_layers(run: RunFolder) -> int:
     return read_json(run.similarity_dir / "similarity.json")["layers"][-1]["layer"]
 
 
 def test_typing_a_sentence_changes_the_heatmaps(app, sae_run):
     at = explorer(app)
-    before = {k: json.dumps(chart(at, k)) for k in ("Cosine", "on each model")}
+    before = chart(at, SENTENCE)
     at.text_input(key=shared.KEY_TEXT).input("the music was awful and boring").run()
     assert_clean(at)
-    after = {k: json.dumps(chart(at, k)) for k in ("Cosine", "on each model")}
-    assert all(before[k] != after[k] for k in before)
-    assert "awful" in chart(at, "Cosine")["layout"]["xaxis"]["ticktext"]
+    after = chart(at, SENTENCE)
+    for name in ("cosine", "feature", "difference", "top features"):
+        a, b = array(trace(before, name)["z"]), array(trace(after, name)["z"])
+        assert a.shape != b.shape or not np.allclose(a, b, equal_nan=True), name
+    assert "awful" in after["layout"]["xaxis"]["ticktext"]
 
 
 def test_script_tags_typed_as_a_sentence_stay_text(app, sae_run, runs):
@@ -396,8 +457,8 @@ def test_script_tags_typed_as_a_sentence_stay_text(app, sae_run, runs):
         specs = json.dumps(charts(at), ensure_ascii=False)
         assert "<script>" not in specs and "<b>" not in specs and "</b>" not in specs
         assert "<script>" not in texts(at)
-        assert "alert" in chart(at, "Cosine")["layout"]["xaxis"]["ticktext"]
-    assert "&lt;" in chart(at, "Cosine")["layout"]["xaxis"]["ticktext"]  # the uncleaned run keeps '<' as a token
+        assert "alert" in chart(at, SENTENCE)["layout"]["xaxis"]["ticktext"]
+    assert "&lt;" in chart(at, SENTENCE)["layout"]["xaxis"]["ticktext"]  # the uncleaned run keeps '<' as a token
 
 
 def test_layer_and_feature_pickers(app, sae_run, runs):
@@ -406,16 +467,16 @@ def test_layer_and_feature_pickers(app, sae_run, runs):
     assert len(layers) >= 1
     first = layers[0]
     at.selectbox(key=shared.KEY_EX_LAYER).select(int(first)).run()
-    assert f"layer {first}" in title(chart(at, "on each model"))
+    assert f"layer {first}" in title(chart(at, SENTENCE))
     key = shared.explorer_feature_key(RunFolder(runs["tiny"]), "pretrained", int(first))
     top = at.number_input(key=key).value
-    assert f"Feature {top} " in title(chart(at, "on each model"))
+    assert f"feature {top} " in title(chart(at, SENTENCE))
     at.number_input(key=key).set_value(top + 1).run()
-    assert f"Feature {top + 1} " in title(chart(at, "on each model"))
+    assert f"feature {top + 1} " in title(chart(at, SENTENCE))
     at.segmented_control(key=shared.KEY_EX_MODEL).set_value("finetuned").run()
-    assert "fine-tuned SAE" in title(chart(at, "on each model"))
+    assert "fine-tuned SAE" in title(chart(at, SENTENCE))
     at.selectbox(key=shared.KEY_EX_RANK).select("density").run()
-    assert "by density" in chart(at, "on each model")["layout"]["title"]["subtitle"]["text"]
+    assert "by density" in chart(at, SENTENCE)["layout"]["title"]["subtitle"]["text"]
     assert_clean(at)
 
 
@@ -431,7 +492,7 @@ def test_explorer_choices_survive_an_empty_sentence_and_a_page_switch(app, sae_r
 
     def assert_kept(at: AppTest) -> None:
         assert_clean(at)
-        feature = chart(at, "on each model")
+        feature = chart(at, SENTENCE)
         assert f"fine-tuned SAE, layer {first})" in title(feature)
         assert "top 5 features of this SAE by density" in feature["layout"]["title"]["subtitle"]["text"]
 
@@ -443,7 +504,7 @@ def test_explorer_choices_survive_an_empty_sentence_and_a_page_switch(app, sae_r
     assert_clean(at)
     at.switch_page(EXPLORER).run()
     assert_kept(at)
-    assert "dull" in chart(at, "Cosine")["layout"]["xaxis"]["ticktext"]
+    assert "dull" in chart(at, SENTENCE)["layout"]["xaxis"]["ticktext"]
 
 
 def test_a_long_text_shows_where_it_was_cut(app, sae_run):
@@ -452,16 +513,16 @@ def test_a_long_text_shows_where_it_was_cut(app, sae_run):
     assert_clean(at)
     (note,) = [c.value for c in at.caption if "tokens; as in training" in c.value]
     assert "in between left out" in note and "dashed line" in note
-    cosine, feature = chart(at, "Cosine"), chart(at, "on each model")
-    cut = cosine["layout"]["shapes"][0]["x0"]
-    assert feature["layout"]["shapes"][0]["x0"] == cut and cut == int(cut) + 0.5
-    tokens = len(cosine["data"][0]["customdata"][0])
+    fig = chart(at, SENTENCE)
+    (cut,) = [s["x0"] for s in fig["layout"]["shapes"]]  # one line, across every panel
+    assert cut == int(cut) + 0.5 and fig["layout"]["shapes"][0]["yref"] == "paper"
+    tokens = len(trace(fig, "cosine")["customdata"][0])
     assert tokens == sae_run.manifest()["config"]["model"]["max_length"]
     at.toggle(key=shared.KEY_COMPARE).set_value(True).run()  # half-width charts: labels thinned, not piled up
-    assert len(chart(at, "Cosine")["layout"]["xaxis"]["ticktext"]) <= 24 < tokens
+    assert len(chart(at, SENTENCE)["layout"]["xaxis"]["ticktext"]) <= 24 < tokens
     at.toggle(key=shared.KEY_COMPARE).set_value(False).run()
     at.text_input(key=shared.KEY_TEXT).input("the plot was dull").run()
-    assert not [c for c in at.caption if "as in training" in c.value] and "shapes" not in chart(at, "Cosine")["layout"]
+    assert not [c for c in at.caption if "as in training" in c.value] and "shapes" not in chart(at, SENTENCE)["layout"]
 
 
 def test_matched_feature_panel(app, sae_run, features_run):
@@ -477,10 +538,12 @@ def test_compare_toggle_shows_a_second_sentence(app, sae_run):
     at.toggle(key=shared.KEY_COMPARE).set_value(True).run()
     assert_clean(at)
     assert len(charts(at)) == 2 * n
-    ticks = [f["layout"]["xaxis"]["ticktext"] for f in charts(at) if title(f).startswith("Cosine")]
+    figs = [f for f in charts(at) if SENTENCE in title(f)]
+    ticks = [f["layout"]["xaxis"]["ticktext"] for f in figs]
     assert "brilliant" in ticks[0] and "terrible" in ticks[1]
+    assert trace(figs[0], "cosine")["zmin"] == trace(figs[1], "cosine")["zmin"] <= 0  # one colour scale for both sentences
     at.text_input(key=shared.KEY_TEXT_B).input("the plot was dull").run()
-    ticks = [f["layout"]["xaxis"]["ticktext"] for f in charts(at) if title(f).startswith("Cosine")]
+    ticks = [f["layout"]["xaxis"]["ticktext"] for f in charts(at) if SENTENCE in title(f)]
     assert "terrible" not in ticks[1] and "dull" in ticks[1]
 
 

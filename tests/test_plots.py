@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import plotly.graph_objects as go
+import numpy as np
 import pytest
 
 from core import plots
@@ -168,6 +169,34 @@ def test_feature_comparison_with_top_features_below_on_the_same_tokens():
     assert_escaped(spec(fig))
 
 
+def test_feature_comparison_with_the_cosine_map_on_top():
+    """The explorer's one chart per sentence: cosine rows above the feature, every panel on the
+    labelled token axis at the bottom, the cosine on its own scale from the given low end to 1."""
+    cosine = [[0.5, None, 1.0, 0.9, 0.8, 0.7], [0.2, 0.3, 0.4, 0.5, 0.6, -0.1]]
+    top = (["feature 7", "feature 2"], [[0, 5, 0, 0, 1, 0], [2, 0, 0, 0, 0, 0]])
+    raw = plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], title="f", top=top, cosine=(["emb", "<i>layer 1</i>"], cosine), cosine_low=-0.1, cut_after=2)
+    fig = validated(raw)
+    assert [t.name for t in fig.data] == ["cosine", "feature", "difference", "top features"]
+    assert [(t.xaxis, t.yaxis) for t in fig.data] == [("x2", "y2"), ("x3", "y3"), ("x4", "y4"), ("x", "y")]
+    assert all(fig.layout[f"xaxis{i}"].matches == "x" for i in (2, 3, 4)) and list(fig.layout.xaxis.ticktext) == [plots.esc(t) for t in EVIL]
+    c = fig.data[0]
+    z = np.asarray(raw.data[0].z, dtype=float)
+    assert np.isnan(z[0, 1]) and z[1, 5] == -0.1 and z[0, 2] == 1.0  # None drawn as a gap, values as given
+    viridis = go.Heatmap(colorscale="Viridis").colorscale
+    assert (c.zmin, c.zmax) == (-0.1, 1.0) and [col for _, col in c.colorscale] == [col for _, col in viridis]
+    assert [stop for stop, _ in c.colorscale] == pytest.approx([stop for stop, _ in viridis], abs=1e-6)
+    assert "cosine %{z" in c.hovertemplate and list(fig.layout.yaxis2.ticktext) == ["emb", "&lt;i&gt;layer 1&lt;/i&gt;"]
+    assert c.customdata[1][3] == ["a&amp;b", "&lt;i&gt;layer 1&lt;/i&gt;"]
+    domains = [fig.layout[f"yaxis{i}"].domain for i in (2, 3, 4)] + [fig.layout.yaxis.domain]
+    assert all(upper[0] > lower[1] for upper, lower in zip(domains, domains[1:]))  # top to bottom, apart
+    assert (domains[0][1] - domains[0][0]) == pytest.approx(2 * (domains[2][1] - domains[2][0]), rel=1e-3)  # 2 rows vs 1
+    (line,) = fig.layout.shapes
+    assert line.yref == "paper" and (line.y0, line.y1) == (0, 1)  # the cut crosses the cosine rows too
+    without = plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], title="f", top=top)
+    assert fig.layout.height == without.layout.height + 30 * 2
+    assert_escaped(spec(fig))
+
+
 # ----------------------------------------------------------------------------- features
 def test_feature_bars_from_mapping_and_negative_colour():
     fig = plots.feature_bars({"neg": -0.5, "<pos>": 1.5}, title="effect")
@@ -292,17 +321,19 @@ def colour_bar_spans(fig: go.Figure) -> list[tuple[float, float, str]]:
     return sorted(spans)
 
 
+@pytest.mark.parametrize("n_cosine", [0, 7, 13])
 @pytest.mark.parametrize("n_top", [0, 1, 3, 8, 20])
 @pytest.mark.parametrize("tokens", [["[CLS]", "a", "[SEP]"], ["[CLS]", "cinematography", "extraordinarily", "[SEP]"], ["[CLS]", "supercalifragilisticexpialidocious", "[SEP]"]])
-def test_stacked_colour_bars_never_touch_and_titles_fit(n_top, tokens):
+def test_stacked_colour_bars_never_touch_and_titles_fit(n_top, tokens, n_cosine):
     """The match panel's two bars overlapped (each as tall as its panel, end labels colliding, and
     "difference" longer than its bar). Every bar now ends at least 12 px (a tick label) from the
     next, and a title is drawn only along a bar at least as long as the title (7 px a character)."""
     n = len(tokens)
     top = ([f"feature {i}" for i in range(n_top)], [[float(i + t) for t in range(n)] for i in range(n_top)]) if n_top else None
-    fig = validated(plots.feature_comparison(tokens, [0.0] * n, [1.0] * n, title="f", top=top))
+    cosine = ([f"layer {i}" for i in range(n_cosine)], [[0.5] * n for _ in range(n_cosine)]) if n_cosine else None
+    fig = validated(plots.feature_comparison(tokens, [0.0] * n, [1.0] * n, title="f", top=top, cosine=cosine))
     spans = colour_bar_spans(fig)
-    assert len(spans) == (3 if n_top else 2)
+    assert len(spans) == 2 + bool(n_top) + bool(n_cosine)
     for (lo1, hi1, _), (lo2, hi2, _) in zip(spans, spans[1:]):
         assert lo2 - hi1 >= 12, spans
     for lo, hi, title in spans:
