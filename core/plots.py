@@ -82,6 +82,7 @@ def _array_ticks(labels: Sequence[str], **extra) -> dict:
 # Longer texts label every n-th token (hover names every one) instead of piling labels up.
 MAX_TOKEN_LABELS = 48
 BAR_GAP = 14  # px between stacked colour bars: room for a 12 px tick label at each bar's end
+DIFFERENCE_LINES = ("fine-tuned −", "pre-trained")  # the difference row's label, one line each
 
 
 def _token_ticks(labels: Sequence[str], max_labels: int) -> dict:
@@ -345,9 +346,10 @@ def feature_comparison(
     # axis n (1-based, top panel first): the last one is "x"/"y" and carries the token labels
     names = [f"{i + 2}" for i in range(len(panels) - 1)] + [""]
     xaxis = _token_ticks(labels, max_labels)
-    # the difference row is labelled "difference" on its axis; its hover says which way round
-    y_rows = [[esc(r) for r in p[1]] if p[0] != "difference" else ["difference"] for p in panels]
-    margin = _token_margins([r for rows in y_rows for r in rows], 80 if title else 40, xaxis)
+    # the difference row says which way round it is, on two lines so it is no wider than the rows
+    # above; its colour bar's ends carry signs (blue: higher on the fine-tuned model)
+    y_rows = [[esc(r) for r in p[1]] if p[0] != "difference" else ["<br>".join(DIFFERENCE_LINES)] for p in panels]
+    margin = _token_margins([line for rows in y_rows for r in rows for line in r.split("<br>")], 80 if title else 40, xaxis)
     plot_px = 20 + 30 * sum(sizes)  # the panels' own height, whatever the margins take
     height = margin["t"] + margin["b"] + plot_px
 
@@ -361,7 +363,8 @@ def feature_comparison(
         if px >= 7 * len(name) + 16:
             spec["title"] = {"text": name, "side": "right"}
         if px < 60 and high is not None:
-            spec.update(tickmode="array", tickvals=[low, high], ticktext=[f"{low:.2g}", f"{high:.2g}"])
+            number = "{:+.2g}" if name == "difference" else "{:.2g}"
+            spec.update(tickmode="array", tickvals=[low, high], ticktext=[number.format(low), number.format(high)])
         return spec
 
     traces = []
@@ -434,11 +437,17 @@ def feature_bars(
 
 
 def histogram(edges: Sequence[float], counts: Sequence[int], title: str = "", x_title: str = "activation", log_y: bool = False) -> go.Figure:
-    """Bars of precomputed bin ``counts`` between consecutive ``edges`` (len(edges) == len(counts) + 1)."""
+    """Bars of precomputed bin ``counts`` between consecutive ``edges`` (len(edges) == len(counts) + 1);
+    empty bins after the last filled one are left out."""
     e = np.asarray(edges, dtype=float)
     c = np.asarray(counts, dtype=float)
     if len(e) != len(c) + 1:
         raise ValueError(f"histogram needs len(edges) == len(counts) + 1, got {len(e)} and {len(c)}")
+    # Bins past the last non-empty one are dropped: the feature histograms' range is the next
+    # power of two above the maximum (exact streaming counts), so up to half of it can be empty.
+    filled = np.flatnonzero(c)
+    if len(filled):
+        c, e = c[: filled[-1] + 1], e[: filled[-1] + 2]
     centres, widths = (e[:-1] + e[1:]) / 2, np.diff(e)
     fig = go.Figure(
         go.Bar(
@@ -452,7 +461,8 @@ def histogram(edges: Sequence[float], counts: Sequence[int], title: str = "", x_
     )
     fig.update_layout(bargap=0.02)
     fig.update_xaxes(title=esc(x_title))
-    fig.update_yaxes(title="tokens", type="log" if log_y else "linear")
+    # a log axis labelled at powers of ten only (its default also labels 2 and 5 of each decade)
+    fig.update_yaxes(title="tokens", **({"type": "log", "dtick": 1} if log_y else {"type": "linear"}))
     return _layout(fig, esc(title))
 
 

@@ -80,7 +80,7 @@ def test_sentence_explorer_in_a_browser(server, page, tmp_path, tiny_run):
     assert page.locator(".js-plotly-plot script, .js-plotly-plot b").count() == 0
     assert page.locator(".js-plotly-plot").count() == 1  # one chart: the cosine map above the SAE panels
     rows = page.eval_on_selector_all(".js-plotly-plot .yaxislayer-above text", "els => els.map(e => e.textContent)")
-    assert "emb" in rows and "difference" in rows and "pre-trained" in rows, rows
+    assert "emb" in rows and "pre-trained" in rows and "fine-tuned −pre-trained" in rows, rows  # the difference row: two lines
     assert page.get_by_text("Prediction:").count() >= 1
     assert_no_errors(page)
     page.screenshot(path=str(tmp_path / "explorer.png"))

@@ -144,6 +144,14 @@ def test_feature_comparison_shares_the_token_axis_and_centres_the_difference():
     assert fig.layout.xaxis2.matches == "x" and fig.layout.xaxis2.showticklabels is False
     assert list(fig.layout.xaxis.ticktext) == [plots.esc(t) for t in EVIL]
     assert fig.layout.yaxis2.domain[0] > fig.layout.yaxis.domain[1]  # the difference row sits below, apart
+    # the difference row says which way round, on two lines no wider than "pre-trained"; its short
+    # colour bar is signed at both ends, the high (blue) end being "fine-tuned higher"
+    assert list(fig.layout.yaxis.ticktext) == ["fine-tuned −<br>pre-trained"]
+    assert list(diverging.colorbar.ticktext) == ["-3", "+3"] and list(diverging.colorbar.tickvals) == [-3, 3]
+    assert list(sequential.colorbar.ticktext) == ["0", "3"]  # a sequential scale stays unsigned
+    assert diverging.colorscale[-1][1] == "rgb(5,48,97)"  # ColorBrewer RdBu: positive = blue
+    one_line = plots.feature_comparison(["a"], [0.0], [1.0], row_labels=("pre-trained", "fine-tuned −pre-trained"))
+    assert one_line.layout.margin.l > raw.layout.margin.l  # the margin follows the longest line
     assert_escaped(spec(fig))
 
 
@@ -213,6 +221,21 @@ def test_histogram_uses_bin_edges():
     assert list(bar.x) == [0.5, 1.5, 3.0] and list(bar.width) == [1, 1, 2] and list(bar.y) == [5, 3, 1]
     with pytest.raises(ValueError):
         plots.histogram([0, 1], [1, 2])
+
+
+def test_histogram_leaves_out_empty_bins_after_the_last_filled_one():
+    """Feature histograms span [0, next power of two above the max]: the empty top half is not drawn."""
+    edges = [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    fig = plots.histogram(edges, [4, 0, 2, 1, 0, 0, 0, 0])
+    validated(fig)
+    (bar,) = fig.data
+    assert list(bar.x) == [0.5, 1.5, 2.5, 3.5] and list(bar.y) == [4, 0, 2, 1]  # a gap inside is kept
+    assert [list(c) for c in bar.customdata][-1] == [3, 4]
+    (empty,) = plots.histogram([0, 1, 2], [0, 0]).data
+    assert list(empty.y) == [0, 0]  # nothing filled: drawn as given
+    log = validated(plots.histogram(edges, [4, 0, 2, 1, 0, 0, 0, 0], log_y=True))
+    assert log.layout.yaxis.type == "log" and log.layout.yaxis.dtick == 1  # labels at powers of ten only
+    assert validated(plots.histogram(edges, [1] * 8)).layout.yaxis.type == "linear"
 
 
 def test_token_spans_html_escapes_every_token():
