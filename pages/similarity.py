@@ -14,12 +14,12 @@ from pages import _shared as shared
 def controls(run) -> tuple[list[str], list[str], bool]:
     """Measures, runs to overlay, depth normalisation."""
     others = [p for p in shared.discover_runs() if p != str(run.root)]
-    c1, c2, c3 = st.columns([3, 3, 2], vertical_alignment="bottom")
     # choices kept for the session, across pages (persist_state); overlays kept only while they exist
     if shared.KEY_SIM_OVERLAY in st.session_state:
         st.session_state[shared.KEY_SIM_OVERLAY] = [p for p in st.session_state[shared.KEY_SIM_OVERLAY] if p in others]
-    with c1:
-        measures = st.pills("Measures", list(plots.MEASURES), selection_mode="multi", default=list(plots.MEASURES), format_func=plots.MEASURE_LABELS.get, key=shared.KEY_SIM_MEASURES, persist_state="session") or []
+    # the four measure pills get a row of their own: in a third of the page the last one was cut off
+    measures = st.pills("Measures", list(plots.MEASURES), selection_mode="multi", default=list(plots.MEASURES), format_func=plots.MEASURE_LABELS.get, key=shared.KEY_SIM_MEASURES, persist_state="session") or []
+    c2, c3 = st.columns([3, 2], vertical_alignment="bottom")
     overlay = c2.multiselect(
         "Overlay other runs",
         others,

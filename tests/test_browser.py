@@ -94,3 +94,12 @@ def test_overview_and_similarity_in_a_browser(server, page, tmp_path):
         page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot').length >= {expected}", timeout=60_000)
         assert_no_errors(page)
         page.screenshot(path=str(tmp_path / f"{path or 'overview'}.png"))
+    # the similarity page's measure pills all show: none cut off by the edge of their group (they
+    # sat in a third of the page, where the last one was scrolled out of sight)
+    overflow = page.evaluate(
+        """() => [...document.querySelectorAll('[data-testid="stButtonGroup"]')].flatMap(g => {
+             const edge = g.getBoundingClientRect().right;
+             return [...g.querySelectorAll('button')].filter(b => b.getBoundingClientRect().right > edge + 1).map(b => b.textContent.trim());
+           })"""
+    )
+    assert page.get_by_role("button", name="linear CKA").count() == 1 and overflow == [], overflow
