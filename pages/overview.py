@@ -132,6 +132,32 @@ def numbers_frame(numbers: dict) -> pd.DataFrame:
     return pd.DataFrame({"quantity": [k.replace("_", " ") for k in numbers], "value": [f"{v:.4f}" if isinstance(v, float) else str(v) for v in numbers.values()]})
 
 
+def _numbers(spec: dict[str, tuple[str, str]]) -> dict:
+    """Column configs {column: (label, printf format)}: what the table shows; the data and its CSV keep the raw names."""
+    return {col: st.column_config.NumberColumn(label, format=fmt) for col, (label, fmt) in spec.items()}
+
+
+SAE_COLUMNS = _numbers({
+    "d_sae": ("latents", "%d"),
+    "l0": ("L0", "%.1f"),
+    "fvu": ("FVU", "%.3f"),
+    "dead_fraction": ("dead", "%.4f"),
+    "accuracy_spliced": ("acc spliced", "%.3f"),
+    "kl_spliced": ("KL spliced", "%.4f"),
+    "fvu_on_finetuned": ("FVU on fine-tuned", "%.3f"),
+    "rare_token_share": ("rare tokens", "%.3f"),
+    "rare_error_share": ("their share of the error", "%.3f"),
+    "fvu_rare_tokens": ("FVU, rare tokens", "%.3f"),
+    "fvu_other_tokens": ("FVU, other tokens", "%.3f"),
+})
+MATCHING_COLUMNS = _numbers({
+    **{k: (k, "%.3f") for k in ("kept", "shifted", "new", "lost")},
+    **{f"baseline_{k}": (f"{k}, seed baseline", "%.3f") for k in ("kept", "shifted", "new", "lost")},
+    "kept_threshold": ("kept if similarity >=", "%.2f"),
+    "shifted_threshold": ("shifted if >=", "%.2f"),
+})
+
+
 def saes(run, rep: dict) -> None:
     """SAE quality per (model, layer) and feature matching, when those steps ran."""
     st.header("Sparse autoencoders", divider="gray")
@@ -140,12 +166,12 @@ def saes(run, rep: dict) -> None:
         return
     table = sae_frame(rep["saes"])
     st.caption("Held-out tokens. L0: active latents per token; FVU: fraction of variance unexplained; dead: latents that never fired; acc spliced: the fine-tuned classifier's accuracy with that layer's hidden state replaced by the SAE reconstruction (a pre-trained SAE reads the fine-tuned model's hidden state, so its figure includes drift); KL spliced: the mean KL divergence of those class probabilities from the unspliced ones, finer than accuracy on a few hundred texts.")
-    st.dataframe(table, hide_index=True, width="stretch")
+    st.dataframe(table, hide_index=True, width="stretch", column_config=SAE_COLUMNS)
     shared.download_csv(table, f"{run.name}-saes.csv", key="dl_saes")
     if rep.get("matching"):
         st.subheader("Feature matching, pre-trained to fine-tuned")
         match = matching_frame(rep["matching"])
-        st.dataframe(match, hide_index=True, width="stretch")
+        st.dataframe(match, hide_index=True, width="stretch", column_config=MATCHING_COLUMNS)
         shared.download_csv(match, f"{run.name}-matching.csv", key="dl_matching")
 
 

@@ -205,6 +205,13 @@ def test_overview_sae_table_when_saes_exist(app, sae_run):
     assert shown == pytest.approx(want)
     if sae_run.is_done("features"):
         assert any({"kept", "shifted", "new", "lost"} <= set(df.columns) for df in frames)
+    # shown with readable headers and fixed decimals; the data (and its CSV) keep the raw names
+    shown_as = {}
+    for d in at.dataframe:
+        shown_as.update({col: c.get("label") for col, c in json.loads(d.proto.columns or "{}").items()})
+    assert shown_as["fvu"] == "FVU" and shown_as["dead_fraction"] == "dead" and shown_as["kl_spliced"] == "KL spliced"
+    if sae_run.is_done("features"):
+        assert shown_as["baseline_lost"] == "lost, seed baseline"
 
 
 @pytest.mark.parametrize("page", ["pages/overview.py", SIMILARITY, EXPLORER, FEATURES])
