@@ -19,8 +19,8 @@ def controls(run) -> tuple[list[str], list[str], bool]:
         st.session_state[shared.KEY_SIM_OVERLAY] = [p for p in st.session_state[shared.KEY_SIM_OVERLAY] if p in others]
     # the four measure pills get a row of their own: in a third of the page the last one was cut off
     measures = st.pills("Measures", list(plots.MEASURES), selection_mode="multi", default=list(plots.MEASURES), format_func=plots.MEASURE_LABELS.get, key=shared.KEY_SIM_MEASURES, persist_state="session") or []
-    c2, c3 = st.columns([3, 2], vertical_alignment="bottom")
-    overlay = c2.multiselect(
+    left, right = st.columns([3, 2], vertical_alignment="bottom")
+    overlay = left.multiselect(
         "Overlay other runs",
         others,
         format_func=shared.run_label,
@@ -28,7 +28,7 @@ def controls(run) -> tuple[list[str], list[str], bool]:
         persist_state="session",
         placeholder="other datasets or model sizes" if others else "no other runs found under checkpoints/",
     )
-    normalise = c3.toggle("Depth-normalised x axis", key=shared.KEY_SIM_NORMALISE, persist_state="session", help="x = layer / number of layers, so models of different depth line up")
+    normalise = right.toggle("Depth-normalised x axis", key=shared.KEY_SIM_NORMALISE, persist_state="session", help="x = layer / number of layers, so models of different depth line up")
     return measures, overlay, normalise
 
 
