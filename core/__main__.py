@@ -74,7 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--run", default=str(DEFAULT_RUN))
     a.add_argument("--text", required=True, help="the sentence to analyse")
     a.add_argument("--top", type=int, default=5, help="top features per SAE")
-    a.add_argument("--rank-by", default="variance", choices=["variance", "selectivity", "density"], help="feature ranking")
+    a.add_argument(
+        "--rank-by",
+        default="variance",
+        choices=["variance", "selectivity", "density", "sentence"],  # core.analysis.RANKINGS (not imported here: it loads torch)
+        help="feature ranking: over the dataset (variance, selectivity, density; from the features step) or by variance over this sentence",
+    )
     a.add_argument("--raw", action="store_true", help="analyse the text as typed (skip the run's lowercasing/punctuation removal)")
     a.add_argument("--json", action="store_true")
     e = sub.add_parser("export", help="write the run as one self-contained HTML report")

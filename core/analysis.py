@@ -22,6 +22,13 @@ from core.sae import topk_rows
 from core.saes import load_sae
 
 MAX_TEXT_CHARS = 5000
+# Dataset-level rankings come from the features step; "sentence" ranks the features of each SAE by
+# their variance over the tokens of the sentence analysed (the paper's measure, on one text): the
+# features that vary most along this sentence, rather than over the whole dataset.
+DATASET_RANKINGS = ("variance", "selectivity", "density")
+SENTENCE_RANKING = "sentence"
+RANKINGS = (*DATASET_RANKINGS, SENTENCE_RANKING)
+SENTENCE_LABEL = "variance over this sentence"
 
 
 @dataclass
@@ -146,7 +153,10 @@ def latents(bundle: Bundle, state: SentenceState, sae_model: str, layer: int, on
 
 
 def feature_order(bundle: Bundle, model: str, layer: int, by: str = "variance") -> torch.Tensor | None:
-    """Dataset-level ranking from the features step, or None when that step has not run."""
+    """Dataset-level ranking from the features step, or None when that step has not run (and for
+    ``by="sentence"``, which has no dataset-level order)."""
+    if by == SENTENCE_RANKING:
+        return None
     key = (model, layer, by)
     if key not in bundle.rankings:
         from core.features_step import ranking
@@ -161,7 +171,7 @@ def feature_order(bundle: Bundle, model: str, layer: int, by: str = "variance") 
 def top_features(bundle: Bundle, state: SentenceState, model: str, layer: int, top: int = 5, by: str = "variance") -> list[dict]:
     z = latents(bundle, state, model, layer)  # [T, d_sae]
     order = feature_order(bundle, model, layer, by)
-    if order is None:  # no dataset statistics yet: rank by variance over this sentence
+    if order is None:  # "sentence", or no dataset statistics yet: rank by variance over this sentence
         order = torch.argsort(z.var(0), descending=True, stable=True)
     return [{"feature": int(f), "activations": z[:, f].tolist()} for f in order[:top]]
 
@@ -240,7 +250,7 @@ def _all_top_features(bundle: Bundle, state: SentenceState, top: int, by: str) -
     for st in _stacks(bundle):
         z, values, indices = _encode_stack(st, state)
         orders = [feature_order(bundle, m, layer, by) for m, layer in st.keys]
-        if any(o is None for o in orders):  # no dataset statistics yet: rank by variance over this sentence
+        if any(o is None for o in orders):  # "sentence", or no dataset statistics yet: variance over this sentence
             var = z.var(1) if z is not None else _variance_over_tokens(values, indices, st.W_enc.shape[2])
             by_var = torch.argsort(var, dim=1, descending=True, stable=True)
             orders = [o if o is not None else by_var[i] for i, o in enumerate(orders)]
@@ -272,6 +282,8 @@ def analyze_text(
     """
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise LayerscopeError(f"top={top!r}: ask for at least 1 feature per SAE (--top N, default 5)")
+    if rank_by not in RANKINGS:
+        raise LayerscopeError(f"unknown ranking {rank_by!r}; use one of {', '.join(RANKINGS)} (--rank-by)")
     state = state or sentence_state(bundle, text, clean)
     if saes is None:
         keys = list(bundle.saes)
@@ -290,9 +302,19 @@ def analyze_text(
             "probabilities": dict(zip(bundle.labels, state.probabilities)),
         },
         "truncation": state.truncation,
-        "ranking": rank_by if ranked else "variance over this sentence" + ("" if rank_by == "variance" else f" (no dataset-level {rank_by} before the features step)"),
+        "ranking": ranking_label(rank_by, ranked),
         "saes": [{"model": m, "layer": l, "features": features[(m, l)]} for m, l in sorted(keys, key=lambda k: (MODELS.index(k[0]), k[1]))],
     }
+
+
+def ranking_label(rank_by: str, ranked: bool) -> str:
+    """What the top features were ranked by, as ``analyze`` reports it: the dataset-level ranking
+    asked for, or the variance over this sentence (asked for, or the fallback before the features step)."""
+    if rank_by == SENTENCE_RANKING:
+        return SENTENCE_LABEL
+    if ranked:
+        return rank_by
+    return SENTENCE_LABEL + ("" if rank_by == "variance" else f" (no dataset-level {rank_by} before the features step)")
 
 
 def sentence_features(bundle: Bundle, state: SentenceState, layer: int, feature: int, sae_model: str = "pretrained") -> dict:

@@ -37,7 +37,9 @@ from core.runfolder import STEPS, RunFolder
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUN_NAME = "default"
 CHART_CONFIG = {"toImageButtonOptions": {"format": "png", "scale": 2}, "displaylogo": False}
-RANKINGS = ("variance", "selectivity", "density")
+RANKINGS = ("variance", "selectivity", "density")  # dataset-level: core.analysis.DATASET_RANKINGS
+EXPLORER_RANKINGS = (*RANKINGS, "sentence")  # core.analysis.RANKINGS (not imported here: it loads transformers)
+RANKING_LABELS = {"sentence": "this sentence"}
 MODEL_LABELS = {"pretrained": "pre-trained", "finetuned": "fine-tuned"}
 
 
@@ -64,6 +66,7 @@ KEY_RUN_TEXT = "ls_run_text"  # sidebar "other run folder" text box
 KEY_RUN_MESSAGE = "ls_run_message"  # message about a run path that could not be opened
 KEY_QUERY_RUN = "ls_query_run"  # last ?run= value applied, so it is applied once
 KEY_CLAIM_THRESHOLD = "ls_claim_threshold"
+KEY_SAE_EVERY_COLUMN = "ls_sae_every_column"  # overview: the SAE table's every-column toggle
 KEY_SIM_MEASURES = "ls_sim_measures"
 KEY_SIM_OVERLAY = "ls_sim_overlay"
 KEY_SIM_NORMALISE = "ls_sim_normalise"

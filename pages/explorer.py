@@ -52,7 +52,14 @@ def sae_controls(bundle) -> tuple[SaeChoice, list]:
         st.session_state[shared.KEY_EX_LAYER] = layers[-1]
     layer = c1.selectbox("Layer", layers, key=shared.KEY_EX_LAYER, help="hidden state index (0 = embeddings)", persist_state="session")
     model = c2.segmented_control("SAE dictionary", list(shared.MODEL_LABELS), default="pretrained", format_func=shared.MODEL_LABELS.get, key=shared.KEY_EX_MODEL, required=True, persist_state="session") or "pretrained"
-    rank_by = c3.selectbox("Rank features by", shared.RANKINGS, key=shared.KEY_EX_RANK, persist_state="session")
+    rank_by = c3.selectbox(
+        "Rank features by",
+        shared.EXPLORER_RANKINGS,
+        format_func=lambda r: shared.RANKING_LABELS.get(r, r),
+        key=shared.KEY_EX_RANK,
+        persist_state="session",
+        help="variance, selectivity, density: over the dataset (the features step); this sentence: variance over its tokens, so the features that vary most along it come first",
+    )
     top = c4.slider("Top features", 3, 20, 8, key=shared.KEY_EX_TOP, persist_state="session")
     return SaeChoice(model, layer, rank_by, top), [c5, c6]
 
@@ -81,7 +88,7 @@ def feature_picker(run, choice: SaeChoice, result: dict, d_sae: int) -> int | No
         step=1,
         key=key,
         persist_state="session",
-        help=f"feature of the {shared.MODEL_LABELS[choice.model]} SAE at layer {choice.layer}; starts at the top feature by {choice.rank_by} (top: {', '.join(map(str, ranked[:10]))})",
+        help=f"feature of the {shared.MODEL_LABELS[choice.model]} SAE at layer {choice.layer}; starts at the top feature by {result['ranking']} (top: {', '.join(map(str, ranked[:10]))})",
     )
     return int(feature)
 

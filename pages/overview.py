@@ -150,6 +150,9 @@ SAE_COLUMNS = _numbers({
     "fvu_rare_tokens": ("FVU, rare tokens", "%.3f"),
     "fvu_other_tokens": ("FVU, other tokens", "%.3f"),
 })
+# What the SAE table shows unless "every column" is on: the quality bars and drift; the rest (MSE,
+# dense fraction, the rare-token split, k, token counts, hashes) made the table scroll sideways.
+SAE_COMPACT = ("model", "layer", "architecture", "d_sae", "l0", "fvu", "dead_fraction", "accuracy_spliced", "kl_spliced", "fvu_on_finetuned")
 MATCHING_COLUMNS = _numbers({
     **{k: (k, "%.3f") for k in ("kept", "shifted", "new", "lost")},
     **{f"baseline_{k}": (f"{k}, seed baseline", "%.3f") for k in ("kept", "shifted", "new", "lost")},
@@ -166,7 +169,14 @@ def saes(run, rep: dict) -> None:
         return
     table = sae_frame(rep["saes"])
     st.caption("Held-out tokens. L0: active latents per token; FVU: fraction of variance unexplained; dead: latents that never fired; acc spliced: the fine-tuned classifier's accuracy with that layer's hidden state replaced by the SAE reconstruction (a pre-trained SAE reads the fine-tuned model's hidden state, so its figure includes drift); KL spliced: the mean KL divergence of those class probabilities from the unspliced ones, finer than accuracy on a few hundred texts.")
-    st.dataframe(table, hide_index=True, width="stretch", column_config=SAE_COLUMNS)
+    every = st.toggle(
+        "Every column",
+        key=shared.KEY_SAE_EVERY_COLUMN,
+        persist_state="session",
+        help="add MSE, the dense fraction, the split of the error between rare and other tokens, and the settings behind each figure (the CSV always has every column)",
+    )
+    order = None if every else [c for c in SAE_COMPACT if c in table.columns]
+    st.dataframe(table, hide_index=True, width="stretch", column_config=SAE_COLUMNS, column_order=order)
     shared.download_csv(table, f"{run.name}-saes.csv", key="dl_saes")
     if rep.get("matching"):
         st.subheader("Feature matching, pre-trained to fine-tuned")

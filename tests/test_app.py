@@ -214,6 +214,26 @@ def test_overview_sae_table_when_saes_exist(app, sae_run):
         assert shown_as["baseline_lost"] == "lost, seed baseline"
 
 
+def sae_table(at: AppTest):
+    (table,) = [d for d in at.dataframe if {"model", "layer", "fvu", "l0"} <= set(d.value.columns)]
+    return table
+
+
+def test_overview_sae_table_fits_until_every_column_is_asked_for(app, sae_run):
+    """15+ columns scrolled sideways: by default the table shows the quality figures only, the
+    toggle brings back the rest, and the data (and CSV) always hold every column."""
+    at = app().run()
+    table = sae_table(at)
+    assert list(table.proto.column_order) == ["model", "layer", "architecture", "d_sae", "l0", "fvu", "dead_fraction", "accuracy_spliced", "kl_spliced", "fvu_on_finetuned"]
+    assert {"mse", "dense_fraction", "rare_error_share"} <= set(table.value.columns)
+    at.toggle(key=shared.KEY_SAE_EVERY_COLUMN).set_value(True).run()
+    assert_clean(at)
+    assert list(sae_table(at).proto.column_order) == []  # no order given: every column, as in the data
+    at.switch_page(SIMILARITY).run()
+    at.switch_page("pages/overview.py").run()
+    assert at.toggle(key=shared.KEY_SAE_EVERY_COLUMN).value and list(sae_table(at).proto.column_order) == []  # kept for the session
+
+
 @pytest.mark.parametrize("page", ["pages/overview.py", SIMILARITY, EXPLORER, FEATURES])
 def test_every_page_runs_without_exception(app, page):
     at = open_page(app(), page)
@@ -485,6 +505,28 @@ def test_layer_and_feature_pickers(app, sae_run, runs):
     at.selectbox(key=shared.KEY_EX_RANK).select("density").run()
     assert "by density" in chart(at, SENTENCE)["layout"]["title"]["subtitle"]["text"]
     assert_clean(at)
+
+
+def test_explorer_ranks_top_features_by_this_sentence(app, sae_run):
+    """"this sentence": the top-features panel lists core's per-sentence ranking (variance over the
+    sentence's tokens), for each sentence of a comparison its own."""
+    from core.analysis import analyze_text, load_bundle
+
+    at = explorer(app)
+    assert at.selectbox(key=shared.KEY_EX_RANK).options == ["variance", "selectivity", "density", "this sentence"]
+    at.toggle(key=shared.KEY_COMPARE).set_value(True).run()
+    at.selectbox(key=shared.KEY_EX_RANK).set_value("sentence").run()
+    assert_clean(at)
+    bundle = load_bundle(sae_run)
+    layer, top = int(at.selectbox(key=shared.KEY_EX_LAYER).value), int(at.slider(key=shared.KEY_EX_TOP).value)
+    figs = [f for f in charts(at) if SENTENCE in title(f)]
+    texts_shown = [at.text_input(key=k).value for k in (shared.KEY_TEXT, shared.KEY_TEXT_B)]
+    assert len(figs) == 2
+    for fig, text in zip(figs, texts_shown):
+        assert f"top {top} features of this SAE by variance over this sentence" in fig["layout"]["title"]["subtitle"]["text"]
+        (entry,) = analyze_text(bundle, text, top=top, rank_by="sentence", saes=[("pretrained", layer)])["saes"]
+        assert fig["layout"]["yaxis"]["ticktext"] == [f"feature {f['feature']}" for f in entry["features"]]
+    assert figs[0]["layout"]["yaxis"]["ticktext"] != figs[1]["layout"]["yaxis"]["ticktext"]
 
 
 def test_explorer_choices_survive_an_empty_sentence_and_a_page_switch(app, sae_run):

@@ -120,6 +120,16 @@ def test_max_length_beyond_the_model_positions_is_refused_by_the_finetune_step(t
     assert not (tmp_path / "r" / "finetune").exists()
 
 
+def test_analyze_ranks_by_the_sentence_from_the_cli(tiny_run):
+    out = cli("analyze", "--run", tiny_run.root, "--text", "a fine film", "--rank-by", "sentence", "--top", "2", "--json", check=True)
+    result = json.loads(out.stdout)
+    assert result["ranking"] == "variance over this sentence" and all(len(e["features"]) == 2 for e in result["saes"])
+    text = cli("analyze", "--run", tiny_run.root, "--text", "a fine film", "--rank-by", "sentence", check=True).stdout
+    assert "(top features by variance over this sentence)" in text
+    bad = cli("analyze", "--run", tiny_run.root, "--text", "a fine film", "--rank-by", "loudest")  # argparse's own message
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--rank-by: invalid choice: 'loudest'" in bad.stderr and "'sentence'" in bad.stderr
+
+
 def test_analyze_top_below_one_and_a_closed_pipe(tiny_run):
     assert_user_error(cli("analyze", "--run", tiny_run.root, "--text", "a fine film", "--top", "0"), "top=0", "at least 1 feature")
     read_end, write_end = os.pipe()

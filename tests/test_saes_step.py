@@ -246,6 +246,56 @@ def test_analyze_equals_direct_computation(tiny_run):
     assert sum(probs.values()) == pytest.approx(1.0) and result["prediction"]["label"] == max(probs, key=probs.get)
 
 
+def test_rank_by_sentence_orders_features_by_their_variance_over_the_sentence(tiny_run):
+    """``--rank-by sentence``: each SAE's top features are those with the largest variance over this
+    sentence's tokens, from a hand encode; the batched all-SAE path and the one-SAE path agree."""
+    from transformers import AutoModel
+
+    from core.analysis import analyze_text, load_bundle, sentence_state
+
+    bundle = load_bundle(tiny_run)
+    text = "the plot was brilliant but the acting was dull"
+    state = sentence_state(bundle, text, clean=False)
+    result = analyze_text(bundle, text, top=4, rank_by="sentence", clean=False, state=state)
+    assert result["ranking"] == "variance over this sentence"
+    ids = torch.tensor([state.token_ids])
+    for entry in result["saes"]:
+        key = (entry["model"], entry["layer"])
+        with torch.no_grad():
+            hidden = AutoModel.from_pretrained(str(tiny_run.model_dir(key[0])))(input_ids=ids, output_hidden_states=True).hidden_states
+        z = _encode_numpy(bundle.saes[key], hidden[key[1]][0].double().numpy())  # [T, d_sae]
+        var = z.var(0, ddof=1)
+        got = [f["feature"] for f in entry["features"]]
+        np.testing.assert_allclose(var[got], np.sort(var)[::-1][:4], rtol=1e-4, atol=1e-9)  # the 4 largest, in order
+        for f in entry["features"]:
+            np.testing.assert_allclose(f["activations"], z[:, f["feature"]], atol=1e-4)
+        (one,) = analyze_text(bundle, text, top=4, rank_by="sentence", state=state, saes=[key])["saes"]
+        assert [f["feature"] for f in one["features"]] == got
+    by_variance = analyze_text(bundle, text, top=4, rank_by="variance", clean=False, state=state)
+    assert by_variance["ranking"] == "variance"  # the dataset-level ranking of the features step
+    assert [e["features"] for e in by_variance["saes"]] != [e["features"] for e in result["saes"]]
+
+
+def test_unknown_ranking_is_refused(tiny_run):
+    from core.analysis import analyze_text, load_bundle
+
+    with pytest.raises(LayerscopeError, match="unknown ranking 'loudest'; use one of variance, selectivity, density, sentence"):
+        analyze_text(load_bundle(tiny_run), "the plot", rank_by="loudest")
+
+
+def test_rankings_offered_by_the_cli_and_the_explorer_are_core_s():
+    """The CLI and the dashboard spell the rankings out (importing core.analysis would load
+    transformers at start-up); they must stay the ones core accepts."""
+    from core import analysis
+    from core.__main__ import _parser
+    from pages import _shared
+
+    sub = next(a for a in _parser()._actions if a.dest == "verb").choices["analyze"]
+    (rank,) = [a for a in sub._actions if a.dest == "rank_by"]
+    assert tuple(rank.choices) == analysis.RANKINGS == _shared.EXPLORER_RANKINGS
+    assert _shared.RANKINGS == analysis.DATASET_RANKINGS
+
+
 def test_analyze_one_sae_equals_its_entry_of_the_full_analysis(tiny_run):
     """The dashboard asks for the chosen SAE only: same features and values as the batched all-SAE path."""
     from core.analysis import analyze_text, load_bundle, sentence_state
