@@ -8,6 +8,7 @@ run names) goes through ``esc`` first: ``<b>x</b>`` shows as literal text, never
 from __future__ import annotations
 
 import html
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -32,6 +33,31 @@ DEPTH_AXIS = "relative depth (layer / number of layers)"
 def esc(text) -> str:
     """Escape ``<``, ``>`` and ``&`` so Plotly shows user text literally."""
     return html.escape(str(text), quote=False)
+
+
+TITLE_LINE_PX, SUBTITLE_LINE_PX = 22, 16  # height of one more wrapped line of a title / subtitle
+NARROW_TITLE_CHARS = 52  # title characters per line that fit a chart half a page wide (two sentences side by side)
+
+
+def _wrapped_title(title: str, subtitle: str = "", wrap: int | None = None) -> tuple[dict | None, int]:
+    """Plotly title (escaped) and the extra top margin it needs. ``wrap``: at most that many
+    characters per title line (a subtitle's smaller font fits 1.5x as many), for charts too narrow
+    for the whole title on one line, such as two sentences side by side; Plotly never wraps
+    titles itself and cuts them at the chart's edge."""
+    if not title:
+        return None, 0
+
+    def lines(text: str, width: int | None) -> list[str]:
+        return [esc(t) for t in (textwrap.wrap(text, width, break_on_hyphens=False) if width else [text])] or [""]
+
+    head = lines(title, wrap)
+    sub = lines(subtitle, int(wrap * 1.5) if wrap else None) if subtitle else []
+    spec = {"text": "<br>".join(head)}
+    if sub:
+        spec["subtitle"] = {"text": "<br>".join(sub)}
+    if len(head) > 1 or len(sub) > 1:  # pinned to the top, so the added lines grow downwards into the margin
+        spec.update(y=1, yref="container", yanchor="top", pad={"t": 12})
+    return spec, TITLE_LINE_PX * (len(head) - 1) + SUBTITLE_LINE_PX * max(len(sub) - 1, 0)
 
 
 def _layout(fig: go.Figure, title: str = "", height: int | None = None) -> go.Figure:
@@ -244,13 +270,14 @@ def token_heatmap(
     zrange: tuple[float, float] | None = None,
     cut_after: int | None = None,
     max_labels: int = MAX_TOKEN_LABELS,
+    wrap: int | None = None,
 ) -> go.Figure:
     """Rows x tokens heatmap; x positions are indices so repeated tokens stay separate columns.
 
     Hover shows the token, the row label and the exact value. ``diverging=True`` centres a
     red-blue scale at zero (for signed values such as differences). ``cut_after`` marks where a
     truncated text lost tokens (``analyze_text``'s ``truncation``); at most ``max_labels`` tokens
-    are labelled.
+    are labelled; ``wrap`` breaks a long title into lines (``_wrapped_title``).
     """
     values = np.asarray(z, dtype=float)
     if values.ndim == 1:
@@ -276,10 +303,11 @@ def token_heatmap(
         if zrange is not None:
             trace.update(zmin=zrange[0], zmax=zrange[1])
     xaxis = _token_ticks(tokens, max_labels)
+    head, extra = _wrapped_title(title, wrap=wrap)
     layout = {
-        "title": {"text": esc(title)} if title else None,
-        "height": max(180, 60 + 28 * len(rows)) + 40,
-        "margin": _token_margins(rows, 80 if title else 40, xaxis),
+        "title": head,
+        "height": max(180, 60 + 28 * len(rows)) + 40 + extra,
+        "margin": _token_margins(rows, (80 if title else 40) + extra, xaxis),
         "xaxis": xaxis,
         "yaxis": _array_ticks(rows, autorange="reversed"),
         **_cut_marker(cut_after),
@@ -311,6 +339,10 @@ def feature_comparison(
     max_labels: int = MAX_TOKEN_LABELS,
     cosine: tuple[Sequence[str], Sequence[Sequence[float]]] | None = None,
     cosine_low: float = 0.0,
+    feature_max: float | None = None,
+    difference_bound: float | None = None,
+    top_max: float | None = None,
+    wrap: int | None = None,
 ) -> go.Figure:
     """One feature per token on both models (sequential scale) above their difference (red-blue,
     centred at zero), on a shared token axis so the columns line up.
@@ -323,13 +355,18 @@ def feature_comparison(
     instead of two or three is the cheapest update (``bench/dashboard.py``). The labelled token
     axis is always ``xaxis``, at the bottom; the panels above follow it. Traces are named
     ("cosine", "feature", "difference", "top features") and ordered top to bottom.
-    ``cut_after`` and ``max_labels`` as in ``token_heatmap``.
+    ``cut_after``, ``max_labels`` and ``wrap`` as in ``token_heatmap``.
+
+    Colour scales run from 0 to the largest activation of this chart (the feature rows, the top
+    features), and the difference from -b to +b with b its largest magnitude; ``feature_max``,
+    ``top_max`` and ``difference_bound`` set those ends instead, so that charts drawn side by side
+    (two sentences compared) give one colour one value.
     """
     pre, ft = np.asarray(pretrained, dtype=float), np.asarray(finetuned, dtype=float)
     diff = ft - pre if difference is None else np.asarray(difference, dtype=float)
     labels = [esc(t) for t in tokens]
-    hi = float(np.nanmax([pre.max(initial=0.0), ft.max(initial=0.0)])) or 1.0
-    bound = float(np.nanmax(np.abs(diff), initial=0.0)) or 1.0
+    hi = feature_max or float(np.nanmax([pre.max(initial=0.0), ft.max(initial=0.0)])) or 1.0
+    bound = difference_bound or float(np.nanmax(np.abs(diff), initial=0.0)) or 1.0
     # One panel per entry, top to bottom: (trace name, row labels, [rows][tokens] values, hover
     # text for the value, colour bar title, its low and high ends, the trace's colour keys).
     panels = []
@@ -340,7 +377,8 @@ def feature_comparison(
     panels.append(("difference", ["fine-tuned − pre-trained"], diff[None, :], "difference", "difference", -bound, bound, {"colorscale": _RDBU, "zmid": 0, "zmin": -bound, "zmax": bound}))
     if top is not None and len(top[0]):
         values = np.asarray(top[1], dtype=float).reshape(len(top[0]), len(labels))
-        panels.append(("top features", top[0], values, "activation", "activation", 0.0, float(np.nanmax(values, initial=0.0)) or None, {"colorscale": _VIRIDIS, "zmin": 0}))
+        top_hi = top_max or float(np.nanmax(values, initial=0.0)) or None
+        panels.append(("top features", top[0], values, "activation", "activation", 0.0, top_hi, {"colorscale": _VIRIDIS, "zmin": 0, **({"zmax": top_hi} if top_max else {})}))
     sizes = [len(p[1]) for p in panels]
     domains = _stacked_domains(sizes)
     # axis n (1-based, top panel first): the last one is "x"/"y" and carries the token labels
@@ -349,7 +387,8 @@ def feature_comparison(
     # the difference row says which way round it is, on two lines so it is no wider than the rows
     # above; its colour bar's ends carry signs (blue: higher on the fine-tuned model)
     y_rows = [[esc(r) for r in p[1]] if p[0] != "difference" else ["<br>".join(DIFFERENCE_LINES)] for p in panels]
-    margin = _token_margins([line for rows in y_rows for r in rows for line in r.split("<br>")], 80 if title else 40, xaxis)
+    head, extra = _wrapped_title(title, subtitle, wrap)
+    margin = _token_margins([line for rows in y_rows for r in rows for line in r.split("<br>")], (80 if title else 40) + extra, xaxis)
     plot_px = 20 + 30 * sum(sizes)  # the panels' own height, whatever the margins take
     height = margin["t"] + margin["b"] + plot_px
 
@@ -384,7 +423,7 @@ def feature_comparison(
             "colorbar": bar(i, bar_title, low, high),
         })
     layout = {
-        "title": ({"text": esc(title), **({"subtitle": {"text": esc(subtitle)}} if subtitle else {})}) if title else None,
+        "title": head,
         "height": height,
         "margin": margin,
         **_cut_marker(cut_after),

@@ -18,6 +18,19 @@ DEFAULT_TEXT_B = "the acting was terrible but the plot was dull"
 
 
 @dataclass
+class Scales:
+    """Colour-scale ends shared by the charts of compared sentences, so that one colour means one
+    value in both; None: each chart fits its own data (one sentence)."""
+
+    cosine_low: float = 0.0
+    feature_max: float | None = None
+    difference_bound: float | None = None
+    top_max: float | None = None
+    matched_max: float | None = None
+    matched_bound: float | None = None
+
+
+@dataclass
 class SaeChoice:
     """What the SAE panels show: the dictionary (model), layer, ranking and number of features."""
 
@@ -122,7 +135,7 @@ def cut_after(result: dict) -> int | None:
     return (result.get("truncation") or {}).get("cut_after")
 
 
-def cosine_panel(result: dict, key: str, low: float, labels: int) -> None:
+def cosine_panel(result: dict, key: str, low: float, labels: int, wrap: int | None) -> None:
     """The cosine map alone: for a run without SAEs, or when the SAE panels fail."""
     fig = plots.token_heatmap(
         result["cosine"],
@@ -133,11 +146,12 @@ def cosine_panel(result: dict, key: str, low: float, labels: int) -> None:
         zrange=(low, 1.0),
         cut_after=cut_after(result),
         max_labels=labels,
+        wrap=wrap,
     )
     shared.chart(fig, key=f"{key}_cosine")
 
 
-def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str, low: float, labels: int) -> None:
+def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str, scales: Scales, labels: int, wrap: int | None) -> None:
     """Everything about one sentence in one chart, every panel on the same token columns: the
     cosine map of the two models' hidden states at every layer, the chosen feature on each
     model and their difference, and the top-N features of the same SAE.
@@ -160,14 +174,18 @@ def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int
         subtitle=f"top: cosine of the pre-trained and fine-tuned hidden states per token{below}",
         top=top,
         cosine=(layer_labels(len(result["cosine"])), result["cosine"]),
-        cosine_low=low,
+        cosine_low=scales.cosine_low,
+        feature_max=scales.feature_max,
+        difference_bound=scales.difference_bound,
+        top_max=scales.top_max,
         cut_after=cut_after(result),
         max_labels=labels,
+        wrap=wrap,
     )
     shared.chart(fig, key=f"{key}_sentence")
 
 
-def matched_panel(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str, labels: int) -> None:
+def matched_panel(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str, scales: Scales, labels: int, wrap: int | None) -> None:
     """A pre-trained feature on the pre-trained model next to its matched fine-tuned feature on the fine-tuned model."""
     m = shared.matched_features(run, text, choice.layer, feature)
     partner = m["feature_finetuned"]
@@ -178,13 +196,16 @@ def matched_panel(run, text: str, result: dict, choice: SaeChoice, feature: int,
         m["difference"],
         title=f"Feature {feature} and its match: {shared.match_caption(m)}",
         row_labels=(f"pre-trained f{feature}", f"fine-tuned f{partner}" if partner >= 0 else "fine-tuned (none)"),
+        feature_max=scales.matched_max,
+        difference_bound=scales.matched_bound,
         cut_after=cut_after(result),
         max_labels=labels,
+        wrap=wrap,
     )
     shared.chart(fig, key=f"{key}_matched")
 
 
-def sentence_column(run, text: str, result: dict, choice: SaeChoice, feature: int | None, key: str, low: float, matched: bool, wide: bool) -> None:
+def sentence_column(run, text: str, result: dict, choice: SaeChoice, feature: int | None, key: str, scales: Scales, matched: bool, wide: bool) -> None:
     """Every panel for one sentence; a failing panel shows its error and leaves the others.
 
     With an SAE feature: the prediction, then one full-width chart of the cosine map and the SAE
@@ -197,18 +218,20 @@ def sentence_column(run, text: str, result: dict, choice: SaeChoice, feature: in
     # token labels that fit (see plots.MAX_TOKEN_LABELS): fewer in the cosine map beside the
     # prediction, fewer still in charts of two sentences side by side
     full, narrow = (plots.MAX_TOKEN_LABELS, 32) if wide else (24, 24)
+    wrap = None if wide else plots.NARROW_TITLE_CHARS
+    low = scales.cosine_low
     if feature is None:
         first = st.columns([3, 1]) if wide else [st.container(), st.container()]
         with first[0]:
-            shared.guarded(lambda: cosine_panel(result, key, low, narrow))
+            shared.guarded(lambda: cosine_panel(result, key, low, narrow, wrap))
         with first[1]:
             shared.guarded(lambda: prediction(result))
         return
     shared.guarded(lambda: prediction(result, columns=wide))
-    if not shared.guarded(lambda: sentence_chart(run, text, result, choice, feature, key, low, full)):
-        shared.guarded(lambda: cosine_panel(result, key, low, full))  # the SAE panels failed; the cosine map needs no SAE
+    if not shared.guarded(lambda: sentence_chart(run, text, result, choice, feature, key, scales, full, wrap)):
+        shared.guarded(lambda: cosine_panel(result, key, low, full, wrap))  # the SAE panels failed; the cosine map needs no SAE
     if matched:
-        shared.guarded(lambda: matched_panel(run, text, result, choice, feature, key, full))
+        shared.guarded(lambda: matched_panel(run, text, result, choice, feature, key, scales, full, wrap))
 
 
 def show_matched(run, choice: SaeChoice) -> bool:
@@ -222,6 +245,34 @@ def lowest_cosine(results: list[dict]) -> float:
     """Shared lower end of the cosine colour scale, so compared sentences read alike."""
     values = [v for r in results for row in r["cosine"] for v in row if v is not None]
     return min(0.0, min(values, default=0.0))
+
+
+def _largest(rows) -> float | None:
+    """Largest magnitude among lists of numbers (None-free), or None when all are 0 or there are none."""
+    return max((abs(v) for row in rows for v in row), default=0.0) or None
+
+
+def shared_scales(run, texts: list[str], results: list[dict], choice: SaeChoice, feature: int | None, matched: bool) -> Scales:
+    """One set of colour-scale ends for every compared sentence's charts (``Scales``): the cosine's
+    low end always; with two sentences, also the largest feature activation, difference and top-
+    feature activation over both. Should a sentence's SAE panels fail, each chart keeps its own
+    scale (the failing panel shows its error where it is drawn)."""
+    scales = Scales(cosine_low=lowest_cosine(results))
+    if len(texts) < 2 or feature is None:
+        return scales
+    try:
+        acts = [shared.sentence_features(run, t, choice.layer, feature, choice.model) for t in texts]
+        tops = [f["activations"] for r in results for f in (top_entry(r, choice) or {}).get("features", [])]
+        scales.feature_max = _largest([a[m] for a in acts for m in ("pretrained", "finetuned")])
+        scales.difference_bound = _largest([a["difference"] for a in acts])
+        scales.top_max = _largest(tops)
+        if matched:
+            pairs = [shared.matched_features(run, t, choice.layer, feature) for t in texts]
+            scales.matched_max = _largest([p[m] for p in pairs for m in ("pretrained", "finetuned")])
+            scales.matched_bound = _largest([p["difference"] for p in pairs])
+    except Exception:  # noqa: BLE001 - shown by the panel that fails, with its message
+        return Scales(cosine_low=scales.cosine_low)
+    return scales
 
 
 def body() -> None:
@@ -243,13 +294,13 @@ def body() -> None:
             feature = feature_picker(run, choice, results[0], bundle.saes[sae].cfg.d_sae)
         with slots[1]:
             matched = show_matched(run, choice)
-    low = lowest_cosine(results)
+    scales = shared_scales(run, texts, results, choice, feature, matched)
     cols = st.columns(len(texts))
     for i, (col, text, result) in enumerate(zip(cols, texts, results)):
         with col:
             if len(texts) > 1:
                 st.text(text)
-            sentence_column(run, text, result, choice, feature, "ab"[i], low, matched, wide=len(texts) == 1)
+            sentence_column(run, text, result, choice, feature, "ab"[i], scales, matched, wide=len(texts) == 1)
 
 
 shared.page_main(body)

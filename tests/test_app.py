@@ -10,6 +10,7 @@ the tokens). Tests of SAE content skip while the tiny run has no SAEs / feature 
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 import shlex
@@ -22,6 +23,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from core import plots
 from core.runfolder import RunFolder, read_json, write_json
 from pages import _shared as shared
 from tests.conftest import ROOT, tiny_overrides
@@ -120,8 +122,13 @@ def charts(at: AppTest) -> list[dict]:
 
 
 def title(fig: dict) -> str:
+    """A chart's title as one line (narrow charts wrap theirs with <br>)."""
     t = fig["layout"].get("title") or {}
-    return t.get("text", "") if isinstance(t, dict) else str(t)
+    return (t.get("text", "") if isinstance(t, dict) else str(t)).replace("<br>", " ")
+
+
+def subtitle(fig: dict) -> str:
+    return fig["layout"]["title"]["subtitle"]["text"].replace("<br>", " ")
 
 
 def chart(at: AppTest, fragment: str) -> dict:
@@ -523,7 +530,7 @@ def test_explorer_ranks_top_features_by_this_sentence(app, sae_run):
     texts_shown = [at.text_input(key=k).value for k in (shared.KEY_TEXT, shared.KEY_TEXT_B)]
     assert len(figs) == 2
     for fig, text in zip(figs, texts_shown):
-        assert f"top {top} features of this SAE by variance over this sentence" in fig["layout"]["title"]["subtitle"]["text"]
+        assert f"top {top} features of this SAE by variance over this sentence" in subtitle(fig)
         (entry,) = analyze_text(bundle, text, top=top, rank_by="sentence", saes=[("pretrained", layer)])["saes"]
         assert fig["layout"]["yaxis"]["ticktext"] == [f"feature {f['feature']}" for f in entry["features"]]
     assert figs[0]["layout"]["yaxis"]["ticktext"] != figs[1]["layout"]["yaxis"]["ticktext"]
@@ -579,6 +586,13 @@ def test_matched_feature_panel(app, sae_run, features_run):
     at.toggle(key=shared.KEY_EX_MATCHED).set_value(True).run()
     assert_clean(at)
     assert chart(at, "its match")["data"][1]["zmid"] == 0
+    at.toggle(key=shared.KEY_COMPARE).set_value(True).run()  # two sentences: their match charts share scales
+    assert_clean(at)
+    pairs = [f for f in charts(at) if "its match" in title(f)]
+    assert len(pairs) == 2
+    for i, name in enumerate(("feature", "difference")):
+        values = np.concatenate([np.abs(array(f["data"][i]["z"])).ravel() for f in pairs])
+        assert pairs[0]["data"][i]["zmax"] == pairs[1]["data"][i]["zmax"] == pytest.approx(np.nanmax(values), rel=1e-6), name
 
 
 def test_compare_toggle_shows_a_second_sentence(app, sae_run):
@@ -591,6 +605,17 @@ def test_compare_toggle_shows_a_second_sentence(app, sae_run):
     ticks = [f["layout"]["xaxis"]["ticktext"] for f in figs]
     assert "brilliant" in ticks[0] and "terrible" in ticks[1]
     assert trace(figs[0], "cosine")["zmin"] == trace(figs[1], "cosine")["zmin"] <= 0  # one colour scale for both sentences
+    # every panel's colour scale is shared too, and ends at the largest value of either sentence
+    for name, key in (("feature", "zmax"), ("difference", "zmax"), ("top features", "zmax")):
+        ends = [trace(f, name)[key] for f in figs]
+        values = np.concatenate([np.abs(array(trace(f, name)["z"])).ravel() for f in figs])
+        assert ends[0] == ends[1] == pytest.approx(np.nanmax(values), rel=1e-6), name
+    assert trace(figs[0], "difference")["zmin"] == -trace(figs[0], "difference")["zmax"]
+    # half-width charts wrap their titles (Plotly cuts a long one at the chart's edge)
+    for f in figs:
+        lines = f["layout"]["title"]["text"].split("<br>") + f["layout"]["title"]["subtitle"]["text"].split("<br>")
+        assert len(lines) > 2 and max(len(html.unescape(line)) for line in lines) <= 1.5 * plots.NARROW_TITLE_CHARS
+        assert f["layout"]["margin"]["t"] > 80  # room for the extra lines
     at.text_input(key=shared.KEY_TEXT_B).input("the plot was dull").run()
     ticks = [f["layout"]["xaxis"]["ticktext"] for f in charts(at) if SENTENCE in title(f)]
     assert "terrible" not in ticks[1] and "dull" in ticks[1]

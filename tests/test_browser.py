@@ -85,6 +85,20 @@ def test_sentence_explorer_in_a_browser(server, page, tmp_path, tiny_run):
     assert_no_errors(page)
     page.screenshot(path=str(tmp_path / "explorer.png"))
     assert (tmp_path / "explorer.png").stat().st_size > 10_000
+    # two sentences side by side: each chart's title and subtitle fit its half of the page (Plotly
+    # cuts a title at the chart's edge; it was cut after "on eac" here before titles wrapped)
+    page.get_by_text("Compare").click()
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length === 2", timeout=90_000)
+    page.wait_for_timeout(1500)
+    past_edge = page.evaluate(
+        """() => [...document.querySelectorAll('.js-plotly-plot')].flatMap(p => {
+             const edge = p.getBoundingClientRect().right;
+             return [...p.querySelectorAll('.g-gtitle text, .g-gtitle tspan')]
+               .filter(t => t.getBoundingClientRect().right > edge + 1).map(t => t.textContent);
+           })"""
+    )
+    assert page.locator(".g-gtitle tspan").count() >= 4 and past_edge == [], past_edge  # wrapped lines, none cut
+    assert_no_errors(page)
 
 
 def test_overview_and_similarity_in_a_browser(server, page, tmp_path):

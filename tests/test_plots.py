@@ -177,6 +177,35 @@ def test_feature_comparison_with_top_features_below_on_the_same_tokens():
     assert_escaped(spec(fig))
 
 
+def test_feature_comparison_takes_shared_colour_scale_ends():
+    """Two sentences compared: the explorer passes the largest values of both, so one colour means
+    one value in both charts; without them each chart fits its own data."""
+    top = (["feature 7"], [[0, 5, 0, 0, 1, 0]])
+    own = validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], top=top))
+    assert own.data[0].zmax == 3 and (own.data[1].zmin, own.data[1].zmax) == (-3, 3) and own.data[2].zmax is None
+    fixed = validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], top=top, feature_max=7.5, difference_bound=4.0, top_max=9.0))
+    feature, difference, top_panel = fixed.data
+    assert (feature.zmin, feature.zmax) == (0, 7.5) and (difference.zmin, difference.zmid, difference.zmax) == (-4.0, 0, 4.0)
+    assert (top_panel.zmin, top_panel.zmax) == (0, 9.0)
+    assert list(difference.colorbar.ticktext) == ["-4", "+4"]  # the short bar's ends name the shared bound
+
+
+def test_narrow_charts_wrap_their_titles_and_make_room():
+    title = "Cosine per layer, and feature 1234 (pre-trained SAE, layer 6) on each model <b>"
+    sub = "top: cosine of the pre-trained and fine-tuned hidden states per token; below the feature: the top 8 features"
+    one = validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], title=title, subtitle=sub))
+    wrapped = validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], title=title, subtitle=sub, wrap=40))
+    assert "<br>" not in one.layout.title.text and one.layout.title.text == plots.esc(title)
+    head, tail = wrapped.layout.title.text.split("<br>"), wrapped.layout.title.subtitle.text.split("<br>")
+    assert len(head) == 3 and len(tail) == 2 and all(len(line) <= 40 for line in head) and all(len(line) <= 60 for line in tail)
+    assert " ".join(head) == plots.esc(title) and "&lt;b&gt;" in head[-1]  # escaped line by line, no text lost
+    extra = 2 * plots.TITLE_LINE_PX + plots.SUBTITLE_LINE_PX
+    assert wrapped.layout.margin.t == one.layout.margin.t + extra and wrapped.layout.height == one.layout.height + extra
+    assert (wrapped.layout.title.yref, wrapped.layout.title.yanchor) == ("container", "top")  # pinned, so lines grow down
+    heat = validated(plots.token_heatmap([[1.0, 0.5]], ["a", "b"], ["emb"], title=title, wrap=40))
+    assert heat.layout.title.text.count("<br>") == 2 and heat.layout.margin.t == 80 + 2 * plots.TITLE_LINE_PX
+
+
 def test_feature_comparison_with_the_cosine_map_on_top():
     """The explorer's one chart per sentence: cosine rows above the feature, every panel on the
     labelled token axis at the bottom, the cosine on its own scale from the given low end to 1."""
