@@ -5,6 +5,7 @@ the other model."""
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 import streamlit as st
@@ -41,6 +42,19 @@ def pickers(run) -> tuple[str, int | None, str]:
     return model, layer, ranking
 
 
+def table_columns(table: pd.DataFrame) -> dict:
+    """Column configs for the feature table: readable headers ("mean, negative" for
+    ``mean[negative]``), four decimals for measures; the data and its CSV keep the raw names."""
+    out = {}
+    for col in table.columns:
+        label = re.sub(r"^(mean|logit_effect)\[(.*)\]$", lambda m: f"{m[1].replace('_', ' ')}, {m[2]}", col).replace("best_class", "best class")
+        if table[col].dtype.kind == "f":
+            out[col] = st.column_config.NumberColumn(label, format="%.4f")
+        elif label != col:
+            out[col] = st.column_config.Column(label)
+    return out
+
+
 def _pick_row(table: pd.DataFrame, key: str, table_key: str) -> None:
     rows = st.session_state[table_key].selection.rows
     if rows:
@@ -72,7 +86,7 @@ def feature_list(run, model: str, layer: int, table: pd.DataFrame, ranking: str)
         key=table_key,
         on_select=lambda: _pick_row(table, key, table_key),
         selection_mode="single-row",
-        column_config={c: st.column_config.NumberColumn(format="%.4f") for c in table.columns if table[c].dtype.kind == "f"},
+        column_config=table_columns(table),
     )
     shared.download_csv(table, f"{run.name}-features-{model}-layer{layer}-by-{ranking}.csv", key="dl_features")
     return int(feature)
@@ -96,10 +110,10 @@ def match_box(run, model: str, layer: int, match: dict | None) -> None:
     other = shared.MODEL_LABELS[OTHER[model]]
     c1, c2, c3 = st.columns(3)
     similar = status in ("kept", "shifted")  # a lost or new feature's one-to-one partner is not similar to it
-    c1.metric(
-        f"{'Partner' if similar else 'Assigned partner'} in {other}",
+    c1.metric(  # a short label: a third of the card is too narrow for "... in fine-tuned"
+        "Partner" if similar else "Assigned partner",
         "none" if partner is None or int(partner) < 0 else int(partner),
-        help=None if similar else "the one-to-one assignment pairs every feature, but this pair's decoder directions are not similar: it is no match",
+        help=f"its partner in the {other} SAE" if similar else f"the one-to-one assignment pairs every feature with one in the {other} SAE, but this pair's decoder directions are not similar: it is no match",
     )
     c2.metric("Similarity", "—" if sim is None or (isinstance(sim, float) and math.isnan(sim)) else f"{float(sim):.3f}")
     c3.metric("Status", status or "—", help=STATUS_HELP.get(status))

@@ -637,6 +637,11 @@ def test_feature_browser_table_and_card(app, features_run):
     table = at.dataframe[0].value
     assert {"feature", "variance", "density", "selectivity", "best_class"} <= set(table.columns)
     assert list(table["variance"]) == sorted(table["variance"], reverse=True)
+    # readable headers (the data and its CSV keep the raw names), one per class for the per-class columns
+    labels = {col: c.get("label") for col, c in json.loads(at.dataframe[0].proto.columns or "{}").items()}
+    assert labels["best_class"] == "best class"
+    per_class = {col: label for col, label in labels.items() if col.startswith("mean[")}
+    assert per_class and all(label == f"mean, {col[5:-1]}" for col, label in per_class.items())
     top = int(table["feature"].iloc[0])
     assert card_title(at).startswith(f"Feature {top} · pre-trained SAE")
     assert title(chart(at, "Mean activation per class"))
