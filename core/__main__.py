@@ -77,8 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--rank-by",
         default="variance",
-        choices=["variance", "selectivity", "density", "sentence"],  # core.analysis.RANKINGS (not imported here: it loads torch)
-        help="feature ranking: over the dataset (variance, selectivity, density; from the features step) or by variance over this sentence",
+        choices=["variance", "selectivity", "density", "sentence", "change"],  # core.analysis.RANKINGS (not imported here: it loads torch)
+        help="feature ranking: over the dataset (variance, selectivity, density; from the features step), by variance over this sentence, or by change: |fine-tuned - pre-trained| activation summed over this sentence, each SAE applied to both models",
     )
     a.add_argument("--raw", action="store_true", help="analyse the text as typed (skip the run's lowercasing/punctuation removal)")
     a.add_argument("--json", action="store_true")

@@ -22,13 +22,16 @@ from core.sae import topk_rows
 from core.saes import load_sae
 
 MAX_TEXT_CHARS = 5000
-# Dataset-level rankings come from the features step; "sentence" ranks the features of each SAE by
-# their variance over the tokens of the sentence analysed (the paper's measure, on one text): the
-# features that vary most along this sentence, rather than over the whole dataset.
+# Dataset-level rankings come from the features step. Two rank the features of each SAE on the
+# sentence analysed instead: "sentence" by their variance over its tokens (the paper's measure, on
+# one text: the features that vary most along it), "change" by how much fine-tuning moved them on
+# it: sum over tokens of |z_ft - z_pre|, the SAE applied to both models' hidden states (the
+# explorer's difference row, summed), so the first features are those fine-tuning changed most here.
 DATASET_RANKINGS = ("variance", "selectivity", "density")
-SENTENCE_RANKING = "sentence"
-RANKINGS = (*DATASET_RANKINGS, SENTENCE_RANKING)
+SENTENCE_RANKING, CHANGE_RANKING = "sentence", "change"
+RANKINGS = (*DATASET_RANKINGS, SENTENCE_RANKING, CHANGE_RANKING)
 SENTENCE_LABEL = "variance over this sentence"
+CHANGE_LABEL = "|fine-tuned − pre-trained| over this sentence"
 
 
 @dataclass
@@ -154,8 +157,8 @@ def latents(bundle: Bundle, state: SentenceState, sae_model: str, layer: int, on
 
 def feature_order(bundle: Bundle, model: str, layer: int, by: str = "variance") -> torch.Tensor | None:
     """Dataset-level ranking from the features step, or None when that step has not run (and for
-    ``by="sentence"``, which has no dataset-level order)."""
-    if by == SENTENCE_RANKING:
+    the per-sentence rankings, which have no dataset-level order)."""
+    if by in (SENTENCE_RANKING, CHANGE_RANKING):
         return None
     key = (model, layer, by)
     if key not in bundle.rankings:
@@ -169,10 +172,23 @@ def feature_order(bundle: Bundle, model: str, layer: int, by: str = "variance") 
 
 
 def top_features(bundle: Bundle, state: SentenceState, model: str, layer: int, top: int = 5, by: str = "variance") -> list[dict]:
+    """The ``top`` features of the SAE of (``model``, ``layer``) by ``by`` (see ``RANKINGS``), each
+    with its activation per token on that SAE's own model; ranked by change, also its
+    ``difference`` per token (fine-tuned - pre-trained, the SAE applied to both models)."""
     z = latents(bundle, state, model, layer)  # [T, d_sae]
+    if by == CHANGE_RANKING:  # the same dictionary on both models' hidden states: |ft - pre| summed over tokens
+        other = "finetuned" if model == "pretrained" else "pretrained"
+        z_other = latents(bundle, state, model, layer, other)
+        diff = z_other - z if model == "pretrained" else z - z_other  # [T, d_sae] fine-tuned - pre-trained
+        order = torch.argsort(diff.abs().sum(0), descending=True, stable=True)
+        return [{**entry, "difference": diff[:, entry["feature"]].tolist()} for entry in _ranked(z, order, top)]
     order = feature_order(bundle, model, layer, by)
     if order is None:  # "sentence", or no dataset statistics yet: rank by variance over this sentence
         order = torch.argsort(z.var(0), descending=True, stable=True)
+    return _ranked(z, order, top)
+
+
+def _ranked(z: torch.Tensor, order: torch.Tensor, top: int) -> list[dict]:
     return [{"feature": int(f), "activations": z[:, f].tolist()} for f in order[:top]]
 
 
@@ -285,11 +301,10 @@ def analyze_text(
     if rank_by not in RANKINGS:
         raise LayerscopeError(f"unknown ranking {rank_by!r}; use one of {', '.join(RANKINGS)} (--rank-by)")
     state = state or sentence_state(bundle, text, clean)
-    if saes is None:
-        keys = list(bundle.saes)
+    keys = list(bundle.saes) if saes is None else [(m, int(l)) for m, l in saes]
+    if saes is None and rank_by != CHANGE_RANKING:  # every SAE in one batched encode per shape
         features = _all_top_features(bundle, state, top, rank_by)
     else:
-        keys = [(m, int(l)) for m, l in saes]
         features = {k: top_features(bundle, state, k[0], k[1], top, rank_by) for k in keys}
     ranked = all(feature_order(bundle, m, l, rank_by) is not None for m, l in keys)
     return {
@@ -312,6 +327,8 @@ def ranking_label(rank_by: str, ranked: bool) -> str:
     asked for, or the variance over this sentence (asked for, or the fallback before the features step)."""
     if rank_by == SENTENCE_RANKING:
         return SENTENCE_LABEL
+    if rank_by == CHANGE_RANKING:
+        return CHANGE_LABEL
     if ranked:
         return rank_by
     return SENTENCE_LABEL + ("" if rank_by == "variance" else f" (no dataset-level {rank_by} before the features step)")
@@ -362,8 +379,11 @@ def format_analysis(result: dict) -> str:
     lines.append("cosine(pre, ft) per layer, mean over tokens: " + " ".join(f"{sum(c) / len(c):.3f}" for c in result["cosine"]))
     width = max(len(t) for t in result["tokens"])
     for sae in result["saes"]:
-        lines.append(f"\nSAE {sae['model']} layer {sae['layer']} (top features by {result['ranking']})")
+        # ranked by change, the table shows what the ranking measured: fine-tuned - pre-trained
+        shown = "difference" if sae["features"] and "difference" in sae["features"][0] else "activations"
+        values = "; values: fine-tuned − pre-trained activation" if shown == "difference" else ""
+        lines.append(f"\nSAE {sae['model']} layer {sae['layer']} (top features by {result['ranking']}{values})")
         lines.append(" " * (width + 2) + " ".join(f"{'f' + str(f['feature']):>7}" for f in sae["features"]))
         for t, tok in enumerate(result["tokens"]):
-            lines.append(f"{tok:<{width}}  " + " ".join(f"{f['activations'][t]:7.3f}" for f in sae["features"]))
+            lines.append(f"{tok:<{width}}  " + " ".join(f"{f[shown][t]:7.3f}" for f in sae["features"]))
     return "\n".join(lines)

@@ -37,6 +37,7 @@ def esc(text) -> str:
 
 TITLE_LINE_PX, SUBTITLE_LINE_PX = 22, 16  # height of one more wrapped line of a title / subtitle
 NARROW_TITLE_CHARS = 52  # title characters per line that fit a chart half a page wide (two sentences side by side)
+WIDE_TITLE_CHARS = 100  # and a chart the page's width, at 1280 pixels
 
 
 def _wrapped_title(title: str, subtitle: str = "", wrap: int | None = None) -> tuple[dict | None, int]:
@@ -343,6 +344,7 @@ def feature_comparison(
     difference_bound: float | None = None,
     top_max: float | None = None,
     wrap: int | None = None,
+    top_difference: bool = False,
 ) -> go.Figure:
     """One feature per token on both models (sequential scale) above their difference (red-blue,
     centred at zero), on a shared token axis so the columns line up.
@@ -360,7 +362,9 @@ def feature_comparison(
     Colour scales run from 0 to the largest activation of this chart (the feature rows, the top
     features), and the difference from -b to +b with b its largest magnitude; ``feature_max``,
     ``top_max`` and ``difference_bound`` set those ends instead, so that charts drawn side by side
-    (two sentences compared) give one colour one value.
+    (two sentences compared) give one colour one value. ``top_difference``: the top panel holds
+    differences (fine-tuned - pre-trained, the features ranked by change), drawn like the
+    difference row: red-blue, centred at zero, from -``top_max`` (or its largest magnitude) to +.
     """
     pre, ft = np.asarray(pretrained, dtype=float), np.asarray(finetuned, dtype=float)
     diff = ft - pre if difference is None else np.asarray(difference, dtype=float)
@@ -377,8 +381,12 @@ def feature_comparison(
     panels.append(("difference", ["fine-tuned − pre-trained"], diff[None, :], "difference", "difference", -bound, bound, {"colorscale": _RDBU, "zmid": 0, "zmin": -bound, "zmax": bound}))
     if top is not None and len(top[0]):
         values = np.asarray(top[1], dtype=float).reshape(len(top[0]), len(labels))
-        top_hi = top_max or float(np.nanmax(values, initial=0.0)) or None
-        panels.append(("top features", top[0], values, "activation", "activation", 0.0, top_hi, {"colorscale": _VIRIDIS, "zmin": 0, **({"zmax": top_hi} if top_max else {})}))
+        if top_difference:
+            top_bound = top_max or float(np.nanmax(np.abs(values), initial=0.0)) or 1.0
+            panels.append(("top features", top[0], values, "difference", "difference", -top_bound, top_bound, {"colorscale": _RDBU, "zmid": 0, "zmin": -top_bound, "zmax": top_bound}))
+        else:
+            top_hi = top_max or float(np.nanmax(values, initial=0.0)) or None
+            panels.append(("top features", top[0], values, "activation", "activation", 0.0, top_hi, {"colorscale": _VIRIDIS, "zmin": 0, **({"zmax": top_hi} if top_max else {})}))
     sizes = [len(p[1]) for p in panels]
     domains = _stacked_domains(sizes)
     # axis n (1-based, top panel first): the last one is "x"/"y" and carries the token labels

@@ -58,7 +58,7 @@ def sae_controls(bundle) -> tuple[SaeChoice, list]:
     if not layers:
         st.info(f"This run has no SAEs yet, so only the per-token similarity and the prediction are shown. Train them with `python -m core saes --run {shlex.quote(shared.display_path(bundle.run.root))}`.")
         return SaeChoice("pretrained", None, "variance", 5), []
-    c1, c2, c3, c4, c5, c6 = st.columns([1, 1.9, 1.3, 1.3, 1.2, 1.3], vertical_alignment="bottom")
+    c1, c2, c3, c4, c5, c6 = st.columns([1, 1.9, 1.5, 1.1, 1.2, 1.3], vertical_alignment="bottom")
     # Every choice is kept for the session (persist_state), through an empty sentence and a visit
     # to another page; a layer kept from another run that lacks it falls back to the last one.
     if st.session_state.get(shared.KEY_EX_LAYER) not in layers:
@@ -71,7 +71,7 @@ def sae_controls(bundle) -> tuple[SaeChoice, list]:
         format_func=lambda r: shared.RANKING_LABELS.get(r, r),
         key=shared.KEY_EX_RANK,
         persist_state="session",
-        help="variance, selectivity, density: over the dataset (the features step); this sentence: variance over its tokens, so the features that vary most along it come first",
+        help="variance, selectivity, density: over the dataset (the features step). Sentence variance: over this sentence's tokens, so the features that vary most along it come first. Sentence change: |fine-tuned − pre-trained| activation summed over its tokens, this SAE applied to both models, so the features fine-tuning moved most on it come first (the panel then shows that difference)",
     )
     top = c4.slider("Top features", 3, 20, 8, key=shared.KEY_EX_TOP, persist_state="session")
     return SaeChoice(model, layer, rank_by, top), [c5, c6]
@@ -83,6 +83,15 @@ def top_entry(result: dict, choice: SaeChoice) -> dict | None:
         if entry["model"] == choice.model and int(entry["layer"]) == choice.layer:
             return entry
     return None
+
+
+def top_rows(result: dict, choice: SaeChoice) -> tuple[list[dict], str]:
+    """The chosen SAE's top features and which of their values the top panel shows: "difference"
+    (fine-tuned - pre-trained) when they were ranked by change, what that ranking measured; their
+    activation on the SAE's own model otherwise."""
+    entry = top_entry(result, choice)
+    ranked = entry["features"] if entry else []
+    return ranked, "difference" if ranked and "difference" in ranked[0] else "activations"
 
 
 def feature_picker(run, choice: SaeChoice, result: dict, d_sae: int) -> int | None:
@@ -161,10 +170,14 @@ def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int
     of ~300 ms (``bench/dashboard.py``, docs/bench-history.md).
     """
     acts = shared.sentence_features(run, text, choice.layer, feature, choice.model)
-    entry = top_entry(result, choice)
-    ranked = entry["features"] if entry else []
-    top = ([f"feature {f['feature']}" for f in ranked], [f["activations"] for f in ranked]) if ranked else None
-    below = f"; below the feature: the top {len(ranked)} features of this SAE by {result['ranking']}" if ranked else ""
+    ranked, shown = top_rows(result, choice)
+    top = ([f"feature {f['feature']}" for f in ranked], [f[shown] for f in ranked]) if ranked else None
+    if not ranked:
+        below = ""
+    elif shown == "difference":
+        below = f"; below: the {len(ranked)} features fine-tuning changed most on this sentence (fine-tuned − pre-trained)"
+    else:
+        below = f"; below the feature: the top {len(ranked)} features of this SAE by {result['ranking']}"
     fig = plots.feature_comparison(
         acts["tokens"],
         acts["pretrained"],
@@ -178,6 +191,7 @@ def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int
         feature_max=scales.feature_max,
         difference_bound=scales.difference_bound,
         top_max=scales.top_max,
+        top_difference=shown == "difference",
         cut_after=cut_after(result),
         max_labels=labels,
         wrap=wrap,
@@ -218,7 +232,7 @@ def sentence_column(run, text: str, result: dict, choice: SaeChoice, feature: in
     # token labels that fit (see plots.MAX_TOKEN_LABELS): fewer in the cosine map beside the
     # prediction, fewer still in charts of two sentences side by side
     full, narrow = (plots.MAX_TOKEN_LABELS, 32) if wide else (24, 24)
-    wrap = None if wide else plots.NARROW_TITLE_CHARS
+    wrap = plots.WIDE_TITLE_CHARS if wide else plots.NARROW_TITLE_CHARS
     low = scales.cosine_low
     if feature is None:
         first = st.columns([3, 1]) if wide else [st.container(), st.container()]
@@ -262,7 +276,7 @@ def shared_scales(run, texts: list[str], results: list[dict], choice: SaeChoice,
         return scales
     try:
         acts = [shared.sentence_features(run, t, choice.layer, feature, choice.model) for t in texts]
-        tops = [f["activations"] for r in results for f in (top_entry(r, choice) or {}).get("features", [])]
+        tops = [f[shown] for r in results for ranked, shown in [top_rows(r, choice)] for f in ranked]
         scales.feature_max = _largest([a[m] for a in acts for m in ("pretrained", "finetuned")])
         scales.difference_bound = _largest([a["difference"] for a in acts])
         scales.top_max = _largest(tops)

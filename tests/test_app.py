@@ -515,12 +515,12 @@ def test_layer_and_feature_pickers(app, sae_run, runs):
 
 
 def test_explorer_ranks_top_features_by_this_sentence(app, sae_run):
-    """"this sentence": the top-features panel lists core's per-sentence ranking (variance over the
-    sentence's tokens), for each sentence of a comparison its own."""
+    """The per-sentence rankings (variance over the sentence's tokens; change by fine-tuning on
+    it): the top-features panel lists core's ranking, for each sentence of a comparison its own."""
     from core.analysis import analyze_text, load_bundle
 
     at = explorer(app)
-    assert at.selectbox(key=shared.KEY_EX_RANK).options == ["variance", "selectivity", "density", "this sentence"]
+    assert at.selectbox(key=shared.KEY_EX_RANK).options == ["variance", "selectivity", "density", "sentence variance", "sentence change"]
     at.toggle(key=shared.KEY_COMPARE).set_value(True).run()
     at.selectbox(key=shared.KEY_EX_RANK).set_value("sentence").run()
     assert_clean(at)
@@ -534,6 +534,16 @@ def test_explorer_ranks_top_features_by_this_sentence(app, sae_run):
         (entry,) = analyze_text(bundle, text, top=top, rank_by="sentence", saes=[("pretrained", layer)])["saes"]
         assert fig["layout"]["yaxis"]["ticktext"] == [f"feature {f['feature']}" for f in entry["features"]]
     assert figs[0]["layout"]["yaxis"]["ticktext"] != figs[1]["layout"]["yaxis"]["ticktext"]
+    at.selectbox(key=shared.KEY_EX_RANK).set_value("change").run()  # the features fine-tuning moved most on each sentence
+    assert_clean(at)
+    figs = [f for f in charts(at) if SENTENCE in title(f)]
+    for fig, text in zip(figs, texts_shown):
+        assert f"the {top} features fine-tuning changed most on this sentence (fine-tuned − pre-trained)" in subtitle(fig)
+        (entry,) = analyze_text(bundle, text, top=top, rank_by="change", saes=[("pretrained", layer)])["saes"]
+        assert fig["layout"]["yaxis"]["ticktext"] == [f"feature {f['feature']}" for f in entry["features"]]
+        panel = trace(fig, "top features")  # what the ranking measured: the difference, diverging around 0
+        np.testing.assert_allclose(array(panel["z"]), np.array([f["difference"] for f in entry["features"]]), atol=1e-6)
+        assert panel["zmid"] == 0 and panel["zmin"] == -panel["zmax"]
 
 
 def test_explorer_choices_survive_an_empty_sentence_and_a_page_switch(app, sae_run):

@@ -188,6 +188,10 @@ def test_feature_comparison_takes_shared_colour_scale_ends():
     assert (feature.zmin, feature.zmax) == (0, 7.5) and (difference.zmin, difference.zmid, difference.zmax) == (-4.0, 0, 4.0)
     assert (top_panel.zmin, top_panel.zmax) == (0, 9.0)
     assert list(difference.colorbar.ticktext) == ["-4", "+4"]  # the short bar's ends name the shared bound
+    change = (["feature 7"], [[0, -5, 0, 0, 2, 0]])  # top features ranked by change: their differences
+    diverging = validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], top=change, top_difference=True)).data[2]
+    assert (diverging.zmin, diverging.zmid, diverging.zmax) == (-5, 0, 5) and "difference %{z" in diverging.hovertemplate
+    assert diverging.colorscale[-1][1] == "rgb(5,48,97)"  # blue: higher on the fine-tuned model, as in the difference row
 
 
 def test_narrow_charts_wrap_their_titles_and_make_room():

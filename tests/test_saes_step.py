@@ -276,10 +276,39 @@ def test_rank_by_sentence_orders_features_by_their_variance_over_the_sentence(ti
     assert [e["features"] for e in by_variance["saes"]] != [e["features"] for e in result["saes"]]
 
 
+def test_rank_by_change_orders_features_by_how_much_fine_tuning_moved_them(tiny_run):
+    """``--rank-by change``: each SAE applied to both models' hidden states; its top features are
+    those with the largest |z_ft - z_pre| summed over the sentence's tokens, from a hand encode."""
+    from transformers import AutoModel
+
+    from core.analysis import analyze_text, load_bundle, sentence_state
+
+    bundle = load_bundle(tiny_run)
+    text = "the plot was brilliant but the acting was dull"
+    state = sentence_state(bundle, text, clean=False)
+    result = analyze_text(bundle, text, top=4, rank_by="change", clean=False, state=state)
+    assert result["ranking"] == "|fine-tuned − pre-trained| over this sentence"
+    ids = torch.tensor([state.token_ids])
+    with torch.no_grad():
+        hidden = {m: AutoModel.from_pretrained(str(tiny_run.model_dir(m)))(input_ids=ids, output_hidden_states=True).hidden_states for m in MODELS}
+    assert len(result["saes"]) == len(bundle.saes) >= 4
+    for entry in result["saes"]:
+        sae = bundle.saes[(entry["model"], entry["layer"])]
+        z = {m: _encode_numpy(sae, hidden[m][entry["layer"]][0].double().numpy()) for m in MODELS}  # [T, d_sae] each
+        change = np.abs(z["finetuned"] - z["pretrained"]).sum(0)
+        got = [f["feature"] for f in entry["features"]]
+        np.testing.assert_allclose(change[got], np.sort(change)[::-1][:4], rtol=1e-4, atol=1e-6)  # the 4 largest, in order
+        assert change[got[0]] > 0
+        for f in entry["features"]:  # activations shown on the SAE's own model
+            np.testing.assert_allclose(f["activations"], z[entry["model"]][:, f["feature"]], atol=1e-4)
+    sentence = analyze_text(bundle, text, top=4, rank_by="sentence", clean=False, state=state)
+    assert [e["features"] for e in sentence["saes"]] != [e["features"] for e in result["saes"]]
+
+
 def test_unknown_ranking_is_refused(tiny_run):
     from core.analysis import analyze_text, load_bundle
 
-    with pytest.raises(LayerscopeError, match="unknown ranking 'loudest'; use one of variance, selectivity, density, sentence"):
+    with pytest.raises(LayerscopeError, match="unknown ranking 'loudest'; use one of variance, selectivity, density, sentence, change"):
         analyze_text(load_bundle(tiny_run), "the plot", rank_by="loudest")
 
 
