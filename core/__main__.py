@@ -77,8 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--rank-by",
         default="variance",
-        choices=["variance", "selectivity", "density", "sentence", "change"],  # core.analysis.RANKINGS (not imported here: it loads torch)
-        help="feature ranking: over the dataset (variance, selectivity, density; from the features step), by variance over this sentence, or by change: |fine-tuned - pre-trained| activation summed over this sentence, each SAE applied to both models",
+        choices=["variance", "selectivity", "density", "change", "sentence", "sentence-change"],  # core.analysis.RANKINGS (not imported here: it loads torch)
+        help="feature ranking: over the dataset (variance, selectivity, density, change: mean |fine-tuned - pre-trained| activation, each SAE applied to both models; from the features step) or on this sentence (sentence: variance over its tokens; sentence-change: |fine-tuned - pre-trained| summed over its tokens)",
     )
     a.add_argument("--raw", action="store_true", help="analyse the text as typed (skip the run's lowercasing/punctuation removal)")
     a.add_argument("--json", action="store_true")

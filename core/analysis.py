@@ -22,13 +22,13 @@ from core.sae import topk_rows
 from core.saes import load_sae
 
 MAX_TEXT_CHARS = 5000
-# Dataset-level rankings come from the features step. Two rank the features of each SAE on the
-# sentence analysed instead: "sentence" by their variance over its tokens (the paper's measure, on
-# one text: the features that vary most along it), "change" by how much fine-tuning moved them on
-# it: sum over tokens of |z_ft - z_pre|, the SAE applied to both models' hidden states (the
-# explorer's difference row, summed), so the first features are those fine-tuning changed most here.
-DATASET_RANKINGS = ("variance", "selectivity", "density")
-SENTENCE_RANKING, CHANGE_RANKING = "sentence", "change"
+# Dataset-level rankings come from the features step ("change": mean |z_ft - z_pre| over the test
+# tokens, the SAE applied to both models). Two rank the features of each SAE on the sentence
+# analysed instead: "sentence" by their variance over its tokens (the paper's measure, on one
+# text: the features that vary most along it), "sentence-change" by how much fine-tuning moved
+# them on it: sum over its tokens of |z_ft - z_pre| (the explorer's difference row, summed).
+DATASET_RANKINGS = ("variance", "selectivity", "density", "change")
+SENTENCE_RANKING, CHANGE_RANKING = "sentence", "sentence-change"
 RANKINGS = (*DATASET_RANKINGS, SENTENCE_RANKING, CHANGE_RANKING)
 SENTENCE_LABEL = "variance over this sentence"
 CHANGE_LABEL = "|fine-tuned − pre-trained| over this sentence"
@@ -331,7 +331,7 @@ def ranking_label(rank_by: str, ranked: bool) -> str:
         return CHANGE_LABEL
     if ranked:
         return rank_by
-    return SENTENCE_LABEL + ("" if rank_by == "variance" else f" (no dataset-level {rank_by} before the features step)")
+    return SENTENCE_LABEL + ("" if rank_by == "variance" else f" (this run has no dataset-level {rank_by} yet: run the features step, or re-run it with --force)")
 
 
 def sentence_features(bundle: Bundle, state: SentenceState, layer: int, feature: int, sae_model: str = "pretrained") -> dict:

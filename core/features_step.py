@@ -6,6 +6,8 @@ Per SAE, on the held-out test-split tokens:
     top activating tokens and a histogram of non-zero activations;
   * for each feature's top tokens, a window of context tokens with the feature's activation
     on each, so the dashboard can highlight them in their text;
+  * how far fine-tuning moved each feature: the mean over tokens of ``|z_ft - z_pre|``, the SAE
+    applied to both models' hidden states (the ``change`` ranking);
   * for the fine-tuned model, each feature's effect on the classifier's logits, estimated by
     attribution patching: the first-order change in logit c when the feature is ablated,
     ``effect[f, c] = mean_examples sum_tokens a_f(t) * (scale * W_dec[f]) . d logit_c / d h_t``
@@ -70,19 +72,25 @@ def _latent_chunks(sae: SparseAutoencoder, store: ActivationStore, model: str, l
             yield s, sae.encode(x.float())  # [rows, d_sae]
 
 
-def feature_stats(sae: SparseAutoencoder, store: ActivationStore, model: str, layer: int, labels_by_id: dict, num_classes: int, top_k: int) -> tuple[FeatureStats, torch.Tensor]:
-    """Stream the test tokens through the SAE. Returns stats and the local example index of every token."""
+def feature_stats(sae: SparseAutoencoder, store: ActivationStore, model: str, layer: int, labels_by_id: dict, num_classes: int, top_k: int) -> tuple[FeatureStats, torch.Tensor, torch.Tensor]:
+    """Stream the test tokens through the SAE. Returns the stats, the example id of every local
+    example index, and ``change [d_sae]``: the mean over the tokens of ``|z_ft - z_pre|``, the SAE
+    applied to both models' hidden states of the same tokens (how far fine-tuning moved each
+    feature; the ``change`` ranking). Both models' shards hold the same tokens in the same order."""
     meta = store.all_meta()
     ids = meta["example_ids"].long()
     uniq, local = torch.unique(ids, return_inverse=True)  # example ids -> 0..E-1
     label_of_example = torch.tensor([labels_by_id[int(i)] for i in uniq])
     acc = FeatureStatsAccumulator(sae.cfg.d_sae, num_classes, top_k=top_k)
+    other = "finetuned" if model == "pretrained" else "pretrained"
+    change = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)  # [d_sae] running sum of |z_other - z|
     start = 0
-    for _, z in _latent_chunks(sae, store, model, layer):
+    for (_, z), (_, z_other) in zip(_latent_chunks(sae, store, model, layer), _latent_chunks(sae, store, other, layer)):
         n = len(z)
         acc.update(z, local[start : start + n], label_of_example[local[start : start + n]])
+        change += (z_other - z).abs().sum(0, dtype=torch.float64)
         start += n
-    return acc.finalize(), uniq
+    return acc.finalize(), uniq, change / max(start, 1)
 
 
 @torch.no_grad()
@@ -184,11 +192,12 @@ def run_features(run: RunFolder, cfg: FeaturesConfig, progress: bool = True) -> 
     def stats_job(item) -> None:
         model, layer, _ = item
         sae = load_sae(run, model, layer)
-        stats, example_ids = feature_stats(sae, store, model, layer, labels_by_id, num_classes, cfg.top_k)
+        stats, example_ids, change = feature_stats(sae, store, model, layer, labels_by_id, num_classes, cfg.top_k)
         win_tokens, win_acts = context_windows(sae, store, model, layer, stats.top_token_index, cfg.window)
         tensors = {f: getattr(stats, f).contiguous() for f in STAT_FIELDS}
         tensors["top_example_ids"] = torch.where(stats.top_example_ids >= 0, example_ids[stats.top_example_ids.clamp_min(0)], -1)
         tensors.update(window_token_ids=win_tokens.contiguous(), window_activations=win_acts.contiguous())
+        tensors["change"] = change
         if model == "finetuned" and layer in effects:
             tensors["logit_effect"] = effects[layer].contiguous()
         with atomic_path(run.features_dir(model, layer) / "stats.safetensors") as tmp:
@@ -253,6 +262,10 @@ def _load_stats_file(path: str, mtime_ns: int) -> dict[str, torch.Tensor]:
 
 def ranking(run: RunFolder, model: str, layer: int, by: str = "variance", class_index: int | None = None) -> torch.Tensor:
     s = load_stats(run, model, layer)
+    if by == "change":  # mean |z_ft - z_pre| (``feature_stats``), largest first
+        if "change" not in s:
+            raise LayerscopeError(f"the feature statistics of {model} layer {layer} predate the change ranking; re-run `python -m core features --run {run.root} --force`")
+        return torch.sort(s["change"], descending=True, stable=True).indices
     stats = FeatureStats(num_tokens=0, num_examples=0, **{f: s[f] for f in STAT_FIELDS})
     return rank_features(stats, by=by, class_index=class_index)
 
@@ -272,6 +285,8 @@ def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance") 
     # classes both are equally far from 0.5, so that would name the first class for every feature)
     best = [names[c] if s_ > 0 else "none" for c, s_ in zip(auc.nan_to_num(nan=-1.0).argmax(1).tolist(), sel.tolist())]
     df = pd.DataFrame({"feature": np.arange(len(s["variance"])), "variance": s["variance"].numpy(), "density": s["density"].numpy(), "selectivity": sel.numpy(), "best_class": best})
+    if "change" in s:
+        df.insert(4, "change", s["change"].numpy())
     for c, name in enumerate(names):
         df[f"mean[{name}]"] = s["mean_per_class"][:, c].numpy()
     if "logit_effect" in s:
@@ -331,6 +346,7 @@ def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int 
         "feature": feature,
         "variance": float(s["variance"][feature]),
         "density": float(s["density"][feature]),
+        "change": float(s["change"][feature]) if "change" in s else None,
         "top_examples": examples,
         "histogram": {"edges": s["hist_edges"][feature].tolist(), "counts": s["hist_counts"][feature].tolist()},
         "mean_per_class": {n: float(s["mean_per_class"][feature, c]) for c, n in enumerate(names)},

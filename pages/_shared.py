@@ -37,9 +37,9 @@ from core.runfolder import STEPS, RunFolder
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUN_NAME = "default"
 CHART_CONFIG = {"toImageButtonOptions": {"format": "png", "scale": 2}, "displaylogo": False}
-RANKINGS = ("variance", "selectivity", "density")  # dataset-level: core.analysis.DATASET_RANKINGS
-EXPLORER_RANKINGS = (*RANKINGS, "sentence", "change")  # core.analysis.RANKINGS (not imported here: it loads transformers)
-RANKING_LABELS = {"sentence": "sentence variance", "change": "sentence change"}  # short: they share a row with five other controls
+RANKINGS = ("variance", "selectivity", "density", "change")  # dataset-level: core.analysis.DATASET_RANKINGS
+EXPLORER_RANKINGS = (*RANKINGS, "sentence", "sentence-change")  # core.analysis.RANKINGS (not imported here: it loads transformers)
+RANKING_LABELS = {"sentence": "sentence variance", "sentence-change": "sentence change"}  # short: they share a row with five other controls
 MODEL_LABELS = {"pretrained": "pre-trained", "finetuned": "fine-tuned"}
 
 

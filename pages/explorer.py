@@ -71,7 +71,7 @@ def sae_controls(bundle) -> tuple[SaeChoice, list]:
         format_func=lambda r: shared.RANKING_LABELS.get(r, r),
         key=shared.KEY_EX_RANK,
         persist_state="session",
-        help="variance, selectivity, density: over the dataset (the features step). Sentence variance: over this sentence's tokens, so the features that vary most along it come first. Sentence change: |fine-tuned − pre-trained| activation summed over its tokens, this SAE applied to both models, so the features fine-tuning moved most on it come first (the panel then shows that difference)",
+        help="variance, selectivity, density, change: over the dataset (the features step; change: mean |fine-tuned − pre-trained| activation, this SAE applied to both models). Sentence variance: over this sentence's tokens, so the features that vary most along it come first. Sentence change: |fine-tuned − pre-trained| summed over its tokens, so the features fine-tuning moved most on it come first (the panel then shows that difference)",
     )
     top = c4.slider("Top features", 3, 20, 8, key=shared.KEY_EX_TOP, persist_state="session")
     return SaeChoice(model, layer, rank_by, top), [c5, c6]

@@ -14,6 +14,7 @@ from core import plots
 from pages import _shared as shared
 
 OTHER = {"pretrained": "finetuned", "finetuned": "pretrained"}
+TILE_HELP = {"change": ": the mean over the test tokens of |fine-tuned − pre-trained| activation, this SAE applied to both models' hidden states (how far fine-tuning moved the feature)"}
 STATUS_HELP = {
     "kept": "a partner with a very similar decoder direction exists in the other model",
     "shifted": "the nearest partner is only moderately similar",
@@ -38,7 +39,13 @@ def pickers(run) -> tuple[str, int | None, str]:
     if st.session_state.get(shared.KEY_FB_LAYER) not in layers:
         st.session_state[shared.KEY_FB_LAYER] = layers[-1]
     layer = c2.selectbox("Layer (hidden state)", layers, key=shared.KEY_FB_LAYER, persist_state="session")
-    ranking = c3.selectbox("Rank by", shared.RANKINGS, key=shared.KEY_FB_RANK, persist_state="session")
+    ranking = c3.selectbox(
+        "Rank by",
+        shared.RANKINGS,
+        key=shared.KEY_FB_RANK,
+        persist_state="session",
+        help="over the test tokens: variance (the paper's ranking), selectivity (how far the best one-vs-rest AUROC is from 0.5), density (share of tokens it fires on), change (mean |fine-tuned − pre-trained| activation, this SAE applied to both models: the features fine-tuning moved most)",
+    )
     return model, layer, ranking
 
 
@@ -141,10 +148,10 @@ def card_view(run, model: str, layer: int, feature: int, row: pd.Series | None) 
     card = shared.feature_card(run, model, layer, feature)
     st.subheader(f"Feature {feature} · {shared.MODEL_LABELS[model]} SAE · layer {layer}")
     if row is not None:
-        stats = [c for c in ("variance", "density", "selectivity") if c in row.index]
+        stats = [c for c in ("variance", "density", "selectivity", "change") if c in row.index]
         cols = st.columns([1] * len(stats) + [1.6])  # a class name is wider than a number
         for col, name in zip(cols, stats):
-            col.metric(name, shared.short_number(float(row[name])), help=f"{name} = {float(row[name]):.6g}")
+            col.metric(name, shared.short_number(float(row[name])), help=f"{name} = {float(row[name]):.6g}" + TILE_HELP.get(name, ""))
         if "best_class" in row.index:
             cols[-1].metric("best class", str(row["best_class"]), help="the class this feature fires most for: the highest one-vs-rest AUROC of its per-text maximum")
     match_box(run, model, layer, card.get("match"))

@@ -520,7 +520,7 @@ def test_explorer_ranks_top_features_by_this_sentence(app, sae_run):
     from core.analysis import analyze_text, load_bundle
 
     at = explorer(app)
-    assert at.selectbox(key=shared.KEY_EX_RANK).options == ["variance", "selectivity", "density", "sentence variance", "sentence change"]
+    assert at.selectbox(key=shared.KEY_EX_RANK).options == ["variance", "selectivity", "density", "change", "sentence variance", "sentence change"]
     at.toggle(key=shared.KEY_COMPARE).set_value(True).run()
     at.selectbox(key=shared.KEY_EX_RANK).set_value("sentence").run()
     assert_clean(at)
@@ -534,12 +534,12 @@ def test_explorer_ranks_top_features_by_this_sentence(app, sae_run):
         (entry,) = analyze_text(bundle, text, top=top, rank_by="sentence", saes=[("pretrained", layer)])["saes"]
         assert fig["layout"]["yaxis"]["ticktext"] == [f"feature {f['feature']}" for f in entry["features"]]
     assert figs[0]["layout"]["yaxis"]["ticktext"] != figs[1]["layout"]["yaxis"]["ticktext"]
-    at.selectbox(key=shared.KEY_EX_RANK).set_value("change").run()  # the features fine-tuning moved most on each sentence
+    at.selectbox(key=shared.KEY_EX_RANK).set_value("sentence-change").run()  # the features fine-tuning moved most on each sentence
     assert_clean(at)
     figs = [f for f in charts(at) if SENTENCE in title(f)]
     for fig, text in zip(figs, texts_shown):
         assert f"the {top} features fine-tuning changed most on this sentence (fine-tuned − pre-trained)" in subtitle(fig)
-        (entry,) = analyze_text(bundle, text, top=top, rank_by="change", saes=[("pretrained", layer)])["saes"]
+        (entry,) = analyze_text(bundle, text, top=top, rank_by="sentence-change", saes=[("pretrained", layer)])["saes"]
         assert fig["layout"]["yaxis"]["ticktext"] == [f"feature {f['feature']}" for f in entry["features"]]
         panel = trace(fig, "top features")  # what the ranking measured: the difference, diverging around 0
         np.testing.assert_allclose(array(panel["z"]), np.array([f["difference"] for f in entry["features"]]), atol=1e-6)
@@ -667,6 +667,13 @@ def test_feature_browser_ranking_model_layer_and_feature(app, features_run, runs
     table = at.dataframe[0].value
     assert list(table["density"]) == sorted(table["density"], reverse=True)
     assert card_title(at).startswith(f"Feature {int(table['feature'].iloc[0])} ")
+    at.selectbox(key=shared.KEY_FB_RANK).select("change").run()  # how far fine-tuning moved each feature
+    assert_clean(at)
+    table = at.dataframe[0].value
+    assert list(table["change"]) == sorted(table["change"], reverse=True) and table["change"].iloc[0] > 0
+    tiles = {m.label: m.value for m in at.metric}
+    assert tiles["change"] == shared.short_number(float(table["change"].iloc[0]))
+    at.selectbox(key=shared.KEY_FB_RANK).select("density").run()
     layers = at.selectbox(key=shared.KEY_FB_LAYER).options
     at.selectbox(key=shared.KEY_FB_LAYER).select(int(layers[0])).run()
     assert f"layer {layers[0]}" in card_title(at)

@@ -126,10 +126,10 @@ def test_analyze_ranks_by_the_sentence_from_the_cli(tiny_run):
     assert result["ranking"] == "variance over this sentence" and all(len(e["features"]) == 2 for e in result["saes"])
     text = cli("analyze", "--run", tiny_run.root, "--text", "a fine film", "--rank-by", "sentence", check=True).stdout
     assert "(top features by variance over this sentence)" in text
-    change = json.loads(cli("analyze", "--run", tiny_run.root, "--text", "a fine film", "--rank-by", "change", "--json", check=True).stdout)
+    change = json.loads(cli("analyze", "--run", tiny_run.root, "--text", "a fine film", "--rank-by", "sentence-change", "--json", check=True).stdout)
     assert change["ranking"] == "|fine-tuned − pre-trained| over this sentence" and len(change["saes"]) == len(result["saes"])
     assert all(len(f["difference"]) == len(change["tokens"]) for e in change["saes"] for f in e["features"])
-    text = cli("analyze", "--run", tiny_run.root, "--text", "a fine film", "--rank-by", "change", check=True).stdout
+    text = cli("analyze", "--run", tiny_run.root, "--text", "a fine film", "--rank-by", "sentence-change", check=True).stdout
     assert "values: fine-tuned − pre-trained activation)" in text
     bad = cli("analyze", "--run", tiny_run.root, "--text", "a fine film", "--rank-by", "loudest")  # argparse's own message
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--rank-by: invalid choice: 'loudest'" in bad.stderr and "'sentence'" in bad.stderr

@@ -129,6 +129,47 @@ def test_splice_runner_equals_full_spliced_passes(tiny_run, cache_bytes):
     assert len(model.bert.encoder.layer) == model.config.num_hidden_layers  # the block list is restored
 
 
+def test_change_ranks_features_by_how_far_fine_tuning_moved_them_over_the_test_tokens(tiny_run):
+    """The features step's ``change``: mean over the test tokens of |z_ft - z_pre|, each SAE applied to
+    both models' hidden states of the same tokens; checked against a hand encode of the shards."""
+    import core.features_step as fs
+
+    store = ActivationStore(tiny_run, "test")
+    for model, layer, _ in tiny_run.sae_dirs():
+        sae = SparseAutoencoder.load(tiny_run.sae_dir(model, layer))
+        z = {m: _encode_numpy(sae, store.load_layer(m, layer).double().numpy()) for m in MODELS}  # [tokens, d_sae]
+        want = np.abs(z["finetuned"] - z["pretrained"]).mean(0)
+        saved = fs.load_stats(tiny_run, model, layer)["change"].double().numpy()
+        np.testing.assert_allclose(saved, want, rtol=1e-4, atol=1e-5)
+        assert want.max() > 0  # fine-tuning moved something
+        order = fs.ranking(tiny_run, model, layer, "change").numpy()
+        assert np.all(np.diff(saved[order]) <= 0)  # largest first
+        table = fs.feature_table(tiny_run, model, layer, by="change")
+        np.testing.assert_allclose(table["change"].to_numpy(), saved[order], rtol=1e-6)
+        assert fs.feature_card(tiny_run, model, layer, int(order[0]))["change"] == pytest.approx(float(saved[order[0]]))
+
+
+def test_change_on_statistics_written_before_it_existed_says_how_to_fix(run_copy):
+    """A run whose features step ran before ``change`` was recorded: one clear message, and the
+    explorer falls back to the sentence's variance, saying why."""
+    from safetensors.torch import load_file, save_file
+
+    import core.features_step as fs
+    from core.analysis import analyze_text, load_bundle
+    from core.runfolder import RunFolder
+
+    path = run_copy / "features" / "pretrained" / "layer_1" / "stats.safetensors"
+    tensors = load_file(str(path))
+    del tensors["change"]
+    save_file(tensors, str(path))
+    run = RunFolder(run_copy)
+    with pytest.raises(LayerscopeError, match=r"predate the change ranking; re-run `python -m core features --run .* --force`"):
+        fs.ranking(run, "pretrained", 1, "change")
+    assert "change" not in fs.feature_table(run, "pretrained", 1).columns and fs.feature_card(run, "pretrained", 1, 0)["change"] is None
+    result = analyze_text(load_bundle(run), "the plot", top=2, rank_by="change", clean=False, saes=[("pretrained", 1)])
+    assert result["ranking"].startswith("variance over this sentence (this run has no dataset-level change yet")
+
+
 def test_feature_statistics_do_not_depend_on_the_chunk_size(tiny_run, monkeypatch):
     """Encoding the test tokens a few rows at a time (across shard boundaries) gives the same statistics."""
     import core.features_step as fs
@@ -141,9 +182,10 @@ def test_feature_statistics_do_not_depend_on_the_chunk_size(tiny_run, monkeypatc
     results = []
     for rows in (10**9, 5):
         monkeypatch.setattr(fs, "EVAL_CHUNK_ROWS", rows)
-        stats, _ = fs.feature_stats(sae, store, "finetuned", 1, labels, 2, top_k=4)
-        results.append((stats, fs.context_windows(sae, store, "finetuned", 1, stats.top_token_index, 3)))
-    (a, ctx_a), (b, ctx_b) = results
+        stats, _, change = fs.feature_stats(sae, store, "finetuned", 1, labels, 2, top_k=4)
+        results.append((stats, fs.context_windows(sae, store, "finetuned", 1, stats.top_token_index, 3), change))
+    (a, ctx_a, change_a), (b, ctx_b, change_b) = results
+    torch.testing.assert_close(change_b, change_a, rtol=1e-5, atol=1e-6)
     assert store.num_tokens > 5 * 3
     for name in fs.STAT_FIELDS:
         torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-5, atol=1e-6, msg=name)  # fp32 matmuls block rows differently
@@ -276,8 +318,8 @@ def test_rank_by_sentence_orders_features_by_their_variance_over_the_sentence(ti
     assert [e["features"] for e in by_variance["saes"]] != [e["features"] for e in result["saes"]]
 
 
-def test_rank_by_change_orders_features_by_how_much_fine_tuning_moved_them(tiny_run):
-    """``--rank-by change``: each SAE applied to both models' hidden states; its top features are
+def test_rank_by_sentence_change_orders_features_by_how_much_fine_tuning_moved_them(tiny_run):
+    """``--rank-by sentence-change``: each SAE applied to both models' hidden states; its top features are
     those with the largest |z_ft - z_pre| summed over the sentence's tokens, from a hand encode."""
     from transformers import AutoModel
 
@@ -286,7 +328,7 @@ def test_rank_by_change_orders_features_by_how_much_fine_tuning_moved_them(tiny_
     bundle = load_bundle(tiny_run)
     text = "the plot was brilliant but the acting was dull"
     state = sentence_state(bundle, text, clean=False)
-    result = analyze_text(bundle, text, top=4, rank_by="change", clean=False, state=state)
+    result = analyze_text(bundle, text, top=4, rank_by="sentence-change", clean=False, state=state)
     assert result["ranking"] == "|fine-tuned − pre-trained| over this sentence"
     ids = torch.tensor([state.token_ids])
     with torch.no_grad():
@@ -308,7 +350,7 @@ def test_rank_by_change_orders_features_by_how_much_fine_tuning_moved_them(tiny_
 def test_unknown_ranking_is_refused(tiny_run):
     from core.analysis import analyze_text, load_bundle
 
-    with pytest.raises(LayerscopeError, match="unknown ranking 'loudest'; use one of variance, selectivity, density, sentence, change"):
+    with pytest.raises(LayerscopeError, match="unknown ranking 'loudest'; use one of variance, selectivity, density, change, sentence, sentence-change"):
         analyze_text(load_bundle(tiny_run), "the plot", rank_by="loudest")
 
 
