@@ -363,8 +363,12 @@ def _bundle(path: str, stamp: int):
 
 
 def short_number(v: float) -> str:
-    """At most 8 characters, so a narrow metric tile never cuts off an exponent (4.714e-05 showed as "4.714...")."""
-    return f"{v:.1e}" if v and not 1e-3 <= abs(v) < 1e4 else f"{v:.4g}"
+    """At most 7 characters (8 when negative), so a metric tile a quarter of the feature card wide
+    never cuts a value off (4.714e-05 showed as "4.714...", 0.004467 as "0.004..."): three
+    significant digits below 1, four from 1 to 10,000, one decimal of a power of ten outside 0.01-10,000."""
+    if v and not 1e-2 <= abs(v) < 1e4:
+        return f"{v:.1e}"
+    return f"{v:.3g}" if abs(v) < 1 else f"{v:.4g}"
 
 
 def bundle(run: RunFolder):

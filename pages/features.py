@@ -149,11 +149,12 @@ def card_view(run, model: str, layer: int, feature: int, row: pd.Series | None) 
     st.subheader(f"Feature {feature} · {shared.MODEL_LABELS[model]} SAE · layer {layer}")
     if row is not None:
         stats = [c for c in ("variance", "density", "selectivity", "change") if c in row.index]
-        cols = st.columns([1] * len(stats) + [1.6])  # a class name is wider than a number
-        for col, name in zip(cols, stats):
+        # numbers only in the tiles: four of them fill the card's width (a class name beside them
+        # left each too narrow for six characters), so the best class is a line of text below
+        for col, name in zip(st.columns(len(stats)), stats):
             col.metric(name, shared.short_number(float(row[name])), help=f"{name} = {float(row[name]):.6g}" + TILE_HELP.get(name, ""))
         if "best_class" in row.index:
-            cols[-1].metric("best class", str(row["best_class"]), help="the class this feature fires most for: the highest one-vs-rest AUROC of its per-text maximum")
+            st.markdown(f"Fires most for **{shared.safe_text(row['best_class'])}** :gray[(the highest one-vs-rest AUROC of its per-text maximum)]")
     match_box(run, model, layer, card.get("match"))
     st.markdown("**Top activating examples** (darker = stronger; the outlined token is the peak)")
     top_examples(card)

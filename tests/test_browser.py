@@ -101,7 +101,16 @@ def test_sentence_explorer_in_a_browser(server, page, tmp_path, tiny_run):
     assert_no_errors(page)
 
 
-def test_overview_and_similarity_in_a_browser(server, page, tmp_path):
+def test_overview_similarity_and_feature_browser_in_a_browser(server, page, tmp_path):
+    page.goto(f"{server}/features", timeout=90_000)
+    page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+    page.wait_for_timeout(1000)
+    assert_no_errors(page)
+    # every metric tile of the feature card shows its whole value (with a class name beside four
+    # numbers, 0.2042 showed as "0.20..." on the default run)
+    cut = page.evaluate("""() => [...document.querySelectorAll('[data-testid="stMetricValue"] *')]
+                             .filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.textContent)""")
+    assert page.locator('[data-testid="stMetricValue"]').count() >= 4 and cut == [], cut
     for path, expected in (("", 5), ("similarity", 2)):
         page.goto(f"{server}/{path}", timeout=90_000)
         page.wait_for_selector(".js-plotly-plot", timeout=90_000)
