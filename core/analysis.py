@@ -28,10 +28,10 @@ MAX_TEXT_CHARS = 5000
 # text: the features that vary most along it), "sentence-change" by how much fine-tuning moved
 # them on it: sum over its tokens of |z_ft - z_pre| (the explorer's difference row, summed).
 DATASET_RANKINGS = ("variance", "selectivity", "density", "change")
-SENTENCE_RANKING, CHANGE_RANKING = "sentence", "sentence-change"
-RANKINGS = (*DATASET_RANKINGS, SENTENCE_RANKING, CHANGE_RANKING)
+SENTENCE_RANKING, SENTENCE_CHANGE_RANKING = "sentence", "sentence-change"
+RANKINGS = (*DATASET_RANKINGS, SENTENCE_RANKING, SENTENCE_CHANGE_RANKING)
 SENTENCE_LABEL = "variance over this sentence"
-CHANGE_LABEL = "|fine-tuned − pre-trained| over this sentence"
+SENTENCE_CHANGE_LABEL = "|fine-tuned − pre-trained| over this sentence"
 
 
 @dataclass
@@ -158,7 +158,7 @@ def latents(bundle: Bundle, state: SentenceState, sae_model: str, layer: int, on
 def feature_order(bundle: Bundle, model: str, layer: int, by: str = "variance") -> torch.Tensor | None:
     """Dataset-level ranking from the features step, or None when that step has not run (and for
     the per-sentence rankings, which have no dataset-level order)."""
-    if by in (SENTENCE_RANKING, CHANGE_RANKING):
+    if by in (SENTENCE_RANKING, SENTENCE_CHANGE_RANKING):
         return None
     key = (model, layer, by)
     if key not in bundle.rankings:
@@ -173,10 +173,10 @@ def feature_order(bundle: Bundle, model: str, layer: int, by: str = "variance") 
 
 def top_features(bundle: Bundle, state: SentenceState, model: str, layer: int, top: int = 5, by: str = "variance") -> list[dict]:
     """The ``top`` features of the SAE of (``model``, ``layer``) by ``by`` (see ``RANKINGS``), each
-    with its activation per token on that SAE's own model; ranked by change, also its
+    with its activation per token on that SAE's own model; ranked by sentence-change, also its
     ``difference`` per token (fine-tuned - pre-trained, the SAE applied to both models)."""
     z = latents(bundle, state, model, layer)  # [T, d_sae]
-    if by == CHANGE_RANKING:  # the same dictionary on both models' hidden states: |ft - pre| summed over tokens
+    if by == SENTENCE_CHANGE_RANKING:  # the same dictionary on both models' hidden states: |ft - pre| summed over tokens
         other = "finetuned" if model == "pretrained" else "pretrained"
         z_other = latents(bundle, state, model, layer, other)
         diff = z_other - z if model == "pretrained" else z - z_other  # [T, d_sae] fine-tuned - pre-trained
@@ -302,7 +302,7 @@ def analyze_text(
         raise LayerscopeError(f"unknown ranking {rank_by!r}; use one of {', '.join(RANKINGS)} (--rank-by)")
     state = state or sentence_state(bundle, text, clean)
     keys = list(bundle.saes) if saes is None else [(m, int(l)) for m, l in saes]
-    if saes is None and rank_by != CHANGE_RANKING:  # every SAE in one batched encode per shape
+    if saes is None and rank_by != SENTENCE_CHANGE_RANKING:  # every SAE in one batched encode per shape
         features = _all_top_features(bundle, state, top, rank_by)
     else:
         features = {k: top_features(bundle, state, k[0], k[1], top, rank_by) for k in keys}
@@ -327,8 +327,8 @@ def ranking_label(rank_by: str, ranked: bool) -> str:
     asked for, or the variance over this sentence (asked for, or the fallback before the features step)."""
     if rank_by == SENTENCE_RANKING:
         return SENTENCE_LABEL
-    if rank_by == CHANGE_RANKING:
-        return CHANGE_LABEL
+    if rank_by == SENTENCE_CHANGE_RANKING:
+        return SENTENCE_CHANGE_LABEL
     if ranked:
         return rank_by
     return SENTENCE_LABEL + ("" if rank_by == "variance" else f" (this run has no dataset-level {rank_by} yet: run the features step, or re-run it with --force)")
@@ -379,7 +379,7 @@ def format_analysis(result: dict) -> str:
     lines.append("cosine(pre, ft) per layer, mean over tokens: " + " ".join(f"{sum(c) / len(c):.3f}" for c in result["cosine"]))
     width = max(len(t) for t in result["tokens"])
     for sae in result["saes"]:
-        # ranked by change, the table shows what the ranking measured: fine-tuned - pre-trained
+        # ranked by sentence-change, the table shows what the ranking measured: fine-tuned - pre-trained
         shown = "difference" if sae["features"] and "difference" in sae["features"][0] else "activations"
         values = "; values: fine-tuned − pre-trained activation" if shown == "difference" else ""
         lines.append(f"\nSAE {sae['model']} layer {sae['layer']} (top features by {result['ranking']}{values})")

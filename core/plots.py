@@ -363,7 +363,7 @@ def feature_comparison(
     features), and the difference from -b to +b with b its largest magnitude; ``feature_max``,
     ``top_max`` and ``difference_bound`` set those ends instead, so that charts drawn side by side
     (two sentences compared) give one colour one value. ``top_difference``: the top panel holds
-    differences (fine-tuned - pre-trained, the features ranked by change), drawn like the
+    differences (fine-tuned - pre-trained, the features ranked by sentence change), drawn like the
     difference row: red-blue, centred at zero, from -``top_max`` (or its largest magnitude) to +.
     """
     pre, ft = np.asarray(pretrained, dtype=float), np.asarray(finetuned, dtype=float)

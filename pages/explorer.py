@@ -87,7 +87,7 @@ def top_entry(result: dict, choice: SaeChoice) -> dict | None:
 
 def top_rows(result: dict, choice: SaeChoice) -> tuple[list[dict], str]:
     """The chosen SAE's top features and which of their values the top panel shows: "difference"
-    (fine-tuned - pre-trained) when they were ranked by change, what that ranking measured; their
+    (fine-tuned - pre-trained) when they were ranked by sentence change, what that ranking measured; their
     activation on the SAE's own model otherwise."""
     entry = top_entry(result, choice)
     ranked = entry["features"] if entry else []
