@@ -256,8 +256,14 @@ def export_html(run: RunFolder) -> str:
         ]
     if rep.get("saes"):
         parts += ["<h2>Sparse autoencoders (held-out tokens)</h2>", _table(sae_frame(rep["saes"]))]
+        if any(s.get("loss_curve") for s in rep["saes"]):
+            parts.append(fig(plots.sae_training_curves(rep["saes"], title="SAE training curves (inputs at unit variance; ◆ held-out FVU)")))
     if rep.get("matching"):
-        parts += ["<h2>Feature matching, pre-trained to fine-tuned</h2>", _table(matching_frame(rep["matching"]))]
+        parts += [
+            "<h2>Feature matching, pre-trained to fine-tuned</h2>",
+            fig(plots.matching_bars(rep["matching"], title="Pre-trained SAE latents kept, shifted or lost, against a seed twin")),
+            _table(matching_frame(rep["matching"])),
+        ]
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -282,6 +288,10 @@ def write_figures(run: RunFolder, out_dir, width: int = 900, height: int = 500) 
         figures["cka_matrix.png"] = plots.cka_heatmap(rep["cka_matrix"])
     if "finetune" in rep:
         figures["classification.png"] = plots.classification_bars(rep["finetune"]["per_class"]["finetuned"], title="fine-tuned: precision, recall and F1 per class")
+    if any(s.get("loss_curve") for s in rep.get("saes") or []):
+        figures["sae_training.png"] = plots.sae_training_curves(rep["saes"], title=f"SAE training curves ({run.name}; ◆ held-out FVU)")
+    if rep.get("matching"):
+        figures["matching.png"] = plots.matching_bars(rep["matching"], title=f"Pre-trained SAE latents kept, shifted or lost, against a seed twin ({run.name})")
     if not figures:
         raise LayerscopeError(f"{run.root} has no figures to draw yet: they need the finetune and similarity steps; build them with `python -m core build --run {shlex.quote(str(run.root))}`")
     out = Path(out_dir)

@@ -443,6 +443,99 @@ def feature_comparison(
     return _spec_figure(traces, layout)
 
 
+# ----------------------------------------------------------------------------- SAEs
+MODEL_NAMES = {"pretrained": "pre-trained", "finetuned": "fine-tuned"}
+MATCH_PARTS = (("kept", "kept", "#00CC96"), ("shifted", "shifted", "#FFA15A"), ("lost", "lost (no similar partner)", "#EF553B"))
+MATCH_PAIRS = (("", "fine-tuned"), ("baseline_", "seed twin"))  # what the pre-trained SAE is matched with
+
+
+def sae_training_curves(saes: Sequence[Mapping], title: str = "") -> go.Figure:
+    """Training MSE per logging window for each SAE of ``saes`` (``report["saes"]`` entries with a
+    ``loss_curve``), one panel per model, one line per layer (darker = deeper), and each SAE's
+    held-out FVU as a diamond at its last step.
+
+    Inputs are scaled to unit variance per element before training, so the training MSE reads as
+    the FVU of the training batches: the gap to the diamond is the train/test gap, and a curve
+    still falling at its last step says the SAE was short of steps.
+    """
+    from plotly.subplots import make_subplots
+
+    models = [m for m in MODEL_NAMES if any(s.get("model") == m and s.get("loss_curve") for s in saes)]
+    fig = make_subplots(rows=1, cols=max(len(models), 1), shared_yaxes=True, horizontal_spacing=0.04, subplot_titles=[MODEL_NAMES[m] + " SAEs" for m in models] or None)
+    layers = sorted({int(s["layer"]) for s in saes if s.get("loss_curve")})
+    colours = get_colorscale("Viridis")
+    for col, model in enumerate(models, start=1):
+        for s in sorted((s for s in saes if s.get("model") == model and s.get("loss_curve")), key=lambda s: int(s["layer"])):
+            layer = int(s["layer"])
+            rank = layers.index(layer) / max(len(layers) - 1, 1)
+            colour = colours[min(int(round((1 - rank) * 0.85 * (len(colours) - 1))), len(colours) - 1)][1]  # deepest = darkest
+            curve = s["loss_curve"]
+            name = f"layer {layer}"
+            fig.add_trace(
+                go.Scatter(
+                    x=curve["step"],
+                    y=curve["mse"],
+                    mode="lines",
+                    name=name,
+                    legendgroup=name,
+                    showlegend=col == 1,
+                    line={"color": colour},
+                    hovertemplate=f"{MODEL_NAMES[model]} SAE, {name}<br>step %{{x}}<br>training MSE %{{y:.4f}}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
+            if s.get("fvu") is not None and curve["step"]:
+                fig.add_trace(
+                    go.Scatter(
+                        x=[curve["step"][-1]],
+                        y=[s["fvu"]],
+                        mode="markers",
+                        name=f"{name}, held-out FVU",
+                        legendgroup=name,
+                        showlegend=False,
+                        marker={"color": colour, "symbol": "diamond", "size": 9, "line": {"width": 1, "color": "white"}},
+                        hovertemplate=f"{MODEL_NAMES[model]} SAE, {name}<br>held-out FVU %{{y:.4f}}<extra></extra>",
+                    ),
+                    row=1,
+                    col=col,
+                )
+        fig.update_xaxes(title="step", row=1, col=col)
+    fig.update_yaxes(title="training MSE / variance (◆ held-out FVU)", rangemode="tozero", row=1, col=1)
+    fig = _layout(fig, esc(title))
+    fig.update_layout(legend={"y": 1.08}, margin={"t": 110 if title else 70})
+    return fig
+
+
+def matching_bars(matching: Sequence[Mapping], title: str = "") -> go.Figure:
+    """Per layer, the pre-trained SAE's latents split into kept / shifted / lost when matched to
+    the fine-tuned SAE, stacked, next to the same split against a twin SAE trained on the same
+    activations with another seed (``baseline_*`` keys, when present): the noise floor, without
+    which a "lost" share cannot be read."""
+    rows = sorted(matching, key=lambda m: int(m["layer"]))
+    pairs = [(prefix, label) for prefix, label in MATCH_PAIRS if all(m.get(f"{prefix}kept") is not None for m in rows)]
+    x = [[f"layer {int(m['layer'])}" for m in rows for _ in pairs], [label for _ in rows for _, label in pairs]]
+    fig = go.Figure()
+    for key, label, colour in MATCH_PARTS:
+        y = [m.get(f"{prefix}{key}") for m in rows for prefix, _ in pairs]
+        fig.add_trace(
+            go.Bar(
+                x=x,
+                y=y,
+                name=label,
+                marker_color=colour,
+                text=[f"{v:.2f}" if v is not None and v >= 0.1 else "" for v in y],  # smaller parts: hover
+                textposition="inside",
+                insidetextanchor="middle",
+                hovertemplate=f"%{{x}}<br>{label} %{{y:.3f}}<extra></extra>",
+            )
+        )
+    fig.update_layout(barmode="stack", bargap=0.15, legend={"traceorder": "normal"})
+    fig.update_xaxes(tickangle=0, title="pre-trained SAE matched with")
+    fig.update_yaxes(title="share of the pre-trained SAE's latents", range=[0, 1])
+    return _layout(fig, esc(title))
+
+
 # ----------------------------------------------------------------------------- features
 def feature_bars(
     values: Mapping[str, float] | Sequence[float],
@@ -470,7 +563,7 @@ def feature_bars(
         y=names if horizontal else nums,
         orientation="h" if horizontal else "v",
         marker_color=colours,
-        text=[f"{v:.3g}" for v in nums],
+        text=[f"{v:#.3g}" for v in nums],  # '#': trailing zeros kept, so 0.53 beside 0.646 reads 0.530
         textposition="auto",
         hovertemplate=("%{y}<br>%{x:.4f}" if horizontal else "%{x}<br>%{y:.4f}") + "<extra></extra>",
     )

@@ -89,10 +89,11 @@ def _run_tag(run: RunFolder) -> str:
     return hashlib.sha1(f"{run.root.resolve()}:{run_stamp(str(run.root))}".encode()).hexdigest()[:10]
 
 
-def explorer_feature_key(run: RunFolder, model: str, layer: int) -> str:
-    """Widget key of the explorer's feature picker for one SAE of one run (each keeps its own
-    choice: a feature number picked on one run means nothing on another)."""
-    return f"ls_ex_feature_{_run_tag(run)}_{model}_{layer}"
+def explorer_feature_key(run: RunFolder, model: str, layer: int, ranking: str) -> str:
+    """Widget key of the explorer's feature picker for one SAE of one run and ranking (each keeps
+    its own choice: a feature number picked on one run means nothing on another, and a new
+    ranking starts at its own top feature, as in the feature browser)."""
+    return f"ls_ex_feature_{_run_tag(run)}_{model}_{layer}_{ranking}"
 
 
 def browser_feature_key(run: RunFolder, model: str, layer: int, ranking: str) -> str:

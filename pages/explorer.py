@@ -101,7 +101,7 @@ def feature_picker(run, choice: SaeChoice, result: dict, d_sae: int) -> int | No
     entry = top_entry(result, choice)
     ranked = [int(f["feature"]) for f in entry["features"]] if entry else []
     default = ranked[0] if ranked else 0
-    key = shared.explorer_feature_key(run, choice.model, choice.layer)
+    key = shared.explorer_feature_key(run, choice.model, choice.layer, choice.rank_by)
     feature = st.number_input(
         "Feature",
         min_value=0,

@@ -155,10 +155,12 @@ SAE_COLUMNS = _numbers({
 SAE_COMPACT = ("model", "layer", "architecture", "d_sae", "l0", "fvu", "dead_fraction", "accuracy_spliced", "kl_spliced", "fvu_on_finetuned")
 MATCHING_COLUMNS = _numbers({
     **{k: (k, "%.3f") for k in ("kept", "shifted", "new", "lost")},
-    **{f"baseline_{k}": (f"{k}, seed baseline", "%.3f") for k in ("kept", "shifted", "new", "lost")},
+    **{f"baseline_{k}": (f"{k}, seed twin", "%.3f") for k in ("kept", "shifted", "new", "lost")},
     "kept_threshold": ("kept if similarity >=", "%.2f"),
     "shifted_threshold": ("shifted if >=", "%.2f"),
 })
+
+MATCHING_SHOWN = ("layer", "kept", "shifted", "lost", "new", "baseline_kept", "baseline_shifted", "baseline_lost", "baseline_new")
 
 
 def saes(run, rep: dict) -> None:
@@ -176,13 +178,30 @@ def saes(run, rep: dict) -> None:
         help="add MSE, the dense fraction, the split of the error between rare and other tokens, and the settings behind each figure (the CSV always has every column)",
     )
     order = None if every else [c for c in SAE_COMPACT if c in table.columns]
-    st.dataframe(table, hide_index=True, width="stretch", column_config=SAE_COLUMNS, column_order=order)
+    st.dataframe(table, hide_index=True, width="stretch", column_config=SAE_COLUMNS, column_order=order, placeholder="—")
     shared.download_csv(table, f"{run.name}-saes.csv", key="dl_saes")
+    if any(s.get("loss_curve") for s in rep["saes"]):
+        st.subheader("Training curves")
+        st.caption("Training MSE over each logging window; inputs are scaled to unit variance before training, so it reads as the FVU of the training batches. The diamond is the held-out FVU of the table above: its distance to the line's end is the train/test gap, and a line still falling at its end means more steps would help.")
+        shared.chart(plots.sae_training_curves(rep["saes"]), key="sae_curves")
     if rep.get("matching"):
-        st.subheader("Feature matching, pre-trained to fine-tuned")
-        match = matching_frame(rep["matching"])
-        st.dataframe(match, hide_index=True, width="stretch", column_config=MATCHING_COLUMNS)
-        shared.download_csv(match, f"{run.name}-matching.csv", key="dl_matching")
+        matching(run, rep["matching"])
+
+
+def matching(run, rows: list[dict]) -> None:
+    """Kept / shifted / lost per layer as stacked bars beside the seed baseline, then the table."""
+    st.subheader("Feature matching, pre-trained to fine-tuned")
+    first = rows[0]
+    baseline = first.get("baseline_kept") is not None
+    st.caption(
+        f"Each pre-trained latent is paired one-to-one with a fine-tuned one (Hungarian assignment on decoder cosine similarity): kept if the pair's similarity is at least {first['kept_threshold']:.2f}, shifted if at least {first['shifted_threshold']:.2f}, lost otherwise; 'new' counts the fine-tuned latents left without a partner."
+        + (" The seed twin is a second pre-trained SAE trained on the same activations with another seed: matching it gives the noise floor, so only a share beyond the twin's says fine-tuning changed the features." if baseline else " This run has no seed baseline, so the noise floor of these shares is unknown.")
+    )
+    shared.chart(plots.matching_bars(rows), key="matching_bars")
+    match = matching_frame(rows)
+    order = [c for c in MATCHING_SHOWN if c in match.columns]  # the thresholds are in the caption, the counts in the CSV
+    st.dataframe(match, hide_index=True, width="stretch", column_config=MATCHING_COLUMNS, column_order=order, placeholder="—")
+    shared.download_csv(match, f"{run.name}-matching.csv", key="dl_matching")
 
 
 def body() -> None:

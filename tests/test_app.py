@@ -24,6 +24,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from core import plots
+from core.report import build_report
 from core.runfolder import RunFolder, read_json, write_json
 from pages import _shared as shared
 from tests.conftest import ROOT, tiny_overrides
@@ -218,7 +219,36 @@ def test_overview_sae_table_when_saes_exist(app, sae_run):
         shown_as.update({col: c.get("label") for col, c in json.loads(d.proto.columns or "{}").items()})
     assert shown_as["fvu"] == "FVU" and shown_as["dead_fraction"] == "dead" and shown_as["kl_spliced"] == "KL spliced"
     if sae_run.is_done("features"):
-        assert shown_as["baseline_lost"] == "lost, seed baseline"
+        assert shown_as["baseline_lost"] == "lost, seed twin"
+
+
+def test_overview_draws_sae_training_curves_and_matching_against_the_seed_twin(app, sae_run):
+    """Both figures carry the run's own numbers: each SAE's logged training MSE and held-out FVU
+    (metrics.json), and the matching shares beside the seed twin's (report)."""
+    at = app().run()
+    assert_clean(at)
+    rep = build_report(sae_run)
+    curves = chart_with_trace(at, "layer 1, held-out FVU")
+    for model, axis in (("pretrained", "x"), ("finetuned", "x2")):
+        for _, layer, d in (e for e in sorted(sae_run.sae_dirs()) if e[0] == model):
+            m = json.loads((d / "metrics.json").read_text())
+            (line,) = [t for t in curves["data"] if t["name"] == f"layer {layer}" and t.get("xaxis", "x") == axis]
+            assert array(line["y"]).tolist() == pytest.approx(m["loss_curve"]["mse"])
+            (mark,) = [t for t in curves["data"] if t["name"] == f"layer {layer}, held-out FVU" and t.get("xaxis", "x") == axis]
+            assert array(mark["y"]).tolist() == pytest.approx([m["fvu"]])
+    bars = chart_with_trace(at, "lost (no similar partner)")
+    (lost,) = [t for t in bars["data"] if t["name"] == "lost (no similar partner)"]
+    want = [v for r in sorted(rep["matching"], key=lambda r: r["layer"]) for v in (r["lost"], r["baseline_lost"])]
+    assert array(lost["y"]).tolist() == pytest.approx(want)
+    assert "seed twin" in texts(at)
+    # a pre-trained-only figure is blank, not Streamlit's "None", on fine-tuned rows
+    assert sae_table(at).proto.placeholder == "—"
+
+
+def chart_with_trace(at: AppTest, name: str) -> dict:
+    found = [f for f in charts(at) if any(t.get("name") == name for t in f["data"])]
+    assert found, f"no chart with a trace named {name!r}"
+    return found[0]
 
 
 def sae_table(at: AppTest):
@@ -296,12 +326,12 @@ def test_a_feature_picked_on_one_run_does_not_follow_to_another(app, runs, sae_r
     """Feature numbers mean nothing across runs: each run keeps its own pick."""
     at = explorer(app)
     layer = int(at.selectbox(key=shared.KEY_EX_LAYER).value)
-    key = shared.explorer_feature_key(RunFolder(runs["tiny"]), "pretrained", layer)
+    key = shared.explorer_feature_key(RunFolder(runs["tiny"]), "pretrained", layer, "variance")
     top = at.number_input(key=key).value
     at.number_input(key=key).set_value(top + 1).run()
     at.sidebar.selectbox(key=shared.KEY_RUN_SELECT).select(str(runs["other"])).run()
     assert_clean(at)
-    other_key = shared.explorer_feature_key(RunFolder(runs["other"]), "pretrained", layer)
+    other_key = shared.explorer_feature_key(RunFolder(runs["other"]), "pretrained", layer, "variance")
     assert other_key != key and at.number_input(key=other_key).value == top  # the other run's own top feature
     assert f"feature {top} " in title(chart(at, SENTENCE))
 
@@ -496,21 +526,32 @@ def test_script_tags_typed_as_a_sentence_stay_text(app, sae_run, runs):
 
 
 def test_layer_and_feature_pickers(app, sae_run, runs):
+    from core.analysis import analyze_text, load_bundle
+
     at = explorer(app)
     layers = at.selectbox(key=shared.KEY_EX_LAYER).options
     assert len(layers) >= 1
     first = layers[0]
     at.selectbox(key=shared.KEY_EX_LAYER).select(int(first)).run()
     assert f"layer {first}" in title(chart(at, SENTENCE))
-    key = shared.explorer_feature_key(RunFolder(runs["tiny"]), "pretrained", int(first))
+    key = shared.explorer_feature_key(RunFolder(runs["tiny"]), "pretrained", int(first), "variance")
     top = at.number_input(key=key).value
     assert f"feature {top} " in title(chart(at, SENTENCE))
     at.number_input(key=key).set_value(top + 1).run()
     assert f"feature {top + 1} " in title(chart(at, SENTENCE))
     at.segmented_control(key=shared.KEY_EX_MODEL).set_value("finetuned").run()
     assert "fine-tuned SAE" in title(chart(at, SENTENCE))
+    at.segmented_control(key=shared.KEY_EX_MODEL).set_value("pretrained").run()
     at.selectbox(key=shared.KEY_EX_RANK).select("density").run()
     assert "by density" in chart(at, SENTENCE)["layout"]["title"]["subtitle"]["text"]
+    # a new ranking starts at its own top feature (core's ranking), and the pick made under
+    # variance waits there for the way back
+    (entry,) = analyze_text(load_bundle(sae_run), at.text_input(key=shared.KEY_TEXT).value, top=3, rank_by="density", saes=[("pretrained", int(first))])["saes"]
+    by_density = shared.explorer_feature_key(RunFolder(runs["tiny"]), "pretrained", int(first), "density")
+    assert at.number_input(key=by_density).value == entry["features"][0]["feature"]
+    assert f"feature {entry['features'][0]['feature']} " in title(chart(at, SENTENCE))
+    at.selectbox(key=shared.KEY_EX_RANK).select("variance").run()
+    assert at.number_input(key=key).value == top + 1 and f"feature {top + 1} " in title(chart(at, SENTENCE))
     assert_clean(at)
 
 
@@ -655,7 +696,11 @@ def test_feature_browser_table_and_card(app, features_run):
     top = int(table["feature"].iloc[0])
     assert card_title(at).startswith(f"Feature {top} · pre-trained SAE")
     assert title(chart(at, "Mean activation per class"))
-    assert chart(at, "Activation histogram")["data"][0]["type"] == "bar"
+    hist = chart(at, "Activations where it fires")["data"][0]
+    assert hist["type"] == "bar"
+    # the tokens where the feature fires, and only those: their count is its density x the test tokens
+    tokens = build_report(features_run)["activations"]["test"]["tokens"]
+    assert sum(array(hist["y"]).tolist()) == pytest.approx(float(table["density"].iloc[0]) * tokens, abs=0.5)
     html = [m.value for m in at.markdown if "<span" in m.value]
     assert html and all("<script" not in h for h in html)
     assert any(d.proto.label == "Download CSV" for d in at.get("download_button"))

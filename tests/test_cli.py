@@ -150,7 +150,7 @@ def test_analyze_top_below_one_and_a_closed_pipe(tiny_run):
 def test_figures_writes_pngs_and_says_when_there_is_nothing_to_draw(tmp_path, tiny_run, tiny_csv, tiny_model):
     out = cli("figures", "--run", tiny_run.root, "--out", tmp_path / "figs", check=True)
     names = sorted(p.name for p in (tmp_path / "figs").iterdir())
-    assert names == ["cka_matrix.png", "classification.png", "similarity.png"], out.stdout
+    assert names == ["cka_matrix.png", "classification.png", "matching.png", "sae_training.png", "similarity.png"], out.stdout
     for name in names:
         head = (tmp_path / "figs" / name).read_bytes()[:24]
         assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") == 2 * 900  # scale 2

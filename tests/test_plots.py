@@ -244,6 +244,7 @@ def test_feature_bars_from_mapping_and_negative_colour():
     (bar,) = fig.data
     assert list(bar.x) == ["neg", "&lt;pos&gt;"] and list(bar.y) == [-0.5, 1.5]
     assert bar.marker.color[0] != bar.marker.color[1]
+    assert list(plots.feature_bars({"a": 0.646, "b": 0.53}).data[0].text) == ["0.646", "0.530"]  # same precision side by side
     h = plots.feature_bars([0.2, 0.8], labels=["a", "b"], horizontal=True).data[0]
     assert h.orientation == "h" and list(h.y) == ["a", "b"]
 
@@ -313,6 +314,51 @@ def test_claim_threshold_is_respected():
     assert paper_claims(rows, threshold=0.999)[0]["verdict"] == NOT_SUPPORTED
 
 
+def sae_entry(model: str, layer: int, steps: list[int], mse: list[float], fvu: float) -> dict:
+    return {"model": model, "layer": layer, "fvu": fvu, "loss_curve": {"step": steps, "mse": mse, "l0": [32.0] * len(steps)}}
+
+
+def test_sae_training_curves_one_line_per_sae_and_its_held_out_fvu_at_the_end():
+    rng = np.random.default_rng(0)
+    saes = [sae_entry(m, l, [20, 40, 55], rng.uniform(0.1, 0.9, 3).round(4).tolist(), round(float(rng.uniform(0.1, 0.3)), 4)) for m in ("finetuned", "pretrained") for l in (3, 1, 2)]
+    saes.append({"model": "pretrained", "layer": 4, "fvu": 0.5})  # metrics written before curves were kept: left out
+    fig = validated(plots.sae_training_curves(saes))
+    lines = [t for t in fig.data if t.mode == "lines"]
+    marks = [t for t in fig.data if t.mode == "markers"]
+    assert len(lines) == len(marks) == 6
+    panels = {"pretrained": "x", "finetuned": "x2"}  # pre-trained on the left whatever the order given
+    for s in saes[:6]:
+        (line,) = [t for t in lines if t.name == f"layer {s['layer']}" and t.xaxis == panels[s["model"]]]
+        assert list(line.x) == s["loss_curve"]["step"] and list(line.y) == s["loss_curve"]["mse"]
+        (mark,) = [t for t in marks if t.name == f"layer {s['layer']}, held-out FVU" and t.xaxis == panels[s["model"]]]
+        assert list(mark.x) == [55] and list(mark.y) == [s["fvu"]]
+        assert mark.marker.color == line.line.color
+    assert sum(t.showlegend is not False for t in lines) == 3  # one legend entry per layer
+    colours = [next(t.line.color for t in lines if t.name == f"layer {l}" and t.xaxis == "x") for l in (1, 2, 3)]
+    assert len(set(colours)) == 3  # each layer its own colour, the same on both panels
+    assert [a.text for a in fig.layout.annotations] == ["pre-trained SAEs", "fine-tuned SAEs"]
+
+
+def test_matching_bars_stack_kept_shifted_lost_beside_the_seed_twin():
+    rows = []
+    for layer in (2, 1):
+        kept, shifted = 0.1 * layer, 0.2
+        rows.append({"layer": layer, "kept": kept, "shifted": shifted, "lost": 1 - kept - shifted, "new": 0.5, "baseline_kept": 0.3, "baseline_shifted": 0.3, "baseline_lost": 0.4, "baseline_new": 0.4})
+    fig = validated(plots.matching_bars(rows))
+    assert [t.name for t in fig.data] == ["kept", "shifted", "lost (no similar partner)"] and fig.layout.barmode == "stack"
+    x = [list(level) for level in fig.data[0].x]
+    assert x == [["layer 1", "layer 1", "layer 2", "layer 2"], ["fine-tuned", "seed twin"] * 2]
+    by_layer = {r["layer"]: r for r in rows}
+    for trace, key in zip(fig.data, ("kept", "shifted", "lost")):
+        want = [v for l in (1, 2) for v in (by_layer[l][key], by_layer[l][f"baseline_{key}"])]
+        assert list(trace.y) == pytest.approx(want)
+    totals = np.sum([list(t.y) for t in fig.data], axis=0)
+    np.testing.assert_allclose(totals, 1.0)  # every latent of the pre-trained SAE is in one part
+    # without a seed baseline, one bar per layer
+    bare = plots.matching_bars([{k: v for k, v in r.items() if not k.startswith("baseline_")} for r in rows])
+    assert [list(level) for level in bare.data[0].x] == [["layer 1", "layer 2"], ["fine-tuned"] * 2]
+
+
 def test_matching_frame_flattens_counts():
     df = matching_frame([{"layer": 1, "kept": 0.5, "shifted": 0.2, "new": 0.1, "lost": 0.3, "counts": {"kept": 5, "new": 1}}])
     assert {"layer", "kept", "kept (count)", "new (count)"} <= set(df.columns)
@@ -337,7 +383,9 @@ def test_export_html_is_self_contained_and_escaped(tiny_run, tmp_path):
     assert out.count("Plotly.newPlot") >= 5
     assert "Classification report" in out and "Layer similarity" in out and "claims" in out
     if run.is_done("saes"):
-        assert "Sparse autoencoders" in out
+        assert "Sparse autoencoders" in out and "SAE training curves" in out
+    if run.is_done("features"):
+        assert "against a seed twin" in out
     assert out.count('<div class="wide"><table') == out.count("<table")  # wide tables scroll, not overflow
     json.dumps(out)  # a plain string
 

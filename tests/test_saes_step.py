@@ -260,9 +260,20 @@ def test_side_by_side_jobs_leave_the_shared_classifier_to_the_splice_lock(run_co
     assert len(out["saes"]) == 2 * len(out["layers"]) >= 4  # every job ran, at least two side by side
 
 
-def test_analyze_equals_direct_computation(tiny_run):
+def direct_hidden_states(run, ids: list[int]) -> dict[str, list[np.ndarray]]:
+    """Both models' hidden states of one sentence, ``{model: [hidden state i: [T, d] float64]}``,
+    straight from ``transformers`` (the independent side of the analysis tests)."""
     from transformers import AutoModel
 
+    out = {}
+    for m in MODELS:
+        with torch.no_grad():
+            hidden = AutoModel.from_pretrained(str(run.model_dir(m)))(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        out[m] = [h[0].double().numpy() for h in hidden]
+    return out
+
+
+def test_analyze_equals_direct_computation(tiny_run):
     from core.analysis import analyze_text, load_bundle
 
     bundle = load_bundle(tiny_run)
@@ -270,17 +281,14 @@ def test_analyze_equals_direct_computation(tiny_run):
     tok = bundle.tokenizer
     ids = tok("the plot was brilliant")["input_ids"]
     assert result["tokens"] == tok.convert_ids_to_tokens(ids) and result["tokens"][0] == "[CLS]"
-    hidden = {}
-    for m in ("pretrained", "finetuned"):
-        with torch.no_grad():
-            hidden[m] = AutoModel.from_pretrained(str(tiny_run.model_dir(m)))(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    hidden = direct_hidden_states(tiny_run, ids)
     for layer, row in enumerate(result["cosine"]):
-        a, b = hidden["pretrained"][layer][0].double().numpy(), hidden["finetuned"][layer][0].double().numpy()
+        a, b = hidden["pretrained"][layer], hidden["finetuned"][layer]
         direct = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         np.testing.assert_allclose(row, direct, atol=1e-5)
     for entry in result["saes"]:
         sae = bundle.saes[(entry["model"], entry["layer"])]
-        z = _encode_numpy(sae, hidden[entry["model"]][entry["layer"]][0].double().numpy())
+        z = _encode_numpy(sae, hidden[entry["model"]][entry["layer"]])
         assert len(entry["features"]) == 3
         for f in entry["features"]:
             np.testing.assert_allclose(f["activations"], z[:, f["feature"]], atol=1e-4)
@@ -291,8 +299,6 @@ def test_analyze_equals_direct_computation(tiny_run):
 def test_rank_by_sentence_orders_features_by_their_variance_over_the_sentence(tiny_run):
     """``--rank-by sentence``: each SAE's top features are those with the largest variance over this
     sentence's tokens, from a hand encode; the batched all-SAE path and the one-SAE path agree."""
-    from transformers import AutoModel
-
     from core.analysis import analyze_text, load_bundle, sentence_state
 
     bundle = load_bundle(tiny_run)
@@ -300,12 +306,10 @@ def test_rank_by_sentence_orders_features_by_their_variance_over_the_sentence(ti
     state = sentence_state(bundle, text, clean=False)
     result = analyze_text(bundle, text, top=4, rank_by="sentence", clean=False, state=state)
     assert result["ranking"] == "variance over this sentence"
-    ids = torch.tensor([state.token_ids])
+    hidden = direct_hidden_states(tiny_run, list(state.token_ids))
     for entry in result["saes"]:
         key = (entry["model"], entry["layer"])
-        with torch.no_grad():
-            hidden = AutoModel.from_pretrained(str(tiny_run.model_dir(key[0])))(input_ids=ids, output_hidden_states=True).hidden_states
-        z = _encode_numpy(bundle.saes[key], hidden[key[1]][0].double().numpy())  # [T, d_sae]
+        z = _encode_numpy(bundle.saes[key], hidden[key[0]][key[1]])  # [T, d_sae]
         var = z.var(0, ddof=1)
         got = [f["feature"] for f in entry["features"]]
         np.testing.assert_allclose(var[got], np.sort(var)[::-1][:4], rtol=1e-4, atol=1e-9)  # the 4 largest, in order
@@ -321,8 +325,6 @@ def test_rank_by_sentence_orders_features_by_their_variance_over_the_sentence(ti
 def test_rank_by_sentence_change_orders_features_by_how_much_fine_tuning_moved_them(tiny_run):
     """``--rank-by sentence-change``: each SAE applied to both models' hidden states; its top features are
     those with the largest |z_ft - z_pre| summed over the sentence's tokens, from a hand encode."""
-    from transformers import AutoModel
-
     from core.analysis import analyze_text, load_bundle, sentence_state
 
     bundle = load_bundle(tiny_run)
@@ -330,13 +332,11 @@ def test_rank_by_sentence_change_orders_features_by_how_much_fine_tuning_moved_t
     state = sentence_state(bundle, text, clean=False)
     result = analyze_text(bundle, text, top=4, rank_by="sentence-change", clean=False, state=state)
     assert result["ranking"] == "|fine-tuned − pre-trained| over this sentence"
-    ids = torch.tensor([state.token_ids])
-    with torch.no_grad():
-        hidden = {m: AutoModel.from_pretrained(str(tiny_run.model_dir(m)))(input_ids=ids, output_hidden_states=True).hidden_states for m in MODELS}
+    hidden = direct_hidden_states(tiny_run, list(state.token_ids))
     assert len(result["saes"]) == len(bundle.saes) >= 4
     for entry in result["saes"]:
         sae = bundle.saes[(entry["model"], entry["layer"])]
-        z = {m: _encode_numpy(sae, hidden[m][entry["layer"]][0].double().numpy()) for m in MODELS}  # [T, d_sae] each
+        z = {m: _encode_numpy(sae, hidden[m][entry["layer"]]) for m in MODELS}  # [T, d_sae] each
         change = np.abs(z["finetuned"] - z["pretrained"]).sum(0)
         got = [f["feature"] for f in entry["features"]]
         np.testing.assert_allclose(change[got], np.sort(change)[::-1][:4], rtol=1e-4, atol=1e-6)  # the 4 largest, in order
