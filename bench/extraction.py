@@ -52,14 +52,15 @@ def paper_loop(models: dict, tokenizer, texts: list[str], batch_size: int = 16, 
     return real
 
 
-def bare_forward(models: dict, tokenizer, ids: list[list[int]], batch_tokens: int, compute_dtype: str) -> None:
-    """The forward passes ``extract_split`` runs, on the same batches, with nothing kept."""
+def bare_forward(models: dict, tokenizer, ids: list[list[int]], batch_tokens: int, compute_dtype: str, seed: int = 0) -> None:
+    """The forward passes ``extract_split`` runs, on the same batches (its plan, with its default
+    seed), with nothing kept."""
     from core.activations import hidden_states, plan_batches
     from core.models import pad_batch
 
     lengths = [len(x) for x in ids]
     with kept_heap():  # the allocator setting extract_split runs under
-        for b in plan_batches(lengths, batch_tokens):
+        for b in plan_batches(lengths, batch_tokens, seed=seed):
             input_ids, mask = pad_batch([ids[i] for i in b], tokenizer.pad_token_id)
             for model in models.values():
                 hidden_states(model, input_ids, mask, compute_dtype)

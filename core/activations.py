@@ -2,7 +2,8 @@
 
 For each sampled split (``train`` feeds the SAEs, ``test`` feeds similarity, SAE
 evaluation and feature analysis) texts are tokenised with the run's truncation rule,
-sorted by length, batched under a token budget (dynamic padding), and run through
+sorted by length, batched under a token budget (dynamic padding), the batches
+shuffled (seeded, so every shard is a random mix of the texts), and run through
 the pre-trained and the fine-tuned model. Only real tokens are kept (padding is
 dropped); [CLS]/[SEP] are kept and marked. Shards hold whole examples:
 
@@ -61,9 +62,29 @@ class ActivationsConfig:
 
 
 # ------------------------------------------------------------------ planning
-def plan_batches(lengths: list[int], batch_tokens: int) -> list[np.ndarray]:
-    """Group example indices (longest first) into batches whose padded size fits the budget."""
-    order = np.argsort(-np.asarray(lengths), kind="stable")
+def plan_batches(lengths: list[int], batch_tokens: int, seed: int | None = None) -> list[np.ndarray]:
+    """Group example indices into batches whose padded size fits the budget, sorted by length so
+    that each batch pads little (longest first).
+
+    With ``seed``, texts of equal length are taken in a seeded random order and the batches are
+    shuffled, so every batch, and every shard of consecutive batches, is a random sample of the
+    texts. The SAE trainer streams one shard at a time; without this, a dataset stored by class
+    (IMDb: every negative review, then every positive one) and truncated to one length gave
+    shards of a single class, and the trainer then saw dozens of single-class batches in a row.
+    The padding is the same either way: the batches hold the same lengths.
+    """
+    rng = np.random.default_rng(seed) if seed is not None else None
+    lengths_arr = np.asarray(lengths)
+    start = rng.permutation(len(lengths)) if rng is not None else np.arange(len(lengths))
+    order = start[np.argsort(-lengths_arr[start], kind="stable")]  # by length; ties in ``start`` order
+    batches = _fill_batches(order, lengths, batch_tokens)
+    if rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def _fill_batches(order: np.ndarray, lengths: list[int], batch_tokens: int) -> list[np.ndarray]:
+    """Consecutive runs of ``order`` whose padded size (rows x longest) fits ``batch_tokens``."""
     batches, current, width = [], [], 0
     for i in order:
         w = max(width, lengths[i])
@@ -169,7 +190,7 @@ def extract_split(run: RunFolder, split: str, n_examples: int, cfg: ActivationsC
     keep = check_layers(layers, n_states)
     bytes_per_token = len(keep) * d_model * torch.finfo(DTYPES[cfg.storage_dtype]).bits // 8
     shard_tokens = max(1, cfg.shard_mb * 2**20 // bytes_per_token)  # shard_mb=0: one batch per shard
-    shards = plan_shards(plan_batches(lengths, cfg.batch_tokens), lengths, shard_tokens)
+    shards = plan_shards(plan_batches(lengths, cfg.batch_tokens, seed=cfg.seed), lengths, shard_tokens)  # shards of randomly mixed texts
 
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
     mine = range(rank, len(shards), world)
@@ -323,7 +344,9 @@ class ActivationStore:
         """Shuffled training batches [batch_size, d_model] (float32), streaming one shard at a time.
 
         Shuffles shard order each pass and rows within (leftover + one shard); yields
-        floor(epochs * rows / batch_size) full batches, so one epoch never repeats a row. ``pooled`` yields per-example mean vectors instead of tokens.
+        floor(epochs * rows / batch_size) full batches, so one epoch never repeats a row. A batch
+        is thus drawn from one or two shards, which are random samples of the texts because
+        extraction plans them with a seed (``plan_batches``). ``pooled`` yields per-example mean vectors instead of tokens.
         Rows are shuffled in the stored dtype and each batch converted on its way out (exact for
         fp16 and bf16): whole-shard float32 copies would be fresh tens of MB per shard.
         """

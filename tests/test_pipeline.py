@@ -190,6 +190,29 @@ def test_activation_shards_trace_back_to_text(tiny_run):
             np.testing.assert_allclose(stored[rows].numpy(), direct[layer][0].numpy(), atol=1e-4)
 
 
+def test_seeded_plan_mixes_texts_stored_by_class_and_pads_no_more():
+    """Texts stored by class and truncated to one length (as IMDb at 128 tokens) must not reach
+    the shards, which the SAE trainer streams one at a time, grouped by class."""
+    from core.activations import plan_batches, plan_shards
+
+    lengths = [128] * 400 + [40 + i for i in range(40)]  # texts 0-199 of one class, 200-399 of the other, then short ones
+    first_class = lambda b: np.asarray(b) < 200  # noqa: E731
+    padded = lambda batches: sum(len(b) * max(lengths[i] for i in b) for b in batches)  # noqa: E731
+    plain, mixed = plan_batches(lengths, 1024), plan_batches(lengths, 1024, seed=0)
+    assert sorted(np.concatenate(mixed).tolist()) == list(range(len(lengths)))  # every text once
+    assert padded(mixed) == padded(plain) and len(mixed) == len(plain)  # the same lengths batched together
+    assert all(len({lengths[i] for i in b}) == 1 for b in mixed if lengths[b[0]] == 128)
+    both = lambda batches: [first_class(b).any() and not first_class(b).all() for b in batches if lengths[b[0]] == 128]  # noqa: E731
+    assert sum(both(plain)) <= 1  # unseeded: one class per batch, but for the one batch across the boundary
+    assert np.mean(both(mixed)) > 0.9  # seeded: nearly every batch holds both
+    long_texts = [t[t < 400] for t in (np.concatenate(s) for s in plan_shards(mixed, lengths, 8192))]
+    shares = [first_class(t).mean() for t in long_texts if len(t) >= 32]
+    assert len(shares) >= 5 and all(0.25 < x < 0.75 for x in shares), shares  # and so does every shard
+    assert [max(lengths[i] for i in b) for b in mixed] != sorted((max(lengths[i] for i in b) for b in mixed), reverse=True)
+    again = plan_batches(lengths, 1024, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(mixed, again))  # seeded: the same plan every time
+
+
 def test_batches_stream_every_token_once_per_epoch(tiny_run):
     from core.activations import ActivationStore
 
