@@ -32,6 +32,7 @@ import streamlit as st
 import torch
 
 from core.errors import LayerscopeError
+from core.plots import MODEL_NAMES
 from core.runfolder import STEPS, RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +41,7 @@ CHART_CONFIG = {"toImageButtonOptions": {"format": "png", "scale": 2}, "displayl
 RANKINGS = ("variance", "selectivity", "density", "change")  # dataset-level: core.analysis.DATASET_RANKINGS
 EXPLORER_RANKINGS = (*RANKINGS, "sentence", "sentence-change")  # core.analysis.RANKINGS (not imported here: it loads transformers)
 RANKING_LABELS = {"sentence": "sentence variance", "sentence-change": "sentence change"}  # short: they share a row with five other controls
-MODEL_LABELS = {"pretrained": "pre-trained", "finetuned": "fine-tuned"}
+MODEL_LABELS = MODEL_NAMES  # the figures' names for the two models
 
 
 def dashboard_threads() -> int:

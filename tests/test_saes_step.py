@@ -273,6 +273,18 @@ def direct_hidden_states(run, ids: list[int]) -> dict[str, list[np.ndarray]]:
     return out
 
 
+def ranked_on_sentence(run, rank_by: str):
+    """One sentence analysed with a per-sentence ranking (top 4), beside its direct hidden states:
+    (bundle, text, state, result, hidden)."""
+    from core.analysis import analyze_text, load_bundle, sentence_state
+
+    bundle = load_bundle(run)
+    text = "the plot was brilliant but the acting was dull"
+    state = sentence_state(bundle, text, clean=False)
+    result = analyze_text(bundle, text, top=4, rank_by=rank_by, clean=False, state=state)
+    return bundle, text, state, result, direct_hidden_states(run, list(state.token_ids))
+
+
 def test_analyze_equals_direct_computation(tiny_run):
     from core.analysis import analyze_text, load_bundle
 
@@ -299,14 +311,10 @@ def test_analyze_equals_direct_computation(tiny_run):
 def test_rank_by_sentence_orders_features_by_their_variance_over_the_sentence(tiny_run):
     """``--rank-by sentence``: each SAE's top features are those with the largest variance over this
     sentence's tokens, from a hand encode; the batched all-SAE path and the one-SAE path agree."""
-    from core.analysis import analyze_text, load_bundle, sentence_state
+    from core.analysis import analyze_text
 
-    bundle = load_bundle(tiny_run)
-    text = "the plot was brilliant but the acting was dull"
-    state = sentence_state(bundle, text, clean=False)
-    result = analyze_text(bundle, text, top=4, rank_by="sentence", clean=False, state=state)
+    bundle, text, state, result, hidden = ranked_on_sentence(tiny_run, "sentence")
     assert result["ranking"] == "variance over this sentence"
-    hidden = direct_hidden_states(tiny_run, list(state.token_ids))
     for entry in result["saes"]:
         key = (entry["model"], entry["layer"])
         z = _encode_numpy(bundle.saes[key], hidden[key[0]][key[1]])  # [T, d_sae]
@@ -325,14 +333,10 @@ def test_rank_by_sentence_orders_features_by_their_variance_over_the_sentence(ti
 def test_rank_by_sentence_change_orders_features_by_how_much_fine_tuning_moved_them(tiny_run):
     """``--rank-by sentence-change``: each SAE applied to both models' hidden states; its top features are
     those with the largest |z_ft - z_pre| summed over the sentence's tokens, from a hand encode."""
-    from core.analysis import analyze_text, load_bundle, sentence_state
+    from core.analysis import analyze_text
 
-    bundle = load_bundle(tiny_run)
-    text = "the plot was brilliant but the acting was dull"
-    state = sentence_state(bundle, text, clean=False)
-    result = analyze_text(bundle, text, top=4, rank_by="sentence-change", clean=False, state=state)
+    bundle, text, state, result, hidden = ranked_on_sentence(tiny_run, "sentence-change")
     assert result["ranking"] == "|fine-tuned − pre-trained| over this sentence"
-    hidden = direct_hidden_states(tiny_run, list(state.token_ids))
     assert len(result["saes"]) == len(bundle.saes) >= 4
     for entry in result["saes"]:
         sae = bundle.saes[(entry["model"], entry["layer"])]
