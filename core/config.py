@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import shlex
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -155,11 +156,23 @@ def load_config(
     config_file: str | Path | None = None,
     overrides: dict[str, object] | None = None,
     base: dict | None = None,
+    base_source: str | None = None,
 ) -> RunConfig:
-    """Resolve a RunConfig. ``base`` is a saved config (a run's manifest) to start from instead of defaults."""
+    """Resolve a RunConfig. ``base`` is a saved config (a run's manifest, named by ``base_source``
+    in messages) to start from instead of defaults."""
     cfg = RunConfig()
     if base:
-        _apply(cfg, base, "")
+        try:
+            _apply(cfg, base, "")
+        except LayerscopeError as e:
+            # a run written by another version of Layerscope: the user typed none of this
+            where = base_source or "the run's saved config"
+            run = shlex.quote(str(Path(base_source).parent)) if base_source else "RUN"
+            raise LayerscopeError(
+                f"{where} holds a setting this version of Layerscope does not know: {e}. The run was "
+                "built by another version; open it with that version, or build it again with this one "
+                f"(`python -m core build --run {run} --preset default --force`)"
+            ) from None
     elif not preset:
         preset = "default"
     if preset:

@@ -238,7 +238,7 @@ def seed_twin(run: RunFolder, layer: int) -> SparseAutoencoder:
     from core.config import load_config
     from core.saes import train_one
 
-    saes_cfg = load_config(base=run.manifest()["config"]).saes
+    saes_cfg = load_config(base=run.manifest()["config"], base_source=str(run.manifest_path)).saes
     twin_cfg = dataclasses.replace(saes_cfg, training=dataclasses.replace(saes_cfg.training, seed=saes_cfg.training.seed + 7777))
     hook = load_sae(run, "pretrained", layer).cfg.hook_name
     twin, _ = train_one(run, twin_cfg, "pretrained", layer, ActivationStore(run, "train"), hook, progress=False)

@@ -92,7 +92,7 @@ def resolve_run_config(run: RunFolder, preset: str | None, config_file: str | No
     base = run.manifest()["config"] if run.exists() else None
     if base is not None and preset:
         base = None  # an explicit preset restarts from the defaults
-    return load_config(preset=preset, config_file=config_file, overrides=overrides, base=base)
+    return load_config(preset=preset, config_file=config_file, overrides=overrides, base=base, base_source=str(run.manifest_path))
 
 
 def _step_fn(step: str) -> Callable[[RunFolder, RunConfig, bool], dict]:

@@ -291,3 +291,23 @@ def test_damaged_manifest_is_one_line_with_a_fix_that_works(tiny_run, tmp_path, 
     (run / "manifest.json").unlink()  # the fix the message gives
     assert main(["build", "--run", str(run), "--until", "data", "--preset", "tiny", "--dataset", str(tiny_csv), "--model", str(tiny_model)]) == 0
     assert json.loads((run / "manifest.json").read_text())["steps"].keys() == {"data"}
+
+
+def test_a_run_saved_by_another_version_names_its_manifest_and_a_fix_that_works(tiny_run, tmp_path, tiny_model, tiny_csv, capsys):
+    """A manifest whose config holds an option this version lacks: the user typed none of it, so the
+    message names the manifest (not a --set flag) and a rebuild with an explicit preset goes through."""
+    from core.__main__ import main
+
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    m = json.loads((run / "manifest.json").read_text())
+    m["config"]["saes"]["mix_shards"] = 4  # written by a version that had this option
+    (run / "manifest.json").write_text(json.dumps(m))
+    for verb in (["saes"], ["build"]):
+        assert main([*verb, "--run", str(run)]) == 2
+        lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+        assert len(lines) == 1, lines
+        for fragment in (f"{run / 'manifest.json'} holds a setting", "unknown option 'saes.mix_shards'", "another version", f"--run {run} --preset default --force"):
+            assert fragment in lines[0], lines[0]
+    assert main(["build", "--run", str(run), "--until", "data", "--force", "--preset", "tiny", "--dataset", str(tiny_csv), "--model", str(tiny_model)]) == 0
+    assert "mix_shards" not in json.loads((run / "manifest.json").read_text())["config"]["saes"]
