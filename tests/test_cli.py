@@ -23,8 +23,15 @@ def _cli_home(tmp_path_factory):
     _HOME = str(tmp_path_factory.mktemp("home"))
 
 
+# Variables that pick the numeric libraries' kernels and threads (e.g. OPENBLAS_CORETYPE, set on
+# some machines): a subprocess without them can round float64 sums differently from this process,
+# and tests compare files written here with files written by the CLI.
+NUMERIC_ENV_PREFIXES = ("OPENBLAS_", "GOTO_", "OMP_", "MKL_", "KMP_", "ATEN_", "NPY_")
+
+
 def cli_env(**extra) -> dict:
-    return {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": _HOME, **extra}
+    numeric = {k: v for k, v in os.environ.items() if k.startswith(NUMERIC_ENV_PREFIXES)}
+    return {**numeric, "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": _HOME, **extra}
 
 
 def cli(*args, check=False, env=None):
