@@ -1,6 +1,6 @@
 # Layerscope dashboard image (CPU). Build: docker build -t layerscope .
 # Run:   docker run -p 8501:8501 -v $PWD/checkpoints:/app/checkpoints layerscope
-# The default run is built on first start if checkpoints/default is missing (10-14 min on 2 cores).
+# The default run is built on first start if checkpoints/default is missing (6-14 min on 2 cores).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
