@@ -171,7 +171,7 @@ def load_config(
             raise LayerscopeError(
                 f"{where} holds a setting this version of Layerscope does not know: {e}. The run was "
                 "built by another version; open it with that version, or build it again with this one "
-                f"(`python -m core build --run {run} --preset default --force`)"
+                f"(`python -m core build --run {run} --preset default --force`, or the preset and options it was built with)"
             ) from None
     elif not preset:
         preset = "default"
