@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from core.config import RunConfig, available_presets, load_config, parse_set_flags
@@ -5,7 +7,7 @@ from core.errors import LayerscopeError
 
 
 def test_defaults_presets_file_and_overrides_layer(tmp_path):
-    assert {"default", "paper", "tiny"} <= set(available_presets())
+    assert {"default", "paper", "quality", "tiny"} <= set(available_presets())
     paper = load_config(preset="paper")
     assert paper.finetune.epochs == 10 and paper.data.max_rows == 25000 and paper.saes.layers == [3, 6, 12]
     assert paper.activations.train_layers == paper.saes.layers  # the train split keeps what the SAEs read
@@ -14,6 +16,31 @@ def test_defaults_presets_file_and_overrides_layer(tmp_path):
     cfg = load_config(preset="paper", config_file=f, overrides=parse_set_flags(["finetune.epochs=4", "saes.layers=1,2"]))
     assert cfg.finetune.epochs == 4.0 and cfg.saes.k == 16 and cfg.saes.layers == [1, 2]
     assert cfg.finetune.learning_rate == 2e-5  # from the preset
+
+
+def _flat(cfg, prefix=""):
+    """{"section.field": value} of a RunConfig (nested sections joined by dots)."""
+    out = {}
+    for key, value in (dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg).items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_the_quality_preset_is_the_default_run_with_more_sae_data_and_latents():
+    # README "SAE quality" compares the two runs: any other difference (say, a new default
+    # learning rate not copied over) would make that comparison wrong
+    default, quality = _flat(load_config(preset="default")), _flat(load_config(preset="quality"))
+    changed = {k: (default[k], quality[k]) for k in default if default[k] != quality[k]}
+    assert changed == {
+        "data.max_rows": (6000, 12500),
+        "activations.sae_examples": (2000, 10000),
+        "activations.eval_examples": (400, 1000),
+        "saes.expansion_factor": (4, 8),
+        "saes.training.lr": (4e-3, 2e-3),
+    }
 
 
 def test_saved_config_round_trips():
