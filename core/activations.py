@@ -20,8 +20,10 @@ shard of a plan fixed in advance, so the files are identical to a single-process
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -175,14 +177,55 @@ def check_layers(layers: list[int] | None, n_states: int) -> list[int]:
     return sorted(set(layers))
 
 
+META_BYTES_PER_TOKEN = 13  # a token shard's example id, token id, position (int32 each) and special flag (bool)
+
+
+def split_bytes(num_tokens: int, num_layers: int, d_model: int, storage_dtype: str, num_models: int = len(MODELS)) -> int:
+    """Bytes the shards of one split take on disk (tensor data; each file's JSON header adds ~1 KB)."""
+    hidden = num_layers * d_model * torch.finfo(DTYPES[storage_dtype]).bits // 8
+    return num_tokens * (num_models * hidden + META_BYTES_PER_TOKEN)
+
+
+SHARD_HEADROOM = 256 << 20  # the shard being written beside the one it replaces, and the rest of the run's files
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
+
+
+def check_disk_space(folder: Path, needed: dict[str, int], hint: str) -> None:
+    """Refuse, before anything is written, an extraction whose shards ({split: bytes}) the file system
+    holding ``folder`` cannot take. Shards already in ``folder`` count as free: each is replaced
+    (written under a temporary name, then renamed), so one shard's worth is added as headroom."""
+    probe = folder
+    while not probe.exists():  # the run folder may not have its activations/ yet
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    replaced = sum(p.stat().st_size for p in folder.rglob("*.safetensors")) if folder.exists() else 0
+    total = sum(needed.values())
+    if total + SHARD_HEADROOM > free + replaced:
+        parts = ", ".join(f"{split} {_gb(b)}" for split, b in needed.items())
+        raise LayerscopeError(
+            f"not enough disk space for the activations: they take about {_gb(total)} ({parts}) in {folder}, and its "
+            f"file system has {_gb(free)} free{f' (+{_gb(replaced)} of older shards they replace)' if replaced else ''}; "
+            f"free some space, or write less: {hint}"
+        )
+
+
+def plan_split(run: RunFolder, split: str, n_examples: int, cfg: ActivationsConfig, model_cfg: ModelConfig, tokenizer) -> tuple:
+    """The texts of one split and their token ids: (frame, ids)."""
+    frame = sample_split(run, split, n_examples, cfg.seed)
+    return frame, encode(tokenizer, frame["text"].tolist(), model_cfg.max_length, model_cfg.truncation)
+
+
 @kept_heap()  # each batch reuses the heap pages the previous one freed (core.rss)
-def extract_split(run: RunFolder, split: str, n_examples: int, cfg: ActivationsConfig, model_cfg: ModelConfig, models: dict, tokenizer, state=None, layers: list[int] | None = None) -> dict:
+def extract_split(run: RunFolder, split: str, n_examples: int, cfg: ActivationsConfig, model_cfg: ModelConfig, models: dict, tokenizer, state=None, layers: list[int] | None = None, planned: tuple | None = None) -> dict:
     """Extract one split into run/activations/<split>/. Returns its index (also written as index.json).
 
-    ``layers``: the hidden-state indices to keep (None or [] = all of them).
+    ``layers``: the hidden-state indices to keep (None or [] = all of them). ``planned``: what
+    ``plan_split`` returned for this split, if the caller has it already.
     """
-    frame = sample_split(run, split, n_examples, cfg.seed)
-    ids = encode(tokenizer, frame["text"].tolist(), model_cfg.max_length, model_cfg.truncation)
+    frame, ids = planned or plan_split(run, split, n_examples, cfg, model_cfg, tokenizer)
     lengths = [len(x) for x in ids]
     example_ids = frame["id"].to_numpy()
     any_model = next(iter(models.values()))
@@ -258,9 +301,20 @@ def run_activations(run: RunFolder, cfg: ActivationsConfig, model_cfg: ModelConf
     device = state.device
     tokenizer = load_tokenizer(str(run.model_dir("finetuned")))
     models = {m: load_classifier(str(run.model_dir(m))).to(device).eval() for m in MODELS}
+    any_model = next(iter(models.values()))
+    n_states, d_model = num_hidden_states(any_model), any_model.config.hidden_size
+    splits = {"train": (cfg.sae_examples, check_layers(cfg.train_layers, n_states)), "test": (cfg.eval_examples, list(range(n_states)))}
+    planned = {split: plan_split(run, split, n, cfg, model_cfg, tokenizer) for split, (n, _) in splits.items()}
+    needed = {split: split_bytes(sum(map(len, planned[split][1])), len(keep), d_model, cfg.storage_dtype, len(models)) for split, (_, keep) in splits.items()}
+    hint = (
+        f"fewer training texts (--set activations.sae_examples=N, now {cfg.sae_examples or 'all'}), "
+        + ("only the SAE layers in the train split (--set activations.train_layers=3,6), " if not cfg.train_layers else "")
+        + "or a --run folder on a larger disk"
+    )
+    check_disk_space(run.activations_root(), needed, hint)
     record = {}
-    for split, n in (("train", cfg.sae_examples), ("test", cfg.eval_examples)):
-        idx = extract_split(run, split, n, cfg, model_cfg, models, tokenizer, state, layers=cfg.train_layers if split == "train" else None)
+    for split, (n, _) in splits.items():
+        idx = extract_split(run, split, n, cfg, model_cfg, models, tokenizer, state, layers=cfg.train_layers if split == "train" else None, planned=planned.pop(split))
         record[split] = {"tokens": idx["num_tokens"], "examples": idx["num_examples"], "tokens_per_second": idx["num_tokens"] / max(idx["seconds"], 1e-9)}
     return record
 

@@ -185,8 +185,11 @@ class RunFolder:
     def finetune_dir(self) -> Path:
         return self.root / "finetune"
 
+    def activations_root(self) -> Path:
+        return self.root / "activations"
+
     def activations_dir(self, split: str) -> Path:
-        return self.root / "activations" / split
+        return self.activations_root() / split
 
     def activation_index(self, split: str) -> Path:
         return self.activations_dir(split) / "index.json"

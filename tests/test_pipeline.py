@@ -341,3 +341,61 @@ def test_every_file_of_a_run_gets_ordinary_permissions(tiny_run):
     assert any(p.name == "model.safetensors" for p in files) and any(p.name == "stats.safetensors" for p in files)
     wrong = [str(p.relative_to(tiny_run.root)) for p in files if p.stat().st_mode & 0o777 != 0o666 & ~umask]
     assert not wrong, wrong
+
+
+def test_disk_estimate_equals_the_bytes_extraction_writes(tiny_run):
+    """``split_bytes`` from the index's token counts against the sizes of the shard files on disk:
+    equal but for each file's JSON header."""
+    from core.activations import split_bytes
+
+    for split in ("train", "test"):
+        index = json.loads(tiny_run.activation_index(split).read_text())
+        estimate = split_bytes(index["num_tokens"], len(index["layers"]), index["d_model"], index["storage_dtype"])
+        files = list(tiny_run.activations_dir(split).glob("*.safetensors"))
+        written = sum(p.stat().st_size for p in files)
+        assert estimate <= written <= estimate + 2048 * len(files), (split, estimate, written)
+
+
+def test_an_extraction_the_disk_cannot_hold_is_refused_before_it_writes(tmp_path, tiny_run, monkeypatch, capsys):
+    """One line that names both sizes and the options that write less; the run's older shards and
+    its manifest stay as they were, and the same command goes through once there is room."""
+    import shutil
+    from collections import namedtuple
+
+    from core import activations
+    from core.__main__ import main
+
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    Usage = namedtuple("Usage", "total used free")
+    full = Usage(10**12, 10**12 - 10**6, 10**6)  # 1 MB free
+    monkeypatch.setattr(activations.shutil, "disk_usage", lambda path: full)
+    assert main(["activations", "--run", str(run), "--force"]) == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, lines
+    for fragment in ("not enough disk space for the activations", "1 MB free", "of older shards they replace", "activations.sae_examples", "activations.train_layers", "larger disk"):
+        assert fragment in lines[0], lines[0]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+    monkeypatch.setattr(activations.shutil, "disk_usage", lambda path: Usage(10**12, 0, 10**12))
+    assert main(["activations", "--run", str(run), "--force"]) == 0
+
+
+def test_the_disk_check_counts_what_is_there_to_replace(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from core import activations
+    from core.activations import SHARD_HEADROOM, check_disk_space
+
+    free = 10**9
+    seen = []
+    monkeypatch.setattr(activations.shutil, "disk_usage", lambda path: seen.append(path) or namedtuple("Usage", "total used free")(2 * free, free, free))
+    folder = tmp_path / "activations"
+    (folder / "train").mkdir(parents=True)
+    (folder / "train" / "old.safetensors").write_bytes(b"x" * 5000)
+    check_disk_space(folder, {"train": free + 5000 - SHARD_HEADROOM}, "hint")  # fits, with the old shard's bytes
+    with pytest.raises(LayerscopeError, match=r"not enough disk space.*\+5 KB of older shards.*hint$"):
+        check_disk_space(folder, {"train": free + 5001 - SHARD_HEADROOM}, "hint")
+    check_disk_space(tmp_path / "not" / "there", {"train": 1}, "hint")  # a folder not made yet: its nearest parent's disk
+    assert seen[-1] == tmp_path
