@@ -109,3 +109,68 @@ def test_memory_child_serves_every_page_of_a_run(tiny_run):
     served = run_child("dashboard", "--run", str(tiny_run.root))
     assert served["sentences"] == 2 and served["saes"] == len(list(tiny_run.sae_dirs())) > 0
     assert served["peak_rss_mb"] > floor["peak_rss_mb"] > 100  # loading the run and serving pages costs memory
+
+
+def _outside_csv(tmp_path, also=None):
+    """300 new texts, and the first 40 rows of ``also`` (texts the run already holds)."""
+    import pandas as pd
+
+    from tests.conftest import make_dataset
+
+    csv = tmp_path / "more.csv"
+    frames = [make_dataset(n=300, seed=11)] + ([pd.read_csv(also).head(40)] if also else [])
+    pd.concat(frames).to_csv(csv, index=False)
+    return csv
+
+
+def test_sae_data_study_adds_the_texts_outside_the_run_and_scores_on_its_test_tokens(tiny_run, tiny_csv, tmp_path):
+    import pandas as pd
+    import torch
+
+    from bench import sae_data
+    from core.activations import ActivationStore
+    from core.config import load_config
+    from core.data import clean_text, load_split
+    from core.models import encode, load_classifier, load_tokenizer
+
+    csv, out = _outside_csv(tmp_path, also=tiny_csv), tmp_path / "s.json"
+    argv = ["--run", str(tiny_run.root), "--model", "finetuned", "--layer", "2", "--texts", str(csv), "--extra-texts", "100000", "--out", str(out)]
+    assert sae_data.main([*argv, "--settings", "0:64:2:1e-3,all:64:2:1e-3,20:64:1:1e-3"]) == 0
+    res = json.loads(out.read_text())
+    # the texts outside the run, found and tokenised here without the module's helpers
+    cfg = load_config(base=tiny_run.manifest()["config"])
+    used = set(pd.concat([load_split(tiny_run, s) for s in ("train", "val", "test")])["text"])
+    pool = sorted({t for t in (clean_text(x, cfg.data) for x in pd.read_csv(csv)["text"]) if t and t not in used})
+    assert 250 < len(pool) <= 300 and res["extra_texts"] == len(pool)  # the run's 40 are left out
+    tok = load_tokenizer(str(tiny_run.model_dir("finetuned")))
+    ids = encode(tok, pool, cfg.model.max_length, cfg.model.truncation)
+    run_tokens = ActivationStore(tiny_run, "train").num_tokens
+    assert res["run_tokens"] == run_tokens and res["extra_tokens"] == sum(map(len, ids))
+    assert [r["tokens"] for r in res["rows"]] == [run_tokens, run_tokens + res["extra_tokens"], run_tokens + 20]
+    bs = cfg.saes.training.batch_size  # full batches of a fresh shuffle each epoch
+    assert [r["steps"] for r in res["rows"]] == [2 * (run_tokens // bs), 2 * ((run_tokens + res["extra_tokens"]) // bs), (run_tokens + 20) // bs]
+    for r in res["rows"]:
+        assert 0 <= r["fvu"] < 1.5 and 0 <= r["dead_fraction"] <= 1 and r["l0"] <= cfg.saes.k
+    # the extracted states are the model's own, token for token
+    model = load_classifier(str(tiny_run.model_dir("finetuned"))).eval()
+    got = sae_data.extract_layer(model, tok, ids[:5], 2, "float32", torch.float32)
+    with torch.no_grad():
+        direct = [model.base_model(input_ids=torch.tensor([x]), output_hidden_states=True).hidden_states[2][0] for x in ids[:5]]
+    torch.testing.assert_close(got, torch.cat(direct), atol=1e-5, rtol=1e-4)
+
+
+def test_sae_data_study_refuses_bad_input_in_one_line(tiny_run, tiny_csv, tmp_path, capsys):
+    from bench import sae_data
+
+    base = ["--run", str(tiny_run.root), "--out", str(tmp_path / "s.json"), "--settings", "0:64:1:1e-3"]
+    cases = [
+        (["--layer", "9", "--texts", str(_outside_csv(tmp_path))], "not [9]"),
+        (["--layer", "1"], "no texts outside the run's splits"),  # the run's own CSV: every text is in it
+        (["--layer", "1", "--texts", str(tiny_csv), "--settings", "all:64"], "is not extra:latents:epochs:lr"),
+        (["--run", str(tmp_path / "nothing"), "--layer", "1"], "needs step 'activations'"),
+    ]
+    for extra, fragment in cases:
+        assert sae_data.main([*base, *extra]) == 2
+        lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+        assert len(lines) == 1 and fragment in lines[0], (extra, lines)
+    assert not (tmp_path / "s.json").exists()
