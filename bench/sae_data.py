@@ -52,9 +52,12 @@ def parse_settings(text: str) -> list[Setting]:
     for item in filter(None, (s.strip() for s in text.split(","))):
         try:
             extra, latents, epochs, lr = item.split(":")
-            out.append(Setting(None if extra == "all" else int(extra), int(latents), float(epochs), float(lr)))
+            setting = Setting(None if extra == "all" else int(extra), int(latents), float(epochs), float(lr))
         except ValueError:
             raise LayerscopeError(f"setting '{item}' is not extra:latents:epochs:lr (e.g. all:3072:3:2e-3)") from None
+        if (setting.extra or 0) < 0 or min(setting.latents, setting.epochs, setting.lr) <= 0:
+            raise LayerscopeError(f"setting '{item}' needs extra >= 0 and latents, epochs and lr > 0 (e.g. all:3072:3:2e-3)")
+        out.append(setting)
     if not out:
         raise LayerscopeError("no settings given; pass --settings extra:latents:epochs:lr[,...]")
     return out
@@ -132,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         run = RunFolder(args.run)
         run.require("activations", "bench.sae_data")
         cfg = load_config(base=run.manifest()["config"], base_source=str(run.manifest_path))
+        small = [s.latents for s in settings if s.latents < cfg.saes.k]
+        if small:
+            raise LayerscopeError(f"a setting has {small[0]} latents, fewer than the run's k = {cfg.saes.k} active ones; give each at least {cfg.saes.k}")
         store, test = ActivationStore(run, "train"), ActivationStore(run, "test")
         store.require_layers([args.layer])
         texts = texts_outside(run, cfg.data, args.extra_texts, args.seed, args.texts)
@@ -149,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for s in settings:
         x = torch.cat([base, extra if s.extra is None else extra[: s.extra]])
-        row = train_and_score(cfg, store, test, x, args.model, args.layer, s, args.seed)
+        try:
+            row = train_and_score(cfg, store, test, x, args.model, args.layer, s, args.seed)
+        except LayerscopeError as e:  # e.g. fewer latents than the run's k
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         rows.append(row)
         print(f"{row['tokens']:>10,} {s.latents:>7} {s.epochs:>6g} {s.lr:>7g} {row['fvu']:>6.3f} {row['dead_fraction']:>6.1%} {row['seconds']:>7.0f}", flush=True)
     out = Path(args.out)
