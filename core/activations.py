@@ -23,9 +23,9 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -180,10 +180,14 @@ def check_layers(layers: list[int] | None, n_states: int) -> list[int]:
 META_BYTES_PER_TOKEN = 13  # a token shard's example id, token id, position (int32 each) and special flag (bool)
 
 
+def hidden_bytes_per_token(num_layers: int, d_model: int, storage_dtype: str) -> int:
+    """Bytes one model's kept hidden states take per token."""
+    return num_layers * d_model * torch.finfo(DTYPES[storage_dtype]).bits // 8
+
+
 def split_bytes(num_tokens: int, num_layers: int, d_model: int, storage_dtype: str, num_models: int = len(MODELS)) -> int:
     """Bytes the shards of one split take on disk (tensor data; each file's JSON header adds ~1 KB)."""
-    hidden = num_layers * d_model * torch.finfo(DTYPES[storage_dtype]).bits // 8
-    return num_tokens * (num_models * hidden + META_BYTES_PER_TOKEN)
+    return num_tokens * (num_models * hidden_bytes_per_token(num_layers, d_model, storage_dtype) + META_BYTES_PER_TOKEN)
 
 
 SHARD_HEADROOM = 256 << 20  # the shard being written beside the one it replaces, and the rest of the run's files
@@ -231,7 +235,7 @@ def extract_split(run: RunFolder, split: str, n_examples: int, cfg: ActivationsC
     any_model = next(iter(models.values()))
     n_states, d_model = num_hidden_states(any_model), any_model.config.hidden_size
     keep = check_layers(layers, n_states)
-    bytes_per_token = len(keep) * d_model * torch.finfo(DTYPES[cfg.storage_dtype]).bits // 8
+    bytes_per_token = hidden_bytes_per_token(len(keep), d_model, cfg.storage_dtype)
     shard_tokens = max(1, cfg.shard_mb * 2**20 // bytes_per_token)  # shard_mb=0: one batch per shard
     shards = plan_shards(plan_batches(lengths, cfg.batch_tokens, seed=cfg.seed), lengths, shard_tokens)  # shards of randomly mixed texts
 
