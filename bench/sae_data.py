@@ -102,7 +102,7 @@ def shuffled_batches(x: torch.Tensor, batch_size: int, epochs: float, gen: torch
         left -= len(perm)
 
 
-def train_and_score(run_cfg, store: ActivationStore, test: ActivationStore, x: torch.Tensor, model: str, layer: int, s: Setting, seed: int) -> dict:
+def train_and_score(run_cfg, test: ActivationStore, x: torch.Tensor, model: str, layer: int, s: Setting, seed: int) -> dict:
     sae_cfg = SAEConfig(d_in=x.shape[1], d_sae=s.latents, architecture="topk", k=run_cfg.saes.k, hidden_state_index=layer, model=model)
     training = dataclasses.replace(run_cfg.saes.training, lr=s.lr, seed=seed, dead_backoff=None)
     gen = torch.Generator().manual_seed(seed)
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings = parse_settings(args.settings)
+        if args.extra_texts < 1:
+            raise LayerscopeError(f"--extra-texts {args.extra_texts}: extract at least 1 text (settings with extra 0 train on the run's tokens alone)")
         run = RunFolder(args.run)
         run.require("activations", "bench.sae_data")
         cfg = load_config(base=run.manifest()["config"], base_source=str(run.manifest_path))
@@ -156,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in settings:
         x = torch.cat([base, extra if s.extra is None else extra[: s.extra]])
         try:
-            row = train_and_score(cfg, store, test, x, args.model, args.layer, s, args.seed)
-        except LayerscopeError as e:  # e.g. fewer latents than the run's k
+            row = train_and_score(cfg, test, x, args.model, args.layer, s, args.seed)
+        except LayerscopeError as e:  # a setting the trainer refuses
             print(f"error: {e}", file=sys.stderr)
             return 2
         rows.append(row)

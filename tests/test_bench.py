@@ -169,6 +169,7 @@ def test_sae_data_study_refuses_bad_input_in_one_line(tiny_run, tiny_csv, tmp_pa
         (["--layer", "1", "--texts", str(tiny_csv), "--settings", "all:64"], "is not extra:latents:epochs:lr"),
         (["--run", str(tmp_path / "nothing"), "--layer", "1"], "needs step 'activations'"),
         (["--layer", "1", "--settings", "all:64:0:1e-3"], "latents, epochs and lr > 0"),
+        (["--layer", "1", "--extra-texts", "0"], "extract at least 1 text"),
         (["--layer", "1", "--texts", str(tmp_path / "more.csv"), "--settings", "0:4:1:1e-3"], "fewer than the run's k = 8"),
     ]
     for extra, fragment in cases:
