@@ -64,6 +64,33 @@ def build_report(run: RunFolder) -> dict:
     return rep
 
 
+# The quality bars an SAE is held to (README "SAE quality"): past them, its features describe
+# the hidden state less faithfully, and the text report and the dashboard's overview say so.
+MAX_FVU = 0.20  # fraction of the variance the reconstruction misses
+MAX_DEAD = 0.10  # share of latents that never fire on the test tokens
+MAX_SPLICED_DROP = 0.02  # accuracy lost when the reconstruction replaces the hidden state
+
+
+def sae_bar_misses(saes: list[dict]) -> list[str]:
+    """One line per SAE that misses a quality bar, naming each bar it misses; [] when all pass."""
+    out = []
+    for s in sorted(saes, key=lambda s: (MODELS.index(s["model"]) if s.get("model") in MODELS else len(MODELS), s.get("layer", 0))):
+        why = []
+        if s.get("fvu") is not None and s["fvu"] > MAX_FVU:
+            why.append(f"FVU {s['fvu']:.3f} > {MAX_FVU:.2f}")
+        if s.get("dead_fraction") is not None and s["dead_fraction"] > MAX_DEAD:
+            why.append(f"{s['dead_fraction']:.1%} of latents dead > {MAX_DEAD:.0%}")
+        acc, ref = s.get("accuracy_spliced"), s.get("accuracy_original")  # both on the same splice texts
+        if acc is not None and ref is not None and ref - acc > MAX_SPLICED_DROP + 1e-9:  # 0.87 - 0.85 is 0.0200...02 in floats
+            why.append(f"spliced accuracy {acc:.1%}, {100 * (ref - acc):.1f} points under {ref:.1%}")
+        if why:
+            out.append(f"{s['model']} layer {s['layer']}: " + "; ".join(why))
+    return out
+
+
+BARS_TEXT = f"FVU at most {MAX_FVU:.2f}, at most {MAX_DEAD:.0%} of latents dead, spliced accuracy within {100 * MAX_SPLICED_DROP:.0f} points"
+
+
 def _table(rows: list[list], header: list[str]) -> str:
     cells = [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
@@ -94,6 +121,9 @@ def format_report(rep: dict) -> str:
         rows = [[s["model"], s["layer"], s["architecture"], s["d_sae"], s["l0"], s["fvu"], s["dead_fraction"], s.get("accuracy_spliced", float("nan")), s.get("fvu_on_finetuned", ""), _rare(s.get("rare_tokens"))] for s in rep["saes"]]
         out += ["", "Sparse autoencoders (held-out tokens; rare: tokens seen < 50 times in training, share of tokens -> share of error)",
                 _table(rows, ["model", "layer", "arch", "d_sae", "L0", "FVU", "dead", "acc spliced", "FVU on ft", "rare tok -> err"])]
+        misses = sae_bar_misses(rep["saes"])
+        out += [f"Quality bars ({BARS_TEXT}): " + ("every SAE meets them" if not misses else f"{len(misses)} of {len(rep['saes'])} SAEs miss one")]
+        out += [f"  {line}" for line in misses]
     if rep.get("matching"):
         rows = [[m["layer"], m["kept"], m["shifted"], m["new"], m["lost"], m.get("baseline_kept", ""), m.get("baseline_lost", "")] for m in rep["matching"]]
         out += ["", "Feature matching, pre-trained -> fine-tuned (baseline: pre-trained vs a retrained seed)", _table(rows, ["layer", "kept", "shifted", "new", "lost", "base kept", "base lost"])]

@@ -19,6 +19,7 @@ from core.export import (
     sae_frame,
     summary_rows,
 )
+from core.report import BARS_TEXT, sae_bar_misses
 from pages import _shared as shared
 
 CLAIM_COLOURS = {"early": "#00CC96", "middle": "#FFA15A", "late": "#EF553B"}
@@ -180,6 +181,16 @@ def saes(run, rep: dict) -> None:
     order = None if every else [c for c in SAE_COMPACT if c in table.columns]
     st.dataframe(table, hide_index=True, width="stretch", column_config=SAE_COLUMNS, column_order=order, placeholder="—")
     shared.download_csv(table, f"{run.name}-saes.csv", key="dl_saes")
+    misses = sae_bar_misses(rep["saes"])
+    if misses:
+        st.info(
+            f"{len(misses)} of {len(rep['saes'])} SAEs miss a quality bar ({BARS_TEXT}), so their features describe the hidden state less faithfully: "
+            + "; ".join(misses)
+            + "."
+            + (" More training tokens and latents lower the FVU (the `quality` preset has both)." if any("FVU" in m for m in misses) else "")
+            + (" A lower SAE learning rate (`saes.training.lr`) keeps more latents alive." if any("dead" in m for m in misses) else ""),
+            icon=":material/info:",
+        )
     if any(s.get("loss_curve") for s in rep["saes"]):
         st.subheader("Training curves")
         st.caption("Training MSE over each logging window; inputs are scaled to unit variance before training, so it reads as the FVU of the training batches. The diamond is the held-out FVU of the table above: its distance to the line's end is the train/test gap, and a line still falling at its end means more steps would help.")

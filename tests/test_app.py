@@ -218,6 +218,13 @@ def test_overview_sae_table_when_saes_exist(app, sae_run):
     for d in at.dataframe:
         shown_as.update({col: c.get("label") for col, c in json.loads(d.proto.columns or "{}").items()})
     assert shown_as["fvu"] == "FVU" and shown_as["dead_fraction"] == "dead" and shown_as["kl_spliced"] == "KL spliced"
+    # the SAEs below a quality bar are named under the table (the tiny run's are: see the assert)
+    from core.report import sae_bar_misses
+
+    misses = sae_bar_misses([json.loads((d / "metrics.json").read_text()) for _, _, d in sae_run.sae_dirs()])
+    notes = [e.value for e in at.info if "quality bar" in e.value]
+    assert misses and len(notes) == 1 and f"{len(misses)} of {len(sae_run.sae_dirs())} SAEs miss" in notes[0]
+    assert all(line in notes[0] for line in misses), (misses, notes)
     if sae_run.is_done("features"):
         assert shown_as["baseline_lost"] == "lost, seed twin"
 

@@ -399,3 +399,35 @@ def test_the_disk_check_counts_what_is_there_to_replace(tmp_path, monkeypatch):
         check_disk_space(folder, {"train": free + 5001 - SHARD_HEADROOM}, "hint")
     check_disk_space(tmp_path / "not" / "there", {"train": 1}, "hint")  # a folder not made yet: its nearest parent's disk
     assert seen[-1] == tmp_path
+
+
+def test_sae_quality_bars_name_each_sae_and_each_bar_it_misses():
+    from core.report import sae_bar_misses
+
+    def sae(model, layer, fvu=0.1, dead=0.0, acc=0.86, ref=0.87):
+        return {"model": model, "layer": layer, "fvu": fvu, "dead_fraction": dead, "accuracy_spliced": acc, "accuracy_original": ref}
+
+    saes = [
+        sae("finetuned", 6, dead=0.125),
+        sae("pretrained", 6, fvu=0.2659),
+        sae("pretrained", 3, fvu=0.20, dead=0.10, acc=0.85),  # every figure exactly on its bar: passes
+        sae("pretrained", 4, fvu=0.31, acc=0.80),
+    ]
+    assert sae_bar_misses(saes) == [
+        "pretrained layer 4: FVU 0.310 > 0.20; spliced accuracy 80.0%, 7.0 points under 87.0%",
+        "pretrained layer 6: FVU 0.266 > 0.20",
+        "finetuned layer 6: 12.5% of latents dead > 10%",
+    ]
+    assert sae_bar_misses([sae("pretrained", 1), {"model": "finetuned", "layer": 2, "fvu": 0.05}]) == []  # a run without splicing
+
+
+def test_the_text_report_lists_the_saes_below_the_bars(tiny_run):
+    from core.report import sae_bar_misses
+
+    rep = build_report(tiny_run)
+    text = format_report(rep)
+    misses = sae_bar_misses(rep["saes"])
+    for line in misses:
+        assert f"  {line}" in text
+    assert (f"{len(misses)} of {len(rep['saes'])} SAEs miss one" in text) == bool(misses)
+    assert ("every SAE meets them" in text) == (not misses)
