@@ -17,7 +17,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from core import plots
-from core.report import BARS_TEXT, build_report, sae_bar_misses
+from core.report import build_report, sae_bar_misses, sae_bars_headline
 from core.runfolder import RunFolder, make_folder
 
 CLAIM_MEASURES = ("cka", "mean_cosine")
@@ -257,7 +257,7 @@ def export_html(run: RunFolder) -> str:
     if rep.get("saes"):
         parts += ["<h2>Sparse autoencoders (held-out tokens)</h2>", _table(sae_frame(rep["saes"]))]
         misses = sae_bar_misses(rep["saes"])
-        parts.append(f"<p>Quality bars ({_e(BARS_TEXT)}): " + (f"{len(misses)} of {len(rep['saes'])} SAEs miss one.</p><ul>" + "".join(f"<li>{_e(m)}</li>" for m in misses) + "</ul>" if misses else "every SAE meets them.</p>"))
+        parts.append(f"<p>{_e(sae_bars_headline(rep['saes'], misses))}.</p>" + ("<ul>" + "".join(f"<li>{_e(m)}</li>" for m in misses) + "</ul>" if misses else ""))
         if any(s.get("loss_curve") for s in rep["saes"]):
             parts.append(fig(plots.sae_training_curves(rep["saes"], title="SAE training curves (inputs at unit variance; ◆ held-out FVU)")))
     if rep.get("matching"):

@@ -91,6 +91,11 @@ def sae_bar_misses(saes: list[dict]) -> list[str]:
 BARS_TEXT = f"FVU at most {MAX_FVU:.2f}, at most {MAX_DEAD:.0%} of latents dead, spliced accuracy within {100 * MAX_SPLICED_DROP:.0f} points"
 
 
+def sae_bars_headline(saes: list[dict], misses: list[str]) -> str:
+    """The line above ``misses`` (what ``sae_bar_misses(saes)`` returned) in the text and HTML reports."""
+    return f"Quality bars ({BARS_TEXT}): " + (f"{len(misses)} of {len(saes)} SAEs miss one" if misses else "every SAE meets them")
+
+
 def _table(rows: list[list], header: list[str]) -> str:
     cells = [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
@@ -122,7 +127,7 @@ def format_report(rep: dict) -> str:
         out += ["", "Sparse autoencoders (held-out tokens; rare: tokens seen < 50 times in training, share of tokens -> share of error)",
                 _table(rows, ["model", "layer", "arch", "d_sae", "L0", "FVU", "dead", "acc spliced", "FVU on ft", "rare tok -> err"])]
         misses = sae_bar_misses(rep["saes"])
-        out += [f"Quality bars ({BARS_TEXT}): " + ("every SAE meets them" if not misses else f"{len(misses)} of {len(rep['saes'])} SAEs miss one")]
+        out.append(sae_bars_headline(rep["saes"], misses))
         out += [f"  {line}" for line in misses]
     if rep.get("matching"):
         rows = [[m["layer"], m["kept"], m["shifted"], m["new"], m["lost"], m.get("baseline_kept", ""), m.get("baseline_lost", "")] for m in rep["matching"]]
