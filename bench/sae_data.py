@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from core.activations import DTYPES, ActivationStore, hidden_states, plan_batches
-from core.config import load_config
+from core.config import saved_config
 from core.data import DataConfig, clean_text, load_raw, load_split
 from core.errors import LayerscopeError
 from core.models import encode, load_classifier, load_tokenizer, pad_batch
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             raise LayerscopeError(f"--extra-texts {args.extra_texts}: extract at least 1 text (settings with extra 0 train on the run's tokens alone)")
         run = RunFolder(args.run)
         run.require("activations", "bench.sae_data")
-        cfg = load_config(base=run.manifest()["config"], base_source=str(run.manifest_path))
+        cfg = saved_config(run)
         small = [s.latents for s in settings if s.latents < cfg.saes.k]
         if small:
             raise LayerscopeError(f"a setting has {small[0]} latents, fewer than the run's k = {cfg.saes.k} active ones; give each at least {cfg.saes.k}")

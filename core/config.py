@@ -188,6 +188,11 @@ def load_config(
     return cfg
 
 
+def saved_config(run) -> RunConfig:
+    """The config an existing run (a ``RunFolder``) was built with, read from its manifest."""
+    return load_config(base=run.manifest()["config"], base_source=str(run.manifest_path))
+
+
 def parse_set_flags(items: list[str]) -> dict[str, str]:
     """``["finetune.epochs=2", ...]`` -> ``{"finetune.epochs": "2"}``."""
     out = {}

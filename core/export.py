@@ -257,7 +257,7 @@ def export_html(run: RunFolder) -> str:
     if rep.get("saes"):
         parts += ["<h2>Sparse autoencoders (held-out tokens)</h2>", _table(sae_frame(rep["saes"]))]
         misses = sae_bar_misses(rep["saes"])
-        parts.append(f"<p>{_e(sae_bars_headline(rep['saes'], misses))}.</p>" + ("<ul>" + "".join(f"<li>{_e(m)}</li>" for m in misses) + "</ul>" if misses else ""))
+        parts.append(f"<p>{_e(sae_bars_headline(rep['saes'], misses))}.</p>" + ("<ul>" + "".join(f"<li>{_e(m.line)}</li>" for m in misses) + "</ul>" if misses else ""))
         if any(s.get("loss_curve") for s in rep["saes"]):
             parts.append(fig(plots.sae_training_curves(rep["saes"], title="SAE training curves (inputs at unit variance; ◆ held-out FVU)")))
     if rep.get("matching"):

@@ -235,10 +235,10 @@ def seed_twin(run: RunFolder, layer: int) -> SparseAutoencoder:
     """
     import dataclasses
 
-    from core.config import load_config
+    from core.config import saved_config
     from core.saes import train_one
 
-    saes_cfg = load_config(base=run.manifest()["config"], base_source=str(run.manifest_path)).saes
+    saes_cfg = saved_config(run).saes
     twin_cfg = dataclasses.replace(saes_cfg, training=dataclasses.replace(saes_cfg.training, seed=saes_cfg.training.seed + 7777))
     hook = load_sae(run, "pretrained", layer).cfg.hook_name
     twin, _ = train_one(run, twin_cfg, "pretrained", layer, ActivationStore(run, "train"), hook, progress=False)

@@ -5,6 +5,8 @@ The JSON layout is documented in README.md ("Report JSON"); the dashboard reads 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from core.runfolder import MODELS, RunFolder, read_json
 
 
@@ -71,27 +73,38 @@ MAX_DEAD = 0.10  # share of latents that never fire on the test tokens
 MAX_SPLICED_DROP = 0.02  # accuracy lost when the reconstruction replaces the hidden state
 
 
-def sae_bar_misses(saes: list[dict]) -> list[str]:
-    """One line per SAE that misses a quality bar, naming each bar it misses; [] when all pass."""
+class BarMiss(NamedTuple):
+    """One SAE below a quality bar: ``line`` names the SAE and each bar it misses, with its figures;
+    ``bars`` is the set of bars missed, from ``BARS``."""
+
+    line: str
+    bars: frozenset[str]
+
+
+BARS = ("fvu", "dead", "spliced")
+
+
+def sae_bar_misses(saes: list[dict]) -> list[BarMiss]:
+    """One entry per SAE that misses a quality bar, in model then layer order; [] when all pass."""
     out = []
     for s in sorted(saes, key=lambda s: (MODELS.index(s["model"]) if s.get("model") in MODELS else len(MODELS), s.get("layer", 0))):
-        why = []
+        why = {}
         if s.get("fvu") is not None and s["fvu"] > MAX_FVU:
-            why.append(f"FVU {s['fvu']:.3f} > {MAX_FVU:.2f}")
+            why["fvu"] = f"FVU {s['fvu']:.3f} > {MAX_FVU:.2f}"
         if s.get("dead_fraction") is not None and s["dead_fraction"] > MAX_DEAD:
-            why.append(f"{s['dead_fraction']:.1%} of latents dead > {MAX_DEAD:.0%}")
+            why["dead"] = f"{s['dead_fraction']:.1%} of latents dead > {MAX_DEAD:.0%}"
         acc, ref = s.get("accuracy_spliced"), s.get("accuracy_original")  # both on the same splice texts
         if acc is not None and ref is not None and ref - acc > MAX_SPLICED_DROP + 1e-9:  # 0.87 - 0.85 is 0.0200...02 in floats
-            why.append(f"spliced accuracy {acc:.1%}, {100 * (ref - acc):.1f} points under {ref:.1%}")
+            why["spliced"] = f"spliced accuracy {acc:.1%}, {100 * (ref - acc):.1f} points under {ref:.1%}"
         if why:
-            out.append(f"{s['model']} layer {s['layer']}: " + "; ".join(why))
+            out.append(BarMiss(f"{s['model']} layer {s['layer']}: " + "; ".join(why.values()), frozenset(why)))
     return out
 
 
 BARS_TEXT = f"FVU at most {MAX_FVU:.2f}, at most {MAX_DEAD:.0%} of latents dead, spliced accuracy within {100 * MAX_SPLICED_DROP:.0f} points"
 
 
-def sae_bars_headline(saes: list[dict], misses: list[str]) -> str:
+def sae_bars_headline(saes: list[dict], misses: list[BarMiss]) -> str:
     """The line above ``misses`` (what ``sae_bar_misses(saes)`` returned) in the text and HTML reports."""
     return f"Quality bars ({BARS_TEXT}): " + (f"{len(misses)} of {len(saes)} SAEs miss one" if misses else "every SAE meets them")
 
@@ -128,7 +141,7 @@ def format_report(rep: dict) -> str:
                 _table(rows, ["model", "layer", "arch", "d_sae", "L0", "FVU", "dead", "acc spliced", "FVU on ft", "rare tok -> err"])]
         misses = sae_bar_misses(rep["saes"])
         out.append(sae_bars_headline(rep["saes"], misses))
-        out += [f"  {line}" for line in misses]
+        out += [f"  {m.line}" for m in misses]
     if rep.get("matching"):
         rows = [[m["layer"], m["kept"], m["shifted"], m["new"], m["lost"], m.get("baseline_kept", ""), m.get("baseline_lost", "")] for m in rep["matching"]]
         out += ["", "Feature matching, pre-trained -> fine-tuned (baseline: pre-trained vs a retrained seed)", _table(rows, ["layer", "kept", "shifted", "new", "lost", "base kept", "base lost"])]

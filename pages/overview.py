@@ -185,10 +185,10 @@ def saes(run, rep: dict) -> None:
     if misses:
         st.info(
             f"{len(misses)} of {len(rep['saes'])} SAEs miss a quality bar ({BARS_TEXT}), so their features describe the hidden state less faithfully: "
-            + "; ".join(misses)
+            + "; ".join(m.line for m in misses)
             + "."
-            + (" More training tokens and latents lower the FVU (the `quality` preset has both)." if any("FVU" in m for m in misses) else "")
-            + (" A lower SAE learning rate (`saes.training.lr`) keeps more latents alive." if any("dead" in m for m in misses) else ""),
+            + (" More training tokens and latents lower the FVU (the `quality` preset has both)." if any("fvu" in m.bars for m in misses) else "")
+            + (" A lower SAE learning rate (`saes.training.lr`) keeps more latents alive." if any("dead" in m.bars for m in misses) else ""),
             icon=":material/info:",
         )
     if any(s.get("loss_curve") for s in rep["saes"]):

@@ -224,7 +224,10 @@ def test_overview_sae_table_when_saes_exist(app, sae_run):
     misses = sae_bar_misses([json.loads((d / "metrics.json").read_text()) for _, _, d in sae_run.sae_dirs()])
     notes = [e.value for e in at.info if "quality bar" in e.value]
     assert misses and len(notes) == 1 and f"{len(misses)} of {len(sae_run.sae_dirs())} SAEs miss" in notes[0]
-    assert all(line in notes[0] for line in misses), (misses, notes)
+    assert all(m.line in notes[0] for m in misses), (misses, notes)
+    # the advice follows the bars missed
+    assert ("`quality` preset" in notes[0]) == any("fvu" in m.bars for m in misses)
+    assert ("saes.training.lr" in notes[0]) == any("dead" in m.bars for m in misses)
     if sae_run.is_done("features"):
         assert shown_as["baseline_lost"] == "lost, seed twin"
 

@@ -50,6 +50,14 @@ def test_saved_config_round_trips():
     assert cfg.section_hash("data") != RunConfig().section_hash("data")
 
 
+def test_a_runs_saved_config_is_what_it_was_built_with(tiny_run):
+    from core.config import saved_config
+
+    cfg = saved_config(tiny_run)
+    assert cfg.to_dict() == tiny_run.manifest()["config"]
+    assert cfg != RunConfig()  # the tiny run's settings, not the defaults
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

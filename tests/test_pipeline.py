@@ -414,9 +414,9 @@ def test_sae_quality_bars_name_each_sae_and_each_bar_it_misses():
         sae("pretrained", 4, fvu=0.31, acc=0.80),
     ]
     assert sae_bar_misses(saes) == [
-        "pretrained layer 4: FVU 0.310 > 0.20; spliced accuracy 80.0%, 7.0 points under 87.0%",
-        "pretrained layer 6: FVU 0.266 > 0.20",
-        "finetuned layer 6: 12.5% of latents dead > 10%",
+        ("pretrained layer 4: FVU 0.310 > 0.20; spliced accuracy 80.0%, 7.0 points under 87.0%", {"fvu", "spliced"}),
+        ("pretrained layer 6: FVU 0.266 > 0.20", {"fvu"}),
+        ("finetuned layer 6: 12.5% of latents dead > 10%", {"dead"}),
     ]
     assert sae_bar_misses([sae("pretrained", 1), {"model": "finetuned", "layer": 2, "fvu": 0.05}]) == []  # a run without splicing
 
@@ -427,7 +427,7 @@ def test_the_text_report_lists_the_saes_below_the_bars(tiny_run):
     rep = build_report(tiny_run)
     text = format_report(rep)
     misses = sae_bar_misses(rep["saes"])
-    for line in misses:
-        assert f"  {line}" in text
+    for m in misses:
+        assert f"  {m.line}" in text
     assert (f"{len(misses)} of {len(rep['saes'])} SAEs miss one" in text) == bool(misses)
     assert ("every SAE meets them" in text) == (not misses)

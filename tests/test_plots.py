@@ -388,7 +388,7 @@ def test_export_html_is_self_contained_and_escaped(tiny_run, tmp_path):
         from core.report import build_report, sae_bar_misses
 
         misses = sae_bar_misses(build_report(run)["saes"])  # the tiny run's SAEs miss some bars
-        assert misses and all(f"<li>{html.escape(m)}</li>" in out for m in misses)
+        assert misses and all(f"<li>{html.escape(m.line)}</li>" in out for m in misses)
     if run.is_done("features"):
         assert "against a seed twin" in out
     assert out.count('<div class="wide"><table') == out.count("<table")  # wide tables scroll, not overflow
