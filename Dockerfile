@@ -29,5 +29,7 @@ RUN useradd --create-home --uid 1000 layerscope && chown -R layerscope /app
 USER layerscope
 
 EXPOSE 8501
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8501/_stcore/health')"
+# start period: the first start builds the default run before the server answers (6-14 min on
+# 2 cores); failed checks inside it do not count, and the first success ends it
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30m CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8501/_stcore/health')"
 CMD ["sh", "-c", "python -m core build --run checkpoints/default && exec python -m streamlit run app.py --server.address 0.0.0.0 --server.port 8501 --server.headless true --browser.gatherUsageStats false"]

@@ -163,6 +163,9 @@ def _file_system_hint(e: OSError) -> str | None:
         return f"no space left on the device while writing {where}; free some space (activations take about 11 KB per token for MiniLM, 40 KB for bert-base) and run the same command again (finished steps are kept)"
     if e.errno == errno.EROFS:
         return f"{where} is on a read-only file system; choose a --run (or --out) path on a writable one"
+    if e.errno == errno.ENAMETOOLONG:
+        longest = max(Path(str(where)).parts, key=len, default="")
+        return f"a name in the path {where} is too long for its file system ({len(longest)} characters; most allow 255); choose a shorter --run (or --out) path"
     return None
 
 

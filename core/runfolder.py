@@ -229,8 +229,12 @@ class RunFolder:
         return self.manifest_path.is_file()
 
     def manifest(self) -> dict:
-        self._refuse_file()
-        if not self.root.is_dir():
+        try:
+            self._refuse_file()
+            is_dir = self.root.is_dir()
+        except OSError as e:  # a name too long, a parent folder we may not enter
+            raise LayerscopeError(f"cannot open the run folder {self.root} ({e.strerror}); pass a run folder you can read") from None
+        if not is_dir:
             raise LayerscopeError(f"run folder {self.root} does not exist; build it with `python -m core build --run {self.root}`")
         if not self.manifest_path.is_file():
             raise LayerscopeError(

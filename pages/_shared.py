@@ -16,6 +16,7 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import os
@@ -152,8 +153,9 @@ def resolve_run_arg(text: str) -> str:
     text = text.strip()
     p = Path(text).expanduser()
     for candidate in (p, ROOT / p, checkpoints_dir() / p):
-        if candidate.is_dir():
-            return str(candidate.resolve())
+        with contextlib.suppress(OSError, ValueError):  # a name too long, a folder we may not enter: not this one
+            if candidate.is_dir():
+                return str(candidate.resolve())
     return str(p)
 
 
@@ -222,7 +224,12 @@ def _select_from_text() -> None:
     if not text:
         return
     path = resolve_run_arg(text)
-    if RunFolder(path).exists():
+    try:
+        found = RunFolder(path).exists()
+    except (OSError, ValueError) as e:  # a name too long, a folder we may not enter, a NUL character
+        st.session_state[KEY_RUN_MESSAGE] = f"{text} cannot be opened ({getattr(e, 'strerror', None) or e}); type the path of a run folder you can read"
+        return
+    if found:
         set_run(path)
         st.session_state[KEY_RUN_TEXT] = ""
     else:

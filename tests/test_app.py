@@ -362,6 +362,18 @@ def test_text_box_opens_any_run_folder_and_rejects_others(app, runs, tmp_path):
     at.sidebar.text_input(key=shared.KEY_RUN_TEXT).input(str(runs["evil"])).run()
     assert at.session_state[shared.KEY_RUN] == str(runs["evil"].resolve())
     assert_clean(at)
+    too_long = str(tmp_path / ("r" * 300))  # the file system refuses even to look it up
+    at.sidebar.text_input(key=shared.KEY_RUN_TEXT).input(too_long).run()
+    assert at.session_state[shared.KEY_RUN] == str(runs["evil"].resolve())  # the run shown stays
+    assert "cannot be opened (File name too long)" in at.sidebar.warning[0].value
+    assert_clean(at)
+
+
+def test_a_run_path_the_file_system_refuses_is_one_message(app, tmp_path):
+    at = app(query=str(tmp_path / ("r" * 300))).run()
+    assert not at.exception
+    assert "cannot open the run folder" in at.error[0].value and "File name too long" in at.error[0].value
+    assert not at.expander  # no bug-report details for a user mistake
 
 
 def test_missing_run_shows_a_message_not_a_traceback(app, tmp_path):

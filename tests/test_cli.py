@@ -90,6 +90,14 @@ def test_export_to_a_folder_or_below_a_file_is_refused(tmp_path, tiny_run):
     assert (tmp_path / "f").read_text() == "x"
 
 
+def test_a_path_name_too_long_for_the_file_system_is_one_line(tmp_path, tiny_run):
+    long = "x" * 300  # most file systems allow 255 bytes per name
+    assert_user_error(cli("export", "--run", tiny_run.root, "--out", tmp_path / f"{long}.html"), "too long for its file system (305 characters", "shorter --run (or --out)")
+    assert_user_error(cli("build", "--run", tmp_path / long), "too long for its file system (300 characters")
+    assert_user_error(cli("report", "--run", tmp_path / long), "cannot open the run folder", "File name too long")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_impossible_setting_stops_build_before_anything_is_written(tmp_path):
     out = cli("build", "--run", tmp_path / "run", "--epochs", "-1")
     assert_user_error(out, "finetune.epochs=-1.0 must be a number > 0", "--set finetune.epochs=")
