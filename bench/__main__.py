@@ -36,6 +36,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_numbers(args: argparse.Namespace) -> str | None:
+    """What is wrong with --threads, --repeats or --growth-sizes (checked before any benchmark runs); None if nothing."""
+    if args.threads < 1:
+        return f"--threads {args.threads}: use at least 1 thread"
+    if args.repeats is not None and args.repeats < 1:
+        return f"--repeats {args.repeats}: time each measurement at least once (default 3)"
+    for s in (s for s in args.growth_sizes.split(",") if s.strip()):
+        try:
+            ok = float(s) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            return f"--growth-sizes has {s!r}; give positive numbers of million tokens, e.g. 0.1,0.5,1"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()] or list(SECTIONS)
@@ -43,9 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown benchmark {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
+    problem = check_numbers(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     os.environ["TQDM_DISABLE"] = "1"  # progress bars of core's loops would flood the output
     set_threads(args.threads)
-    ctx = Context(quick=args.quick, threads=args.threads, repeats=args.repeats or (1 if args.quick else 3))
+    ctx = Context(quick=args.quick, threads=args.threads, repeats=args.repeats if args.repeats is not None else (1 if args.quick else 3))
     if args.work:
         ctx.work = Path(args.work).resolve()
     ctx.work.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -92,13 +93,33 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def read_json(path: Path):
+# The step that writes each top-level folder of a run (the layout below, in RunFolder).
+_FOLDER_STEP = {"data": "data", "models": "finetune", "finetune": "finetune", "activations": "activations", "similarity": "similarity", "saes": "saes", "features": "features"}
+
+
+def redo_hint(path: Path) -> str:
+    """How to rewrite ``path``: the command that redoes the step writing it, when ``path`` lies in a run."""
+    path = Path(path).absolute()
+    for root in path.parents:
+        if (root / "manifest.json").is_file():
+            step = _FOLDER_STEP.get(path.relative_to(root).parts[0])
+            if step:
+                return f"redo the step that writes it: `python -m core {step} --run {shlex.quote(str(root))} --force`"
+            break
+    return "redo the step that writes it with --force (see `python -m core --help`)"
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object a step wrote; LayerscopeError naming the step to redo when it is missing or damaged."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise LayerscopeError(f"{path} is missing; rebuild the step that writes it (see `python -m core --help`)") from None
-    except json.JSONDecodeError:
-        raise LayerscopeError(f"{path} is not valid JSON (damaged?); rebuild it with --force") from None
+        raise LayerscopeError(f"{path} is missing; {redo_hint(path)}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LayerscopeError(f"{path} is not valid JSON (damaged?); {redo_hint(path)}") from None
+    if not isinstance(obj, dict):
+        raise LayerscopeError(f"{path} is damaged (a JSON {type(obj).__name__}, not the object a build writes); {redo_hint(path)}")
+    return obj
 
 
 @contextlib.contextmanager

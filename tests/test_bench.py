@@ -47,6 +47,14 @@ def test_only_rejects_unknown_names(tmp_path):
     assert proc.returncode == 2 and "unknown benchmark nope" in proc.stderr
 
 
+@pytest.mark.parametrize(("flag", "value", "message"), [("--threads", "0", "at least 1 thread"), ("--repeats", "0", "at least once"), ("--growth-sizes", "0.1,abc", "'abc'"), ("--growth-sizes", "-1", "positive numbers")])
+def test_bad_numbers_are_refused_before_any_benchmark_runs(tmp_path, flag, value, message):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", flag, value, "--out", str(out), "--work", str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists() and "==" not in proc.stderr + proc.stdout  # nothing ran, nothing written
+
+
 @pytest.mark.parametrize(
     ("target", "value", "baseline", "passed"),
     [("ratio >= 6", 60.0, 10.0, True), ("ratio >= 6", 50.0, 10.0, False), ("ratio <= 1.15", 1.1, 1.0, True), ("value <= 5", 4.0, 100.0, True), ("abs(value - baseline) <= 0.01", 0.305, 0.3, True), ("abs(value - baseline) <= 0.01", 0.32, 0.3, False), (None, 1.0, 2.0, None)],

@@ -308,6 +308,28 @@ def test_damaged_manifest_is_one_line_with_a_fix_that_works(tiny_run, tmp_path, 
     assert json.loads((run / "manifest.json").read_text())["steps"].keys() == {"data"}
 
 
+@pytest.mark.parametrize(
+    "damaged, content, step",
+    [("similarity/similarity.json", "[1, 2]", "similarity"), ("finetune/metrics.json", "", "finetune"), ("saes/pretrained/layer_1/metrics.json", '{"fvu": 0.', "saes")],
+)
+def test_a_damaged_json_file_names_the_step_to_redo(tiny_run, tmp_path, damaged, content, step, capsys):
+    from core.__main__ import main
+
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    (run / damaged).write_text(content)
+    assert main(["report", "--run", str(run)]) == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and str(run / damaged) in lines[0] and f"`python -m core {step} --run {run} --force`" in lines[0], lines
+    if step == "similarity":  # the fix the message gives works (the quick one here)
+        assert main([step, "--run", str(run), "--force"]) == 0
+        capsys.readouterr()
+        assert main(["report", "--run", str(run), "--json"]) == 0
+        from core.report import build_report
+
+        assert json.loads(capsys.readouterr().out)["similarity"] == build_report(tiny_run)["similarity"]
+
+
 def test_a_run_saved_by_another_version_names_its_manifest_and_a_fix_that_works(tiny_run, tmp_path, tiny_model, tiny_csv, capsys):
     """A manifest whose config holds an option this version lacks: the user typed none of it, so the
     message names the manifest (not a --set flag) and a rebuild with an explicit preset goes through."""
