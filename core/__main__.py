@@ -5,7 +5,7 @@
     python -m core report --run DIR [--json]
     python -m core analyze --run DIR --text "the acting was brilliant" [--json]
     python -m core export --run DIR --out report.html       one self-contained HTML report
-    python -m core figures --run DIR --out DIR              PNG figures (needs kaleido + Chromium)
+    python -m core figures --run DIR --out DIR [--compare RUN ...]   PNG figures (needs kaleido + Chromium)
     python -m core config --run DIR                         the resolved settings
 
 Options go in a TOML file (``--config``; layout as ``core/presets/*.toml``) or one at a
@@ -88,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("figures", help="write the run's main figures as PNG (needs kaleido + Chromium)")
     f.add_argument("--run", default=str(DEFAULT_RUN))
     f.add_argument("--out", required=True, help="folder for the PNG files")
+    f.add_argument("--compare", nargs="+", default=[], metavar="RUN", help="other runs to draw beside this one in similarity_compare.png (one panel per measure, one line per run, as the paper's Figs 1-2 put its datasets)")
     c = sub.add_parser("config", help="print the resolved configuration of a run")
     c.add_argument("--run", default=str(DEFAULT_RUN))
     _add_config_args(c)
@@ -210,7 +211,7 @@ def _dispatch(args) -> int:
     if args.verb == "figures":
         from core.export import write_figures
 
-        print("\n".join(f"wrote {p}" for p in write_figures(run, args.out)))
+        print("\n".join(f"wrote {p}" for p in write_figures(run, args.out, compare=[RunFolder(r) for r in args.compare])))
         return 0
     cfg = pipeline.resolve_run_config(run, args.preset, args.config, _overrides(args))
     if args.verb == "config":

@@ -270,8 +270,28 @@ def export_html(run: RunFolder) -> str:
     return "\n".join(parts)
 
 
-def write_figures(run: RunFolder, out_dir, width: int = 900, height: int = 500) -> list[str]:
-    """PNG files of the run's main figures (needs kaleido and a Chrome/Chromium; set BROWSER_PATH)."""
+def compare_figure(run: RunFolder, others: list[RunFolder], measures=("cosine_of_means", "cka")):
+    """The similarity of ``run`` and ``others`` side by side: one panel per measure, one line per
+    run, labelled with its name and dataset; on a depth-normalised axis when their depths differ."""
+    from core.errors import LayerscopeError
+
+    series, depths = {}, set()
+    for r in [run, *others]:
+        rep = build_report(r)
+        if not rep.get("similarity"):
+            raise LayerscopeError(f"{r.root} has no similarity figures yet; build it with `python -m core build --run {shlex.quote(str(r.root))} --until similarity`")
+        label = f"{r.name} ({rep['dataset']})"
+        if label in series:  # two folders of the same name and dataset
+            label = f"{r.root} ({rep['dataset']})"
+        series[label] = rep["similarity"]
+        depths.add(len(rep["similarity"]))
+    normalise = len(depths) > 1
+    return plots.similarity_by_measure(series, measures, normalise_depth=normalise, title="Layer similarity, pre-trained vs fine-tuned, run by run" + (" (depth-normalised: the models differ in depth)" if normalise else ""))
+
+
+def write_figures(run: RunFolder, out_dir, width: int = 900, height: int = 500, compare: list[RunFolder] | None = None) -> list[str]:
+    """PNG files of the run's main figures (needs kaleido and a Chrome/Chromium; set BROWSER_PATH);
+    with ``compare``, also ``similarity_compare.png``: this run's similarity beside theirs."""
     import os
     from pathlib import Path
 
@@ -294,6 +314,8 @@ def write_figures(run: RunFolder, out_dir, width: int = 900, height: int = 500) 
         figures["sae_training.png"] = plots.sae_training_curves(rep["saes"], title=f"SAE training curves ({run.name}; ◆ held-out FVU)")
     if rep.get("matching"):
         figures["matching.png"] = plots.matching_bars(rep["matching"], title=f"Pre-trained SAE latents kept, shifted or lost, against a seed twin ({run.name})")
+    if compare:
+        figures["similarity_compare.png"] = compare_figure(run, compare)
     if not figures:
         raise LayerscopeError(f"{run.root} has no figures to draw yet: they need the finetune and similarity steps; build them with `python -m core build --run {shlex.quote(str(run.root))}`")
     out = Path(out_dir)

@@ -200,6 +200,54 @@ def similarity_curves(
     return _layout(fig, esc(title))
 
 
+RUN_COLOURS = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880")
+
+
+def similarity_by_measure(
+    runs: Mapping[str, Sequence[Mapping]],
+    measures: Sequence[str] = ("cosine_of_means", "cka"),
+    normalise_depth: bool = False,
+    title: str = "",
+) -> go.Figure:
+    """One panel per measure (two per row), one line per run (colour = run; ``meta`` = the
+    measure): runs side by side, as the paper's Figs 1-2 put its datasets. ``runs`` as for
+    ``similarity_curves``."""
+    from plotly.subplots import make_subplots
+
+    cols = min(2, max(len(measures), 1))
+    nrows = -(-max(len(measures), 1) // cols)
+    fig = make_subplots(
+        rows=nrows, cols=cols, shared_yaxes=True, horizontal_spacing=0.05, vertical_spacing=0.22 if nrows > 1 else 0.1,
+        subplot_titles=[MEASURE_LABELS.get(m, esc(m)) for m in measures],
+    )
+    for r, (name, rows) in enumerate(runs.items()):
+        x = layer_positions(rows, normalise_depth)
+        for i, m in enumerate(measures):
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=[row.get(m) for row in rows],
+                    mode="lines+markers",
+                    name=esc(name),
+                    legendgroup=esc(name),
+                    showlegend=i == 0,
+                    meta=m,
+                    line={"color": RUN_COLOURS[r % len(RUN_COLOURS)]},
+                    customdata=[[int(row["layer"])] for row in rows],
+                    hovertemplate=f"{esc(name)} · {MEASURE_LABELS.get(m, esc(m))}<br>layer %{{customdata[0]}}<br>%{{y:.4f}}<extra></extra>",
+                ),
+                row=i // cols + 1,
+                col=i % cols + 1,
+            )
+    values = [float(row[m]) for rows in runs.values() for row in rows for m in measures if row.get(m) is not None]
+    fig.update_xaxes(dtick=None if normalise_depth else 1)
+    fig.update_xaxes(title=DEPTH_AXIS if normalise_depth else LAYER_AXIS, row=nrows)
+    fig.update_yaxes(range=[min(0.0, min(values, default=0.0)) - 0.02, 1.02])
+    fig.update_yaxes(title="similarity", col=1)
+    fig.update_layout(showlegend=True)
+    return _layout(fig, esc(title), height=380 * nrows + 60)
+
+
 def highlight_layers(fig: go.Figure, layers: Sequence[int], label: str = "", colour: str = "#FFA15A") -> go.Figure:
     """Shade the span of ``layers`` (hidden-state indices) on a non-normalised layer axis."""
     if len(layers):

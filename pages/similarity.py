@@ -67,7 +67,10 @@ def body() -> None:
     if not measures:
         st.info("Pick at least one measure.")
     else:
-        shared.chart(plots.similarity_curves(runs, measures, normalise), key="sim_curves")
+        # several runs: one panel per measure, one colour per run (one chart of runs x measures lines
+        # is hard to read past two runs)
+        figure = plots.similarity_by_measure(runs, measures, normalise) if len(runs) > 1 else plots.similarity_curves(runs, measures, normalise)
+        shared.chart(figure, key="sim_curves")
     if len(described) > 1:
         st.dataframe(pd.DataFrame(described), hide_index=True, width="stretch")
     left, right = st.columns([1, 1])

@@ -305,16 +305,18 @@ def test_similarity_page_curves_heatmap_and_table(app):
 def test_similarity_overlay_and_depth_normalisation(app, runs):
     at = open_page(app(), SIMILARITY)
     at.multiselect(key=shared.KEY_SIM_OVERLAY).select(str(runs["other"])).run()
-    curves = charts(at)[0]
-    names = [t["name"] for t in curves["data"]]
-    assert "tiny · linear CKA" in names and "other · linear CKA" in names
-    tiny_cka = next(t for t in curves["data"] if t["name"] == "tiny · linear CKA")["y"]
-    other_cka = next(t for t in curves["data"] if t["name"] == "other · linear CKA")["y"]
-    assert other_cka == pytest.approx([v * 0.5 for v in tiny_cka])
+    curves = charts(at)[0]  # with another run: one panel per measure, one line (colour) per run
+    lines = {(t["name"], t["meta"]): t for t in curves["data"]}
+    assert set(lines) == {(run, m) for run in ("tiny", "other") for m in ("cosine_of_means", "mean_cosine", "token_cosine", "cka")}
+    assert lines["other", "cka"]["y"] == pytest.approx([v * 0.5 for v in lines["tiny", "cka"]["y"]])
+    assert lines["tiny", "cka"]["y"] == pytest.approx([r["cka"] for r in read_json(runs["tiny"] / "similarity" / "similarity.json")["layers"]])
+    assert lines["tiny", "cka"]["xaxis"] == lines["other", "cka"]["xaxis"] != lines["tiny", "mean_cosine"].get("xaxis", "x")  # same panel per measure
+    assert lines["tiny", "cka"]["line"]["color"] != lines["other", "cka"]["line"]["color"]
+    assert [t["name"] for t in curves["data"] if t.get("showlegend") is not False] == ["tiny", "other"]  # one legend entry per run
     at.toggle(key=shared.KEY_SIM_NORMALISE).set_value(True).run()
     curves = charts(at)[0]
     assert curves["data"][0]["x"] == [0, 0.5, 1.0]
-    assert "relative depth" in curves["layout"]["xaxis"]["title"]["text"]
+    assert any("relative depth" in str(v.get("title")) for k, v in curves["layout"].items() if k.startswith("xaxis"))
     at.get("button_group")[0].set_value(["cka"]).run()
     assert len(charts(at)[0]["data"]) == 2
     assert_clean(at)

@@ -174,6 +174,35 @@ def test_figures_writes_pngs_and_says_when_there_is_nothing_to_draw(tmp_path, ti
     assert_user_error(cli("figures", "--run", tmp_path / "r", "--out", tmp_path / "none"), "no figures to draw yet", f"python -m core build --run {tmp_path / 'r'}")
 
 
+def test_figures_compare_draws_each_run_beside_the_others(tmp_path, tiny_run, tiny_csv, tiny_model):
+    from core.export import compare_figure
+    from core.report import build_report
+    from core.runfolder import RunFolder
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run.root, other)
+    sim = json.loads((other / "similarity" / "similarity.json").read_text())
+    sim["layers"] = [{**r, "cka": r["cka"] / 2} for r in sim["layers"]]
+    (other / "similarity" / "similarity.json").write_text(json.dumps(sim))
+    fig = compare_figure(tiny_run, [RunFolder(other)])
+    mine, dataset = build_report(tiny_run)["similarity"], build_report(tiny_run)["dataset"]
+    lines = {(t.name, t.meta): t for t in fig.data}
+    assert set(lines) == {(f"{n} ({dataset})", m) for n in (tiny_run.name, "other") for m in ("cosine_of_means", "cka")}
+    assert list(lines[f"{tiny_run.name} ({dataset})", "cka"].y) == [r["cka"] for r in mine]
+    assert list(lines[f"other ({dataset})", "cka"].y) == pytest.approx([r["cka"] / 2 for r in mine])
+    assert list(lines[f"other ({dataset})", "cka"].x) == [r["layer"] for r in mine]  # same depth: layer numbers
+    sim["layers"] = sim["layers"][:-1]  # a shallower model: both on relative depth
+    (other / "similarity" / "similarity.json").write_text(json.dumps(sim))
+    fig = compare_figure(tiny_run, [RunFolder(other)])
+    assert fig.data[0].x[-1] == pytest.approx(1.0) and fig.data[-1].x[-1] == pytest.approx(1.0) and "depth-normalised" in fig.layout.title.text
+    if shutil.which("chromium"):
+        out = cli("figures", "--run", tiny_run.root, "--out", tmp_path / "figs", "--compare", other, check=True)
+        assert (tmp_path / "figs" / "similarity_compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", out.stdout
+    cli("data", "--run", tmp_path / "young", "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model, check=True)
+    assert_user_error(cli("figures", "--run", tiny_run.root, "--out", tmp_path / "f2", "--compare", tmp_path / "young"), "no similarity figures yet", f"python -m core build --run {tmp_path / 'young'} --until similarity")
+    assert not (tmp_path / "f2").exists()  # refused before any file was written
+
+
 def test_unreachable_model_says_how_to_pass_a_local_path(tmp_path, tiny_csv):
     cli("data", "--run", tmp_path / "r", "--dataset", tiny_csv, "--preset", "tiny", "--model", "bert-base-uncased", check=True)
     out = cli("finetune", "--run", tmp_path / "r")

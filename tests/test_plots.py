@@ -61,6 +61,24 @@ def test_similarity_curves_depth_normalised():
     assert fig.layout.xaxis.title.text == plots.DEPTH_AXIS
 
 
+def test_similarity_by_measure_one_panel_per_measure_one_colour_per_run():
+    runs = {"imdb": paper_like(12), "<b>x</b>": paper_like(6)}
+    fig = validated(plots.similarity_by_measure(runs, ["cosine_of_means", "mean_cosine", "cka"]))
+    assert [a.text for a in fig.layout.annotations] == ["cosine of means", "mean cosine", "linear CKA"]  # panel titles
+    assert [(t.name, t.meta) for t in fig.data] == [(n, m) for n in ("imdb", "&lt;b&gt;x&lt;/b&gt;") for m in ("cosine_of_means", "mean_cosine", "cka")]
+    for t in fig.data:  # each line is its run's values of its measure
+        rows = runs["imdb" if t.name == "imdb" else "<b>x</b>"]
+        assert list(t.y) == [r[t.meta] for r in rows] and list(t.x) == [r["layer"] for r in rows]
+    panels = {t.meta: (t.xaxis, t.yaxis) for t in fig.data}
+    assert len(set(panels.values())) == 3 and all(panels[t.meta] == (t.xaxis, t.yaxis) for t in fig.data)  # runs share a panel
+    assert fig.data[0].line.color == fig.data[1].line.color != fig.data[3].line.color  # colour = run
+    assert [t.name for t in fig.data if t.showlegend is not False] == ["imdb", "&lt;b&gt;x&lt;/b&gt;"]
+    assert fig.layout.xaxis3.title.text == plots.LAYER_AXIS  # the bottom row (2 x 2 grid) names the axis
+    depth = plots.similarity_by_measure(runs, ["cka"], normalise_depth=True)
+    assert depth.data[0].x[-1] == pytest.approx(1.0) and depth.data[1].x[1] == pytest.approx(1 / 6)
+    assert depth.layout.xaxis.title.text == plots.DEPTH_AXIS
+
+
 def test_one_measure_of_one_run_still_has_its_legend():
     """Plotly hides a one-trace legend, which left a single curve unnamed."""
     fig = plots.similarity_curves({"a": paper_like(6)}, ["cka"])
