@@ -216,10 +216,8 @@ def similarity_by_measure(
 
     cols = min(2, max(len(measures), 1))
     nrows = -(-max(len(measures), 1) // cols)
-    fig = make_subplots(
-        rows=nrows, cols=cols, shared_yaxes=True, horizontal_spacing=0.05, vertical_spacing=0.22 if nrows > 1 else 0.1,
-        subplot_titles=[MEASURE_LABELS.get(m, esc(m)) for m in measures],
-    )
+    # each panel names its measure on its y axis: subplot titles sit where the legend goes
+    fig = make_subplots(rows=nrows, cols=cols, horizontal_spacing=0.1, vertical_spacing=0.12 if nrows > 1 else 0.1)
     for r, (name, rows) in enumerate(runs.items()):
         x = layer_positions(rows, normalise_depth)
         for i, m in enumerate(measures):
@@ -242,8 +240,9 @@ def similarity_by_measure(
     values = [float(row[m]) for rows in runs.values() for row in rows for m in measures if row.get(m) is not None]
     fig.update_xaxes(dtick=None if normalise_depth else 1)
     fig.update_xaxes(title=DEPTH_AXIS if normalise_depth else LAYER_AXIS, row=nrows)
-    fig.update_yaxes(range=[min(0.0, min(values, default=0.0)) - 0.02, 1.02])
-    fig.update_yaxes(title="similarity", col=1)
+    fig.update_yaxes(range=[min(0.0, min(values, default=0.0)) - 0.02, 1.02])  # one scale in every panel
+    for i, m in enumerate(measures):
+        fig.update_yaxes(title=MEASURE_LABELS.get(m, esc(m)), row=i // cols + 1, col=i % cols + 1)
     fig.update_layout(showlegend=True)
     return _layout(fig, esc(title), height=380 * nrows + 60)
 

@@ -64,7 +64,8 @@ def test_similarity_curves_depth_normalised():
 def test_similarity_by_measure_one_panel_per_measure_one_colour_per_run():
     runs = {"imdb": paper_like(12), "<b>x</b>": paper_like(6)}
     fig = validated(plots.similarity_by_measure(runs, ["cosine_of_means", "mean_cosine", "cka"]))
-    assert [a.text for a in fig.layout.annotations] == ["cosine of means", "mean cosine", "linear CKA"]  # panel titles
+    assert [fig.layout[f"yaxis{i or ''}"].title.text for i in (0, 2, 3)] == ["cosine of means", "mean cosine", "linear CKA"]  # each panel's y axis
+    assert fig.layout.yaxis.range == fig.layout.yaxis3.range  # one scale in every panel
     assert [(t.name, t.meta) for t in fig.data] == [(n, m) for n in ("imdb", "&lt;b&gt;x&lt;/b&gt;") for m in ("cosine_of_means", "mean_cosine", "cka")]
     for t in fig.data:  # each line is its run's values of its measure
         rows = runs["imdb" if t.name == "imdb" else "<b>x</b>"]
