@@ -52,7 +52,16 @@ def gather(run, rep: dict, overlay: list[str]) -> tuple[dict, list[dict]]:
 
 
 def describe(name: str, rep: dict) -> dict:
-    return {"run": name, "dataset": rep["dataset"], "base model": rep["base_model"], "layers": rep.get("num_layers"), "test tokens": rep.get("similarity_tokens")}
+    ft = rep.get("finetune") or {}
+    return {
+        "run": name,
+        "dataset": rep["dataset"],
+        "base model": rep["base_model"],
+        "layers": rep.get("num_layers"),
+        "classes": len(ft["per_class"]["finetuned"]) if ft.get("per_class") else None,
+        "accuracy, fine-tuned": ft.get("accuracy_finetuned"),
+        "test tokens": rep.get("similarity_tokens"),
+    }
 
 
 def body() -> None:
@@ -72,7 +81,7 @@ def body() -> None:
         figure = plots.similarity_by_measure(runs, measures, normalise) if len(runs) > 1 else plots.similarity_curves(runs, measures, normalise)
         shared.chart(figure, key="sim_curves")
     if len(described) > 1:
-        st.dataframe(pd.DataFrame(described), hide_index=True, width="stretch")
+        st.dataframe(pd.DataFrame(described), hide_index=True, width="stretch", column_config={"accuracy, fine-tuned": st.column_config.NumberColumn(format="%.3f")})
     left, right = st.columns([1, 1])
     with left:
         st.subheader("CKA between every pair of layers")

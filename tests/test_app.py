@@ -313,6 +313,11 @@ def test_similarity_overlay_and_depth_normalisation(app, runs):
     assert lines["tiny", "cka"]["xaxis"] == lines["other", "cka"]["xaxis"] != lines["tiny", "mean_cosine"].get("xaxis", "x")  # same panel per measure
     assert lines["tiny", "cka"]["line"]["color"] != lines["other", "cka"]["line"]["color"]
     assert [t["name"] for t in curves["data"] if t.get("showlegend") is not False] == ["tiny", "other"]  # one legend entry per run
+    (described,) = [d.value for d in at.dataframe if "run" in d.value.columns]  # what each line is
+    assert described["run"].tolist() == ["tiny", "other"] and described["dataset"].tolist()[1] == "other.csv"
+    tiny_ft = build_report(RunFolder(runs["tiny"]))["finetune"]
+    assert described["accuracy, fine-tuned"].tolist()[0] == pytest.approx(tiny_ft["accuracy_finetuned"])
+    assert described["classes"].tolist()[0] == len(tiny_ft["per_class"]["finetuned"])
     at.toggle(key=shared.KEY_SIM_NORMALISE).set_value(True).run()
     curves = charts(at)[0]
     assert curves["data"][0]["x"] == [0, 0.5, 1.0]
