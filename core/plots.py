@@ -164,6 +164,12 @@ def layer_positions(rows: Sequence[Mapping], normalise_depth: bool) -> list[floa
     return [l / num_layers for l in layers] if normalise_depth else layers
 
 
+def _similarity_range(runs: Mapping[str, Sequence[Mapping]], measures: Sequence[str]) -> list[float]:
+    """y range of the similarity figures: up to 1, down to 0 or the lowest value shown when negative."""
+    values = [float(row[m]) for rows in runs.values() for row in rows for m in measures if row.get(m) is not None]
+    return [min(0.0, min(values, default=0.0)) - 0.02, 1.02]
+
+
 def similarity_curves(
     runs: Mapping[str, Sequence[Mapping]],
     measures: Sequence[str] = MEASURES,
@@ -192,10 +198,8 @@ def similarity_curves(
                     hovertemplate=f"{label}<br>layer %{{customdata[0]}}<br>%{{y:.4f}}<extra></extra>",
                 )
             )
-    values = [float(row[m]) for rows in runs.values() for row in rows for m in measures if row.get(m) is not None]
-    low = min(0.0, min(values, default=0.0))
     fig.update_xaxes(title=DEPTH_AXIS if normalise_depth else LAYER_AXIS, dtick=None if normalise_depth else 1)
-    fig.update_yaxes(title="similarity, pre-trained vs fine-tuned", range=[low - 0.02, 1.02])
+    fig.update_yaxes(title="similarity, pre-trained vs fine-tuned", range=_similarity_range(runs, measures))
     fig.update_layout(showlegend=True)  # Plotly hides the legend of a single line, which then goes unnamed
     return _layout(fig, esc(title))
 
@@ -237,10 +241,9 @@ def similarity_by_measure(
                 row=i // cols + 1,
                 col=i % cols + 1,
             )
-    values = [float(row[m]) for rows in runs.values() for row in rows for m in measures if row.get(m) is not None]
     fig.update_xaxes(dtick=None if normalise_depth else 1)
     fig.update_xaxes(title=DEPTH_AXIS if normalise_depth else LAYER_AXIS, row=nrows)
-    fig.update_yaxes(range=[min(0.0, min(values, default=0.0)) - 0.02, 1.02])  # one scale in every panel
+    fig.update_yaxes(range=_similarity_range(runs, measures))  # one scale in every panel
     for i, m in enumerate(measures):
         fig.update_yaxes(title=MEASURE_LABELS.get(m, esc(m)), row=i // cols + 1, col=i % cols + 1)
     fig.update_layout(showlegend=True)
