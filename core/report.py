@@ -75,10 +75,11 @@ MAX_SPLICED_DROP = 0.02  # accuracy lost when the reconstruction replaces the hi
 
 class BarMiss(NamedTuple):
     """One SAE below a quality bar: ``line`` names the SAE and each bar it misses, with its figures;
-    ``bars`` is the set of bars missed, from ``BARS``."""
+    ``bars`` is the set of bars missed, from ``BARS``; ``model`` is the model the SAE was trained on."""
 
     line: str
     bars: frozenset[str]
+    model: str
 
 
 BARS = ("fvu", "dead", "spliced")
@@ -97,7 +98,7 @@ def sae_bar_misses(saes: list[dict]) -> list[BarMiss]:
         if acc is not None and ref is not None and ref - acc > MAX_SPLICED_DROP + 1e-9:  # 0.87 - 0.85 is 0.0200...02 in floats
             why["spliced"] = f"spliced accuracy {acc:.1%}, {100 * (ref - acc):.1f} points under {ref:.1%}"
         if why:
-            out.append(BarMiss(f"{s['model']} layer {s['layer']}: " + "; ".join(why.values()), frozenset(why)))
+            out.append(BarMiss(f"{s['model']} layer {s['layer']}: " + "; ".join(why.values()), frozenset(why), s["model"]))
     return out
 
 

@@ -188,7 +188,12 @@ def saes(run, rep: dict) -> None:
             + "; ".join(m.line for m in misses)
             + "."
             + (" More training tokens and latents lower the FVU (the `quality` preset has both)." if any("fvu" in m.bars for m in misses) else "")
-            + (" A lower SAE learning rate (`saes.training.lr`) keeps more latents alive." if any("dead" in m.bars for m in misses) else ""),
+            + (" A lower SAE learning rate (`saes.training.lr`) keeps more latents alive." if any("dead" in m.bars for m in misses) else "")
+            + (
+                " A pre-trained SAE is spliced into the fine-tuned model, so its accuracy cost includes drift (how far fine-tuning moved that layer): the KL column and the fine-tuned SAE of the same layer tell the two apart."
+                if any("spliced" in m.bars and m.model == "pretrained" for m in misses)
+                else ""
+            ),
             icon=":material/info:",
         )
     if any(s.get("loss_curve") for s in rep["saes"]):

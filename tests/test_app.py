@@ -228,8 +228,25 @@ def test_overview_sae_table_when_saes_exist(app, sae_run):
     # the advice follows the bars missed
     assert ("`quality` preset" in notes[0]) == any("fvu" in m.bars for m in misses)
     assert ("saes.training.lr" in notes[0]) == any("dead" in m.bars for m in misses)
+    assert ("includes drift" in notes[0]) == any("spliced" in m.bars and m.model == "pretrained" for m in misses)
     if sae_run.is_done("features"):
         assert shown_as["baseline_lost"] == "lost, seed twin"
+
+
+def test_overview_advice_follows_the_bars_missed(app, sae_run, tmp_path):
+    """A pre-trained SAE with a high FVU and a spliced-accuracy drop (edited into a copy of the tiny
+    run): the box names it and gives the advice for both bars, drift included."""
+    run = tmp_path / "run"
+    shutil.copytree(sae_run.root, run)
+    path = run / "saes" / "pretrained" / "layer_1" / "metrics.json"
+    m = json.loads(path.read_text())
+    m.update(fvu=0.31, accuracy_spliced=m["accuracy_original"] - 0.05)
+    path.write_text(json.dumps(m))
+    at = app(run=run).run()
+    assert_clean(at)
+    (note,) = [e.value for e in at.info if "quality bar" in e.value]
+    assert "pretrained layer 1: FVU 0.310 > 0.20; spliced accuracy" in note and "5.0 points under" in note
+    assert "`quality` preset" in note and "includes drift" in note
 
 
 def test_overview_draws_sae_training_curves_and_matching_against_the_seed_twin(app, sae_run):

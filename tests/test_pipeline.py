@@ -414,9 +414,9 @@ def test_sae_quality_bars_name_each_sae_and_each_bar_it_misses():
         sae("pretrained", 4, fvu=0.31, acc=0.80),
     ]
     assert sae_bar_misses(saes) == [
-        ("pretrained layer 4: FVU 0.310 > 0.20; spliced accuracy 80.0%, 7.0 points under 87.0%", {"fvu", "spliced"}),
-        ("pretrained layer 6: FVU 0.266 > 0.20", {"fvu"}),
-        ("finetuned layer 6: 12.5% of latents dead > 10%", {"dead"}),
+        ("pretrained layer 4: FVU 0.310 > 0.20; spliced accuracy 80.0%, 7.0 points under 87.0%", {"fvu", "spliced"}, "pretrained"),
+        ("pretrained layer 6: FVU 0.266 > 0.20", {"fvu"}, "pretrained"),
+        ("finetuned layer 6: 12.5% of latents dead > 10%", {"dead"}, "finetuned"),
     ]
     assert sae_bar_misses([sae("pretrained", 1), {"model": "finetuned", "layer": 2, "fvu": 0.05}]) == []  # a run without splicing
 
