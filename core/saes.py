@@ -88,10 +88,13 @@ def resolve_layers(cfg: SAEsConfig, num_blocks: int) -> list[int]:
     return sorted(set(layers))
 
 
-def _settings_hash(cfg: SAEsConfig, model: str, layer: int) -> str:
-    """What one SAE's weights and metrics depend on: the config less execution-only fields (``workers``)."""
+def _settings_hash(cfg: SAEsConfig, model: str, layer: int, activations: str = "") -> str:
+    """What one SAE's weights and metrics depend on: the config less execution-only fields
+    (``workers``), and ``activations``, the finish time of the activations step it read (a redo
+    of that step, or of fine-tuning before it, gives new activations: SAEs of the old ones must
+    not be resumed)."""
     d = {k: v for k, v in dataclasses.asdict(cfg).items() if not SAEsConfig.__dataclass_fields__[k].metadata.get("execution_only")}
-    blob = json.dumps({"cfg": d, "model": model, "layer": layer}, sort_keys=True)
+    blob = json.dumps({"cfg": d, "model": model, "layer": layer, "activations": activations}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -287,7 +290,8 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
     rare = rare_token_masks(train, test)
 
     jobs = [(m, l) for m in MODELS for l in layers]
-    settings = {job: _settings_hash(cfg, *job) for job in jobs}
+    extracted = run.manifest().get("steps", {}).get("activations", {}).get("finished", "")
+    settings = {job: _settings_hash(cfg, *job, extracted) for job in jobs}
     done = {}
     for key in jobs:
         metrics_path = run.sae_dir(*key) / "metrics.json"

@@ -260,6 +260,24 @@ def test_side_by_side_jobs_leave_the_shared_classifier_to_the_splice_lock(run_co
     assert len(out["saes"]) == 2 * len(out["layers"]) >= 4  # every job ran, at least two side by side
 
 
+def test_a_build_after_new_activations_retrains_every_sae(tiny_run, run_copy):
+    """``build`` resumes the saes step SAE by SAE, keeping those trained with the same settings;
+    after the activations were extracted again (here from half the train texts), every SAE must
+    be trained on the new ones, not kept from the old."""
+    from core.runfolder import RunFolder
+
+    copy = RunFolder(run_copy)
+    n_train = copy.manifest()["steps"]["activations"]["result"]["train"]["examples"]
+    cli("activations", "--run", run_copy, "--set", f"activations.sae_examples={n_train // 2}", "--force", check=True)
+    cli("build", "--run", run_copy, check=True)
+    assert copy.manifest()["steps"]["activations"]["result"]["train"]["examples"] == n_train // 2
+    for model, layer, folder in tiny_run.sae_dirs():
+        old, new = (json.loads((f / "metrics.json").read_text()) for f in (folder, copy.sae_dir(model, layer)))
+        assert new["settings_hash"] != old["settings_hash"], (model, layer)
+        a, b = SparseAutoencoder.load(folder), SparseAutoencoder.load(copy.sae_dir(model, layer))
+        assert not torch.equal(a.W_dec, b.W_dec), (model, layer)
+
+
 def direct_hidden_states(run, ids: list[int]) -> dict[str, list[np.ndarray]]:
     """Both models' hidden states of one sentence, ``{model: [hidden state i: [T, d] float64]}``,
     straight from ``transformers`` (the independent side of the analysis tests)."""
