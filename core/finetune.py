@@ -34,7 +34,7 @@ class FinetuneConfig:
     learning_rate: float = 5e-5  # AdamW peak learning rate (paper: 2e-5 with Adam)
     batch_size: int = 16  # examples per device per step
     weight_decay: float = 0.01  # AdamW decoupled weight decay
-    warmup_ratio: float = 0.1  # fraction of steps with linear warm-up, then linear decay to 0
+    warmup_ratio: float = 0.1  # fraction of steps (below 1) with linear warm-up, then linear decay to 0
     group_by_length: bool = True  # batch texts of similar length together: far less padding
     bf16: bool = True  # bf16 autocast where the hardware supports it (fp32 master weights); the test-split evaluation uses it too
     max_train_examples: int = 0  # use at most this many training examples (0 = the whole train split)
@@ -49,7 +49,7 @@ class FinetuneConfig:
         check.positive("epochs", "learning_rate")
         check.at_least(1, "batch_size", "eval_batch_size")
         check.at_least(0, "weight_decay", "max_train_examples", "threads")
-        check.fraction("warmup_ratio")
+        check.fraction("warmup_ratio", below_one=True)  # transformers reads warmup_steps >= 1 as a count of steps
         check.fraction("attention_dropout", below_one=True)
         check.choice("attention", "auto", "eager", "sdpa")
 

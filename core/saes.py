@@ -71,6 +71,8 @@ class SAEsConfig:
         if self.lr_backoff != 0:
             check.at_least(1, "lr_backoff")  # 0 = never restart; below 1 would raise the rate
         self.training.validate()
+        if self.training.epochs != 1:  # the step streams its shards; its passes are saes.epochs
+            OptionCheck("saes.training", self.training).fail("epochs", "1 in the saes step, which streams its shards once per pass; set the passes over the tokens with saes.epochs instead")
 
 
 def default_layers(num_blocks: int) -> list[int]:

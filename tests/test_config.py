@@ -85,7 +85,8 @@ def test_a_single_number_for_a_list_option_is_a_list_of_one():
         ({"finetune.epochs": "-1"}, "finetune.epochs=-1.0 must be a number > 0"),
         ({"finetune.epochs": "nan"}, "finetune.epochs=nan must be a number > 0"),
         ({"finetune.batch_size": "0"}, "finetune.batch_size=0 must be a number >= 1"),
-        ({"finetune.warmup_ratio": "1.5"}, "finetune.warmup_ratio=1.5 must be a fraction in [0, 1]"),
+        ({"finetune.warmup_ratio": "1.5"}, "finetune.warmup_ratio=1.5 must be a fraction in [0, 1)"),
+        ({"finetune.warmup_ratio": "1"}, "finetune.warmup_ratio=1.0 must be a fraction in [0, 1)"),  # transformers would read 1 step
         ({"model.max_length": "2"}, "model.max_length=2 must be a number >= 4"),
         ({"model.truncation": "tail"}, "model.truncation='tail' must be one of 'head', 'head_tail'"),
         ({"data.max_rows": "-5"}, "data.max_rows=-5 must be a number >= 0"),
@@ -98,6 +99,7 @@ def test_a_single_number_for_a_list_option_is_a_list_of_one():
         ({"saes.splice_examples": "-3"}, "none for all of them"),
         ({"saes.lr_backoff": "0.5"}, "saes.lr_backoff=0.5 must be a number >= 1"),
         ({"saes.training.lr": "-1e-3"}, "saes.training.lr=-0.001 must be a number > 0"),
+        ({"saes.training.epochs": "2"}, "saes.training.epochs=2 must be 1 in the saes step"),  # its passes are saes.epochs
         ({"saes.training.resample_at": "0.5,1.2"}, "saes.training.resample_at=[0.5, 1.2] must be a list of fractions"),
         ({"features.kept_threshold": "0.3"}, "features.shifted_threshold=0.4 must be at most features.kept_threshold (0.3)"),
         ({"features.workers": "0"}, "features.workers=0 must be a number >= 1"),
