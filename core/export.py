@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 
 from core import plots
 from core.report import build_report, sae_bar_misses, sae_bars_headline
-from core.runfolder import RunFolder, make_folder
+from core.runfolder import RunFolder, make_folder, write_text
 
 CLAIM_MEASURES = ("cka", "mean_cosine")
 HIGH_SIMILARITY = 0.9
@@ -323,8 +323,9 @@ def write_figures(run: RunFolder, out_dir, width: int = 900, height: int = 500, 
     written = []
     for name, figure in figures.items():
         try:
-            figure.write_image(str(out / name), width=width, height=height, scale=2)
+            png = figure.to_image(format="png", width=width, height=height, scale=2)
         except Exception as e:  # noqa: BLE001 - kaleido raises several types when no browser is found
             raise LayerscopeError(f"could not render {name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); install Chrome/Chromium and set BROWSER_PATH") from None
+        write_text(out / name, png)  # a file-system error here is the folder's, not the renderer's
         written.append(str(out / name))
     return written

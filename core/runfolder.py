@@ -64,14 +64,14 @@ def make_folder(path: Path) -> None:
         raise LayerscopeError(f"cannot create the folder {path}: permission denied; pass a path in a folder you can write to") from None
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling, then rename it over ``path``."""
+def write_text(path: Path, text: str | bytes) -> None:
+    """Write ``text`` (or bytes) to a temporary sibling, then rename it over ``path``."""
     if path.is_dir():
         raise LayerscopeError(f"{path} is a folder; pass a file name to write, e.g. {path / 'report.html'}")
     make_folder(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w", **({} if isinstance(text, bytes) else {"encoding": "utf-8"})) as f:
             f.write(text)
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)

@@ -174,6 +174,24 @@ def test_figures_writes_pngs_and_says_when_there_is_nothing_to_draw(tmp_path, ti
     assert_user_error(cli("figures", "--run", tmp_path / "r", "--out", tmp_path / "none"), "no figures to draw yet", f"python -m core build --run {tmp_path / 'r'}")
 
 
+@pytest.mark.skipif(not shutil.which("chromium"), reason="PNG export needs Chromium (installed by scripts/setup.sh --dev)")
+def test_figures_blames_a_failed_write_on_the_folder_not_the_renderer(tmp_path, tiny_run, monkeypatch, capsys):
+    """A PNG is rendered first and then written atomically; a write that fails (here: permission
+    denied, which root cannot provoke with chmod) gets the file-system message, not 'install Chromium'."""
+    import core.export
+    from core.__main__ import main
+
+    def denied(path, data):
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"  # rendered before anything is written
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(core.export, "write_text", denied)
+    assert main(["figures", "--run", str(tiny_run.root), "--out", str(tmp_path / "figs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: permission denied on ") and "Chromium" not in err and "\n" not in err, err
+    assert list((tmp_path / "figs").iterdir()) == []
+
+
 def test_figures_compare_draws_each_run_beside_the_others(tmp_path, tiny_run, tiny_csv, tiny_model):
     from core.export import compare_figure
     from core.report import build_report
