@@ -36,7 +36,7 @@ from core.models import hidden_state_module, load_classifier, load_tokenizer, pa
 from core.progress import progress_bar
 from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
 from core.sae import SparseAutoencoder
-from core.sae_metrics import EVAL_CHUNK_ROWS
+from core.sae_metrics import EVAL_CHUNK_ROWS, feature_density
 from core.saes import load_sae
 from core.threads import run_side_by_side
 
@@ -219,7 +219,8 @@ def run_features(run: RunFolder, cfg: FeaturesConfig, progress: bool = True) -> 
         res = match_features(pre.W_dec.detach(), ft.W_dec.detach(), kept_threshold=cfg.kept_threshold, shifted_threshold=cfg.shifted_threshold, alive_a=alive[0], alive_b=alive[1])
         summary = {"layer": layer, "kept": res.kept, "shifted": res.shifted, "new": res.new, "lost": res.lost, "counts": res.counts, "kept_threshold": cfg.kept_threshold, "shifted_threshold": cfg.shifted_threshold}
         if cfg.seed_baseline:
-            base = match_features(pre.W_dec.detach(), twins[layer].W_dec.detach(), kept_threshold=cfg.kept_threshold, shifted_threshold=cfg.shifted_threshold)
+            twin_alive = feature_density(twins[layer], store.iter_layer("pretrained", layer)) > 0  # dead latents left out, as above
+            base = match_features(pre.W_dec.detach(), twins[layer].W_dec.detach(), kept_threshold=cfg.kept_threshold, shifted_threshold=cfg.shifted_threshold, alive_a=alive[0], alive_b=twin_alive)
             summary.update({f"baseline_{k}": getattr(base, k) for k in ("kept", "shifted", "new", "lost")})
         write_json(run.matching_path(layer), {**summary, "partner_of_pretrained": res.partner_of_a, "partner_of_finetuned": res.partner_of_b, "similarity_of_pretrained": np.nan_to_num(res.similarity_of_a, nan=-2.0), "similarity_of_finetuned": np.nan_to_num(res.similarity_of_b, nan=-2.0), "status_of_pretrained": res.status_of_a.tolist(), "status_of_finetuned": res.status_of_b.tolist()})
         matching.append(summary)

@@ -209,6 +209,27 @@ def _assert_close_json(a, b, where, rel=1e-6):
         assert a == b, where
 
 
+def test_seed_baseline_matching_leaves_out_dead_latents_like_the_main_matching(tiny_run):
+    """Both matchings of a layer count shares of live latents (fired on a test token), so the
+    seed baseline sits beside the pre-trained vs fine-tuned fractions on the same footing."""
+    from core.features import match_features
+    from core.features_step import seed_twin
+
+    store = ActivationStore(tiny_run, "test")
+    cfg = json.loads(tiny_run.manifest_path.read_text())["config"]["features"]
+    dead_seen = 0
+    for layer in tiny_run.manifest()["steps"]["saes"]["result"]["layers"]:
+        x = store.load_layer("pretrained", layer).double().numpy()
+        pre, twin = SparseAutoencoder.load(tiny_run.sae_dir("pretrained", layer)), seed_twin(tiny_run, layer)
+        alive = [torch.from_numpy((_encode_numpy(s, x) > 0).any(0)) for s in (pre, twin)]  # by hand, not the stats file
+        dead_seen += int((~alive[0]).sum() + (~alive[1]).sum())
+        base = match_features(pre.W_dec.detach(), twin.W_dec.detach(), kept_threshold=cfg["kept_threshold"], shifted_threshold=cfg["shifted_threshold"], alive_a=alive[0], alive_b=alive[1])
+        saved = json.loads(tiny_run.matching_path(layer).read_text())
+        for k in ("kept", "shifted", "new", "lost"):
+            assert saved[f"baseline_{k}"] == pytest.approx(getattr(base, k)), (layer, k)
+    assert dead_seen > 0  # the tiny SAEs have dead latents, so counting them would change the fractions
+
+
 def test_side_by_side_saes_and_features_equal_one_after_another(tiny_run, run_copy):
     """The tiny run was built with saes.workers = features.workers = 2 (the default); one worker
     gives the same SAEs, metrics, feature statistics and matching, and keeps the step hashes."""
