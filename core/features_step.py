@@ -9,9 +9,10 @@ Per SAE, on the held-out test-split tokens:
   * how far fine-tuning moved each feature: the mean over tokens of ``|z_ft - z_pre|``, the SAE
     applied to both models' hidden states (the ``change`` ranking);
   * for the fine-tuned model, each feature's effect on the classifier's logits, estimated by
-    attribution patching: the first-order change in logit c when the feature is ablated,
-    ``effect[f, c] = mean_examples sum_tokens a_f(t) * (scale * W_dec[f]) . d logit_c / d h_t``
-    (a linear approximation of the ablation effect; exact for a linear read-out).
+    attribution patching: the feature's first-order contribution to logit c,
+    ``effect[f, c] = mean_examples sum_tokens a_f(t) * (scale * W_dec[f]) . d logit_c / d h_t``;
+    ablating the feature lowers the logit by about this much (positive = the feature supports
+    class c; a linear approximation of the ablation effect, exact for a linear read-out).
 Per layer, the pre-trained and fine-tuned SAEs' features are matched one-to-one (Hungarian
 assignment on decoder cosine) and labelled kept / shifted / lost / new.
 
