@@ -53,7 +53,7 @@ def build_progress(target_path: str) -> None:
             shared.set_run(str(target))
             st.session_state[shared.KEY_RUN_MESSAGE] = f"the build stopped early ({reason}); showing the steps that finished. Log: {state['log']}"
             st.rerun(scope="app")
-        st.error(f"The build failed: {reason}")
+        st.error(shared.safe_message(f"The build failed: {reason}"))
         st.code(state["log_tail"], language="text")
         return
     shared.set_run(str(target))

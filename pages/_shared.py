@@ -249,7 +249,7 @@ def run_picker() -> None:
         st.text_input("Other run folder", key=KEY_RUN_TEXT, placeholder="/path/to/run", on_change=_select_from_text, help="any folder built by `python -m core build`; press Enter")
         message = st.session_state.get(KEY_RUN_MESSAGE)
         if message:
-            st.warning(message)
+            st.warning(safe_message(message))
         if current:
             st.caption(steps_line(current))
 
@@ -288,7 +288,7 @@ def page_main(body: Callable[[], None]) -> None:
 def show_error(exc: BaseException) -> None:
     """A LayerscopeError as its own message; anything else as a short note plus details in an expander."""
     if isinstance(exc, LayerscopeError):
-        st.error(str(exc), icon=":material/error:")
+        st.error(safe_message(exc), icon=":material/error:")
         return
     st.error(f"Something went wrong while drawing this part of the page ({type(exc).__name__}). The rest of the dashboard still works.", icon=":material/bug_report:")
     with st.expander("Details for a bug report"):
@@ -326,12 +326,22 @@ def safe_text(text) -> str:
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|>~$])", r"\\\1", html.escape(str(text), quote=False))
 
 
+def safe_message(text) -> str:
+    """A message for ``st.error``/``st.warning`` (rendered as markdown) that may quote what a user
+    typed (a run path, a class name): ``safe_text`` outside its `code spans`, which stay code spans
+    (markdown leaves their insides alone). Unbalanced backticks: all of it through ``safe_text``."""
+    parts = str(text).split("`")
+    if len(parts) % 2 == 0:
+        return safe_text(text)
+    return "".join(f"`{part}`" if i % 2 else safe_text(part) for i, part in enumerate(parts))
+
+
 def need_step(run: RunFolder, step: str, what: str) -> bool:
     """True when ``step`` is done; else an info box saying how to build it."""
     if run.is_done(step):
         return True
     st.info(f"{what} needs the '{step}' step, which has not run for this run yet. Build it with:", icon=":material/info:")
-    st.code(f"python -m core {step} --run {run.root}", language="bash")
+    st.code(f"python -m core {step} --run {shlex.quote(str(run.root))}", language="bash")
     return False
 
 

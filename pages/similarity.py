@@ -3,6 +3,8 @@ axis, as in the paper's Figs 1-2), the layer x layer CKA heatmap, and the table 
 
 from __future__ import annotations
 
+import shlex
+
 import pandas as pd
 import streamlit as st
 
@@ -41,10 +43,10 @@ def gather(run, rep: dict, overlay: list[str]) -> tuple[dict, list[dict]]:
         try:
             other = shared.report_of_path(path)
         except LayerscopeError as exc:
-            st.warning(f"{name}: {exc}")
+            st.warning(shared.safe_message(f"{name}: {exc}"))
             continue
         if not other.get("similarity"):
-            st.warning(f"{name} has no similarity results yet; run `python -m core similarity --run {path}`")
+            st.warning(shared.safe_message(f"{name} has no similarity results yet; run `python -m core similarity --run {shlex.quote(path)}`"))
             continue
         runs[name] = other["similarity"]
         described.append(describe(name, other))

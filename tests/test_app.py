@@ -161,10 +161,15 @@ def assert_clean(at: AppTest) -> None:
     assert not at.error, [e.value for e in at.error]
 
 
+def unescaped(markdown: str) -> str:
+    """``markdown`` with its backslash escapes removed (the text a reader sees)."""
+    return re.sub(r"\\(.)", r"\1", markdown)
+
+
 def texts(at: AppTest) -> str:
     """Every markdown/caption/text/code value on the page, joined."""
     parts = [e.value for kind in ("markdown", "caption", "text", "code", "title", "header", "subheader") for e in at.get(kind)]
-    return re.sub(r"\\(.)", r"\1", "\n".join(str(p) for p in parts))  # markdown backslash escapes removed
+    return unescaped("\n".join(str(p) for p in parts))
 
 
 def open_page(at: AppTest, page: str) -> AppTest:
@@ -382,14 +387,14 @@ def test_text_box_opens_any_run_folder_and_rejects_others(app, runs, tmp_path):
     at = app().run()
     at.sidebar.text_input(key=shared.KEY_RUN_TEXT).input(str(tmp_path)).run()
     assert at.session_state[shared.KEY_RUN] == str(runs["tiny"])
-    assert "not a Layerscope run" in at.sidebar.warning[0].value
+    assert "not a Layerscope run" in unescaped(at.sidebar.warning[0].value)
     at.sidebar.text_input(key=shared.KEY_RUN_TEXT).input(str(runs["evil"])).run()
     assert at.session_state[shared.KEY_RUN] == str(runs["evil"].resolve())
     assert_clean(at)
     too_long = str(tmp_path / ("r" * 300))  # the file system refuses even to look it up
     at.sidebar.text_input(key=shared.KEY_RUN_TEXT).input(too_long).run()
     assert at.session_state[shared.KEY_RUN] == str(runs["evil"].resolve())  # the run shown stays
-    assert "cannot be opened (File name too long)" in at.sidebar.warning[0].value
+    assert "cannot be opened (File name too long)" in unescaped(at.sidebar.warning[0].value)
     assert_clean(at)
 
 
@@ -398,6 +403,26 @@ def test_a_run_path_the_file_system_refuses_is_one_message(app, tmp_path):
     assert not at.exception
     assert "cannot open the run folder" in at.error[0].value and "File name too long" in at.error[0].value
     assert not at.expander  # no bug-report details for a user mistake
+
+
+MARKDOWN_PATH = "$HOME/*not italic*/[link](x)"  # LaTeX, emphasis and a link, were it markdown
+
+
+def test_a_typed_path_in_a_message_is_shown_as_typed(app, runs, tmp_path):
+    """Messages are markdown: what the user typed is escaped in them; their `code spans` stay."""
+    at = app(query=str(tmp_path / MARKDOWN_PATH)).run()
+    (box,) = at.error
+    assert r"\$HOME/\*not italic\*/\[link\]\(x\)" in box.value  # every control character escaped
+    assert f"`python -m core build --run {tmp_path / MARKDOWN_PATH}`" in box.value  # the command stays code, verbatim
+    at = app().run()
+    at.sidebar.text_input(key=shared.KEY_RUN_TEXT).input(str(tmp_path / MARKDOWN_PATH)).run()
+    assert r"\$HOME/\*not italic\*/\[link\]\(x\) is not a Layerscope run" in at.sidebar.warning[0].value
+
+
+def test_the_command_for_a_missing_step_quotes_a_path_with_spaces(app, sae_run, tmp_path):
+    at = app(run=_copy_run(sae_run.root, tmp_path / "my runs" / "no saes", _drop_saes)).run()
+    at.switch_page(FEATURES).run()
+    assert f"python -m core features --run '{tmp_path / 'my runs' / 'no saes'}'" in [c.value for c in at.code]
 
 
 def test_missing_run_shows_a_message_not_a_traceback(app, tmp_path):
