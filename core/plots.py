@@ -670,8 +670,8 @@ HIGHLIGHT_RGB = (255, 140, 0)
 
 def html_text(text) -> str:
     """Text for an HTML snippet shown through markdown: HTML-escaped, markdown/LaTeX/emoji characters as entities."""
-    out = html.escape(str(text), quote=True)
-    return "".join(_MARKDOWN_CHARS.get(c, c) for c in out)
+    # one character at a time: entities that html.escape writes (&#x27;) hold '#', which must not be escaped again
+    return "".join(_MARKDOWN_CHARS.get(c) or html.escape(c, quote=True) for c in str(text))
 
 
 def token_spans_html(

@@ -301,6 +301,17 @@ def test_token_spans_html_escapes_every_token():
     assert 'title="&lt;b&gt;x&lt;/b&gt;&#58; 1.0000"' in out
 
 
+def test_html_text_reads_back_as_the_original_text():
+    """Every character comes out as itself or as one entity: the browser shows what was typed."""
+    import html
+    import re
+
+    for text in ["it's #1 & <b>\"x\"</b>", "$a$ *b* _c_ `d` [e](f) ~g~ :h: |i| !j {k} \\", *EVIL]:
+        out = plots.html_text(text)
+        assert html.unescape(out) == text, out
+        assert not re.search(r"[<>\"'*_`$\[\]~:|#!{}\\]", re.sub(r"&#?\w+;", "", out)), out  # nothing raw for HTML or markdown
+
+
 # ----------------------------------------------------------------------------- claims
 def test_layer_groups_split_blocks_in_thirds():
     assert layer_groups(12) == {"early": [1, 2, 3, 4], "middle": [5, 6, 7, 8], "late": [9, 10, 11, 12]}
