@@ -213,9 +213,9 @@ class _Figures:
         return out
 
 
-def _claims_html(rows: Sequence[Mapping], fig) -> list[str]:
-    out = ["<h2>The paper's claims, checked on this run</h2>"]
-    for c in paper_claims(rows):
+def _claims_html(rows: Sequence[Mapping], fig, threshold: float = HIGH_SIMILARITY) -> list[str]:
+    out = ["<h2>The paper's claims, checked on this run</h2>", f"<p class='muted'>'High' similarity (claim 1): CKA and mean cosine at or above {threshold:.2f}.</p>"]
+    for c in paper_claims(rows, threshold):
         css = "supported" if c["verdict"] == SUPPORTED else "unknown" if c["verdict"] == UNKNOWN else "not-supported"
         out.append(f"<p><b>{_e(c['claim'])}</b><br><span class='verdict {css}'>{_e(c['verdict'])}</span> &mdash; {_e(c['explanation'])}</p>")
     groups = layer_groups(max(int(r["layer"]) for r in rows))
@@ -226,8 +226,9 @@ def _claims_html(rows: Sequence[Mapping], fig) -> list[str]:
     return out
 
 
-def export_html(run: RunFolder) -> str:
-    """One self-contained HTML report of ``run`` (works offline; all run text escaped)."""
+def export_html(run: RunFolder, threshold: float = HIGH_SIMILARITY) -> str:
+    """One self-contained HTML report of ``run`` (works offline; all run text escaped);
+    ``threshold`` is what counts as high similarity for claim 1 (the overview's slider)."""
     rep = build_report(run)
     fig = _Figures()
     name = run.name
@@ -247,7 +248,7 @@ def export_html(run: RunFolder) -> str:
                 parts.append(fig(plots.classification_bars(per_class[model], title=f"{model}: precision, recall and F1 per class")))
     if rep.get("similarity"):
         rows = rep["similarity"]
-        parts += _claims_html(rows, fig)
+        parts += _claims_html(rows, fig, threshold)
         parts += [
             "<h2>Layer similarity, pre-trained vs fine-tuned</h2>",
             fig(plots.similarity_curves({name: rows}, plots.MEASURES, title="Every similarity measure per layer")),

@@ -362,14 +362,14 @@ def report_of_path(path: str) -> dict:
     return _report(path, run_stamp(path))
 
 
-def html_report(run: RunFolder) -> Callable[[], str]:
-    """Deferred ``export_html(run)`` for ``st.download_button``: built only when clicked."""
+def html_report(run: RunFolder, threshold: float) -> Callable[[], str]:
+    """Deferred ``export_html(run, threshold)`` for ``st.download_button``: built only when clicked."""
     path = str(run.root)
 
     def make() -> str:
         from core.export import export_html
 
-        return export_html(RunFolder(path))
+        return export_html(RunFolder(path), threshold)
 
     return make
 

@@ -34,7 +34,7 @@ def header(run, rep: dict) -> None:
     with right:
         st.download_button(
             "HTML report",
-            data=shared.html_report(run),
+            data=shared.html_report(run, st.session_state.get(shared.KEY_CLAIM_THRESHOLD, HIGH_SIMILARITY)),  # the claims slider below, as last set
             file_name=f"layerscope-{run.name}.html",
             mime="text/html",
             icon=":material/download:",

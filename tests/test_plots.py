@@ -425,6 +425,26 @@ def test_export_html_is_self_contained_and_escaped(tiny_run, tmp_path):
     json.dumps(out)  # a plain string
 
 
+def test_export_html_judges_claim_one_at_the_threshold_given(tiny_run):
+    """The report follows the overview's slider: claim 1's verdict and explanation are those of
+    ``paper_claims`` at that threshold, and the threshold is printed."""
+    import re
+
+    from core.report import build_report
+
+    rows = build_report(tiny_run)["similarity"]
+    early = min(r[m] for r in rows if 1 <= r["layer"] <= max(layer_groups(len(rows) - 1)["early"]) for m in ("cka", "mean_cosine"))
+    verdicts = set()
+    for threshold in (round(early - 0.05, 2), round(early + 0.05, 2)):
+        claim = paper_claims(rows, threshold)[0]
+        out = export_html(tiny_run, threshold)
+        assert f"at or above {threshold:.2f}" in out
+        first = re.search(r"<span class='verdict [^']+'>([^<]+)</span> &mdash; ([^<]+)</p>", out)
+        assert first.groups() == (html.escape(claim["verdict"]), html.escape(claim["explanation"]))
+        verdicts.add(claim["verdict"])
+    assert verdicts == {SUPPORTED, NOT_SUPPORTED}  # the two thresholds straddle the run's lowest early value
+
+
 def test_sae_frame_puts_fidelity_together_and_small_numbers_stay_readable():
     df = sae_frame([{"model": "finetuned", "layer": 6, "fvu": 0.097, "accuracy_spliced": 0.867, "kl_spliced": 0.00002, "dead_fraction": 0.00066, "mse": 0.1, "rare_tokens": {"token_share": 0.29}}])
     cols = list(df.columns)
