@@ -40,6 +40,8 @@ def gather(run, rep: dict, overlay: list[str]) -> tuple[dict, list[dict]]:
     described = [describe(shared.run_label(str(run.root)), rep)]
     for path in overlay:
         name = shared.run_label(path)
+        if name in runs:  # a run of the same folder name outside checkpoints/: its lines must not replace these
+            name = shared.display_path(path)
         try:
             other = shared.report_of_path(path)
         except LayerscopeError as exc:

@@ -349,6 +349,20 @@ def test_similarity_overlay_and_depth_normalisation(app, runs):
     assert_clean(at)
 
 
+def test_an_overlaid_run_of_the_same_name_gets_its_path_not_the_current_runs_place(app, runs, tmp_path):
+    """The current run outside checkpoints/ is labelled by its folder name; an overlay with that
+    label (checkpoints/other) is labelled by its path, and both runs keep their own lines."""
+    at = open_page(app(run=_copy_run(runs["tiny"], tmp_path / "elsewhere" / "other")), SIMILARITY)
+    at.multiselect(key=shared.KEY_SIM_OVERLAY).select(str(runs["other"])).run()
+    lines = {(t["name"], t["meta"]): t["y"] for t in charts(at)[0]["data"]}
+    overlay = shared.display_path(runs["other"])
+    assert {name for name, _ in lines} == {"other", overlay}
+    assert lines[overlay, "cka"] == pytest.approx([0.5 * y for y in lines["other", "cka"]])  # checkpoints/other is the halved copy
+    (described,) = [d.value for d in at.dataframe if "run" in d.value.columns]
+    assert described["run"].tolist() == ["other", overlay]
+    assert_clean(at)
+
+
 # ----------------------------------------------------------------------------- run selection
 def test_sidebar_switches_run_and_remembers_it(app, runs):
     at = app().run()
