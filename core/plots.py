@@ -243,6 +243,11 @@ def similarity_by_measure(
             )
     fig.update_xaxes(dtick=None if normalise_depth else 1)
     fig.update_xaxes(title=DEPTH_AXIS if normalise_depth else LAYER_AXIS, row=nrows)
+    for i in range(len(measures), nrows * cols):  # an odd number of measures leaves the last cell empty: no bare axes there
+        fig.update_xaxes(visible=False, row=i // cols + 1, col=i % cols + 1)
+        fig.update_yaxes(visible=False, row=i // cols + 1, col=i % cols + 1)
+        if nrows > 1:  # the layer axis title goes on the panel above it, the last of its column
+            fig.update_xaxes(title=DEPTH_AXIS if normalise_depth else LAYER_AXIS, row=nrows - 1, col=i % cols + 1)
     fig.update_yaxes(range=_similarity_range(runs, measures))  # one scale in every panel
     for i, m in enumerate(measures):
         fig.update_yaxes(title=MEASURE_LABELS.get(m, esc(m)), row=i // cols + 1, col=i % cols + 1)
@@ -436,7 +441,7 @@ def feature_comparison(
             panels.append(("top features", top[0], values, "difference", "difference", -top_bound, top_bound, {"colorscale": _RDBU, "zmid": 0, "zmin": -top_bound, "zmax": top_bound}))
         else:
             top_hi = top_max or float(np.nanmax(values, initial=0.0)) or None
-            panels.append(("top features", top[0], values, "activation", "activation", 0.0, top_hi, {"colorscale": _VIRIDIS, "zmin": 0, **({"zmax": top_hi} if top_max else {})}))
+            panels.append(("top features", top[0], values, "activation", "activation", 0.0, top_hi, {"colorscale": _VIRIDIS, "zmin": 0, **({"zmax": top_hi} if top_hi else {})}))  # plotly.js keeps zmin only beside a zmax
     sizes = [len(p[1]) for p in panels]
     domains = _stacked_domains(sizes)
     # axis n (1-based, top panel first): the last one is "x"/"y" and carries the token labels
@@ -582,7 +587,7 @@ def matching_bars(matching: Sequence[Mapping], title: str = "") -> go.Figure:
         )
     fig.update_layout(barmode="stack", bargap=0.15, legend={"traceorder": "normal"})
     fig.update_xaxes(tickangle=0, title="pre-trained SAE matched with")
-    fig.update_yaxes(title="share of the pre-trained SAE's latents", range=[0, 1])
+    fig.update_yaxes(title="share of the pre-trained SAE's live latents", range=[0, 1])  # dead latents are left out of the matching
     return _layout(fig, esc(title))
 
 

@@ -75,6 +75,10 @@ def test_similarity_by_measure_one_panel_per_measure_one_colour_per_run():
     assert fig.data[0].line.color == fig.data[1].line.color != fig.data[3].line.color  # colour = run
     assert [t.name for t in fig.data if t.showlegend is not False] == ["imdb", "&lt;b&gt;x&lt;/b&gt;"]
     assert fig.layout.xaxis3.title.text == plots.LAYER_AXIS  # the bottom row (2 x 2 grid) names the axis
+    assert fig.layout.xaxis4.visible is False and fig.layout.yaxis4.visible is False  # the empty fourth cell shows no axes
+    assert fig.layout.xaxis2.title.text == plots.LAYER_AXIS  # ... so the panel above it, last of its column, names the axis
+    assert fig.layout.xaxis.visible is not False and fig.layout.xaxis3.visible is not False
+    assert plots.similarity_by_measure(runs, plots.MEASURES).layout.xaxis4.visible is not False  # four measures fill the grid
     depth = plots.similarity_by_measure(runs, ["cka"], normalise_depth=True)
     assert depth.data[0].x[-1] == pytest.approx(1.0) and depth.data[1].x[1] == pytest.approx(1 / 6)
     assert depth.layout.xaxis.title.text == plots.DEPTH_AXIS
@@ -202,7 +206,9 @@ def test_feature_comparison_takes_shared_colour_scale_ends():
     one value in both charts; without them each chart fits its own data."""
     top = (["feature 7"], [[0, 5, 0, 0, 1, 0]])
     own = validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], top=top))
-    assert own.data[0].zmax == 3 and (own.data[1].zmin, own.data[1].zmax) == (-3, 3) and own.data[2].zmax is None
+    assert own.data[0].zmax == 3 and (own.data[1].zmin, own.data[1].zmax) == (-3, 3) and (own.data[2].zmin, own.data[2].zmax) == (0, 5)
+    positive = validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], top=(["feature 7"], [[1, 5, 2, 2, 1, 3]])))
+    assert (positive.data[2].zmin, positive.data[2].zmax) == (0, 5)  # dark still means 0 when no token is at 0 (plotly.js drops a lone zmin)
     fixed = validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], top=top, feature_max=7.5, difference_bound=4.0, top_max=9.0))
     feature, difference, top_panel = fixed.data
     assert (feature.zmin, feature.zmax) == (0, 7.5) and (difference.zmin, difference.zmid, difference.zmax) == (-4.0, 0, 4.0)
