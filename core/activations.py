@@ -331,7 +331,7 @@ class ActivationStore:
         self.run, self.split = run, split
         path = run.activation_index(split)
         if not path.is_file():
-            run.require("activations", "this")
+            run.require("activations", "reading activations")
             raise LayerscopeError(f"{path} is missing; re-run `python -m core activations --run {run.root} --force`")
         self.index = read_json(path)
 

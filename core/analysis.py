@@ -68,7 +68,7 @@ class SentenceState:
 
 
 def load_bundle(run: RunFolder) -> Bundle:
-    run.require("finetune", "analyze")
+    run.require("finetune", "the analyze command")
     quiet_transformers()
     m = run.manifest()
     tok = load_tokenizer(str(run.model_dir("finetuned")))

@@ -254,6 +254,6 @@ def run_data(run: RunFolder, cfg: DataConfig) -> dict:
 def load_split(run: RunFolder, split: str) -> pd.DataFrame:
     path = run.split_csv(split)
     if not path.is_file():
-        run.require("data", "this")
+        run.require("data", "reading the data splits")
         raise LayerscopeError(f"{path} is missing; rebuild with `python -m core data --run {run.root} --force`")
     return pd.read_csv(path, dtype={"id": int, "text": str, "label": int}, keep_default_na=False)

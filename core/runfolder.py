@@ -305,11 +305,13 @@ class RunFolder:
         return self.step_record(step) is not None
 
     def require(self, step: str, for_step: str) -> None:
-        """Raise a clear error when ``step`` has not run yet."""
+        """Raise a clear error when ``step`` has not run yet; ``for_step`` is the step (or the
+        command or reader, e.g. "the feature browser") that needs it."""
         self._refuse_file()
         if not self.exists() or not self.is_done(step):
+            who = f"step '{for_step}'" if for_step in STEPS else for_step
             raise LayerscopeError(
-                f"step '{for_step}' needs step '{step}', which has not run in {self.root}; "
+                f"{who} needs step '{step}', which has not run in {self.root}; "
                 f"run `python -m core {step} --run {self.root}` first (or `python -m core build --run {self.root}`)"
             )
 

@@ -40,7 +40,7 @@ from core.threads import run_side_by_side
 
 @dataclass
 class SAEsConfig:
-    layers: list[int] = field(default_factory=list)  # hidden-state indices; [] = every block 1..L when L <= 8, else the paper's 3, 6, L
+    layers: list[int] = field(default_factory=list)  # hidden-state indices; [] = every block 1..L when L <= 8, else 3, L // 2 and L (the paper's 3, 6, 12 for 12 blocks)
     architecture: str = "topk"  # "topk" (default) or "paper" (ReLU + L1, the paper's recipe)
     expansion_factor: int = 4  # d_sae = expansion_factor * d_model (paper: 1024 latents for 768 wide)
     d_sae: int = 0  # explicit dictionary size; 0 = use expansion_factor
@@ -338,7 +338,7 @@ def load_sae(run: RunFolder, model: str, layer: int, hidden_size: int | None = N
     """The run's SAE for ``model`` at ``layer``, checked against the run (see ``check_run_sae``)."""
     folder = run.sae_dir(model, layer)
     if not (folder / "cfg.json").is_file():
-        run.require("saes", "this")
+        run.require("saes", "loading an SAE")
         raise LayerscopeError(f"no SAE for {model} layer {layer} in {run.root}; available: {[(m, l) for m, l, _ in run.sae_dirs()]}")
     try:
         return check_run_sae(run, model, SparseAutoencoder.load(folder), hidden_size, layer)

@@ -144,5 +144,5 @@ def run_similarity(run: RunFolder, cfg: SimilarityConfig) -> dict:
 def load_similarity(run: RunFolder) -> dict:
     from core.runfolder import read_json
 
-    run.require("similarity", "report")
+    run.require("similarity", "the similarity report")
     return read_json(run.similarity_dir / "similarity.json")

@@ -51,6 +51,13 @@ def assert_user_error(out, *fragments):
         assert f in lines[0], lines[0]
 
 
+def test_a_command_run_too_early_names_itself_and_the_step_it_needs(tmp_path, tiny_csv, tiny_model):
+    run = tmp_path / "r"
+    cli("data", "--run", run, "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model, check=True)
+    assert_user_error(cli("analyze", "--run", run, "--text", "a film"), "the analyze command needs step 'finetune', which has not run in", f"python -m core finetune --run {run}")
+    assert_user_error(cli("similarity", "--run", run), "step 'similarity' needs step 'activations'")
+
+
 def test_report_json_from_cli(tiny_run):
     rep = json.loads(cli("report", "--run", tiny_run.root, "--json", check=True).stdout)
     assert rep["num_layers"] == 2 and len(rep["similarity"]) == 3
