@@ -230,6 +230,20 @@ def test_seed_baseline_matching_leaves_out_dead_latents_like_the_main_matching(t
     assert dead_seen > 0  # the tiny SAEs have dead latents, so counting them would change the fractions
 
 
+def test_seed_twin_has_the_shape_of_its_sae_when_layers_were_trained_with_other_settings(run_copy):
+    """README's frontier recipe retrains one layer with another k; the other layers keep their
+    SAEs, and the seed twin of each must be of that SAE's kind, not of the latest settings."""
+    from core.features_step import seed_twin
+    from core.runfolder import RunFolder
+
+    cli("saes", "--run", run_copy, "--layers", "2", "--set", "saes.k=4", "--force", check=True)
+    run = RunFolder(run_copy)
+    for layer, k in ((1, 8), (2, 4)):
+        assert SparseAutoencoder.load(run.sae_dir("pretrained", layer)).cfg.k == k
+        twin = seed_twin(run, layer).cfg
+        assert (twin.k, twin.d_sae, twin.architecture) == (k, 4 * 32, "topk"), layer
+
+
 def test_side_by_side_saes_and_features_equal_one_after_another(tiny_run, run_copy):
     """The tiny run was built with saes.workers = features.workers = 2 (the default); one worker
     gives the same SAEs, metrics, feature statistics and matching, and keeps the step hashes."""
