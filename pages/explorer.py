@@ -4,13 +4,14 @@ layer, and the fine-tuned model's prediction. A toggle puts a second sentence be
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 from dataclasses import dataclass
 
 import streamlit as st
 
 from core import plots
-from core.analysis import truncation_note
+from core.analysis import SENTENCE_CHANGE_RANKING, SENTENCE_RANKING, truncation_note
 from pages import _shared as shared
 
 DEFAULT_TEXT = "the acting was brilliant but the plot was dull"
@@ -101,7 +102,10 @@ def feature_picker(run, choice: SaeChoice, result: dict, d_sae: int) -> int | No
     entry = top_entry(result, choice)
     ranked = [int(f["feature"]) for f in entry["features"]] if entry else []
     default = ranked[0] if ranked else 0
-    key = shared.explorer_feature_key(run, choice.model, choice.layer, choice.rank_by)
+    ranking = choice.rank_by
+    if ranking in (SENTENCE_RANKING, SENTENCE_CHANGE_RANKING):  # the top feature is this sentence's: each sentence starts at its own
+        ranking += "_" + hashlib.sha1(result["text"].encode()).hexdigest()[:10]
+    key = shared.explorer_feature_key(run, choice.model, choice.layer, ranking)
     feature = st.number_input(
         "Feature",
         min_value=0,

@@ -672,6 +672,37 @@ def test_explorer_ranks_top_features_by_this_sentence(app, sae_run):
         assert panel["zmid"] == 0 and panel["zmin"] == -panel["zmax"]
 
 
+def test_with_a_sentence_ranking_each_sentence_starts_at_its_own_top_feature(app, sae_run):
+    """Ranked over the sentence, the top feature is the sentence's: a new sentence starts the
+    picker there (it kept the first sentence's top feature, which may be silent on the new one);
+    a feature picked for a sentence is still picked when that sentence comes back."""
+    from core.analysis import analyze_text, load_bundle
+
+    at = explorer(app)
+    at.selectbox(key=shared.KEY_EX_RANK).set_value("sentence").run()
+    layer = int(at.selectbox(key=shared.KEY_EX_LAYER).value)
+    bundle = load_bundle(sae_run)
+
+    def top_of(text: str) -> int:
+        (entry,) = analyze_text(bundle, text, top=3, rank_by="sentence", saes=[("pretrained", layer)])["saes"]
+        return entry["features"][0]["feature"]
+
+    candidates = ["a dull film", "brilliant acting and a great plot", "the worst movie i have seen", "i loved every minute"]
+    first = candidates[0]
+    second = next(t for t in candidates[1:] if top_of(t) != top_of(first))  # two sentences with different top features
+    for text in (first, second):
+        at.text_input(key=shared.KEY_TEXT).input(text).run()
+        (picker,) = at.number_input
+        assert picker.value == top_of(text) and f"feature {top_of(text)} " in title(chart(at, SENTENCE)), text
+    at.text_input(key=shared.KEY_TEXT).input(first).run()
+    at.number_input[0].set_value(top_of(first) + 1).run()
+    at.text_input(key=shared.KEY_TEXT).input(second).run()
+    assert at.number_input[0].value == top_of(second)
+    at.text_input(key=shared.KEY_TEXT).input(first).run()
+    assert at.number_input[0].value == top_of(first) + 1  # the pick made for this sentence
+    assert_clean(at)
+
+
 def test_explorer_choices_survive_an_empty_sentence_and_a_page_switch(app, sae_run):
     """They were reset to their defaults: the page returned before drawing them, and Streamlit
     drops the state of a widget that is not drawn."""
