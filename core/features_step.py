@@ -241,12 +241,12 @@ def seed_twin(run: RunFolder, layer: int) -> SparseAutoencoder:
     from core.saes import train_one
 
     saes_cfg = saved_config(run).saes
-    sae = load_sae(run, "pretrained", layer).cfg
+    own = load_sae(run, "pretrained", layer).cfg
     # the shape of the SAE itself: a layer left from an earlier saes step with other settings
     # (saes --layers 6 --set saes.k=16 keeps layers 1-5 at their k) gets a twin of its own kind
-    shape = {"architecture": sae.architecture, "d_sae": sae.d_sae, "k": sae.k, "l1_coefficient": sae.l1_coefficient, "input": sae.input}
+    shape = {"architecture": own.architecture, "d_sae": own.d_sae, "k": own.k, "l1_coefficient": own.l1_coefficient, "input": own.input}
     twin_cfg = dataclasses.replace(saes_cfg, **shape, training=dataclasses.replace(saes_cfg.training, seed=saes_cfg.training.seed + 7777))
-    twin, _ = train_one(run, twin_cfg, "pretrained", layer, ActivationStore(run, "train"), sae.hook_name, progress=False)
+    twin, _ = train_one(run, twin_cfg, "pretrained", layer, ActivationStore(run, "train"), own.hook_name, progress=False)
     return twin
 
 
