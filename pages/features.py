@@ -62,6 +62,13 @@ def table_columns(table: pd.DataFrame) -> dict:
     return out
 
 
+def table_order(table: pd.DataFrame, ranking: str) -> list[str]:
+    """Columns in reading order for a narrow table: the feature, what it is ranked by, its match
+    status and best class first (the rest scroll into view; the CSV keeps the data's order)."""
+    first = [c for c in ("feature", ranking, "status", "best_class") if c in table.columns]
+    return first + [c for c in table.columns if c not in first]
+
+
 def _pick_row(table: pd.DataFrame, key: str, table_key: str) -> None:
     rows = st.session_state[table_key].selection.rows
     if rows:
@@ -82,7 +89,7 @@ def feature_list(run, model: str, layer: int, table: pd.DataFrame, ranking: str)
         on_change=shared.feature_typed,
         args=(key,),
         persist_state="session",
-        help=f"starts at the top feature by {ranking}; or click a row of the table",
+        help=f"starts at the top feature by {ranking}; or tick a row's box in the table",
     )
     table_key = shared.browser_table_key(key)
     st.dataframe(
@@ -94,6 +101,7 @@ def feature_list(run, model: str, layer: int, table: pd.DataFrame, ranking: str)
         on_select=lambda: _pick_row(table, key, table_key),
         selection_mode="single-row",
         column_config=table_columns(table),
+        column_order=table_order(table, ranking),
     )
     shared.download_csv(table, f"{run.name}-features-{model}-layer{layer}-by-{ranking}.csv", key="dl_features")
     return int(feature)

@@ -832,6 +832,8 @@ def test_feature_browser_ranking_model_layer_and_feature(app, features_run, runs
     assert_clean(at)
     table = at.dataframe[0].value
     assert list(table["change"]) == sorted(table["change"], reverse=True) and table["change"].iloc[0] > 0
+    order = list(at.dataframe[0].proto.column_order)  # the ranking's column in view, beside the feature
+    assert order[:4] == ["feature", "change", "status", "best_class"] and sorted(order) == sorted(table.columns)
     tiles = {m.label: m.value for m in at.metric}
     assert tiles["change"] == shared.short_number(float(table["change"].iloc[0]))
     at.selectbox(key=shared.KEY_FB_RANK).select("density").run()
