@@ -8,6 +8,7 @@ run names) goes through ``esc`` first: ``<b>x</b>`` shows as literal text, never
 from __future__ import annotations
 
 import html
+import math
 import textwrap
 from collections.abc import Mapping, Sequence
 
@@ -625,7 +626,11 @@ def feature_bars(
     fig = go.Figure(bar)
     cat_axis, val_axis = (fig.update_yaxes, fig.update_xaxes) if horizontal else (fig.update_xaxes, fig.update_yaxes)
     cat_axis(type="category", title=esc(x_title))
-    val_axis(title=esc(y_title))
+    finite = [v for v in nums if math.isfinite(v)]
+    lo, hi = min([0.0, *finite]), max([0.0, *finite])
+    pad = 0.1 * (hi - lo) or 1.0  # headroom: the longest bar and its label stay inside the plot
+    # exponents, not SI prefixes: a logit contribution of 1.5e-4 read "150µ"
+    val_axis(title=esc(y_title), exponentformat="e", range=[lo - (pad if lo < 0 else 0), hi + (pad if hi > 0 else 0)])
     if horizontal:
         fig.update_yaxes(autorange="reversed")
     return _layout(fig, esc(title), height=max(220, 80 + 30 * len(names)) if horizontal else None)

@@ -175,7 +175,7 @@ def card_view(run, model: str, layer: int, feature: int, row: pd.Series | None) 
         if card.get("mean_per_class"):
             shared.chart(plots.feature_bars(card["mean_per_class"], title="Mean activation per class", x_title="class", y_title="mean activation"), key="fb_classes")
     if card.get("logit_effect"):
-        shared.chart(plots.feature_bars(card["logit_effect"], title="Contribution to the class logits (their drop when the feature is ablated)", x_title="class", y_title="logit contribution"), key="fb_logits")
+        shared.chart(plots.feature_bars(card["logit_effect"], title="Contribution to the class logits", x_title="class", y_title="logit contribution (drop if ablated)"), key="fb_logits")
 
 
 def body() -> None:

@@ -273,6 +273,9 @@ def test_feature_bars_from_mapping_and_negative_colour():
     assert list(plots.feature_bars({"a": 0.646, "b": 0.53}).data[0].text) == ["0.646", "0.530"]  # same precision side by side
     h = plots.feature_bars([0.2, 0.8], labels=["a", "b"], horizontal=True).data[0]
     assert h.orientation == "h" and list(h.y) == ["a", "b"]
+    assert list(fig.layout.yaxis.range) == pytest.approx([-0.7, 1.7])  # a tenth of the span beyond each end
+    tiny = plots.feature_bars({"a": 1.5e-4, "b": 0.5e-4})
+    assert tiny.layout.yaxis.exponentformat == "e" and tiny.layout.yaxis.range[0] == 0 and tiny.layout.yaxis.range[1] == pytest.approx(1.65e-4)
 
 
 def test_histogram_uses_bin_edges():
