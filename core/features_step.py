@@ -322,14 +322,17 @@ def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int 
     tok = _tokenizer(str(run.model_dir("finetuned")))
     test = load_split(run, "test").set_index("id")
     w = s["window_token_ids"].shape[-1] // 2
-    examples = []
+    examples, shown = [], set()
     for j in range(min(top, s["top_values"].shape[1])):
         value = float(s["top_values"][feature, j])
         if value <= 0:
             break
+        ex = int(s["top_example_ids"][feature, j])
+        if ex in shown:  # one window per text, at its strongest token: a text's other top tokens would repeat it
+            continue
+        shown.add(ex)
         ids = s["window_token_ids"][feature, j]
         keep = ids >= 0
-        ex = int(s["top_example_ids"][feature, j])
         examples.append(
             {
                 "example_id": ex,

@@ -490,6 +490,14 @@ def test_feature_card_and_table(tiny_run):
     assert sum(card["histogram"]["counts"]) > 0 and card["match"]["status"] in {"kept", "shifted", "new", "dead"}
     with pytest.raises(LayerscopeError, match="does not exist"):
         feature_card(tiny_run, "finetuned", 2, 10**6)
+    # one window per text, at its strongest token: the stored top tokens, a text's later ones left out
+    stats, repeated = load_stats(tiny_run, "finetuned", 2), 0
+    for f in table["feature"][:20].tolist():
+        values, texts = stats["top_values"][f].tolist(), stats["top_example_ids"][f].tolist()
+        firsts = [(t, v) for j, (t, v) in enumerate(zip(texts, values)) if v > 0 and t not in texts[:j]]
+        repeated += sum(v > 0 for v in values) - len(firsts)
+        assert [(e["example_id"], pytest.approx(e["value"])) for e in feature_card(tiny_run, "finetuned", 2, f)["top_examples"]] == firsts
+    assert repeated > 0  # some top tokens share a text, so leaving them out is exercised
 
 
 # ---------------------------------------------------------------- bad input
