@@ -65,10 +65,10 @@ def headline_metrics(rep: dict) -> None:
 def run_details(rep: dict) -> None:
     """Paths, sizes and step timings as plain tables, folded away."""
     with st.expander("Run details"):
-        st.dataframe(pd.DataFrame(summary_rows(rep), columns=["", "value"]), hide_index=True, width="stretch")
+        st.dataframe(pd.DataFrame(summary_rows(rep), columns=["", "value"]), hide_index=True, width="stretch", height="content")
         steps = pd.DataFrame([{"step": k, **v} for k, v in rep.get("steps", {}).items()])
         if len(steps):
-            st.dataframe(steps, hide_index=True, width="stretch")
+            st.dataframe(steps, hide_index=True, width="stretch", height="content")
 
 
 def finetuning(run, rep: dict) -> None:
@@ -79,7 +79,7 @@ def finetuning(run, rep: dict) -> None:
     per_class = rep["finetune"]["per_class"]
     table = classification_frame(per_class)
     st.caption(f"Test split, {rep['finetune']['test_examples']:,} examples; trained on {rep['finetune']['train_examples']:,}.")
-    st.dataframe(table, hide_index=True, width="stretch", column_config={k: st.column_config.NumberColumn(format="%.3f") for k in ("precision", "recall", "f1")})
+    st.dataframe(table, hide_index=True, width="stretch", height="content", column_config={k: st.column_config.NumberColumn(format="%.3f") for k in ("precision", "recall", "f1")})
     shared.download_csv(table, f"{run.name}-classification.csv", key="dl_classification")
     cols = st.columns(2)
     for col, model in zip(cols, ("pretrained", "finetuned")):
@@ -111,7 +111,7 @@ def claims(run, rep: dict) -> None:
             verdict(claim)
             st.write(claim["explanation"])
             if claim["numbers"]:
-                st.dataframe(numbers_frame(claim["numbers"]), hide_index=True, width="stretch")
+                st.dataframe(numbers_frame(claim["numbers"]), hide_index=True, width="stretch", height="content")
         with fig_col:
             fig = plots.similarity_curves({run.name: rows}, CLAIM_MEASURES)
             plots.highlight_layers(fig, groups.get(claim["key"], claim["layers"]), claim["key"], CLAIM_COLOURS[claim["key"]])
@@ -179,7 +179,7 @@ def saes(run, rep: dict) -> None:
         help="add MSE, the dense fraction, the split of the error between rare and other tokens, and the settings behind each figure (the CSV always has every column)",
     )
     order = None if every else [c for c in SAE_COMPACT if c in table.columns]
-    st.dataframe(table, hide_index=True, width="stretch", column_config=SAE_COLUMNS, column_order=order, placeholder="—")
+    st.dataframe(table, hide_index=True, width="stretch", height="content", column_config=SAE_COLUMNS, column_order=order, placeholder="—")
     shared.download_csv(table, f"{run.name}-saes.csv", key="dl_saes")
     misses = sae_bar_misses(rep["saes"])
     if misses:
@@ -216,7 +216,7 @@ def matching(run, rows: list[dict]) -> None:
     shared.chart(plots.matching_bars(rows), key="matching_bars")
     match = matching_frame(rows)
     order = [c for c in MATCHING_SHOWN if c in match.columns]  # the thresholds are in the caption, the counts in the CSV
-    st.dataframe(match, hide_index=True, width="stretch", column_config=MATCHING_COLUMNS, column_order=order, placeholder="—")
+    st.dataframe(match, hide_index=True, width="stretch", height="content", column_config=MATCHING_COLUMNS, column_order=order, placeholder="—")
     shared.download_csv(match, f"{run.name}-matching.csv", key="dl_matching")
 
 

@@ -85,16 +85,16 @@ def body() -> None:
         figure = plots.similarity_by_measure(runs, measures, normalise) if len(runs) > 1 else plots.similarity_curves(runs, measures, normalise)
         shared.chart(figure, key="sim_curves")
     if len(described) > 1:
-        st.dataframe(pd.DataFrame(described), hide_index=True, width="stretch", column_config={"accuracy, fine-tuned": st.column_config.NumberColumn(format="%.3f")})
+        st.dataframe(pd.DataFrame(described), hide_index=True, width="stretch", height="content", column_config={"accuracy, fine-tuned": st.column_config.NumberColumn(format="%.3f"), "test tokens": st.column_config.NumberColumn(format="localized")})
     left, right = st.columns([1, 1])
     with left:
-        st.subheader("CKA between every pair of layers")
+        st.subheader(f"CKA between every pair of layers{f' ({shared.safe_text(shared.run_label(str(run.root)))})' if len(described) > 1 else ''}")
         shared.chart(plots.cka_heatmap(rep["cka_matrix"], title=""), key="sim_cka")
         st.caption("Row i, column j: linear CKA of pre-trained hidden state i with fine-tuned hidden state j.")
     with right:
-        st.subheader("Table")
+        st.subheader(f"Table{f' ({shared.safe_text(shared.run_label(str(run.root)))})' if len(described) > 1 else ''}")
         table = plots.frame_of_similarity(rep["similarity"])
-        st.dataframe(table, hide_index=True, width="stretch", column_config={m: st.column_config.NumberColumn(plots.MEASURE_LABELS[m], format="%.4f") for m in plots.MEASURES if m in table})
+        st.dataframe(table, hide_index=True, width="stretch", height="content", column_config={m: st.column_config.NumberColumn(plots.MEASURE_LABELS[m], format="%.4f") for m in plots.MEASURES if m in table})
         shared.download_csv(table, f"{run.name}-similarity.csv", key="dl_similarity")
         cka = pd.DataFrame(rep["cka_matrix"]).rename(index=lambda i: f"pretrained_{i}", columns=lambda j: f"finetuned_{j}").reset_index(names="layer")
         shared.download_csv(cka, f"{run.name}-cka-matrix.csv", label="Download CKA matrix", key="dl_cka")

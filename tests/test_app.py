@@ -340,6 +340,7 @@ def test_similarity_overlay_and_depth_normalisation(app, runs):
     tiny_ft = build_report(RunFolder(runs["tiny"]))["finetune"]
     assert described["accuracy, fine-tuned"].tolist()[0] == pytest.approx(tiny_ft["accuracy_finetuned"])
     assert described["classes"].tolist()[0] == len(tiny_ft["per_class"]["finetuned"])
+    assert {"CKA between every pair of layers (tiny)", "Table (tiny)"} <= {s.value for s in at.subheader}  # the current run's, not the overlay's
     at.toggle(key=shared.KEY_SIM_NORMALISE).set_value(True).run()
     curves = charts(at)[0]
     assert curves["data"][0]["x"] == [0, 0.5, 1.0]
