@@ -415,10 +415,11 @@ def feature_comparison(
     ("cosine", "feature", "difference", "top features") and ordered top to bottom.
     ``cut_after``, ``max_labels`` and ``wrap`` as in ``token_heatmap``.
 
-    Colour scales run from 0 to the largest activation of this chart (the feature rows, the top
-    features), and the difference from -b to +b with b its largest magnitude; ``feature_max``,
-    ``top_max`` and ``difference_bound`` set those ends instead, so that charts drawn side by side
-    (two sentences compared) give one colour one value. ``top_difference``: the top panel holds
+    The feature rows and the top features (activations of the same SAE's latents) share one
+    colour scale, from 0 to the largest activation of either, and the difference runs from -b to
+    +b with b its largest magnitude; ``feature_max``, ``top_max`` and ``difference_bound`` set
+    those ends instead, so that charts drawn side by side (two sentences compared) give one colour
+    one value. ``top_difference``: the top panel holds
     differences (fine-tuned - pre-trained, the features ranked by sentence change), drawn like the
     difference row: red-blue, centred at zero, from -``top_max`` (or its largest magnitude) to +.
     """
@@ -427,6 +428,9 @@ def feature_comparison(
     labels = [esc(t) for t in tokens]
     hi = feature_max or float(np.nanmax([pre.max(initial=0.0), ft.max(initial=0.0)])) or 1.0
     bound = difference_bound or float(np.nanmax(np.abs(diff), initial=0.0)) or 1.0
+    top_values = np.asarray(top[1], dtype=float).reshape(len(top[0]), len(labels)) if top is not None and len(top[0]) else None
+    if top_values is not None and not top_difference:  # the feature is often among the top ones: one colour, one activation
+        hi = max(hi, top_max or float(np.nanmax(top_values, initial=0.0)))
     # One panel per entry, top to bottom: (trace name, row labels, [rows][tokens] values, hover
     # text for the value, colour bar title, its low and high ends, the trace's colour keys).
     panels = []
@@ -435,14 +439,12 @@ def feature_comparison(
         panels.append(("cosine", cosine[0], values, "cosine", "cosine", cosine_low, 1.0, {"colorscale": _VIRIDIS, "zmin": cosine_low, "zmax": 1.0}))
     panels.append(("feature", row_labels, np.stack([pre, ft]), "activation", "activation", 0.0, hi, {"colorscale": _VIRIDIS, "zmin": 0, "zmax": hi}))
     panels.append(("difference", ["fine-tuned − pre-trained"], diff[None, :], "difference", "difference", -bound, bound, {"colorscale": _RDBU, "zmid": 0, "zmin": -bound, "zmax": bound}))
-    if top is not None and len(top[0]):
-        values = np.asarray(top[1], dtype=float).reshape(len(top[0]), len(labels))
+    if top_values is not None:
         if top_difference:
-            top_bound = top_max or float(np.nanmax(np.abs(values), initial=0.0)) or 1.0
-            panels.append(("top features", top[0], values, "difference", "difference", -top_bound, top_bound, {"colorscale": _RDBU, "zmid": 0, "zmin": -top_bound, "zmax": top_bound}))
-        else:
-            top_hi = top_max or float(np.nanmax(values, initial=0.0)) or None
-            panels.append(("top features", top[0], values, "activation", "activation", 0.0, top_hi, {"colorscale": _VIRIDIS, "zmin": 0, **({"zmax": top_hi} if top_hi else {})}))  # plotly.js keeps zmin only beside a zmax
+            top_bound = top_max or float(np.nanmax(np.abs(top_values), initial=0.0)) or 1.0
+            panels.append(("top features", top[0], top_values, "difference", "difference", -top_bound, top_bound, {"colorscale": _RDBU, "zmid": 0, "zmin": -top_bound, "zmax": top_bound}))
+        else:  # the feature rows' scale (plotly.js keeps a zmin only beside a zmax)
+            panels.append(("top features", top[0], top_values, "activation", "activation", 0.0, hi, {"colorscale": _VIRIDIS, "zmin": 0, "zmax": hi}))
     sizes = [len(p[1]) for p in panels]
     domains = _stacked_domains(sizes)
     # axis n (1-based, top panel first): the last one is "x"/"y" and carries the token labels

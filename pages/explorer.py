@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
+import textwrap
 from dataclasses import dataclass
 
 import streamlit as st
@@ -44,7 +45,7 @@ class SaeChoice:
 def sentence_inputs() -> list[str]:
     """One sentence, or two when comparing; Enter (or leaving the box) commits the text."""
     compare = bool(st.session_state.get(shared.KEY_COMPARE))
-    cols = st.columns([4, 4, 1.1] if compare else [8, 1.1], vertical_alignment="bottom")
+    cols = st.columns([4, 4, 1.4] if compare else [8, 1.4], vertical_alignment="bottom")  # the toggle's label whole at 1280 px
     texts = [cols[0].text_input("Sentence (press Enter)", DEFAULT_TEXT, key=shared.KEY_TEXT, persist_state="session")]
     if compare:
         texts.append(cols[1].text_input("Second sentence (press Enter)", DEFAULT_TEXT_B, key=shared.KEY_TEXT_B, persist_state="session"))
@@ -53,13 +54,14 @@ def sentence_inputs() -> list[str]:
 
 
 def sae_controls(bundle) -> tuple[SaeChoice, list]:
-    """Layer, SAE dictionary, feature ranking and top-N pickers; also returns two empty slots
-    in the same row for the feature picker and the matched-feature toggle."""
+    """Layer, SAE dictionary and feature ranking in one row; top-N and two empty slots, for the
+    feature picker and the matched-feature toggle, in a second (six in one row cut their labels
+    at a 1280 px window)."""
     layers = list(getattr(bundle, "sae_layers", []) or [])
     if not layers:
         st.info(f"This run has no SAEs yet, so only the per-token similarity and the prediction are shown. Train them with `python -m core saes --run {shlex.quote(shared.display_path(bundle.run.root))}`.")
         return SaeChoice("pretrained", None, "variance", 5), []
-    c1, c2, c3, c4, c5, c6 = st.columns([1, 1.9, 1.5, 1.1, 1.2, 1.3], vertical_alignment="bottom")
+    c1, c2, c3 = st.columns([1, 1.6, 1.6], vertical_alignment="bottom")
     # Every choice is kept for the session (persist_state), through an empty sentence and a visit
     # to another page; a layer kept from another run that lacks it falls back to the last one.
     if st.session_state.get(shared.KEY_EX_LAYER) not in layers:
@@ -74,6 +76,7 @@ def sae_controls(bundle) -> tuple[SaeChoice, list]:
         persist_state="session",
         help="variance, selectivity, density, change: over the dataset (the features step; change: mean |fine-tuned − pre-trained| activation, this SAE applied to both models). Sentence variance: over this sentence's tokens, so the features that vary most along it come first. Sentence change: |fine-tuned − pre-trained| summed over its tokens, so the features fine-tuning moved most on it come first (the panel then shows that difference)",
     )
+    c4, c5, c6 = st.columns([1.6, 1, 1.6], vertical_alignment="bottom")
     top = c4.slider("Top features", 3, 20, 8, key=shared.KEY_EX_TOP, persist_state="session")
     return SaeChoice(model, layer, rank_by, top), [c5, c6]
 
@@ -316,8 +319,8 @@ def body() -> None:
     cols = st.columns(len(texts))
     for i, (col, text, result) in enumerate(zip(cols, texts, results)):
         with col:
-            if len(texts) > 1:
-                st.text(text)
+            if len(texts) > 1:  # one line each, so the two charts start level (the boxes above hold the whole text)
+                st.text(textwrap.shorten(text, width=48, placeholder=" …"))
             sentence_column(run, text, result, choice, feature, "ab"[i], scales, matched, wide=len(texts) == 1)
 
 

@@ -194,7 +194,7 @@ def test_feature_comparison_with_top_features_below_on_the_same_tokens():
     (f0, f1), (d0, d1), (t0, t1) = fig.layout.yaxis2.domain, fig.layout.yaxis3.domain, fig.layout.yaxis.domain
     assert f0 > d1 and d0 > t1 and t0 == pytest.approx(0.0, abs=1e-3) and f1 == pytest.approx(1.0)
     assert (t1 - t0) == pytest.approx(3 * (d1 - d0), rel=1e-3)
-    assert top.zmin == 0 and difference.zmid == 0 and feature.zmax == 3
+    assert top.zmin == 0 and difference.zmid == 0 and feature.zmax == top.zmax == 5  # one scale: the feature rows' 3 and the top features' 5
     assert fig.layout.title.subtitle.text == "top &lt;3&gt;"
     two = plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3])
     assert fig.layout.height > two.layout.height
@@ -206,13 +206,15 @@ def test_feature_comparison_takes_shared_colour_scale_ends():
     one value in both charts; without them each chart fits its own data."""
     top = (["feature 7"], [[0, 5, 0, 0, 1, 0]])
     own = validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], top=top))
-    assert own.data[0].zmax == 3 and (own.data[1].zmin, own.data[1].zmax) == (-3, 3) and (own.data[2].zmin, own.data[2].zmax) == (0, 5)
+    assert (own.data[0].zmin, own.data[0].zmax) == (0, 5) == (own.data[2].zmin, own.data[2].zmax)  # feature rows and top features: one scale
+    assert (own.data[1].zmin, own.data[1].zmax) == (-3, 3)
+    assert validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], top=(["feature 7"], [[0, 1, 2, 0, 0, 1]]))).data[2].zmax == 3  # the feature rows' larger end
     positive = validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], top=(["feature 7"], [[1, 5, 2, 2, 1, 3]])))
     assert (positive.data[2].zmin, positive.data[2].zmax) == (0, 5)  # dark still means 0 when no token is at 0 (plotly.js drops a lone zmin)
     fixed = validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], top=top, feature_max=7.5, difference_bound=4.0, top_max=9.0))
     feature, difference, top_panel = fixed.data
-    assert (feature.zmin, feature.zmax) == (0, 7.5) and (difference.zmin, difference.zmid, difference.zmax) == (-4.0, 0, 4.0)
-    assert (top_panel.zmin, top_panel.zmax) == (0, 9.0)
+    assert (feature.zmin, feature.zmax) == (0, 9.0) == (top_panel.zmin, top_panel.zmax)  # the larger of the two ends passed
+    assert (difference.zmin, difference.zmid, difference.zmax) == (-4.0, 0, 4.0)
     assert list(difference.colorbar.ticktext) == ["-4", "+4"]  # the short bar's ends name the shared bound
     change = (["feature 7"], [[0, -5, 0, 0, 2, 0]])  # top features ranked by change: their differences
     diverging = validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], top=change, top_difference=True)).data[2]
