@@ -257,16 +257,23 @@ def similarity_by_measure(
 
 
 def highlight_layers(fig: go.Figure, layers: Sequence[int], label: str = "", colour: str = "#FFA15A") -> go.Figure:
-    """Shade the span of ``layers`` (hidden-state indices) on a non-normalised layer axis."""
+    """Shade the span of ``layers`` (hidden-state indices) on a non-normalised layer axis; its
+    label goes to the end of the span away from the curves there (the bottom where they run high,
+    as early layers do, the top where they run low), so it does not sit on a line."""
     if len(layers):
+        x0, x1 = min(layers) - 0.4, max(layers) + 0.4
+        inside = [y for t in fig.data for x, y in zip(t.x or (), t.y or ()) if y is not None and x0 <= x <= x1]
+        every = [y for t in fig.data for y in (t.y or ()) if y is not None]
+        lo, hi = fig.layout.yaxis.range or (min(every, default=0.0), max(every, default=1.0))
+        high = bool(inside) and sum(inside) / len(inside) > (lo + hi) / 2
         fig.add_vrect(
-            x0=min(layers) - 0.4,
-            x1=max(layers) + 0.4,
+            x0=x0,
+            x1=x1,
             fillcolor=colour,
             opacity=0.18,
             line_width=0,
             annotation_text=esc(label),
-            annotation_position="top left",
+            annotation_position="bottom left" if high else "top left",
         )
     return fig
 

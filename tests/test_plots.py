@@ -111,6 +111,11 @@ def test_highlight_layers_adds_a_shaded_span():
     fig = plots.highlight_layers(plots.similarity_curves({"r": paper_like(6)}, ["cka"]), [1, 2], "early")
     (shape,) = fig.layout.shapes
     assert shape.x0 == pytest.approx(0.6) and shape.x1 == pytest.approx(2.4)
+    (label,) = fig.layout.annotations  # the curve runs high over layers 1-2: the label sits at the bottom, off the line
+    assert label.text == "early" and label.yanchor == "bottom" and label.y == 0 and label.yref.endswith("domain")
+    falling = rows_from({m: [1.0, 0.99, 0.97, 0.8, 0.5, 0.2, 0.1] for m in plots.MEASURES})
+    late = plots.highlight_layers(plots.similarity_curves({"r": falling}, ["cka"]), [5, 6], "late").layout.annotations[0]
+    assert late.yanchor == "top"  # low there: at the top
 
 
 # ----------------------------------------------------------------------------- classification
