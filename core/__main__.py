@@ -205,7 +205,10 @@ def _dispatch(args) -> int:
         from core.export import export_html
         from core.runfolder import write_text
 
-        write_text(Path(args.out), export_html(run))
+        out = Path(args.out)
+        if out.exists() and out.resolve().is_relative_to(run.root.resolve()):  # a run file (manifest.json, a CSV) would be lost
+            raise LayerscopeError(f"--out {out} is a file of the run {run.root}; write the report to a new file or outside the run folder (nothing was written)")
+        write_text(out, export_html(run))
         print(f"wrote {args.out}")
         return 0
     if args.verb == "figures":

@@ -55,6 +55,7 @@ class ActivationsConfig:
 
     def validate(self) -> None:
         check = OptionCheck("activations", self)
+        check.seed("seed")
         check.at_least(0, "sae_examples", "eval_examples")
         check.at_least(1, "batch_tokens")
         check.at_least(0, "shard_mb")

@@ -44,6 +44,7 @@ class DataConfig:
 
     def validate(self) -> None:
         check = OptionCheck("data", self)
+        check.seed("seed")
         if not isinstance(self.dataset, str) or not self.dataset.strip():
             check.fail("dataset", "a built-in name, a CSV path or hf:NAME")
         check.at_least(0, "max_rows")

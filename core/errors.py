@@ -54,6 +54,14 @@ class OptionCheck:
             if value is None or value < 0 or value > 1 or (below_one and value == 1):
                 self.fail(name, "a fraction in [0, 1)" if below_one else "a fraction in [0, 1]")
 
+    def seed(self, *names: str) -> None:
+        """A random seed: a whole number from 0 to 2**31 - 1 (what numpy, sklearn and torch all
+        take, with room for the offsets added per layer)."""
+        for name in names:
+            value = getattr(self.cfg, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+                self.fail(name, "a whole number from 0 to 2147483647 (2**31 - 1)")
+
     def choice(self, name: str, *options: str) -> None:
         if getattr(self.cfg, name) not in options:
             self.fail(name, "one of " + ", ".join(repr(o) for o in options))

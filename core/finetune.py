@@ -46,6 +46,7 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         check = OptionCheck("finetune", self)
+        check.seed("seed")
         check.positive("epochs", "learning_rate")
         check.at_least(1, "batch_size", "eval_batch_size")
         check.at_least(0, "weight_decay", "max_train_examples", "threads")

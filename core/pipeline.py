@@ -123,7 +123,7 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
         run.require(previous, step)  # before anything is created: a refused step leaves no run behind
     created = not run.exists()
     if created and is_main_process():
-        run.init_manifest(cfg.to_dict(), package_versions())
+        run.init_manifest(cfg.to_dict(), package_versions(), over_files=force or redo)
     _sync()  # the other ranks read the manifest rank 0 may just have made
     config_hash = cfg.section_hash(*STEP_SECTIONS[step])
     record = run.step_record(step)

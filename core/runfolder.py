@@ -62,12 +62,16 @@ def make_folder(path: Path) -> None:
         raise LayerscopeError(f"cannot create the folder {path}: a file is in the way; pass another path") from None
     except PermissionError:
         raise LayerscopeError(f"cannot create the folder {path}: permission denied; pass a path in a folder you can write to") from None
+    except FileNotFoundError as e:  # a pseudo file system such as /proc refuses new folders
+        raise LayerscopeError(f"cannot create the folder {path} ({e.strerror}); pass a path on a file system you can write to") from None
 
 
 def write_text(path: Path, text: str | bytes) -> None:
     """Write ``text`` (or bytes) to a temporary sibling, then rename it over ``path``."""
     if path.is_dir():
         raise LayerscopeError(f"{path} is a folder; pass a file name to write, e.g. {path / 'report.html'}")
+    if path.exists() and not path.is_file():  # renaming over a device (/dev/null) or a pipe would replace it
+        raise LayerscopeError(f"{path} is not a regular file (a device, pipe or socket); pass the path of a file to write")
     make_folder(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -271,7 +275,7 @@ class RunFolder:
             raise LayerscopeError(
                 f"{self.manifest_path} is damaged (not the JSON object a build writes); build the run again into a new "
                 f"folder (`python -m core build --run NEW_DIR`), or delete that manifest.json and run `python -m core build "
-                f"--run {self.root}` to redo every step in place"
+                f"--run {self.root} --force` to redo every step in place"
             )
         version = m.get("format_version")
         if version != FORMAT_VERSION:
@@ -284,7 +288,9 @@ class RunFolder:
     def write_manifest(self, m: dict) -> None:
         write_json(self.manifest_path, m)
 
-    def init_manifest(self, config: dict, versions: dict) -> dict:
+    def init_manifest(self, config: dict, versions: dict, over_files: bool = False) -> dict:
+        """Start a new run (``over_files``: even in a folder that holds files, e.g. a run whose
+        damaged manifest.json was deleted; files of the same names are replaced)."""
         m = {
             "format_version": FORMAT_VERSION,
             "created": now(),
@@ -293,6 +299,11 @@ class RunFolder:
             "steps": {},
         }
         self._refuse_file()
+        if not over_files and self.root.is_dir() and any(self.root.iterdir()):  # a new run must not write over someone's files
+            raise LayerscopeError(
+                f"{self.root} holds files but no manifest.json, so it is not a Layerscope run; pass a new or empty "
+                "folder for a new run, or add --force to build one there, replacing files of the same names (nothing was changed)"
+            )
         make_folder(self.root)
         self.write_manifest(m)
         return m

@@ -72,6 +72,7 @@ class SAETrainingConfig:
 
     def validate(self) -> None:
         check = OptionCheck("saes.training", self)
+        check.seed("seed")
         for name in ("lr", "grad_clip"):  # None = the default rule / off
             if getattr(self, name) is not None:
                 check.positive(name)

@@ -5,11 +5,13 @@ import json
 import os
 import shutil
 import subprocess
+import stat
 import sys
 
 import pandas as pd
 import pytest
 
+from core.errors import LayerscopeError
 from tests.conftest import ROOT
 
 
@@ -56,6 +58,47 @@ def test_a_command_run_too_early_names_itself_and_the_step_it_needs(tmp_path, ti
     cli("data", "--run", run, "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model, check=True)
     assert_user_error(cli("analyze", "--run", run, "--text", "a film"), "the analyze command needs step 'finetune', which has not run in", f"python -m core finetune --run {run}")
     assert_user_error(cli("similarity", "--run", run), "step 'similarity' needs step 'activations'")
+
+
+def test_a_new_run_is_never_made_over_someone_elses_files(tmp_path, tiny_csv, tiny_model):
+    """A folder with files but no manifest.json is not a run: the data step refused to write
+    there, and the user's files are as they were."""
+    folder = tmp_path / "mine"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "train.csv").write_text("precious\n")
+    out = cli("data", "--run", folder, "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model)
+    assert_user_error(out, "holds files but no manifest.json", "pass a new or empty folder")
+    assert (folder / "data" / "train.csv").read_text() == "precious\n" and sorted(p.name for p in folder.rglob("*")) == ["data", "train.csv"]
+    cli("data", "--run", folder, "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model, "--force", check=True)  # asked for: built there
+    assert (folder / "manifest.json").is_file() and (folder / "data" / "train.csv").read_text() != "precious\n"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cli("data", "--run", empty, "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model, check=True)  # an empty folder is a new run
+
+
+def test_export_refuses_to_write_over_a_run_file_or_a_device(tmp_path, tiny_run):
+    import shutil
+
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run.root, run)
+    manifest = (run / "manifest.json").read_bytes()
+    assert_user_error(cli("export", "--run", run, "--out", run / "manifest.json"), "is a file of the run", "nothing was written")
+    assert (run / "manifest.json").read_bytes() == manifest
+    cli("export", "--run", run, "--out", run / "report.html", check=True)  # a new file inside the run is fine
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)  # like /dev/null: renaming a file over it would replace it
+    assert_user_error(cli("export", "--run", run, "--out", fifo), "is not a regular file")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert_user_error(cli("figures", "--run", run, "--out", "/proc/layerscope-figures"), "cannot create the folder /proc/layerscope-figures")
+
+
+@pytest.mark.parametrize("option", ["data.seed", "finetune.seed", "activations.seed", "saes.training.seed"])
+@pytest.mark.parametrize("value", ["-1", "99999999999999999999999", "4294967296"])
+def test_seeds_out_of_range_are_refused_before_any_work(option, value):
+    from core.config import load_config
+
+    with pytest.raises(LayerscopeError, match=f"{option}=.* must be a whole number from 0 to 2147483647"):
+        load_config(overrides={option: value})
 
 
 def test_report_json_from_cli(tiny_run):
@@ -358,7 +401,7 @@ def test_damaged_manifest_is_one_line_with_a_fix_that_works(tiny_run, tmp_path, 
         lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
         assert len(lines) == 1 and "manifest.json is damaged" in lines[0] and "delete that manifest.json" in lines[0], lines
     (run / "manifest.json").unlink()  # the fix the message gives
-    assert main(["build", "--run", str(run), "--until", "data", "--preset", "tiny", "--dataset", str(tiny_csv), "--model", str(tiny_model)]) == 0
+    assert main(["build", "--run", str(run), "--until", "data", "--preset", "tiny", "--dataset", str(tiny_csv), "--model", str(tiny_model), "--force"]) == 0
     assert json.loads((run / "manifest.json").read_text())["steps"].keys() == {"data"}
 
 
