@@ -47,8 +47,26 @@ def check_numbers(args: argparse.Namespace) -> str | None:
             ok = float(s) > 0
         except ValueError:
             ok = False
-        if not ok:
+        if not ok or s.strip().lower() in ("inf", "infinity"):
             return f"--growth-sizes has {s!r}; give positive numbers of million tokens, e.g. 0.1,0.5,1"
+    return check_paths(args)
+
+
+def check_paths(args: argparse.Namespace) -> str | None:
+    """What is wrong with --out or --work (checked before any benchmark runs, which takes minutes);
+    creates the folders they need. None if nothing."""
+    from core.errors import LayerscopeError
+    from core.runfolder import make_folder
+
+    out = Path(args.out)
+    if out.is_dir() or (out.exists() and not out.is_file()):
+        return f"--out {out} is not a file; give the path of the results file, e.g. {out / 'results.json'}" if out.is_dir() else f"--out {out} is not a regular file; give the path of a .json file"
+    try:
+        make_folder(out.parent)
+        if args.work:
+            make_folder(Path(args.work))
+    except LayerscopeError as e:
+        return str(e)
     return None
 
 

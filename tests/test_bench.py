@@ -55,6 +55,23 @@ def test_bad_numbers_are_refused_before_any_benchmark_runs(tmp_path, flag, value
     assert not out.exists() and "==" not in proc.stderr + proc.stdout  # nothing ran, nothing written
 
 
+def test_bad_paths_are_refused_before_any_benchmark_runs(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    cases = [
+        (["--out", str(tmp_path / "adir")], "is not a file"),
+        (["--out", str(tmp_path / "afile" / "r.json")], "a file is in the way"),
+        (["--out", "/proc/layerscope-bench/r.json"], "cannot create the folder /proc/layerscope-bench"),
+        (["--out", str(tmp_path / "r.json"), "--work", str(tmp_path / "afile")], "a file is in the way"),
+        (["--out", str(tmp_path / "r.json"), "--growth-sizes", "inf"], "positive numbers"),
+    ]
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "sae_training", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert "==" not in proc.stderr + proc.stdout, args  # refused before any benchmark ran
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]
+
+
 @pytest.mark.parametrize(
     ("target", "value", "baseline", "passed"),
     [("ratio >= 6", 60.0, 10.0, True), ("ratio >= 6", 50.0, 10.0, False), ("ratio <= 1.15", 1.1, 1.0, True), ("value <= 5", 4.0, 100.0, True), ("abs(value - baseline) <= 0.01", 0.305, 0.3, True), ("abs(value - baseline) <= 0.01", 0.32, 0.3, False), (None, 1.0, 2.0, None)],
