@@ -277,6 +277,9 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
     quiet_transformers()
     cfg.validate()
     train, test = ActivationStore(run, "train"), ActivationStore(run, "test")
+    rows = train.index["num_examples" if cfg.input == "mean_pooled" else "num_tokens"]
+    if cfg.training.batch_size > rows:  # no batch would ever fill: the stream would gather rows until memory runs out
+        raise LayerscopeError(f"saes.training.batch_size={cfg.training.batch_size} is more than the {rows:,} training rows ({'texts' if cfg.input == 'mean_pooled' else 'tokens'}); lower it (default 2048) or extract more with activations.sae_examples")
     layers = resolve_layers(cfg, train.num_layers - 1)
     train.require_layers(layers)
     labels_all = load_split(run, "test")

@@ -563,6 +563,12 @@ def test_k_larger_than_dictionary(run_copy):
     assert_user_error(cli("saes", "--run", run_copy, "--sae-k", "9999", "--force"), "k=9999", "d_sae")
 
 
+def test_a_batch_larger_than_the_training_tokens_is_refused(run_copy):
+    tokens = json.loads((run_copy / "activations" / "train" / "index.json").read_text())["num_tokens"]
+    assert_user_error(cli("saes", "--run", run_copy, "--set", f"saes.training.batch_size={tokens + 1}", "--force"), f"is more than the {tokens:,} training rows (tokens)")
+    assert_user_error(cli("saes", "--run", run_copy, "--set", "saes.training.batch_size=99999999999999999999999", "--force"), "training rows")
+
+
 def test_negative_splice_sample_is_refused(run_copy):
     before = (run_copy / "saes" / "finetuned" / "layer_1" / "metrics.json").read_bytes()
     assert_user_error(cli("saes", "--run", run_copy, "--set", "saes.splice_examples=-3", "--force"), "splice_examples=-3", "none for all")
