@@ -59,8 +59,10 @@ def check_paths(args: argparse.Namespace) -> str | None:
     from core.runfolder import make_folder
 
     out = Path(args.out)
-    if out.is_dir() or (out.exists() and not out.is_file()):
-        return f"--out {out} is not a file; give the path of the results file, e.g. {out / 'results.json'}" if out.is_dir() else f"--out {out} is not a regular file; give the path of a .json file"
+    if out.is_dir():
+        return f"--out {out} is not a file; give the path of the results file, e.g. {out / 'results.json'}"
+    if out.exists() and not out.is_file():
+        return f"--out {out} is not a regular file; give the path of a .json file"
     try:
         make_folder(out.parent)
         if args.work:

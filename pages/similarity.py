@@ -86,13 +86,14 @@ def body() -> None:
         shared.chart(figure, key="sim_curves")
     if len(described) > 1:
         st.dataframe(pd.DataFrame(described), hide_index=True, width="stretch", height="content", column_config={"accuracy, fine-tuned": st.column_config.NumberColumn(format="%.3f"), "test tokens": st.column_config.NumberColumn(format="localized")})
+    whose = f" ({shared.safe_text(shared.run_label(str(run.root)))})" if len(described) > 1 else ""  # with overlays: the panels below are this run's
     left, right = st.columns([1, 1])
     with left:
-        st.subheader(f"CKA between every pair of layers{f' ({shared.safe_text(shared.run_label(str(run.root)))})' if len(described) > 1 else ''}")
+        st.subheader(f"CKA between every pair of layers{whose}")
         shared.chart(plots.cka_heatmap(rep["cka_matrix"], title=""), key="sim_cka")
         st.caption("Row i, column j: linear CKA of pre-trained hidden state i with fine-tuned hidden state j.")
     with right:
-        st.subheader(f"Table{f' ({shared.safe_text(shared.run_label(str(run.root)))})' if len(described) > 1 else ''}")
+        st.subheader(f"Table{whose}")
         table = plots.frame_of_similarity(rep["similarity"])
         st.dataframe(table, hide_index=True, width="stretch", height="content", column_config={m: st.column_config.NumberColumn(plots.MEASURE_LABELS[m], format="%.4f") for m in plots.MEASURES if m in table})
         shared.download_csv(table, f"{run.name}-similarity.csv", key="dl_similarity")
