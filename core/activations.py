@@ -37,7 +37,7 @@ from core.errors import LayerscopeError, OptionCheck
 from core.models import ModelConfig, encode, load_classifier, load_tokenizer, num_hidden_states, pad_batch, quiet_transformers
 from core.progress import progress_bar
 from core.rss import kept_heap
-from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
+from core.runfolder import ACTIVATION_INDEX_FIELDS, MODELS, RunFolder, atomic_path, read_json, write_json
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -334,7 +334,7 @@ class ActivationStore:
         if not path.is_file():
             run.require("activations", "reading activations")
             raise LayerscopeError(f"{path} is missing; re-run `python -m core activations --run {run.root} --force`")
-        self.index = read_json(path)
+        self.index = read_json(path, ACTIVATION_INDEX_FIELDS)
 
     @property
     def num_layers(self) -> int:

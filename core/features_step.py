@@ -35,7 +35,7 @@ from core.errors import LayerscopeError, OptionCheck
 from core.features import FeatureStats, FeatureStatsAccumulator, match_features, rank_features
 from core.models import hidden_state_module, load_classifier, load_tokenizer, pad_batch
 from core.progress import progress_bar
-from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
+from core.runfolder import MATCHING_FIELDS, MODELS, RunFolder, atomic_path, read_json, write_json
 from core.sae import SparseAutoencoder
 from core.sae_metrics import EVAL_CHUNK_ROWS, feature_density
 from core.saes import load_sae
@@ -277,7 +277,7 @@ def ranking(run: RunFolder, model: str, layer: int, by: str = "variance", class_
 
 def load_matching(run: RunFolder, layer: int) -> dict | None:
     path = run.matching_path(layer)
-    return read_json(path) if path.is_file() else None
+    return read_json(path, MATCHING_FIELDS) if path.is_file() else None
 
 
 def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance") -> pd.DataFrame:

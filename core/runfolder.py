@@ -34,6 +34,7 @@ from core.errors import LayerscopeError
 
 FORMAT_VERSION = 1
 MODELS = ("pretrained", "finetuned")
+MODEL_NAMES = {"pretrained": "pre-trained", "finetuned": "fine-tuned"}  # in messages and figures
 SPLITS = ("train", "val", "test")
 STEPS = ("data", "finetune", "activations", "similarity", "saes", "features")
 
@@ -114,8 +115,9 @@ def redo_hint(path: Path) -> str:
     return "redo the step that writes it with --force (see `python -m core --help`)"
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object a step wrote; LayerscopeError naming the step to redo when it is missing or damaged."""
+def read_json(path: Path, fields: dict | None = None) -> dict:
+    """A JSON object a step wrote; LayerscopeError naming the step to redo when it is missing,
+    damaged, or lacks one of ``fields`` (a shape such as ``LABELS_FIELDS``, see ``field_problem``)."""
     try:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -124,7 +126,97 @@ def read_json(path: Path) -> dict:
         raise LayerscopeError(f"{path} is not valid JSON (damaged?); {redo_hint(path)}") from None
     if not isinstance(obj, dict):
         raise LayerscopeError(f"{path} is damaged (a JSON {type(obj).__name__}, not the object a build writes); {redo_hint(path)}")
+    problem = field_problem(obj, fields or {})
+    if problem:
+        raise LayerscopeError(f"{path} is damaged ({problem}); {redo_hint(path)}")
     return obj
+
+
+# ---------------------------------------------------------------- what the run's JSON files hold
+# The fields a reader relies on, so that a file edited by hand or written by another program gets
+# one message naming it instead of a KeyError deep inside a reader. A shape maps a key to a type
+# (or a tuple of types), to a nested shape, or to ``[item]`` for a list whose items all match
+# ``item``; a key ending in "?" may be absent, and the key "*" stands for every key of a mapping. Writers may add fields; readers ``.get`` the rest.
+NUMBER = (int, float)  # JSON numbers, NaN included (Python's json writes and reads it)
+LABELS_FIELDS = {"names": [str]}
+CLASS_SCORES = {"precision": NUMBER, "recall": NUMBER, "f1-score": NUMBER, "support": NUMBER}
+CLASSIFIER_METRICS = {"accuracy": NUMBER, "macro_f1": NUMBER, "per_class": {"*": CLASS_SCORES}}
+FINETUNE_METRICS_FIELDS = {"pretrained": CLASSIFIER_METRICS, "finetuned": CLASSIFIER_METRICS, "test_examples": int, "train_examples": int, "train_seconds": NUMBER}
+ACTIVATION_INDEX_FIELDS = {"num_shards": int, "num_tokens": int, "num_examples": int, "num_hidden_states": int, "d_model": int, "layers?": [int]}
+SIMILARITY_FIELDS = {
+    "layers": [{"layer": int, "cosine_of_means": NUMBER, "mean_cosine": NUMBER, "token_cosine": NUMBER, "cka": NUMBER}],
+    "cka_matrix": [[NUMBER]],
+    "num_tokens": int,
+}
+SAE_METRICS_FIELDS = {
+    "model": str, "layer": int, "architecture": str, "d_sae": int,
+    "l0": NUMBER, "fvu": NUMBER, "mse": NUMBER, "dead_fraction": NUMBER, "dense_fraction": NUMBER,
+    "rare_tokens?": (dict, type(None)), "training?": {}, "loss_curve?": {},
+}
+MATCHING_FIELDS = {
+    "layer": int, "kept": NUMBER, "shifted": NUMBER, "new": NUMBER, "lost": NUMBER, "counts": {},
+    **{f"{what}_of_{model}": [kind] for what, kind in (("partner", int), ("similarity", NUMBER), ("status", str)) for model in MODELS},
+}
+# manifest.json: the resolved config and one record per finished step (its "result" is what the
+# step's entry function returned; the report reads those of data, activations and features).
+_STEP_RECORD = {"finished": str, "result": {}}
+MANIFEST_FIELDS = {
+    "config": {},
+    "steps?": {
+        "data?": {**_STEP_RECORD, "result": {"labels": [str], "rows": {"*": int}}},
+        "activations?": {**_STEP_RECORD, "result": {"*": {}}},
+        "features?": {**_STEP_RECORD, "result": {"matching?": [{}]}},
+        **{f"{step}?": _STEP_RECORD for step in ("finetune", "similarity", "saes")},
+    },
+}
+
+
+def field_problem(obj, fields: dict, where: str = "") -> str | None:
+    """The first way ``obj`` (a dict) departs from the shape ``fields``, e.g. "no 'names'" or
+    "'layers[3].cka' is a str, not a number"; None when it fits."""
+    for key, spec in fields.items():
+        if key == "*":  # every value of a mapping with free keys, e.g. one entry per class name
+            for k, v in obj.items():
+                problem = _value_problem(v, spec, f"{where}.{k}" if where else k)
+                if problem:
+                    return problem
+            continue
+        optional = key.endswith("?")
+        key = key.rstrip("?")
+        name = f"{where}.{key}" if where else key
+        if key not in obj:
+            if optional:
+                continue
+            return f"no '{name}'"
+        problem = _value_problem(obj[key], spec, name)
+        if problem:
+            return problem
+    return None
+
+
+def _value_problem(value, spec, name: str) -> str | None:
+    if isinstance(spec, dict):
+        return f"'{name}' is {_kind(value)}, not an object" if not isinstance(value, dict) else field_problem(value, spec, name)
+    if isinstance(spec, list):
+        if not isinstance(value, list):
+            return f"'{name}' is {_kind(value)}, not a list"
+        for i, item in enumerate(value):
+            problem = _value_problem(item, spec[0], f"{name}[{i}]")
+            if problem:
+                return problem
+        return None
+    types = spec if isinstance(spec, tuple) else (spec,)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):  # True is an int to Python
+        wanted = "a number" if types == NUMBER else " or ".join(_kind(t()) for t in types)
+        return f"'{name}' is {_kind(value)}, not {wanted}"
+    return None
+
+
+def _kind(value) -> str:
+    """What a JSON value is, in words: "a string", "null"."""
+    if isinstance(value, bool):
+        return "true or false"
+    return {int: "a whole number", float: "a number", str: "a string", dict: "an object", list: "a list", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 @contextlib.contextmanager
@@ -271,9 +363,10 @@ class RunFolder:
             m = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             m = None
-        if not isinstance(m, dict) or not isinstance(m.get("config"), dict) or not isinstance(m.get("steps", {}), dict):
+        problem = "not the JSON object a build writes" if not isinstance(m, dict) else field_problem(m, MANIFEST_FIELDS)
+        if problem:
             raise LayerscopeError(
-                f"{self.manifest_path} is damaged (not the JSON object a build writes); build the run again into a new "
+                f"{self.manifest_path} is damaged ({problem}); build the run again into a new "
                 f"folder (`python -m core build --run NEW_DIR`), or delete that manifest.json and run `python -m core build "
                 f"--run {self.root} --force` to redo every step in place"
             )
@@ -349,7 +442,7 @@ class RunFolder:
         self.write_manifest(m)
 
     def labels(self) -> list[str]:
-        return read_json(self.labels_path)["names"]
+        return read_json(self.labels_path, LABELS_FIELDS)["names"]
 
 
 def now() -> str:

@@ -142,7 +142,7 @@ def run_similarity(run: RunFolder, cfg: SimilarityConfig) -> dict:
 
 
 def load_similarity(run: RunFolder) -> dict:
-    from core.runfolder import read_json
+    from core.runfolder import SIMILARITY_FIELDS, read_json
 
     run.require("similarity", "the similarity report")
-    return read_json(run.similarity_dir / "similarity.json")
+    return read_json(run.similarity_dir / "similarity.json", SIMILARITY_FIELDS)

@@ -427,6 +427,47 @@ def test_a_damaged_json_file_names_the_step_to_redo(tiny_run, tmp_path, damaged,
         assert json.loads(capsys.readouterr().out)["similarity"] == build_report(tiny_run)["similarity"]
 
 
+def _drop(key):
+    return lambda d: {k: v for k, v in d.items() if k != key}
+
+
+def _drop_support(d):
+    d["pretrained"]["per_class"]["negative"].pop("support")
+    return d
+
+
+def _step_record_is_a_number(m):
+    m["steps"]["data"] = 5
+    return m
+
+
+@pytest.mark.parametrize(
+    "damaged, edit, verb, problem, fix",
+    [
+        ("similarity/similarity.json", lambda d: {}, ["report"], "(no 'layers')", "`python -m core similarity --run {run} --force`"),
+        ("data/labels.json", lambda d: {"names": "negative"}, ["analyze", "--text", "a film"], "('names' is a string, not a list)", "`python -m core data --run {run} --force`"),
+        ("activations/test/index.json", _drop("num_shards"), ["similarity", "--force"], "(no 'num_shards')", "`python -m core activations --run {run} --force`"),
+        ("finetune/metrics.json", _drop_support, ["export", "--out", "{run}/../r.html"], "(no 'pretrained.per_class.negative.support')", "`python -m core finetune --run {run} --force`"),
+        ("saes/finetuned/layer_2/metrics.json", lambda d: {**d, "fvu": None}, ["report", "--json"], "('fvu' is null, not a number)", "`python -m core saes --run {run} --force`"),
+        ("manifest.json", _step_record_is_a_number, ["build"], "('steps.data' is a whole number, not an object)", "delete that manifest.json"),
+    ],
+)
+def test_a_run_file_missing_a_field_its_reader_needs_is_one_line(tiny_run, tmp_path, damaged, edit, verb, problem, fix, capsys):
+    """Valid JSON that lacks a field (or holds the wrong kind of value): one line naming the file,
+    the field and the step to redo, where a KeyError or TypeError came before; nothing is written."""
+    from core.__main__ import main
+
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    path = run / damaged
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main([verb[0], "--run", str(run), *(a.format(run=run) for a in verb[1:])]) == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if "error:" in l]
+    assert len(lines) == 1 and f"{path} is damaged {problem}" in lines[0] and fix.format(run=run) in lines[0], lines
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before and not (tmp_path / "r.html").exists()
+
+
 def test_a_run_saved_by_another_version_names_its_manifest_and_a_fix_that_works(tiny_run, tmp_path, tiny_model, tiny_csv, capsys):
     """A manifest whose config holds an option this version lacks: the user typed none of it, so the
     message names the manifest (not a --set flag) and a rebuild with an explicit preset goes through."""

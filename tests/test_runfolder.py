@@ -1,0 +1,65 @@
+"""The shapes of a run's JSON files: what readers check before they trust a file."""
+
+import json
+
+import pytest
+
+from core import runfolder
+from core.runfolder import (
+    ACTIVATION_INDEX_FIELDS,
+    FINETUNE_METRICS_FIELDS,
+    LABELS_FIELDS,
+    MANIFEST_FIELDS,
+    MATCHING_FIELDS,
+    SAE_METRICS_FIELDS,
+    SIMILARITY_FIELDS,
+    field_problem,
+)
+
+SHAPE = {"name": str, "size?": int, "scores": [runfolder.NUMBER], "per_class": {"*": {"f1": runfolder.NUMBER}}}
+
+
+@pytest.mark.parametrize(
+    "obj, problem",
+    [
+        ({"name": "a", "scores": [1, 0.5, float("nan")], "per_class": {"x": {"f1": 1}}}, None),  # "size" may be absent
+        ({"scores": [], "per_class": {}}, "no 'name'"),
+        ({"name": 3, "scores": [], "per_class": {}}, "'name' is a whole number, not a string"),
+        ({"name": "a", "size": True, "scores": [], "per_class": {}}, "'size' is true or false, not a whole number"),
+        ({"name": "a", "size": 2.5, "scores": [], "per_class": {}}, "'size' is a number, not a whole number"),
+        ({"name": "a", "scores": [1, "2"], "per_class": {}}, "'scores[1]' is a string, not a number"),
+        ({"name": "a", "scores": {"0": 1}, "per_class": {}}, "'scores' is an object, not a list"),
+        ({"name": "a", "scores": [], "per_class": {"x": {"f1": 1}, "y": {}}}, "no 'per_class.y.f1'"),
+        ({"name": "a", "scores": [], "per_class": {"x": None}}, "'per_class.x' is null, not an object"),
+    ],
+)
+def test_field_problem_names_the_first_field_that_departs_from_the_shape(obj, problem):
+    assert field_problem(obj, SHAPE) == problem
+
+
+def test_every_json_file_a_build_writes_fits_its_shape(tiny_run):
+    """The shapes must never refuse what the writers write (else every run would read as damaged)."""
+    root = tiny_run.root
+    files = {
+        "manifest.json": MANIFEST_FIELDS,
+        "data/labels.json": LABELS_FIELDS,
+        "finetune/metrics.json": FINETUNE_METRICS_FIELDS,
+        "activations/train/index.json": ACTIVATION_INDEX_FIELDS,
+        "activations/test/index.json": ACTIVATION_INDEX_FIELDS,
+        "similarity/similarity.json": SIMILARITY_FIELDS,
+        **{str(p.relative_to(root)): SAE_METRICS_FIELDS for p in root.glob("saes/*/layer_*/metrics.json")},
+        **{str(p.relative_to(root)): MATCHING_FIELDS for p in root.glob("features/matching/layer_*.json")},
+    }
+    assert sum("saes/" in f for f in files) == 4 and sum("matching/" in f for f in files) == 2
+    for name, shape in files.items():
+        assert field_problem(json.loads((root / name).read_text()), shape) is None, name
+
+
+def test_a_field_the_shape_requires_is_one_every_writer_sets(tiny_run):
+    """Each required field is really there: dropping it from a written file is caught."""
+    path = tiny_run.root / "similarity" / "similarity.json"
+    sim = json.loads(path.read_text())
+    for key in ("layers", "cka_matrix", "num_tokens"):
+        assert field_problem({k: v for k, v in sim.items() if k != key}, SIMILARITY_FIELDS) == f"no '{key}'"
+    sim["layers"][1] = {**sim["layers"][1], "cka": "high"}
+    assert field_problem(sim, SIMILARITY_FIELDS) == "'layers[1].cka' is a string, not a number"
