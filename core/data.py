@@ -15,6 +15,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,8 +254,22 @@ def run_data(run: RunFolder, cfg: DataConfig) -> dict:
 
 
 def load_split(run: RunFolder, split: str) -> pd.DataFrame:
+    """One split as the data step wrote it (columns id, text, label). A file changed since then
+    (its hash no longer the manifest's) is refused: the activations and features were computed
+    on the old rows, and the example ids they hold would point at the wrong texts."""
     path = run.split_csv(split)
+    redo = f"rebuild it with `python -m core build --run {shlex.quote(str(run.root))} --from data` (this redoes every step)"
     if not path.is_file():
         run.require("data", "reading the data splits")
-        raise LayerscopeError(f"{path} is missing; rebuild with `python -m core data --run {run.root} --force`")
-    return pd.read_csv(path, dtype={"id": int, "text": str, "label": int}, keep_default_na=False)
+        raise LayerscopeError(f"{path} is missing; {redo}")
+    record = run.step_record("data") or {}
+    written = (record.get("result") or {}).get("hashes", {}).get(split)
+    if written is not None and file_hash(path) != written:
+        raise LayerscopeError(f"{path} has changed since the data step wrote it (its hash is not the one in manifest.json); put the original back, or {redo}")
+    try:
+        frame = pd.read_csv(path, dtype={"id": int, "text": str, "label": int}, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
+        raise LayerscopeError(f"{path} is damaged ({str(e).splitlines()[0]}); {redo}") from None
+    if list(frame.columns) != ["id", "text", "label"]:
+        raise LayerscopeError(f"{path} is damaged (columns {list(frame.columns)}, not id, text, label); {redo}")
+    return frame

@@ -1,3 +1,4 @@
+import re
 import pandas as pd
 import pytest
 
@@ -115,3 +116,50 @@ def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
     SparseAutoencoder(SAEConfig(d_in=4, d_sae=8, k=2)).save(tmp_path / "sae")
     for path in (tmp_path / "a.json", tmp_path / "sae" / "cfg.json", tmp_path / "sae" / "sae_weights.safetensors"):
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path  # mkstemp alone would leave 0o600
+
+
+def _run_with_data(tmp_path) -> RunFolder:
+    path = tmp_path / "data.csv"
+    make_dataset(60).to_csv(path, index=False)
+    run = RunFolder(tmp_path / "run")
+    run.init_manifest({}, {})
+    run.record_step("data", {"result": run_data(run, DataConfig(dataset=str(path), max_rows=0))})
+    return run
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda b: b"", lambda b: b[: len(b) // 2], lambda b: b"id,text,label\n", lambda b: b[:-2] + bytes([b[-2] ^ 1]) + b[-1:]],
+    ids=["emptied", "truncated", "header only", "last label flipped"],
+)
+def test_a_split_changed_since_the_data_step_is_refused(tmp_path, damage):
+    """The manifest holds each split's hash: any change, even one that still parses, is named."""
+    from core.data import load_split
+
+    run = _run_with_data(tmp_path)
+    original = load_split(run, "test")
+    path = run.split_csv("test")
+    good = path.read_bytes()
+    path.write_bytes(damage(good))
+    assert path.read_bytes() != good
+    with pytest.raises(LayerscopeError, match=r"test\.csv has changed since the data step wrote it .* put the original back, or rebuild it with `python -m core build --run .* --from data`"):
+        load_split(run, "test")
+    path.write_bytes(good)  # the first fix the message gives
+    pd.testing.assert_frame_equal(load_split(run, "test"), original)
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [("", "No columns to parse"), ("id,text,label\n1,a film,\n", "invalid literal"), ("a,b\n1,2\n", "columns ['a', 'b'], not id, text, label")],
+)
+def test_a_damaged_split_without_a_recorded_hash_is_one_clear_error(tmp_path, content, problem):
+    """Runs whose data record has no hashes still get one message, not a pandas traceback."""
+    from core.data import load_split
+
+    run = _run_with_data(tmp_path)
+    m = run.manifest()
+    del m["steps"]["data"]["result"]["hashes"]
+    run.write_manifest(m)
+    run.split_csv("test").write_text(content)
+    with pytest.raises(LayerscopeError, match=rf"test\.csv is damaged \({re.escape(problem)}.*\); rebuild it with"):
+        load_split(run, "test")
