@@ -60,9 +60,14 @@ def _load(loader, name: str, **kwargs):
         raise LayerscopeError(f"model folder {path} does not exist; pass a folder written by save_pretrained or a hub id")
     try:
         return loader.from_pretrained(str(Path(path).expanduser()) if _looks_local(path) else path, **kwargs)
-    except (OSError, ValueError, SafetensorError) as e:  # ValueError: no model_type; SafetensorError: damaged weights
+    except (OSError, ValueError, SafetensorError, AttributeError, TypeError, KeyError) as e:
+        # ValueError: no model_type; SafetensorError: damaged weights; the last three: a config.json
+        # edited by hand (e.g. "dtype": "x" fails as torch.x), so only a local folder's are the user's
+        local = Path(path).expanduser().is_dir()
+        if not local and isinstance(e, (AttributeError, TypeError, KeyError)):
+            raise
         first_line = (str(e).splitlines() or [type(e).__name__])[0]
-        if Path(path).expanduser().is_dir():
+        if local:
             raise LayerscopeError(f"{path} is not a loadable model folder ({first_line}); check it has config.json and weights") from None
         if not isinstance(e, OSError):
             raise LayerscopeError(f"could not load model '{name}' ({first_line}); pass a folder written by save_pretrained or another hub id") from None

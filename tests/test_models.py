@@ -48,3 +48,21 @@ def test_a_folder_that_is_not_a_model_is_one_clear_error(tmp_path, tiny_model):
     weights.write_bytes(weights.read_bytes()[:5])
     with pytest.raises(LayerscopeError, match="is not a loadable model folder"):
         load_classifier(str(broken))
+
+
+def test_a_config_json_edited_into_nonsense_is_one_clear_error(tmp_path, tiny_model):
+    """transformers fails on a bad ``dtype`` with AttributeError (``torch.x``): from a local folder
+    that is the folder's fault, so it gets the same message as any other unloadable folder."""
+    import json
+    import shutil
+
+    from core.errors import LayerscopeError
+    from core.models import load_classifier, load_tokenizer
+
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_model, edited)
+    cfg = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**cfg, "dtype": "x"}))
+    for load in (load_classifier, load_tokenizer):
+        with pytest.raises(LayerscopeError, match=r"edited is not a loadable model folder \(module 'torch' has no attribute 'x'\)"):
+            load(str(edited))
