@@ -74,7 +74,11 @@ def check_paths(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    only = [s.strip() for s in args.only.split(",") if s.strip()] or list(SECTIONS)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if args.only and not only:
+        print(f"error: --only {args.only!r} names no benchmark; pass some of {', '.join(SECTIONS)}, or drop --only to run them all", file=sys.stderr)
+        return 2
+    only = only or list(SECTIONS)
     unknown = [s for s in only if s not in SECTIONS]
     if unknown:
         print(f"error: unknown benchmark {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)

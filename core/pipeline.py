@@ -215,6 +215,8 @@ def build(run: RunFolder, cfg: RunConfig, *, force: bool = False, redo_from: str
     timings = {}
     last = STEPS.index(until) if until else len(STEPS) - 1
     first_redo = STEPS.index(redo_from) if redo_from else len(STEPS)
+    if redo_from and first_redo > last:
+        raise LayerscopeError(f"--from {redo_from} comes after --until {until}, so the build would redo nothing; pass --until {redo_from} or a later step, or drop --until")
     if last >= STEPS.index("finetune"):
         preflight(run, cfg, redo_from)
     for i, step in enumerate(STEPS[: last + 1]):

@@ -42,9 +42,10 @@ def test_quick_run_writes_every_benchmark_with_a_baseline_and_a_ratio(tmp_path):
     assert "extraction" in proc.stdout and "ratio" in proc.stdout  # the printed table
 
 
-def test_only_rejects_unknown_names(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bench", "--only", "nope", "--out", str(tmp_path / "r.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "unknown benchmark nope" in proc.stderr
+@pytest.mark.parametrize(("only", "message"), [("nope", "unknown benchmark nope"), (",", "--only ',' names no benchmark")])
+def test_only_rejects_unknown_names_and_an_empty_list(tmp_path, only, message):
+    proc = subprocess.run([sys.executable, "-m", "bench", "--only", only, "--out", str(tmp_path / "r.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.parametrize(("flag", "value", "message"), [("--threads", "0", "at least 1 thread"), ("--repeats", "0", "at least once"), ("--growth-sizes", "0.1,abc", "'abc'"), ("--growth-sizes", "-1", "positive numbers")])

@@ -60,6 +60,14 @@ def test_a_command_run_too_early_names_itself_and_the_step_it_needs(tmp_path, ti
     assert_user_error(cli("similarity", "--run", run), "step 'similarity' needs step 'activations'")
 
 
+def test_a_build_whose_from_step_comes_after_its_until_step_is_refused(tmp_path, tiny_csv, tiny_model):
+    """``build --from saes --until data`` would redo nothing: said so, and no run folder is made."""
+    run = tmp_path / "r"
+    out = cli("build", "--run", run, "--from", "saes", "--until", "data", "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model)
+    assert_user_error(out, "--from saes comes after --until data", "pass --until saes or a later step")
+    assert not run.exists()
+
+
 def test_a_new_run_is_never_made_over_someone_elses_files(tmp_path, tiny_csv, tiny_model):
     """A folder with files but no manifest.json is not a run: the data step refused to write
     there, and the user's files are as they were."""
