@@ -17,7 +17,7 @@ import torch
 from core.data import DataConfig, clean_text
 from core.errors import LayerscopeError
 from core.models import encode, kept_span, load_classifier, load_tokenizer, quiet_transformers
-from core.runfolder import MODELS, RunFolder
+from core.runfolder import MODEL_NAMES, MODELS, RunFolder
 from core.sae import topk_rows
 from core.saes import load_sae
 
@@ -344,21 +344,36 @@ def sentence_features(bundle: Bundle, state: SentenceState, layer: int, feature:
     return {"tokens": state.tokens, "pretrained": pre.tolist(), "finetuned": ft.tolist(), "difference": (ft - pre).tolist()}
 
 
-def matched_features(bundle: Bundle, state: SentenceState, layer: int, feature_pre: int) -> dict:
-    """A pre-trained feature on the pre-trained model next to its matched fine-tuned feature on the fine-tuned model."""
+def matched_features(bundle: Bundle, state: SentenceState, layer: int, feature: int, sae_model: str = "pretrained") -> dict:
+    """A feature of one model's SAE on that model next to its matched partner in the other model's
+    SAE on the other model (``partner < 0``: none, shown as zeros). ``feature_pretrained`` and
+    ``feature_finetuned`` name the pair; ``similarity`` and ``status`` are the chosen feature's."""
     from core.features_step import load_matching
 
     match = load_matching(bundle.run, layer)
     if match is None:
         raise LayerscopeError("no feature matching in this run yet; run `python -m core features` first")
-    n = len(match["partner_of_pretrained"])
-    if isinstance(feature_pre, bool) or not isinstance(feature_pre, int) or not 0 <= feature_pre < n:
-        raise LayerscopeError(f"no feature {feature_pre} in the pre-trained SAE of layer {layer}: its features are 0..{n - 1}")
-    partner = int(match["partner_of_pretrained"][feature_pre])
-    pre = latents(bundle, state, "pretrained", layer)[:, feature_pre]
-    ft = latents(bundle, state, "finetuned", layer)[:, partner] if partner >= 0 else torch.zeros_like(pre)
-    sim = match["similarity_of_pretrained"][feature_pre]
-    return {"tokens": state.tokens, "feature_pretrained": feature_pre, "feature_finetuned": partner, "similarity": None if sim < -1 else sim, "status": match["status_of_pretrained"][feature_pre], "pretrained": pre.tolist(), "finetuned": ft.tolist(), "difference": (ft - pre).tolist()}
+    other = "finetuned" if sae_model == "pretrained" else "pretrained"
+    n = len(match[f"partner_of_{sae_model}"])
+    if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < n:
+        raise LayerscopeError(f"no feature {feature} in the {MODEL_NAMES[sae_model]} SAE of layer {layer}: its features are 0..{n - 1}")
+    partner = int(match[f"partner_of_{sae_model}"][feature])
+    mine = latents(bundle, state, sae_model, layer)[:, feature]  # [tokens] on its own model
+    theirs = latents(bundle, state, other, layer)[:, partner] if partner >= 0 else torch.zeros_like(mine)
+    pair = {sae_model: (feature, mine), other: (partner, theirs)}
+    sim = match[f"similarity_of_{sae_model}"][feature]
+    pre, ft = pair["pretrained"][1], pair["finetuned"][1]
+    return {
+        "tokens": state.tokens,
+        "sae_model": sae_model,
+        "feature_pretrained": pair["pretrained"][0],
+        "feature_finetuned": pair["finetuned"][0],
+        "similarity": None if sim < -1 else sim,
+        "status": match[f"status_of_{sae_model}"][feature],
+        "pretrained": pre.tolist(),
+        "finetuned": ft.tolist(),
+        "difference": (ft - pre).tolist(),
+    }
 
 
 def truncation_note(cut: dict) -> str:

@@ -17,6 +17,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import get_colorscale
 
+from core.runfolder import MODEL_NAMES
+
 MEASURES = ("cosine_of_means", "mean_cosine", "token_cosine", "cka")
 MEASURE_LABELS = {
     "cosine_of_means": "cosine of means",
@@ -509,7 +511,6 @@ def feature_comparison(
 
 
 # ----------------------------------------------------------------------------- SAEs
-MODEL_NAMES = {"pretrained": "pre-trained", "finetuned": "fine-tuned"}
 MATCH_PARTS = (("kept", "kept", "#00CC96"), ("shifted", "shifted", "#FFA15A"), ("lost", "lost (no similar partner)", "#EF553B"))
 MATCH_PAIRS = (("", "fine-tuned"), ("baseline_", "seed twin"))  # what the pre-trained SAE is matched with
 

@@ -33,8 +33,7 @@ import streamlit as st
 import torch
 
 from core.errors import LayerscopeError
-from core.plots import MODEL_NAMES
-from core.runfolder import STEPS, RunFolder
+from core.runfolder import MODEL_NAMES, STEPS, RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUN_NAME = "default"
@@ -429,15 +428,15 @@ def sentence_features(run: RunFolder, text: str, layer: int, feature: int, sae_m
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
-def _matched_features(path: str, stamp: int, text: str, layer: int, feature_pre: int) -> dict:
+def _matched_features(path: str, stamp: int, text: str, layer: int, feature: int, sae_model: str) -> dict:
     from core.analysis import matched_features
 
-    return matched_features(_bundle(path, stamp), _sentence_state(path, stamp, text), layer, feature_pre)
+    return matched_features(_bundle(path, stamp), _sentence_state(path, stamp, text), layer, feature, sae_model)
 
 
-def matched_features(run: RunFolder, text: str, layer: int, feature_pre: int) -> dict:
-    """A pre-trained feature on the pre-trained model next to its matched fine-tuned partner."""
-    return _matched_features(str(run.root), run_stamp(str(run.root)), text, layer, feature_pre)
+def matched_features(run: RunFolder, text: str, layer: int, feature: int, sae_model: str = "pretrained") -> dict:
+    """A feature of ``sae_model``'s SAE on that model next to its matched partner on the other model."""
+    return _matched_features(str(run.root), run_stamp(str(run.root)), text, layer, feature, sae_model)
 
 
 @st.cache_data(show_spinner="Reading feature statistics ...", max_entries=16)
@@ -464,15 +463,18 @@ def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int 
 
 
 def match_caption(m: dict) -> str:
-    """What the matching says of a pre-trained feature: its partner is a match only when kept or
-    shifted; a lost feature's one-to-one partner is shown, but named as not similar."""
-    partner, sim, status = m["feature_finetuned"], m.get("similarity"), m.get("status", "")
+    """What the matching says of a feature (of the SAE ``m["sae_model"]``, pre-trained by default):
+    its partner is a match only when kept or shifted; the one-to-one partner of a lost (or new)
+    feature is shown, but named as not similar."""
+    mine = m.get("sae_model", "pretrained")
+    other = "finetuned" if mine == "pretrained" else "pretrained"
+    partner, sim, status, name = m[f"feature_{other}"], m.get("similarity"), m.get("status", ""), MODEL_LABELS[other]
     cosine = f", decoder cosine {sim:.2f}" if sim is not None else ""
     if partner < 0:
-        return f"no fine-tuned partner ({status})"
+        return f"no {name} partner ({status})"
     if status in ("kept", "shifted"):
-        return f"matched fine-tuned feature {partner}{cosine} ({status})"
-    return f"no similar fine-tuned feature ({status}); shown: its assigned partner, feature {partner}{cosine}"
+        return f"matched {name} feature {partner}{cosine} ({status})"
+    return f"no similar {name} feature ({status}); shown: its assigned partner, feature {partner}{cosine}"
 
 
 def sae_layers(run: RunFolder, model: str) -> list[int]:

@@ -207,16 +207,16 @@ def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int
 
 
 def matched_panel(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str, scales: Scales, labels: int, wrap: int | None) -> None:
-    """A pre-trained feature on the pre-trained model next to its matched fine-tuned feature on the fine-tuned model."""
-    m = shared.matched_features(run, text, choice.layer, feature)
-    partner = m["feature_finetuned"]
+    """A feature on its own model next to its matched partner (the other model's SAE) on the other model."""
+    m = shared.matched_features(run, text, choice.layer, feature, choice.model)
+    rows = tuple(f"{shared.MODEL_LABELS[model]} f{m[f'feature_{model}']}" if m[f"feature_{model}"] >= 0 else f"{shared.MODEL_LABELS[model]} (none)" for model in ("pretrained", "finetuned"))
     fig = plots.feature_comparison(
         m["tokens"],
         m["pretrained"],
         m["finetuned"],
         m["difference"],
-        title=f"Feature {feature} and its match: {shared.match_caption(m)}",
-        row_labels=(f"pre-trained f{feature}", f"fine-tuned f{partner}" if partner >= 0 else "fine-tuned (none)"),
+        title=f"{shared.MODEL_LABELS[choice.model].capitalize()} feature {feature} and its match: {shared.match_caption(m)}",
+        row_labels=rows,
         feature_max=scales.matched_max,
         difference_bound=scales.matched_bound,
         cut_after=cut_after(result),
@@ -256,8 +256,8 @@ def sentence_column(run, text: str, result: dict, choice: SaeChoice, feature: in
 
 
 def show_matched(run, choice: SaeChoice) -> bool:
-    """Toggle for the matched-feature panel (pre-trained dictionary with a feature matching only)."""
-    if choice.layer is None or choice.model != "pretrained" or not run.is_done("features"):
+    """Toggle for the matched-feature panel (once the features step has matched the two dictionaries)."""
+    if choice.layer is None or not run.is_done("features"):
         return False
     return st.toggle("Show match", key=shared.KEY_EX_MATCHED, persist_state="session")
 
@@ -288,7 +288,7 @@ def shared_scales(run, texts: list[str], results: list[dict], choice: SaeChoice,
         scales.difference_bound = _largest([a["difference"] for a in acts])
         scales.top_max = _largest(tops)
         if matched:
-            pairs = [shared.matched_features(run, t, choice.layer, feature) for t in texts]
+            pairs = [shared.matched_features(run, t, choice.layer, feature, choice.model) for t in texts]
             scales.matched_max = _largest([p[m] for p in pairs for m in ("pretrained", "finetuned")])
             scales.matched_bound = _largest([p["difference"] for p in pairs])
     except Exception:  # noqa: BLE001 - shown by the panel that fails, with its message

@@ -763,6 +763,24 @@ def test_matched_feature_panel(app, sae_run, features_run):
         assert pairs[0]["data"][i]["zmax"] == pairs[1]["data"][i]["zmax"] == pytest.approx(np.nanmax(values), rel=1e-6), name
 
 
+def test_the_match_panel_works_from_the_fine_tuned_dictionary_too(app, features_run):
+    """With the fine-tuned SAE chosen, the toggle stays and the panel shows the chosen feature's
+    pre-trained partner: the same numbers the core computes from that side."""
+    from core.analysis import load_bundle, matched_features, sentence_state
+
+    at = explorer(app)
+    at.segmented_control(key=shared.KEY_EX_MODEL).set_value("finetuned").run()
+    at.toggle(key=shared.KEY_EX_MATCHED).set_value(True).run()
+    assert_clean(at)
+    fig = chart(at, "its match")
+    feature = int(re.match(r"Fine-tuned feature (\d+) and its match: ", title(fig)).group(1))
+    layer = int(at.selectbox(key=shared.KEY_EX_LAYER).value)
+    bundle = load_bundle(features_run)
+    want = matched_features(bundle, sentence_state(bundle, at.text_input(key=shared.KEY_TEXT).value), layer, feature, "finetuned")
+    assert "pre-trained" in title(fig) and "fine-tuned feature" not in title(fig).split(":", 1)[1]
+    np.testing.assert_allclose(array(fig["data"][0]["z"]), [want["pretrained"], want["finetuned"]], rtol=1e-5, atol=1e-6)
+
+
 def test_compare_toggle_shows_a_second_sentence(app, sae_run):
     at = explorer(app)
     n = len(charts(at))
@@ -875,6 +893,9 @@ def test_a_lost_features_partner_is_not_called_a_match():
     lost = shared.match_caption({**base, "status": "lost"})
     assert lost.startswith("no similar fine-tuned feature (lost)") and "assigned partner, feature 476, decoder cosine 0.21" in lost
     assert shared.match_caption({"feature_finetuned": -1, "similarity": None, "status": "dead"}) == "no fine-tuned partner (dead)"
+    new = {"sae_model": "finetuned", "feature_pretrained": 12, "feature_finetuned": 3, "similarity": 0.3, "status": "new"}
+    assert shared.match_caption(new).startswith("no similar pre-trained feature (new); shown: its assigned partner, feature 12")
+    assert shared.match_caption({**new, "status": "kept"}) == "matched pre-trained feature 12, decoder cosine 0.30 (kept)"
 
 
 def test_feature_browser_tables_keep_their_own_row_selection(app, features_run, runs):

@@ -688,6 +688,31 @@ def test_matched_feature_out_of_range_is_one_clear_error(tiny_run):
     for bad in (d_sae, -1):
         with pytest.raises(LayerscopeError, match=f"no feature {bad} in the pre-trained SAE of layer 1"):
             matched_features(bundle, state, 1, bad)
+        with pytest.raises(LayerscopeError, match=f"no feature {bad} in the fine-tuned SAE of layer 1"):
+            matched_features(bundle, state, 1, bad, "finetuned")
+
+
+def test_a_matched_pair_reads_the_same_from_either_dictionary(tiny_run):
+    """The matching is one-to-one: asking from the fine-tuned feature gives the pair that asking
+    from its pre-trained partner gives, each on its own model; a feature without a partner gets zeros."""
+    from core.analysis import latents, load_bundle, matched_features, sentence_state
+    from core.features_step import load_matching
+
+    bundle = load_bundle(tiny_run)
+    state = sentence_state(bundle, "the plot was brilliant and the cast was dull", clean=False)
+    for layer in (1, 2):
+        match = load_matching(tiny_run, layer)
+        for f, p in enumerate(match["partner_of_finetuned"]):
+            got = matched_features(bundle, state, layer, f, "finetuned")
+            assert (got["feature_finetuned"], got["feature_pretrained"], got["sae_model"]) == (f, p, "finetuned")
+            assert got["status"] == match["status_of_finetuned"][f]
+            torch.testing.assert_close(torch.tensor(got["finetuned"]), latents(bundle, state, "finetuned", layer, "finetuned")[:, f])
+            if p < 0:
+                assert got["pretrained"] == [0.0] * len(state.tokens)
+                continue
+            assert match["partner_of_pretrained"][p] == f
+            back = matched_features(bundle, state, layer, p, "pretrained")
+            assert {k: back[k] for k in ("feature_pretrained", "feature_finetuned", "pretrained", "finetuned", "difference")} == {k: got[k] for k in ("feature_pretrained", "feature_finetuned", "pretrained", "finetuned", "difference")}
 
 
 def test_without_the_features_step_the_ranking_names_what_was_used(run_copy):
