@@ -186,7 +186,7 @@ def preflight(run: RunFolder, cfg: RunConfig, redo_from: str | None = None) -> N
     exist would be found only at the ``activations`` or ``saes`` step, minutes later."""
     from core.activations import check_layers
     from core.models import check_max_length, load_model_config
-    from core.saes import resolve_layers
+    from core.saes import check_memory, resolve_layers
 
     record = run.step_record("finetune") if run.exists() else None
     redo = redo_from is not None and STEPS.index(redo_from) <= STEPS.index("finetune")
@@ -205,6 +205,7 @@ def preflight(run: RunFolder, cfg: RunConfig, redo_from: str | None = None) -> N
             + (f"saes.d_sae" if cfg.saes.d_sae else f"saes.expansion_factor {cfg.saes.expansion_factor} x hidden size {model_config.hidden_size}")
             + "); lower saes.k (--sae-k) or widen the dictionary"
         )
+    check_memory(cfg.saes, model_config.hidden_size)
 
 
 def build(run: RunFolder, cfg: RunConfig, *, force: bool = False, redo_from: str | None = None, until: str | None = None, log=print) -> dict:

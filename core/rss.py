@@ -34,6 +34,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB (macOS reports bytes)
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the system can give a new allocation without swapping (``MemAvailable`` in
+    /proc/meminfo); None where that is not known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def reset_peak_rss() -> bool:
     """Reset the peak to the current RSS; False where the system does not allow it."""
     try:

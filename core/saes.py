@@ -31,6 +31,7 @@ from core.data import load_split
 from core.errors import LayerscopeError, OptionCheck
 from core.models import ModelConfig, encode, hidden_state_module, load_classifier, load_tokenizer, model_fingerprint, pad_batch, predict_proba, quiet_transformers
 from core.progress import progress_bar
+from core.rss import available_memory_bytes
 from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
 from core.sae import RETRAIN_HINT, SAEConfig, SparseAutoencoder, check_compatible, retrain_hint
 from core.sae_metrics import evaluate_sae
@@ -73,6 +74,23 @@ class SAEsConfig:
         self.training.validate()
         if self.training.epochs != 1:  # the step streams its shards; its passes are saes.epochs
             OptionCheck("saes.training", self.training).fail("epochs", "1 in the saes step, which streams its shards once per pass; set the passes over the tokens with saes.epochs instead")
+
+
+def check_memory(cfg: SAEsConfig, d_in: int) -> None:
+    """Refuse a dictionary whose training cannot fit in the memory this machine has free, before
+    any work, instead of a failed allocation inside torch. The figure is a lower bound (the two
+    weight matrices with their gradients and Adam's two moments, 4 x 2 x d_in x d_sae floats, plus
+    one batch of pre-activations), so a setting that would fit is never refused."""
+    d_sae = cfg.d_sae or cfg.expansion_factor * d_in
+    need = 4 * (4 * 2 * d_in * d_sae + cfg.training.batch_size * d_sae)
+    free = available_memory_bytes()
+    if free is not None and need > free:
+        size = "saes.d_sae" if cfg.d_sae else f"saes.expansion_factor={cfg.expansion_factor}"
+        raise LayerscopeError(
+            f"an SAE of {d_sae:,} latents on {d_in}-wide hidden states needs at least {need / 2**30:,.1f} GiB to train "
+            f"(weights, gradients, Adam's moments and one batch of {cfg.training.batch_size:,}), more than the "
+            f"{free / 2**30:,.1f} GiB free here; lower {size} or saes.training.batch_size"
+        )
 
 
 def default_layers(num_blocks: int) -> list[int]:
@@ -280,6 +298,7 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
     rows = train.index["num_examples" if cfg.input == "mean_pooled" else "num_tokens"]
     if cfg.training.batch_size > rows:  # no batch would ever fill: the stream would gather rows until memory runs out
         raise LayerscopeError(f"saes.training.batch_size={cfg.training.batch_size} is more than the {rows:,} training rows ({'texts' if cfg.input == 'mean_pooled' else 'tokens'}); lower it (default 2048) or extract more with activations.sae_examples")
+    check_memory(cfg, train.d_model)
     layers = resolve_layers(cfg, train.num_layers - 1)
     train.require_layers(layers)
     labels_all = load_split(run, "test")

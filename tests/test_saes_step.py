@@ -737,3 +737,41 @@ def test_sae_in_another_layers_folder_is_refused(run_copy):
     shutil.copytree(run_copy / "saes" / "finetuned" / "layer_1", run_copy / "saes" / "finetuned" / "layer_2")
     for out in (cli("analyze", "--run", run_copy, "--text", "hello"), cli("features", "--run", run_copy, "--force")):
         assert_user_error(out, "trained on hidden state 1", "folder of layer 2", "layer_1", f"python -m core saes --run {run_copy} --force")
+
+
+def test_a_dictionary_too_large_for_free_memory_is_refused_before_training(tiny_run, tmp_path, monkeypatch, capsys):
+    """The bound is 4 bytes x (4 x 2 x d_in x d_sae + batch x d_sae): one byte less free is refused
+    (by the saes verb, before it writes anything), one byte more is not."""
+    from core import saes
+    from core.__main__ import main
+    from core.saes import SAEsConfig, check_memory
+
+    cfg = SAEsConfig(d_sae=1000)
+    cfg.training.batch_size = 64
+    need = 4 * (4 * 2 * 32 * 1000 + 64 * 1000)
+    monkeypatch.setattr(saes, "available_memory_bytes", lambda: need)
+    check_memory(cfg, 32)
+    monkeypatch.setattr(saes, "available_memory_bytes", lambda: need - 1)
+    with pytest.raises(LayerscopeError, match=r"an SAE of 1,000 latents on 32-wide hidden states needs at least 0\.0 GiB .* lower saes\.d_sae or saes\.training\.batch_size"):
+        check_memory(cfg, 32)
+    monkeypatch.setattr(saes, "available_memory_bytes", lambda: None)  # unknown: never refused
+    check_memory(cfg, 32)
+
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    monkeypatch.setattr(saes, "available_memory_bytes", lambda: 2**20)
+    assert main(["saes", "--run", str(run), "--force", "--set", "saes.d_sae=100000"]) == 2
+    assert "needs at least" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_free_memory_is_read_from_the_system():
+    import os
+
+    from core.rss import available_memory_bytes
+
+    free = available_memory_bytes()
+    if free is None:
+        pytest.skip("no /proc/meminfo here")
+    assert 0 < free <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
