@@ -100,6 +100,30 @@ def claim_late(rows: Sequence[Mapping], groups: dict) -> dict:
     return _claim("late", text, [last], SUPPORTED if ok else NOT_SUPPORTED, numbers, "; ".join(parts))
 
 
+# How a claim's numbers read in a table: key prefix -> label, with {m} the measure's name.
+_QUANTITY_LABELS = (
+    ("min_", "lowest {m}"),
+    ("early_", "{m}, early layers (mean)"),
+    ("middle_", "{m}, middle layers (mean)"),
+    ("late_", "{m}, late layers (mean)"),
+    ("last_", "{m} at the last layer"),
+    ("lowest_layer_", "layer with the lowest {m}"),
+    ("largest_drop_into_", "layer after the largest {m} drop"),
+    ("largest_drop_", "largest {m} drop between neighbouring layers"),
+)
+
+
+def quantity_label(key: str) -> str:
+    """A claim number's key in words: "largest_drop_into_cka" -> "layer after the largest linear CKA drop"."""
+    if key == "last_layer":
+        return "last layer"
+    for prefix, label in sorted(_QUANTITY_LABELS, key=lambda pl: -len(pl[0])):  # the longest prefix first
+        measure = key[len(prefix) :]
+        if key.startswith(prefix) and measure in plots.MEASURE_LABELS:
+            return label.format(m=plots.MEASURE_LABELS[measure])
+    return key.replace("_", " ")
+
+
 def paper_claims(rows: Sequence[Mapping], threshold: float = HIGH_SIMILARITY) -> list[dict]:
     """The three claims with a verdict computed from per-layer similarity rows (``report["similarity"]``)."""
     num_layers = max((int(r["layer"]) for r in rows), default=0)

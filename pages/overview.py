@@ -16,6 +16,7 @@ from core.export import (
     layer_groups,
     matching_frame,
     paper_claims,
+    quantity_label,
     sae_frame,
     summary_rows,
 )
@@ -130,7 +131,7 @@ def verdict(claim: dict) -> None:
 
 
 def numbers_frame(numbers: dict) -> pd.DataFrame:
-    return pd.DataFrame({"quantity": [k.replace("_", " ") for k in numbers], "value": [f"{v:.4f}" if isinstance(v, float) else str(v) for v in numbers.values()]})
+    return pd.DataFrame({"quantity": [quantity_label(k) for k in numbers], "value": [f"{v:.4f}" if isinstance(v, float) else str(v) for v in numbers.values()]})
 
 
 def _numbers(spec: dict[str, tuple[str, str]]) -> dict:

@@ -342,6 +342,19 @@ def test_paper_claims_supported_on_a_paper_like_curve():
     assert claims[2]["numbers"]["lowest_layer_cka"] == 12
 
 
+def test_every_claim_number_has_a_label_in_words():
+    from core.export import quantity_label
+
+    keys = [k for c in paper_claims(paper_like(12)) for k in c["numbers"]]
+    assert len(keys) == 1 + 2 + 6 + 8  # last layer; lowest per measure; group means; the late claim's four per measure
+    labels = {k: quantity_label(k) for k in keys}
+    assert len(set(labels.values())) == len(keys) and not any("_" in v for v in labels.values()), labels
+    assert labels["largest_drop_into_cka"] == "layer after the largest linear CKA drop"
+    assert labels["largest_drop_mean_cosine"] == "largest mean cosine drop between neighbouring layers"
+    assert labels["middle_cka"] == "linear CKA, middle layers (mean)" and labels["last_layer"] == "last layer"
+    assert quantity_label("something_new") == "something new"
+
+
 def test_paper_claims_not_supported_when_the_numbers_say_otherwise():
     flat_then_dip = rows_from({m: [0.5, 0.5, 0.4, 0.3, 0.35, 0.6, 0.7] for m in plots.MEASURES})
     claims = paper_claims(flat_then_dip)
