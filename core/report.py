@@ -124,7 +124,7 @@ def _rare(r: dict | None) -> str:
 def format_report(rep: dict) -> str:
     out = [f"run        {rep['run']}", f"base model {rep['base_model']}", f"dataset    {rep['dataset']}"]
     if "rows" in rep:
-        out.append("rows       " + ", ".join(f"{k} {v}" for k, v in rep["rows"].items()))
+        out.append("rows       " + ", ".join(f"{k} {v:,}" for k, v in rep["rows"].items()))
     if "finetune" in rep:
         ft = rep["finetune"]
         out += ["", "Fine-tuning (test split)", _table(
@@ -135,7 +135,7 @@ def format_report(rep: dict) -> str:
         out += ["", "Classification report (fine-tuned)", _table(rows, ["class", "precision", "recall", "f1", "support"])]
     if "similarity" in rep:
         rows = [[r["layer"], r["cosine_of_means"], r["mean_cosine"], r["token_cosine"], r["cka"]] for r in rep["similarity"]]
-        out += ["", f"Layer similarity, pre-trained vs fine-tuned ({rep['similarity_tokens']} test tokens)", _table(rows, ["layer", "cos(means)", "mean cos", "token cos", "CKA"])]
+        out += ["", f"Layer similarity, pre-trained vs fine-tuned ({rep['similarity_tokens']:,} test tokens)", _table(rows, ["layer", "cos(means)", "mean cos", "token cos", "CKA"])]
     if rep.get("saes"):
         rows = [[s["model"], s["layer"], s["architecture"], s["d_sae"], s["l0"], s["fvu"], s["dead_fraction"], s.get("accuracy_spliced", float("nan")), s.get("fvu_on_finetuned", ""), _rare(s.get("rare_tokens"))] for s in rep["saes"]]
         out += ["", "Sparse autoencoders (held-out tokens; rare: tokens seen < 50 times in training, share of tokens -> share of error)",
