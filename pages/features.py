@@ -92,6 +92,7 @@ def feature_list(run, model: str, layer: int, table: pd.DataFrame, ranking: str)
         help=f"starts at the top feature by {ranking}; or tick a row's box in the table",
     )
     table_key = shared.browser_table_key(key)
+    shown = [i for i, f in enumerate(table["feature"]) if f == feature][:1]  # the row's position
     st.dataframe(
         table,
         hide_index=True,
@@ -100,6 +101,7 @@ def feature_list(run, model: str, layer: int, table: pd.DataFrame, ranking: str)
         key=table_key,
         on_select=lambda: _pick_row(table, key, table_key),
         selection_mode="single-row",
+        selection_default={"selection": {"rows": shown}},  # a new table (see browser_table_key) ticks the feature shown
         column_config=table_columns(table),
         column_order=table_order(table, ranking),
     )
@@ -111,7 +113,9 @@ def _open_partner(run, model: str, layer: int, partner: int) -> None:
     other = OTHER[model]
     st.session_state[shared.KEY_FB_MODEL] = other
     st.session_state[shared.KEY_FB_LAYER] = layer
-    st.session_state[shared.browser_feature_key(run, other, layer, st.session_state.get(shared.KEY_FB_RANK, shared.RANKINGS[0]))] = partner
+    key = shared.browser_feature_key(run, other, layer, st.session_state.get(shared.KEY_FB_RANK, shared.RANKINGS[0]))
+    st.session_state[key] = partner
+    shared.feature_typed(key)  # a fresh table, its partner's row ticked
 
 
 def match_box(run, model: str, layer: int, match: dict | None) -> None:

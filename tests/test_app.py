@@ -898,6 +898,37 @@ def test_a_lost_features_partner_is_not_called_a_match():
     assert shared.match_caption({**new, "status": "kept"}) == "matched pre-trained feature 12, decoder cosine 0.30 (kept)"
 
 
+def test_the_feature_shown_is_the_row_ticked_in_the_table(app, features_run, runs, monkeypatch):
+    """The card's feature is ticked in the table: at first, after a number is typed, and after
+    the partner button opens the other SAE's table."""
+    from streamlit.elements.lib import policies
+
+    monkeypatch.setattr(policies, "_shown_default_value_warning", False)
+
+    def ticked(at) -> int:
+        """The feature of the row ticked in the table on the page (its key ends its widget id)."""
+        table = at.dataframe[0]
+        key = table.proto.id.split("-")[-1]
+        (row,) = at.session_state[key]["selection"]["rows"]
+        return int(table.value.iloc[row]["feature"])
+
+    at = browser(app)
+    first = int(re.match(r"Feature (\d+)", card_title(at)).group(1))
+    assert ticked(at) == first
+    run, layer = RunFolder(runs["tiny"]), int(at.selectbox(key=shared.KEY_FB_LAYER).value)
+    table = at.dataframe[0].value
+    fifth = int(table.iloc[4]["feature"])
+    at.number_input(key=shared.browser_feature_key(run, "pretrained", layer, "variance")).set_value(fifth).run()
+    assert_clean(at)
+    assert card_title(at).startswith(f"Feature {fifth} ") and ticked(at) == fifth
+    buttons = [b for b in at.button if b.label.startswith("Open ")]
+    if buttons:
+        partner = int(re.search(r"feature (\d+)", buttons[0].label).group(1))
+        buttons[0].click().run()
+        assert_clean(at)
+        assert card_title(at).startswith(f"Feature {partner} · fine-tuned SAE") and ticked(at) == partner
+
+
 def test_feature_browser_tables_keep_their_own_row_selection(app, features_run, runs):
     """One table key served every SAE and ranking, so a row checked in one table stayed checked
     in the next; and typing a feature number left the old row checked."""
