@@ -6,13 +6,14 @@
       data/labels.json              {"names": [...]}
       models/pretrained/            save_pretrained folder: base model + freshly initialised (seeded) head
       models/finetuned/             save_pretrained folder: the fine-tuned classifier
+      finetune/trainer/             the transformers Trainer's output_dir (empty: no checkpoints are saved)
       finetune/metrics.json         accuracy, macro-F1, per-class report for both models
       activations/<split>/index.json
       activations/<split>/tokens_00000.safetensors       example_ids, token_ids, positions, special
       activations/<split>/<model>_00000.safetensors      layer_0 .. layer_L  [tokens, d_model]
       similarity/similarity.json + similarity.csv + cka_matrix.csv
       saes/<model>/layer_<i>/{cfg.json, sae_weights.safetensors, metrics.json}
-      features/<model>/layer_<i>/{stats.safetensors, top_examples.json}
+      features/<model>/layer_<i>/stats.safetensors      per-feature statistics, top examples, histograms
       features/matching/layer_<i>.json
 
 Every write goes to a temporary name in the same folder and is renamed into
