@@ -137,7 +137,8 @@ def read_json(path: Path, fields: dict | None = None) -> dict:
 # The fields a reader relies on, so that a file edited by hand or written by another program gets
 # one message naming it instead of a KeyError deep inside a reader. A shape maps a key to a type
 # (or a tuple of types), to a nested shape, or to ``[item]`` for a list whose items all match
-# ``item``; a key ending in "?" may be absent, and the key "*" stands for every key of a mapping. Writers may add fields; readers ``.get`` the rest.
+# ``item``; a key ending in "?" may be absent, and the key "*" stands for every key of a mapping.
+# Writers may add fields; readers ``.get`` the rest.
 NUMBER = (int, float)  # JSON numbers, NaN included (Python's json writes and reads it)
 LABELS_FIELDS = {"names": [str]}
 CLASS_SCORES = {"precision": NUMBER, "recall": NUMBER, "f1-score": NUMBER, "support": NUMBER}
@@ -174,7 +175,7 @@ MANIFEST_FIELDS = {
 
 def field_problem(obj, fields: dict, where: str = "") -> str | None:
     """The first way ``obj`` (a dict) departs from the shape ``fields``, e.g. "no 'names'" or
-    "'layers[3].cka' is a str, not a number"; None when it fits."""
+    "'layers[3].cka' is a string, not a number"; None when it fits."""
     for key, spec in fields.items():
         if key == "*":  # every value of a mapping with free keys, e.g. one entry per class name
             for k, v in obj.items():
@@ -201,23 +202,29 @@ def _value_problem(value, spec, name: str) -> str | None:
     if isinstance(spec, list):
         if not isinstance(value, list):
             return f"'{name}' is {_kind(value)}, not a list"
+        if isinstance(spec[0], (type, tuple)) and all(type(v) in _types(spec[0]) for v in value):
+            return None  # a list of plain values that fits (a matching file holds six of d_sae each)
         for i, item in enumerate(value):
             problem = _value_problem(item, spec[0], f"{name}[{i}]")
             if problem:
                 return problem
         return None
-    types = spec if isinstance(spec, tuple) else (spec,)
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):  # True is an int to Python
-        wanted = "a number" if types == NUMBER else " or ".join(_kind(t()) for t in types)
+    if type(value) not in _types(spec):  # exact types: True is an int to isinstance
+        wanted = "a number" if spec == NUMBER else " or ".join(_WORDS[t] for t in _types(spec))
         return f"'{name}' is {_kind(value)}, not {wanted}"
     return None
 
 
+def _types(spec) -> tuple:
+    return spec if isinstance(spec, tuple) else (spec,)
+
+
+_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", dict: "an object", list: "a list", type(None): "null"}
+
+
 def _kind(value) -> str:
     """What a JSON value is, in words: "a string", "null"."""
-    if isinstance(value, bool):
-        return "true or false"
-    return {int: "a whole number", float: "a number", str: "a string", dict: "an object", list: "a list", type(None): "null"}.get(type(value), type(value).__name__)
+    return _WORDS.get(type(value), type(value).__name__)
 
 
 @contextlib.contextmanager
