@@ -360,14 +360,14 @@ def matched_features(bundle: Bundle, state: SentenceState, layer: int, feature: 
     partner = int(match[f"partner_of_{sae_model}"][feature])
     mine = latents(bundle, state, sae_model, layer)[:, feature]  # [tokens] on its own model
     theirs = latents(bundle, state, other, layer)[:, partner] if partner >= 0 else torch.zeros_like(mine)
-    pair = {sae_model: (feature, mine), other: (partner, theirs)}
+    ids = {sae_model: feature, other: partner}
+    pre, ft = (mine, theirs) if sae_model == "pretrained" else (theirs, mine)
     sim = match[f"similarity_of_{sae_model}"][feature]
-    pre, ft = pair["pretrained"][1], pair["finetuned"][1]
     return {
         "tokens": state.tokens,
         "sae_model": sae_model,
-        "feature_pretrained": pair["pretrained"][0],
-        "feature_finetuned": pair["finetuned"][0],
+        "feature_pretrained": ids["pretrained"],
+        "feature_finetuned": ids["finetuned"],
         "similarity": None if sim < -1 else sim,
         "status": match[f"status_of_{sae_model}"][feature],
         "pretrained": pre.tolist(),

@@ -193,17 +193,21 @@ def test_max_length_beyond_the_model_positions_is_refused_by_the_finetune_step(t
     assert not (tmp_path / "r" / "finetune").exists()
 
 
-def test_analyze_ranks_by_the_sentence_from_the_cli(tiny_run):
-    out = cli("analyze", "--run", tiny_run.root, "--text", "a fine film", "--rank-by", "sentence", "--top", "2", "--json", check=True)
-    result = json.loads(out.stdout)
+def test_analyze_ranks_by_the_sentence_from_the_cli(tiny_run, capsys):
+    """In-process (``main``): the rankings, not the process, are under test here."""
+    from core.__main__ import main
+
+    def analyze(*args) -> str:
+        assert main(["analyze", "--run", str(tiny_run.root), "--text", "a fine film", *args]) == 0
+        return capsys.readouterr().out
+
+    result = json.loads(analyze("--rank-by", "sentence", "--top", "2", "--json"))
     assert result["ranking"] == "variance over this sentence" and all(len(e["features"]) == 2 for e in result["saes"])
-    text = cli("analyze", "--run", tiny_run.root, "--text", "a fine film", "--rank-by", "sentence", check=True).stdout
-    assert "(top features by variance over this sentence)" in text
-    change = json.loads(cli("analyze", "--run", tiny_run.root, "--text", "a fine film", "--rank-by", "sentence-change", "--json", check=True).stdout)
+    assert "(top features by variance over this sentence)" in analyze("--rank-by", "sentence")
+    change = json.loads(analyze("--rank-by", "sentence-change", "--json"))
     assert change["ranking"] == "|fine-tuned − pre-trained| over this sentence" and len(change["saes"]) == len(result["saes"])
     assert all(len(f["difference"]) == len(change["tokens"]) for e in change["saes"] for f in e["features"])
-    text = cli("analyze", "--run", tiny_run.root, "--text", "a fine film", "--rank-by", "sentence-change", check=True).stdout
-    assert "values: fine-tuned − pre-trained activation)" in text
+    assert "values: fine-tuned − pre-trained activation)" in analyze("--rank-by", "sentence-change")
     bad = cli("analyze", "--run", tiny_run.root, "--text", "a fine film", "--rank-by", "loudest")  # argparse's own message
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--rank-by: invalid choice: 'loudest'" in bad.stderr and "'sentence'" in bad.stderr
 
