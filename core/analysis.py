@@ -101,6 +101,10 @@ def sentence_state(bundle: Bundle, text: str, clean: bool = True) -> SentenceSta
         raise LayerscopeError("the sentence is empty; type some text to analyse")
     if len(text) > MAX_TEXT_CHARS:
         raise LayerscopeError(f"the text has {len(text)} characters; analyse at most {MAX_TEXT_CHARS} at a time")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: bytes that were not UTF-8 on the command line (Python's surrogateescape)
+        raise LayerscopeError(f"the text is not valid UTF-8 (character {e.start + 1} of {len(text)} is a lone surrogate, e.g. from non-UTF-8 bytes); pass UTF-8 text") from None
     if clean:
         text = clean_text(text, DataConfig(**{k: v for k, v in bundle.config["data"].items() if k in DataConfig.__dataclass_fields__})) or text
     mc = bundle.config["model"]

@@ -212,6 +212,22 @@ def test_analyze_ranks_by_the_sentence_from_the_cli(tiny_run, capsys):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--rank-by: invalid choice: 'loudest'" in bad.stderr and "'sentence'" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("  ", "the sentence is empty"),
+        ("film " * 1001, "the text has 5005 characters; analyse at most 5000 at a time"),
+        (os.fsdecode(b"a \xff film"), "the text is not valid UTF-8 (character 3 of 8 is a lone surrogate"),  # argv bytes that are not UTF-8
+    ],
+)
+def test_analyze_refuses_text_it_cannot_read_in_one_line(tiny_run, capsys, text, message):
+    from core.__main__ import main
+
+    assert main(["analyze", "--run", str(tiny_run.root), "--text", text]) == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], lines
+
+
 def test_analyze_top_below_one_and_a_closed_pipe(tiny_run):
     assert_user_error(cli("analyze", "--run", tiny_run.root, "--text", "a fine film", "--top", "0"), "top=0", "at least 1 feature")
     read_end, write_end = os.pipe()
