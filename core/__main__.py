@@ -118,10 +118,24 @@ def _dispatch_ending_bars(args: argparse.Namespace) -> int:
         raise
 
 
+def _refuse_non_utf8(args: argparse.Namespace) -> None:
+    """Arguments whose bytes were not UTF-8 reach Python as lone surrogates (surrogateescape), which
+    no tokenizer, JSON or HTML writer accepts: say so once, up front."""
+    for name, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str):
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    fix = "pass UTF-8 text" if name in ("text", "set") else "rename the file or folder, or pass another path"
+                    raise LayerscopeError(f"--{name} holds bytes that are not valid UTF-8 ({v.encode('utf-8', 'backslashreplace').decode()}); {fix}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        _refuse_non_utf8(args)
         return _dispatch_ending_bars(args)
     except LayerscopeError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -217,7 +217,7 @@ def test_analyze_ranks_by_the_sentence_from_the_cli(tiny_run, capsys):
     [
         ("  ", "the sentence is empty"),
         ("film " * 1001, "the text has 5005 characters; analyse at most 5000 at a time"),
-        (os.fsdecode(b"a \xff film"), "the text is not valid UTF-8 (character 3 of 8 is a lone surrogate"),  # argv bytes that are not UTF-8
+        (os.fsdecode(b"a \xff film"), "--text holds bytes that are not valid UTF-8 (a \\udcff film); pass UTF-8 text"),  # argv bytes that are not UTF-8
     ],
 )
 def test_analyze_refuses_text_it_cannot_read_in_one_line(tiny_run, capsys, text, message):
@@ -226,6 +226,21 @@ def test_analyze_refuses_text_it_cannot_read_in_one_line(tiny_run, capsys, text,
     assert main(["analyze", "--run", str(tiny_run.root), "--text", text]) == 2
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_a_path_or_text_that_is_not_utf8_is_refused_up_front(tiny_run, tmp_path, capsys):
+    """A folder whose name holds non-UTF-8 bytes ran the report, then failed writing HTML; and
+    such text reaching the analysis directly (not through the CLI) is refused there too."""
+    from core.__main__ import main
+    from core.analysis import load_bundle, sentence_state
+
+    odd = tmp_path / os.fsdecode(b"run\xff")
+    shutil.copytree(tiny_run.root, odd)
+    assert main(["export", "--run", str(odd), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert "--run holds bytes that are not valid UTF-8" in err and "rename the file or folder" in err and not (tmp_path / "r.html").exists()
+    with pytest.raises(LayerscopeError, match=r"the text is not valid UTF-8 \(character 3 of 8 is a lone surrogate"):
+        sentence_state(load_bundle(tiny_run), os.fsdecode(b"a \xff film"))
 
 
 def test_analyze_top_below_one_and_a_closed_pipe(tiny_run):
