@@ -39,13 +39,13 @@ def esc(text) -> str:
 
 
 TITLE_LINE_PX, SUBTITLE_LINE_PX = 22, 16  # height of one more wrapped line of a title / subtitle
-NARROW_TITLE_CHARS = 52  # title characters per line that fit a chart half a page wide (two sentences side by side)
-WIDE_TITLE_CHARS = 100  # and a chart the page's width, at 1280 pixels
+NARROW_TITLE_CHARS = 38  # title characters per line that fit a chart half a page wide (two sentences side by side)
+WIDE_TITLE_CHARS = 80  # and a chart the page's width, both in a window 1,024 pixels wide
 
 
 def _wrapped_title(title: str, subtitle: str = "", wrap: int | None = None) -> tuple[dict | None, int]:
     """Plotly title (escaped) and the extra top margin it needs. ``wrap``: at most that many
-    characters per title line (a subtitle's smaller font fits 1.5x as many), for charts too narrow
+    characters per title line (a subtitle's smaller font fits 1.3x as many), for charts too narrow
     for the whole title on one line, such as two sentences side by side; Plotly never wraps
     titles itself and cuts them at the chart's edge."""
     if not title:
@@ -55,7 +55,7 @@ def _wrapped_title(title: str, subtitle: str = "", wrap: int | None = None) -> t
         return [esc(t) for t in (textwrap.wrap(text, width, break_on_hyphens=False) if width else [text])] or [""]
 
     head = lines(title, wrap)
-    sub = lines(subtitle, int(wrap * 1.5) if wrap else None) if subtitle else []
+    sub = lines(subtitle, int(wrap * 1.3) if wrap else None) if subtitle else []
     spec = {"text": "<br>".join(head)}
     if sub:
         spec["subtitle"] = {"text": "<br>".join(sub)}
@@ -297,7 +297,7 @@ def cka_heatmap(matrix: Sequence[Sequence[float]], title: str = "Linear CKA, eve
         )
     )
     fig.update_xaxes(title="fine-tuned hidden state", dtick=1, constrain="domain")
-    fig.update_yaxes(title="pre-trained hidden state", dtick=1, autorange="reversed", scaleanchor="x")
+    fig.update_yaxes(title="pre-trained hidden state", dtick=1, autorange="reversed", scaleanchor="x", constrain="domain")  # a narrow chart shrinks the square, never pads its range
     return _layout(fig, esc(title))
 
 

@@ -45,7 +45,7 @@ class SaeChoice:
 def sentence_inputs() -> list[str]:
     """One sentence, or two when comparing; Enter (or leaving the box) commits the text."""
     compare = bool(st.session_state.get(shared.KEY_COMPARE))
-    cols = st.columns([4, 4, 1.4] if compare else [8, 1.4], vertical_alignment="bottom")  # the toggle's label whole at 1280 px
+    cols = st.columns([4, 4, 1.8] if compare else [8, 1.8], vertical_alignment="bottom")  # the toggle's label whole from 1,024 px
     texts = [cols[0].text_input("Sentence (press Enter)", DEFAULT_TEXT, key=shared.KEY_TEXT, persist_state="session")]
     if compare:
         texts.append(cols[1].text_input("Second sentence (press Enter)", DEFAULT_TEXT_B, key=shared.KEY_TEXT_B, persist_state="session"))

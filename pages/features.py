@@ -161,10 +161,11 @@ def card_view(run, model: str, layer: int, feature: int, row: pd.Series | None) 
     st.subheader(f"Feature {feature} · {shared.MODEL_LABELS[model]} SAE · layer {layer}")
     if row is not None:
         stats = [c for c in ("variance", "density", "selectivity", "change") if c in row.index]
-        # numbers only in the tiles: four of them fill the card's width (a class name beside them
-        # left each too narrow for six characters), so the best class is a line of text below
-        for col, name in zip(st.columns(len(stats)), stats):
-            col.metric(name, shared.short_number(float(row[name])), help=f"{name} = {float(row[name]):.6g}" + TILE_HELP.get(name, ""))
+        # numbers only in the tiles, two per row: four in one row cut every value to "1.…" once the
+        # window is 1,024 pixels wide; the best class is a line of text below
+        for pair in (stats[i : i + 2] for i in range(0, len(stats), 2)):
+            for col, name in zip(st.columns(2), pair):
+                col.metric(name, shared.short_number(float(row[name])), help=f"{name} = {float(row[name]):.6g}" + TILE_HELP.get(name, ""))
         if "best_class" in row.index:
             st.markdown(f"Fires most for **{shared.safe_text(row['best_class'])}** :gray[(the highest one-vs-rest AUROC of its per-text maximum)]")
     match_box(run, model, layer, card.get("match"))

@@ -539,7 +539,7 @@ def test_explorer_shows_cosine_prediction_feature_and_top_features(app, sae_run)
     np.testing.assert_allclose(array(cosine["z"]), np.array(layer_cosine(state), dtype=float), atol=1e-6)
     assert all(t["x"] == list(range(len(state.tokens))) for t in fig["data"])
     assert trace(fig, "difference")["zmid"] == 0  # the difference is diverging, centred at zero
-    assert "top 8 features of this SAE by variance" in fig["layout"]["title"]["subtitle"]["text"]  # sharing the chart, below
+    assert "top 8 features of this SAE by variance" in subtitle(fig)  # sharing the chart, below
     top = trace(fig, "top features")
     assert top["xaxis"] == "x" and len(fig["layout"]["yaxis"]["ticktext"]) == 8
     assert all(fig["layout"][f"xaxis{i}"]["matches"] == "x" for i in (2, 3, 4))  # one token axis for every panel
@@ -718,7 +718,7 @@ def test_explorer_choices_survive_an_empty_sentence_and_a_page_switch(app, sae_r
         assert_clean(at)
         feature = chart(at, SENTENCE)
         assert f"fine-tuned SAE, layer {first})" in title(feature)
-        assert "top 5 features of this SAE by density" in feature["layout"]["title"]["subtitle"]["text"]
+        assert "top 5 features of this SAE by density" in subtitle(feature)
 
     at.text_input(key=shared.KEY_TEXT).input(" ").run()
     assert [i.value for i in at.info] == ["Type a sentence and press Enter."] and not charts(at)
@@ -800,7 +800,7 @@ def test_compare_toggle_shows_a_second_sentence(app, sae_run):
     # half-width charts wrap their titles (Plotly cuts a long one at the chart's edge)
     for f in figs:
         lines = f["layout"]["title"]["text"].split("<br>") + f["layout"]["title"]["subtitle"]["text"].split("<br>")
-        assert len(lines) > 2 and max(len(html.unescape(line)) for line in lines) <= 1.5 * plots.NARROW_TITLE_CHARS
+        assert len(lines) > 2 and max(len(html.unescape(line)) for line in lines) <= 1.3 * plots.NARROW_TITLE_CHARS
         assert f["layout"]["margin"]["t"] > 80  # room for the extra lines
     at.text_input(key=shared.KEY_TEXT_B).input("the plot was dull").run()
     ticks = [f["layout"]["xaxis"]["ticktext"] for f in charts(at) if SENTENCE in title(f)]

@@ -105,6 +105,9 @@ def test_cka_heatmap_axes():
     assert [list(r) for r in trace.z] == matrix
     assert "pre-trained" in fig.layout.yaxis.title.text and "fine-tuned" in fig.layout.xaxis.title.text
     assert "%{z:.4f}" in trace.hovertemplate
+    # square cells: the y axis follows x, and both shrink their domain in a narrow chart (the
+    # default, "range", padded a 7 x 7 matrix with rows -6 to 12 at 1,024 pixels)
+    assert fig.layout.yaxis.scaleanchor == "x" and fig.layout.xaxis.constrain == fig.layout.yaxis.constrain == "domain"
 
 
 def test_highlight_layers_adds_a_shaded_span():
@@ -234,9 +237,9 @@ def test_narrow_charts_wrap_their_titles_and_make_room():
     wrapped = validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], title=title, subtitle=sub, wrap=40))
     assert "<br>" not in one.layout.title.text and one.layout.title.text == plots.esc(title)
     head, tail = wrapped.layout.title.text.split("<br>"), wrapped.layout.title.subtitle.text.split("<br>")
-    assert len(head) == 3 and len(tail) == 2 and all(len(line) <= 40 for line in head) and all(len(line) <= 60 for line in tail)
+    assert len(head) == 3 and len(tail) == 3 and all(len(line) <= 40 for line in head) and all(len(line) <= 52 for line in tail)
     assert " ".join(head) == plots.esc(title) and "&lt;b&gt;" in head[-1]  # escaped line by line, no text lost
-    extra = 2 * plots.TITLE_LINE_PX + plots.SUBTITLE_LINE_PX
+    extra = 2 * plots.TITLE_LINE_PX + 2 * plots.SUBTITLE_LINE_PX
     assert wrapped.layout.margin.t == one.layout.margin.t + extra and wrapped.layout.height == one.layout.height + extra
     assert (wrapped.layout.title.yref, wrapped.layout.title.yanchor) == ("container", "top")  # pinned, so lines grow down
     heat = validated(plots.token_heatmap([[1.0, 0.5]], ["a", "b"], ["emb"], title=title, wrap=40))
