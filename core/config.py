@@ -143,6 +143,8 @@ def _nest(dotted: dict[str, object]) -> dict:
 
 def read_toml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise LayerscopeError(f"config file {path} is a folder; pass a TOML file to --config (core/presets/*.toml are examples)")
     if not path.is_file():
         raise LayerscopeError(f"config file {path} not found; pass an existing TOML file to --config")
     try:

@@ -127,5 +127,9 @@ def test_bad_preset_and_file(tmp_path):
     bad.write_text("[finetune\n")
     with pytest.raises(LayerscopeError, match="not valid TOML"):
         load_config(config_file=bad)
+    with pytest.raises(LayerscopeError, match="is a folder; pass a TOML file to --config"):
+        load_config(config_file=tmp_path)
+    with pytest.raises(LayerscopeError, match="not found; pass an existing TOML file"):
+        load_config(config_file=tmp_path / "missing.toml")
     with pytest.raises(LayerscopeError, match="SECTION.FIELD=VALUE"):
         parse_set_flags(["epochs"])
