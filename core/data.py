@@ -117,7 +117,8 @@ def _load_bbc() -> tuple[pd.DataFrame, list[str]]:
 
 def _load_csv(path: Path, cfg: DataConfig) -> tuple[pd.DataFrame, list[str] | None]:
     if not path.is_file():
-        raise LayerscopeError(f"dataset file {path} not found; pass an existing CSV path or one of: {', '.join(BUILTIN)}")
+        what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
+        raise LayerscopeError(f"dataset file {path} {what}; pass an existing CSV path or one of: {', '.join(BUILTIN)}")
     try:
         df = pd.read_csv(path, encoding="utf-8", encoding_errors="strict")
     except UnicodeDecodeError as e:

@@ -58,6 +58,8 @@ def _load(loader, name: str, **kwargs):
     path = resolve_base(name)
     if _looks_local(path) and not Path(path).expanduser().exists():
         raise LayerscopeError(f"model folder {path} does not exist; pass a folder written by save_pretrained or a hub id")
+    if Path(path).expanduser().is_file():
+        raise LayerscopeError(f"{path} is a file, not a model folder; pass the folder that holds its config.json (written by save_pretrained) or a hub id")
     try:
         return loader.from_pretrained(str(Path(path).expanduser()) if _looks_local(path) else path, **kwargs)
     except (OSError, ValueError, SafetensorError, AttributeError, TypeError, KeyError) as e:

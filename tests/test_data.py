@@ -163,3 +163,12 @@ def test_a_damaged_split_without_a_recorded_hash_is_one_clear_error(tmp_path, co
     run.split_csv("test").write_text(content)
     with pytest.raises(LayerscopeError, match=rf"test\.csv is damaged \({re.escape(problem)}.*\); rebuild it with"):
         load_split(run, "test")
+
+
+def test_a_dataset_path_that_is_a_folder_or_a_device_says_so(tmp_path):
+    with pytest.raises(LayerscopeError, match="is a folder; pass an existing CSV path"):
+        prepare(DataConfig(dataset=str(tmp_path)))
+    with pytest.raises(LayerscopeError, match="is not a regular file; pass an existing CSV path"):
+        prepare(DataConfig(dataset="/dev/null"))
+    with pytest.raises(LayerscopeError, match="not found; pass an existing CSV path"):
+        prepare(DataConfig(dataset=str(tmp_path / "gone.csv")))

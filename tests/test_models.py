@@ -66,3 +66,13 @@ def test_a_config_json_edited_into_nonsense_is_one_clear_error(tmp_path, tiny_mo
     for load in (load_classifier, load_tokenizer):
         with pytest.raises(LayerscopeError, match=r"edited is not a loadable model folder \(module 'torch' has no attribute 'x'\)"):
             load(str(edited))
+
+
+def test_a_file_passed_as_the_model_is_named_a_file(tmp_path):
+    from core.errors import LayerscopeError
+    from core.models import load_classifier
+
+    path = tmp_path / "weights.csv"
+    path.write_text("a,b\n")
+    with pytest.raises(LayerscopeError, match=r"weights\.csv is a file, not a model folder; pass the folder that holds its config\.json"):
+        load_classifier(str(path))
