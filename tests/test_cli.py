@@ -1,6 +1,8 @@
 """The command line: verbs, JSON report, and one clear line (exit 2) for every user mistake."""
 
+import contextlib
 import errno
+import io
 import json
 import os
 import shutil
@@ -36,9 +38,25 @@ def cli_env(**extra) -> dict:
     return {**numeric, "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": _HOME, **extra}
 
 
-def cli(*args, check=False, env=None):
-    env = cli_env(**(env or {}))
-    out = subprocess.run([sys.executable, "-m", "core", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+def cli(*args, check=False, env=None, process=False) -> subprocess.CompletedProcess:
+    """``python -m core ARGS``: its exit code, stdout and stderr.
+
+    Run in this process through ``core.__main__.main``, the same parsing and dispatch without a new
+    interpreter's ~4 s of imports; a bug's exception propagates and fails the test (a subprocess
+    would print its traceback). ``process=True`` (or an ``env``, read when a process starts) runs a
+    real ``python -m core`` where the process itself is under test."""
+    if process or env:
+        out = subprocess.run([sys.executable, "-m", "core", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env(**(env or {})))
+    else:
+        from core.__main__ import main
+
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 2
+        out = subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
     if check:
         assert out.returncode == 0, out.stderr
     return out
@@ -56,7 +74,7 @@ def assert_user_error(out, *fragments):
 def test_a_command_run_too_early_names_itself_and_the_step_it_needs(tmp_path, tiny_csv, tiny_model):
     run = tmp_path / "r"
     cli("data", "--run", run, "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model, check=True)
-    assert_user_error(cli("analyze", "--run", run, "--text", "a film"), "the analyze command needs step 'finetune', which has not run in", f"python -m core finetune --run {run}")
+    assert_user_error(cli("analyze", "--run", run, "--text", "a film", process=True), "the analyze command needs step 'finetune', which has not run in", f"python -m core finetune --run {run}")  # exit 2 from a real interpreter
     assert_user_error(cli("similarity", "--run", run), "step 'similarity' needs step 'activations'")
 
 
@@ -110,7 +128,7 @@ def test_seeds_out_of_range_are_refused_before_any_work(option, value):
 
 
 def test_report_json_from_cli(tiny_run):
-    rep = json.loads(cli("report", "--run", tiny_run.root, "--json", check=True).stdout)
+    rep = json.loads(cli("report", "--run", tiny_run.root, "--json", check=True, process=True).stdout)  # a real `python -m core`
     assert rep["num_layers"] == 2 and len(rep["similarity"]) == 3
     assert "Layer similarity" in cli("report", "--run", tiny_run.root, check=True).stdout
 
