@@ -5,6 +5,8 @@ No timing is asserted anywhere: the quick mode runs on tiny inputs and its figur
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -42,16 +44,27 @@ def test_quick_run_writes_every_benchmark_with_a_baseline_and_a_ratio(tmp_path):
     assert "extraction" in proc.stdout and "ratio" in proc.stdout  # the printed table
 
 
+def refused(*args: str) -> subprocess.CompletedProcess:
+    """``python -m bench ARGS`` in this process, for arguments it must refuse: a refusal returns
+    before the bench switches off progress bars or sets torch's threads for the process."""
+    from bench.__main__ import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(list(args))
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
+
+
 @pytest.mark.parametrize(("only", "message"), [("nope", "unknown benchmark nope"), (",", "--only ',' names no benchmark")])
 def test_only_rejects_unknown_names_and_an_empty_list(tmp_path, only, message):
-    proc = subprocess.run([sys.executable, "-m", "bench", "--only", only, "--out", str(tmp_path / "r.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = refused("--only", only, "--out", str(tmp_path / "r.json"))
     assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.parametrize(("flag", "value", "message"), [("--threads", "0", "at least 1 thread"), ("--repeats", "0", "at least once"), ("--growth-sizes", "0.1,abc", "'abc'"), ("--growth-sizes", "-1", "positive numbers")])
 def test_bad_numbers_are_refused_before_any_benchmark_runs(tmp_path, flag, value, message):
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "-m", "bench", flag, value, "--out", str(out), "--work", str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = refused(flag, value, "--out", str(out), "--work", str(tmp_path / "w"))
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not out.exists() and "==" not in proc.stderr + proc.stdout  # nothing ran, nothing written
 
@@ -67,7 +80,7 @@ def test_bad_paths_are_refused_before_any_benchmark_runs(tmp_path):
         (["--out", str(tmp_path / "r.json"), "--growth-sizes", "inf"], "positive numbers"),
     ]
     for args, message in cases:
-        proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "sae_training", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        proc = refused("--quick", "--only", "sae_training", *args)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
         assert "==" not in proc.stderr + proc.stdout, args  # refused before any benchmark ran
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]
