@@ -263,8 +263,8 @@ def load_split(run: RunFolder, split: str) -> pd.DataFrame:
     if not path.is_file():
         run.require("data", "reading the data splits")
         raise LayerscopeError(f"{path} is missing; {redo}")
-    record = run.step_record("data") or {}
-    written = (record.get("result") or {}).get("hashes", {}).get(split)
+    record = run.step_record("data") or {}  # its shape checked with the manifest (MANIFEST_FIELDS)
+    written = record.get("result", {}).get("hashes", {}).get(split)
     if written is not None and file_hash(path) != written:
         raise LayerscopeError(f"{path} has changed since the data step wrote it (its hash is not the one in manifest.json); put the original back, or {redo}")
     try:

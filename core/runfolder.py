@@ -165,7 +165,7 @@ _STEP_RECORD = {"finished": str, "result": {}}
 MANIFEST_FIELDS = {
     "config": {},
     "steps?": {
-        "data?": {**_STEP_RECORD, "result": {"labels": [str], "rows": {"*": int}}},
+        "data?": {**_STEP_RECORD, "result": {"labels": [str], "rows": {"*": int}, "hashes?": {"*": str}}},
         "activations?": {**_STEP_RECORD, "result": {"*": {}}},
         "features?": {**_STEP_RECORD, "result": {"matching?": [{}]}},
         **{f"{step}?": _STEP_RECORD for step in ("finetune", "similarity", "saes")},

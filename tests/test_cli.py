@@ -502,6 +502,11 @@ def _step_record_is_a_number(m):
     return m
 
 
+def _split_hash_is_a_number(m):
+    m["steps"]["data"]["result"]["hashes"]["test"] = 5
+    return m
+
+
 @pytest.mark.parametrize(
     "damaged, edit, verb, problem, fix",
     [
@@ -511,6 +516,7 @@ def _step_record_is_a_number(m):
         ("finetune/metrics.json", _drop_support, ["export", "--out", "{run}/../r.html"], "(no 'pretrained.per_class.negative.support')", "`python -m core finetune --run {run} --force`"),
         ("saes/finetuned/layer_2/metrics.json", lambda d: {**d, "fvu": None}, ["report", "--json"], "('fvu' is null, not a number)", "`python -m core saes --run {run} --force`"),
         ("manifest.json", _step_record_is_a_number, ["build"], "('steps.data' is a whole number, not an object)", "delete that manifest.json"),
+        ("manifest.json", _split_hash_is_a_number, ["features", "--force"], "('steps.data.result.hashes.test' is a whole number, not a string)", "delete that manifest.json"),
     ],
 )
 def test_a_run_file_missing_a_field_its_reader_needs_is_one_line(tiny_run, tmp_path, damaged, edit, verb, problem, fix, capsys):
