@@ -921,12 +921,11 @@ def test_the_feature_shown_is_the_row_ticked_in_the_table(app, features_run, run
     at.number_input(key=shared.browser_feature_key(run, "pretrained", layer, "variance")).set_value(fifth).run()
     assert_clean(at)
     assert card_title(at).startswith(f"Feature {fifth} ") and ticked(at) == fifth
-    buttons = [b for b in at.button if b.label.startswith("Open ")]
-    if buttons:
-        partner = int(re.search(r"feature (\d+)", buttons[0].label).group(1))
-        buttons[0].click().run()
-        assert_clean(at)
-        assert card_title(at).startswith(f"Feature {partner} · fine-tuned SAE") and ticked(at) == partner
+    (button,) = [b for b in at.button if b.label.startswith("Open ")]  # the one-to-one matching gives it a partner
+    partner = int(re.search(r"feature (\d+)", button.label).group(1))
+    button.click().run()
+    assert_clean(at)
+    assert card_title(at).startswith(f"Feature {partner} · fine-tuned SAE") and ticked(at) == partner
 
 
 def test_feature_browser_tables_keep_their_own_row_selection(app, features_run, runs):
