@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="per-token analysis of one sentence")
     a.add_argument("--run", default=str(DEFAULT_RUN))
     a.add_argument("--text", required=True, help="the sentence to analyse")
-    a.add_argument("--top", type=int, default=5, help="top features per SAE")
+    a.add_argument("--top", type=int, default=5, help="top features per SAE (more than an SAE has: all of them)")
     a.add_argument(
         "--rank-by",
         default="variance",
