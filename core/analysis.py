@@ -17,7 +17,7 @@ import torch
 from core.data import DataConfig, clean_text
 from core.errors import LayerscopeError
 from core.models import encode, kept_span, load_classifier, load_tokenizer, quiet_transformers
-from core.runfolder import MODEL_NAMES, MODELS, RunFolder
+from core.runfolder import MODEL_NAMES, MODELS, OTHER_MODEL, RunFolder
 from core.sae import topk_rows
 from core.saes import load_sae
 
@@ -181,7 +181,7 @@ def top_features(bundle: Bundle, state: SentenceState, model: str, layer: int, t
     ``difference`` per token (fine-tuned - pre-trained, the SAE applied to both models)."""
     z = latents(bundle, state, model, layer)  # [T, d_sae]
     if by == SENTENCE_CHANGE_RANKING:  # the same dictionary on both models' hidden states: |ft - pre| summed over tokens
-        other = "finetuned" if model == "pretrained" else "pretrained"
+        other = OTHER_MODEL[model]
         z_other = latents(bundle, state, model, layer, other)
         diff = z_other - z if model == "pretrained" else z - z_other  # [T, d_sae] fine-tuned - pre-trained
         order = torch.argsort(diff.abs().sum(0), descending=True, stable=True)
@@ -357,7 +357,7 @@ def matched_features(bundle: Bundle, state: SentenceState, layer: int, feature: 
     match = load_matching(bundle.run, layer)
     if match is None:
         raise LayerscopeError("no feature matching in this run yet; run `python -m core features` first")
-    other = "finetuned" if sae_model == "pretrained" else "pretrained"
+    other = OTHER_MODEL[sae_model]
     n = len(match[f"partner_of_{sae_model}"])
     if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < n:
         raise LayerscopeError(f"no feature {feature} in the {MODEL_NAMES[sae_model]} SAE of layer {layer}: its features are 0..{n - 1}")

@@ -35,7 +35,7 @@ from core.errors import LayerscopeError, OptionCheck
 from core.features import FeatureStats, FeatureStatsAccumulator, match_features, rank_features
 from core.models import hidden_state_module, load_classifier, load_tokenizer, pad_batch
 from core.progress import progress_bar
-from core.runfolder import MATCHING_FIELDS, MODELS, RunFolder, atomic_path, read_json, write_json
+from core.runfolder import MATCHING_FIELDS, MODELS, OTHER_MODEL, RunFolder, atomic_path, read_json, write_json
 from core.sae import SparseAutoencoder
 from core.sae_metrics import EVAL_CHUNK_ROWS, feature_density
 from core.saes import load_sae
@@ -83,7 +83,7 @@ def feature_stats(sae: SparseAutoencoder, store: ActivationStore, model: str, la
     uniq, local = torch.unique(ids, return_inverse=True)  # example ids -> 0..E-1
     label_of_example = torch.tensor([labels_by_id[int(i)] for i in uniq])
     acc = FeatureStatsAccumulator(sae.cfg.d_sae, num_classes, top_k=top_k)
-    other = "finetuned" if model == "pretrained" else "pretrained"
+    other = OTHER_MODEL[model]
     change = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)  # [d_sae] running sum of |z_other - z|
     start = 0
     for (_, z), (_, z_other) in zip(_latent_chunks(sae, store, model, layer), _latent_chunks(sae, store, other, layer)):
@@ -299,7 +299,7 @@ def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance") 
             df[f"logit_effect[{name}]"] = s["logit_effect"][:, c].numpy()
     match = load_matching(run, layer)
     if match:
-        other = "finetuned" if model == "pretrained" else "pretrained"
+        other = OTHER_MODEL[model]
         df[f"partner_in_{other}"] = match[f"partner_of_{model}"]
         df["match_similarity"] = np.where(np.asarray(match[f"similarity_of_{model}"]) < -1, np.nan, match[f"similarity_of_{model}"])
         df["status"] = match[f"status_of_{model}"]
@@ -347,7 +347,7 @@ def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int 
     match_info = None
     if match:
         sim = match[f"similarity_of_{model}"][feature]
-        match_info = {"partner": match[f"partner_of_{model}"][feature], "similarity": None if sim < -1 else sim, "status": match[f"status_of_{model}"][feature], "other_model": "finetuned" if model == "pretrained" else "pretrained"}
+        match_info = {"partner": match[f"partner_of_{model}"][feature], "similarity": None if sim < -1 else sim, "status": match[f"status_of_{model}"][feature], "other_model": OTHER_MODEL[model]}
     return {
         "model": model,
         "layer": layer,

@@ -36,6 +36,7 @@ from core.errors import LayerscopeError
 FORMAT_VERSION = 1
 MODELS = ("pretrained", "finetuned")
 MODEL_NAMES = {"pretrained": "pre-trained", "finetuned": "fine-tuned"}  # in messages and figures
+OTHER_MODEL = {"pretrained": "finetuned", "finetuned": "pretrained"}
 SPLITS = ("train", "val", "test")
 STEPS = ("data", "finetune", "activations", "similarity", "saes", "features")
 

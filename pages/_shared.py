@@ -33,7 +33,7 @@ import streamlit as st
 import torch
 
 from core.errors import LayerscopeError
-from core.runfolder import MODEL_NAMES, STEPS, RunFolder
+from core.runfolder import MODEL_NAMES, OTHER_MODEL, STEPS, RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUN_NAME = "default"
@@ -467,7 +467,7 @@ def match_caption(m: dict) -> str:
     its partner is a match only when kept or shifted; the one-to-one partner of a lost (or new)
     feature is shown, but named as not similar."""
     mine = m.get("sae_model", "pretrained")
-    other = "finetuned" if mine == "pretrained" else "pretrained"
+    other = OTHER_MODEL[mine]
     partner, sim, status, name = m[f"feature_{other}"], m.get("similarity"), m.get("status", ""), MODEL_LABELS[other]
     cosine = f", decoder cosine {sim:.2f}" if sim is not None else ""
     if partner < 0:

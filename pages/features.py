@@ -11,9 +11,9 @@ import pandas as pd
 import streamlit as st
 
 from core import plots
+from core.runfolder import OTHER_MODEL
 from pages import _shared as shared
 
-OTHER = {"pretrained": "finetuned", "finetuned": "pretrained"}
 TILE_HELP = {"change": ": the mean over the test tokens of |fine-tuned − pre-trained| activation, this SAE applied to both models' hidden states (how far fine-tuning moved the feature)"}
 STATUS_HELP = {
     "kept": "a partner with a very similar decoder direction exists in the other model",
@@ -110,7 +110,7 @@ def feature_list(run, model: str, layer: int, table: pd.DataFrame, ranking: str)
 
 
 def _open_partner(run, model: str, layer: int, partner: int) -> None:
-    other = OTHER[model]
+    other = OTHER_MODEL[model]
     st.session_state[shared.KEY_FB_MODEL] = other
     st.session_state[shared.KEY_FB_LAYER] = layer
     key = shared.browser_feature_key(run, other, layer, st.session_state.get(shared.KEY_FB_RANK, shared.RANKINGS[0]))
@@ -126,7 +126,7 @@ def match_box(run, model: str, layer: int, match: dict | None) -> None:
     status = str(match.get("status", ""))
     partner = match.get("partner")
     sim = match.get("similarity")
-    other = shared.MODEL_LABELS[OTHER[model]]
+    other = shared.MODEL_LABELS[OTHER_MODEL[model]]
     c1, c2, c3 = st.columns(3)
     similar = status in ("kept", "shifted")  # a lost or new feature's one-to-one partner is not similar to it
     c1.metric(  # a short label: a third of the card is too narrow for "... in fine-tuned"
@@ -136,7 +136,7 @@ def match_box(run, model: str, layer: int, match: dict | None) -> None:
     )
     c2.metric("Similarity", "—" if sim is None or (isinstance(sim, float) and math.isnan(sim)) else f"{float(sim):.3f}")
     c3.metric("Status", status or "—", help=STATUS_HELP.get(status))
-    if partner is not None and int(partner) >= 0 and layer in shared.sae_layers(run, OTHER[model]):
+    if partner is not None and int(partner) >= 0 and layer in shared.sae_layers(run, OTHER_MODEL[model]):
         label = f"Open feature {int(partner)} in the {other} SAE" if similar else f"Open the assigned partner, feature {int(partner)} in the {other} SAE (not similar)"
         st.button(label, on_click=_open_partner, args=(run, model, layer, int(partner)), icon=":material/swap_horiz:")
 
