@@ -137,8 +137,9 @@ def read_json(path: Path, fields: dict | None = None) -> dict:
 # ---------------------------------------------------------------- what the run's JSON files hold
 # The fields a reader relies on, so that a file edited by hand or written by another program gets
 # one message naming it instead of a KeyError deep inside a reader. A shape maps a key to a type
-# (or a tuple of types), to a nested shape, or to ``[item]`` for a list whose items all match
-# ``item``; a key ending in "?" may be absent, and the key "*" stands for every key of a mapping.
+# (or a tuple of types), to a nested shape, to ``(shape, type(None))`` for such an object or null,
+# or to ``[item]`` for a list whose items all match ``item``; a key ending in "?" may be absent,
+# and the key "*" stands for every key of a mapping.
 # Writers may add fields; readers ``.get`` the rest.
 NUMBER = (int, float)  # JSON numbers, NaN included (Python's json writes and reads it)
 LABELS_FIELDS = {"names": [str]}
@@ -154,7 +155,9 @@ SIMILARITY_FIELDS = {
 SAE_METRICS_FIELDS = {
     "model": str, "layer": int, "architecture": str, "d_sae": int,
     "l0": NUMBER, "fvu": NUMBER, "mse": NUMBER, "dead_fraction": NUMBER, "dense_fraction": NUMBER,
-    "rare_tokens?": (dict, type(None)), "training?": {}, "loss_curve?": {},
+    "accuracy_spliced?": NUMBER, "kl_spliced?": NUMBER, "fvu_on_finetuned?": NUMBER,
+    "rare_tokens?": ({"token_share": NUMBER, "error_share": NUMBER, "fvu": NUMBER, "fvu_rest": NUMBER}, type(None)),
+    "training?": {}, "loss_curve?": {"step": [NUMBER], "mse": [NUMBER], "l0": [NUMBER]},
 }
 MATCHING_FIELDS = {
     "layer": int, "kept": NUMBER, "shifted": NUMBER, "new": NUMBER, "lost": NUMBER, "counts": {},
@@ -198,6 +201,10 @@ def field_problem(obj, fields: dict, where: str = "") -> str | None:
 
 
 def _value_problem(value, spec, name: str) -> str | None:
+    if isinstance(spec, tuple) and isinstance(spec[0], dict):  # (shape, type(None)): that object, or null
+        if value is None:
+            return None
+        spec = spec[0]
     if isinstance(spec, dict):
         return f"'{name}' is {_kind(value)}, not an object" if not isinstance(value, dict) else field_problem(value, spec, name)
     if isinstance(spec, list):
