@@ -20,7 +20,7 @@ import streamlit as st
 
 from pages import _shared as shared
 
-st.set_page_config(page_title="Layerscope", layout="wide")
+st.set_page_config(page_title="Layerscope", page_icon="🔬", layout="wide")
 
 PAGES = [
     st.Page("pages/overview.py", title="Overview", icon=":material/dashboard:", default=True),

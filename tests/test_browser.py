@@ -41,13 +41,16 @@ def server(browser_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(server):
-    """A 1366x768 Chromium page; JavaScript dialogs are recorded (an alert would mean injected script ran)."""
+    """A 1366x768 Chromium page; JavaScript dialogs are recorded (an alert would mean injected
+    script ran), and so is every request that leaves the local server (the dashboard works offline:
+    a page icon from Google's font servers was one such request, and a failed one)."""
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             pg = browser.new_page(viewport={"width": 1366, "height": 768})
-            pg.dialogs = []
+            pg.dialogs, pg.external = [], []
             pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
+            pg.on("request", lambda r: None if r.url.startswith((server, "data:", "blob:")) else pg.external.append(r.url))
             yield pg
         finally:
             browser.close()
@@ -60,6 +63,7 @@ def tick_texts(pg) -> list[str]:
 def assert_no_errors(pg) -> None:
     assert pg.locator(ERRORS).count() == 0, pg.locator(ERRORS).all_inner_texts()
     assert pg.dialogs == []
+    assert pg.external == [], pg.external
 
 
 def test_sentence_explorer_in_a_browser(server, page, tmp_path, tiny_run):
