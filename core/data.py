@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import math
 import importlib.util
 import re
 import shlex
@@ -209,9 +210,10 @@ def prepare(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], list[str]]:
     counts = df["label"].value_counts()
     if len(counts) < 2:
         raise LayerscopeError(f"{where} has only one class ({names[int(counts.index[0])] if len(counts) else 'none'}) after cleaning; a classifier needs at least two")
+    _check_split_size(df, cfg, where, names)
     if cfg.max_rows and len(df) > cfg.max_rows:
-        df, _ = train_test_split(df, train_size=cfg.max_rows, stratify=df["label"], random_state=cfg.seed)
-    _check_split_size(df, cfg, where)
+        df = _cap(df, cfg)
+        _check_split_size(df, cfg, where, names, capped=True)  # the cap keeps the class shares, so a rare class can shrink below its floor
     holdout = cfg.val_fraction + cfg.test_fraction
     train, rest = train_test_split(df, test_size=holdout, stratify=df["label"], random_state=cfg.seed)
     val, test = train_test_split(rest, test_size=cfg.test_fraction / holdout, stratify=rest["label"], random_state=cfg.seed)
@@ -219,15 +221,40 @@ def prepare(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], list[str]]:
     return splits, names
 
 
-def _check_split_size(df: pd.DataFrame, cfg: DataConfig, where: str) -> None:
-    k = df["label"].nunique()
-    smallest = min(cfg.val_fraction, cfg.test_fraction)
-    need = max(int(k / smallest) + 1, 3 * k)
-    if len(df) < need or df["label"].value_counts().min() < 3:
+def _cap(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
+    """``cfg.max_rows`` rows drawn with each class's share kept (seeded)."""
+    extra = len(df) - cfg.max_rows
+    if extra < df["label"].nunique():  # too few left over for a stratified draw: take them from the largest class
+        largest = df["label"].value_counts().idxmax()
+        return df.drop(df[df["label"] == largest].sample(n=extra, random_state=cfg.seed).index)
+    kept, _ = train_test_split(df, train_size=cfg.max_rows, stratify=df["label"], random_state=cfg.seed)
+    return kept
+
+
+def split_floor(cfg: DataConfig, num_classes: int) -> tuple[int, int]:
+    """(rows, rows per class) a stratified train/validation/test split of ``num_classes`` needs.
+
+    Rows: enough that the smaller held-out split gets one row per class. Per class: the held-out
+    share (validation + test) of each class must hold two rows, one for each held-out split (else
+    scikit-learn's second stratified split fails), so a class needs 2 / (val + test) rows."""
+    holdout = cfg.val_fraction + cfg.test_fraction
+    rows = max(int(num_classes / min(cfg.val_fraction, cfg.test_fraction)) + 1, 3 * num_classes)
+    return rows, max(3, math.ceil(2 / holdout - 1e-9))
+
+
+def _check_split_size(df: pd.DataFrame, cfg: DataConfig, where: str, names: list[str], capped: bool = False) -> None:
+    counts = df["label"].value_counts()
+    k = len(counts)
+    need, per_class = split_floor(cfg, k)
+    split = f"a stratified {1 - cfg.val_fraction - cfg.test_fraction:.0%}/{cfg.val_fraction:.0%}/{cfg.test_fraction:.0%} split of {k} classes"
+    if cfg.max_rows and cfg.max_rows < need and not capped:
+        raise LayerscopeError(f"data.max_rows={cfg.max_rows} is below the {need} rows {split} needs; raise it (0 = no cap)")
+    if len(df) < need or counts.min() < per_class:
+        rare = names[int(counts.idxmin())]
+        fix = "raise data.max_rows (0 = no cap): the cap keeps each class's share, and left too few" if capped else "add rows, or drop the rarest class from the data"
         raise LayerscopeError(
-            f"{where} has {len(df)} usable rows ({df['label'].value_counts().min()} in its smallest class); "
-            f"a stratified {1 - cfg.val_fraction - cfg.test_fraction:.0%}/{cfg.val_fraction:.0%}/{cfg.test_fraction:.0%} "
-            f"split of {k} classes needs at least {need} rows and 3 per class: add rows, or raise data.max_rows (0 = no cap) if the cap left too few"
+            f"{where} has {len(df)} usable rows{' after the data.max_rows cap' if capped else ''}, {counts.min()} of them in its smallest class ('{rare}'); "
+            f"{split} needs at least {need} rows and {per_class} in every class (so that validation and test each get some of it): {fix}"
         )
 
 

@@ -1,4 +1,6 @@
 import re
+
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -43,6 +45,52 @@ def test_cap_keeps_class_balance(tmp_path):
     path = _csv(tmp_path, make_dataset(240))
     splits, _ = prepare(DataConfig(dataset=path, max_rows=100, drop_duplicates=False))
     assert sum(len(f) for f in splits.values()) == 100
+    assert pd.concat(splits.values())["label"].value_counts().to_dict() == {0: 50, 1: 50}
+
+
+def _classes(counts: dict) -> pd.DataFrame:
+    return pd.DataFrame([(f"{name} text {i}", name) for name, n in counts.items() for i in range(n)], columns=["text", "label"])
+
+
+@pytest.mark.parametrize(
+    "counts, max_rows, message",
+    [
+        # 3 rows of 'rare': the held-out 20% gets at most one, and scikit-learn's second split failed
+        ({"rare": 3, "common": 997}, 0, r"1000 usable rows, 3 of them in its smallest class \('rare'\).* at least 21 rows and 10 in every class.*drop the rarest class"),
+        # one row of 'rare' with a cap: the capping split itself failed
+        ({"rare": 1, "common": 300}, 100, r"1 of them in its smallest class \('rare'\)"),
+        # 12 rows of 'rare' are enough, but a cap to 100 of 1,012 keeps one of them
+        ({"rare": 12, "common": 1000}, 100, r"100 usable rows after the data.max_rows cap, 1 of them .*'rare'.*raise data.max_rows"),
+        ({"a": 50, "b": 50}, 1, r"data.max_rows=1 is below the 21 rows a stratified 80%/10%/10% split of 2 classes needs"),
+    ],
+)
+def test_a_class_too_rare_to_split_is_one_clear_error(tmp_path, counts, max_rows, message):
+    with pytest.raises(LayerscopeError, match=message):
+        prepare(DataConfig(dataset=_csv(tmp_path, _classes(counts)), max_rows=max_rows))
+
+
+def test_any_class_sizes_split_with_every_class_in_every_split_or_are_refused(tmp_path):
+    """Seeded random class sizes, caps and split fractions: each either splits with every class in
+    train, validation and test (and the cap's exact row count) or is refused with a LayerscopeError;
+    scikit-learn's ValueError never reaches the user."""
+    rng = np.random.default_rng(0)
+    outcomes = {"split": 0, "refused": 0}
+    for trial in range(120):
+        counts = {f"c{i}": int(rng.choice([1, 3, 9, 10, 12, 40, 200])) for i in range(int(rng.integers(2, 5)))}
+        total = sum(counts.values())
+        max_rows = int(rng.choice([0, 0, 30, 60, total - 1]))
+        val, test = [(0.1, 0.1), (0.05, 0.15), (0.25, 0.25)][int(rng.integers(3))]
+        cfg = DataConfig(dataset=_csv(tmp_path, _classes(counts)), max_rows=max_rows, val_fraction=val, test_fraction=test, seed=trial)
+        try:
+            splits, names = prepare(cfg)
+        except LayerscopeError:
+            outcomes["refused"] += 1
+            continue
+        outcomes["split"] += 1
+        for split, frame in splits.items():
+            assert set(frame["label"]) == set(range(len(counts))), (trial, split, counts, max_rows)
+        assert sum(len(f) for f in splits.values()) == (min(max_rows, total) if max_rows else total)
+    assert outcomes["split"] >= 20 and outcomes["refused"] >= 20, outcomes  # both branches are exercised
 
 
 def test_imdb_builtin_source():
