@@ -83,6 +83,8 @@ def start_page() -> None:
 
 
 def main() -> None:
+    if not shared.run_page(shared.checkpoints_dir):  # LAYERSCOPE_CHECKPOINTS=~nosuchuser/...: its message, then stop
+        st.stop()
     shared.init_run_selection()
     shared.run_picker()
     if shared.selected_run_path() is None:

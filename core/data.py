@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import math
 import importlib.util
+import math
 import re
 import shlex
 from dataclasses import dataclass
@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from core.errors import LayerscopeError, OptionCheck
+from core.errors import LayerscopeError, OptionCheck, user_path
 from core.runfolder import SPLITS, RunFolder, atomic_path, write_json
 
 BUILTIN = ("imdb", "rotten_tomatoes", "clothing_reviews", "bbc_news")
@@ -179,7 +179,7 @@ def load_raw(cfg: DataConfig) -> tuple[pd.DataFrame, list[str] | None]:
     if ds.startswith("hf:"):
         return _load_hf(ds, cfg)
     if ds.lower().endswith(".csv") or Path(ds).exists():
-        return _load_csv(Path(ds).expanduser(), cfg)
+        return _load_csv(user_path(ds), cfg)
     raise LayerscopeError(f"unknown dataset '{ds}'; choose one of {', '.join(BUILTIN)}, a CSV path, or hf:NAME")
 
 

@@ -7,10 +7,20 @@ A message names the problem *and* the fix, e.g.
 """
 
 import math
+from pathlib import Path
 
 
 class LayerscopeError(Exception):
     """A problem with the user's input, files or environment, with a fix in the message."""
+
+
+def user_path(path) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded. A user that does not exist (or a ``~``
+    without a home folder) is a LayerscopeError, where ``Path.expanduser`` raises RuntimeError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise LayerscopeError(f"cannot expand '{str(path).split('/')[0]}' in {path}: no such user, or no home folder; pass the path without it") from None
 
 
 class OptionCheck:

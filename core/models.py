@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from core.errors import LayerscopeError, OptionCheck
+from core.errors import LayerscopeError, OptionCheck, user_path
 
 EMBEDDED_ALIASES = ("all-MiniLM-L6-v2", "minilm", "sentence-transformers/all-MiniLM-L6-v2")
 
@@ -50,22 +50,22 @@ def resolve_base(name: str) -> str:
 
 
 def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or Path(name).expanduser().exists()
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or user_path(name).exists()
 
 
 def _load(loader, name: str, **kwargs):
     """Call a ``from_pretrained`` with one clear error for every way loading can fail."""
     path = resolve_base(name)
-    if _looks_local(path) and not Path(path).expanduser().exists():
+    if _looks_local(path) and not user_path(path).exists():
         raise LayerscopeError(f"model folder {path} does not exist; pass a folder written by save_pretrained or a hub id")
-    if Path(path).expanduser().is_file():
+    if user_path(path).is_file():
         raise LayerscopeError(f"{path} is a file, not a model folder; pass the folder that holds its config.json (written by save_pretrained) or a hub id")
     try:
-        return loader.from_pretrained(str(Path(path).expanduser()) if _looks_local(path) else path, **kwargs)
+        return loader.from_pretrained(str(user_path(path)) if _looks_local(path) else path, **kwargs)
     except (OSError, ValueError, SafetensorError, AttributeError, TypeError, KeyError) as e:
         # ValueError: no model_type; SafetensorError: damaged weights; the last three: a config.json
         # edited by hand (e.g. "dtype": "x" fails as torch.x), so only a local folder's are the user's
-        local = Path(path).expanduser().is_dir()
+        local = user_path(path).is_dir()
         if not local and isinstance(e, (AttributeError, TypeError, KeyError)):
             raise
         first_line = (str(e).splitlines() or [type(e).__name__])[0]
@@ -127,7 +127,7 @@ def model_fingerprint(folder: str | Path) -> str:
     trained on (another base model, or the same one fine-tuned again). "" when the folder holds
     no safetensors weights.
     """
-    files = sorted(Path(folder).expanduser().glob("*.safetensors"))
+    files = sorted(user_path(folder).glob("*.safetensors"))
     key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     return _fingerprint(key)
 

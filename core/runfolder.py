@@ -31,7 +31,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from core.errors import LayerscopeError
+from core.errors import LayerscopeError, user_path
 
 FORMAT_VERSION = 1
 MODELS = ("pretrained", "finetuned")
@@ -276,7 +276,7 @@ class RunFolder:
     """Paths and manifest of one run. Creating the object touches nothing on disk."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser()
+        self.root = user_path(root)
 
     def _refuse_file(self) -> None:
         if self.root.exists() and not self.root.is_dir():

@@ -32,7 +32,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from core.errors import LayerscopeError
+from core.errors import LayerscopeError, user_path
 from core.runfolder import MODEL_NAMES, OTHER_MODEL, STEPS, RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +118,7 @@ def feature_typed(feature_key: str) -> None:
 # ----------------------------------------------------------------------------- runs
 def checkpoints_dir() -> Path:
     """Folder searched for runs."""
-    return Path(os.environ.get("LAYERSCOPE_CHECKPOINTS") or ROOT / "checkpoints").expanduser()
+    return user_path(os.environ.get("LAYERSCOPE_CHECKPOINTS") or ROOT / "checkpoints")
 
 
 def default_build_target() -> Path:
@@ -150,7 +150,10 @@ def discover_runs(base: Path | None = None) -> list[str]:
 def resolve_run_arg(text: str) -> str:
     """A run given as a path (absolute, relative to the working folder or the repo) or a name under checkpoints/."""
     text = text.strip()
-    p = Path(text).expanduser()
+    try:
+        p = Path(text).expanduser()
+    except RuntimeError:  # ~user of no such user: kept as typed, and opening it says what is wrong
+        p = Path(text)
     for candidate in (p, ROOT / p, checkpoints_dir() / p):
         with contextlib.suppress(OSError, ValueError):  # a name too long, a folder we may not enter: not this one
             if candidate.is_dir():
@@ -227,6 +230,9 @@ def _select_from_text() -> None:
         found = RunFolder(path).exists()
     except (OSError, ValueError) as e:  # a name too long, a folder we may not enter, a NUL character
         st.session_state[KEY_RUN_MESSAGE] = f"{text} cannot be opened ({getattr(e, 'strerror', None) or e}); type the path of a run folder you can read"
+        return
+    except LayerscopeError as e:  # ~user of no such user
+        st.session_state[KEY_RUN_MESSAGE] = str(e)
         return
     if found:
         set_run(path)

@@ -420,6 +420,19 @@ def test_a_run_path_the_file_system_refuses_is_one_message(app, tmp_path):
     assert not at.expander  # no bug-report details for a user mistake
 
 
+def test_a_path_under_the_home_of_a_user_that_does_not_exist_is_one_message(app, runs):
+    """``~user/...`` of no such user (Path.expanduser raises RuntimeError) in the URL, the
+    LAYERSCOPE_CHECKPOINTS variable or the sidebar's run box: a message, never a traceback."""
+    no_user = "~layerscope_no_such_user_xyz"
+    for at in (app(query=f"{no_user}/run").run(), app(run=None, checkpoints=f"{no_user}/checkpoints").run()):
+        assert not at.exception and not at.expander
+        assert f"cannot expand '{no_user}'" in unescaped(at.error[0].value)
+    at = app().run()
+    at.sidebar.text_input(key=shared.KEY_RUN_TEXT).input(f"{no_user}/run").run()
+    assert not at.exception and at.session_state[shared.KEY_RUN] == str(runs["tiny"])  # the run shown stays
+    assert f"{no_user}/run" in unescaped(at.sidebar.warning[0].value)
+
+
 MARKDOWN_PATH = "$HOME/*not italic*/[link](x)"  # LaTeX, emphasis and a link, were it markdown
 
 

@@ -159,6 +159,23 @@ def test_a_file_given_as_run_folder_is_refused_and_left_alone(tmp_path, verb):
     assert notes.read_text() == "my notes"
 
 
+NO_USER = "~layerscope_no_such_user_xyz"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["report", "--run", f"{NO_USER}/run"],
+        ["build", "--run", "{tmp}/r", "--preset", "tiny", "--dataset", f"{NO_USER}/reviews.csv"],
+        ["build", "--run", "{tmp}/r", "--preset", "tiny", "--model", f"{NO_USER}/bert"],
+    ],
+)
+def test_a_path_under_the_home_of_a_user_that_does_not_exist_is_one_line(tmp_path, args):
+    """``~user/...`` of no such user: Path.expanduser's RuntimeError was a traceback."""
+    assert_user_error(cli(*(a.format(tmp=tmp_path) for a in args)), f"cannot expand '{NO_USER}'", "pass the path without it")
+    assert not (tmp_path / "r").exists()
+
+
 def test_export_to_a_folder_or_below_a_file_is_refused(tmp_path, tiny_run):
     assert_user_error(cli("export", "--run", tiny_run.root, "--out", tmp_path), "is a folder; pass a file name", "report.html")
     (tmp_path / "f").write_text("x")
