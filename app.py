@@ -18,6 +18,7 @@ import shlex
 
 import streamlit as st
 
+from core.runfolder import RunFolder
 from pages import _shared as shared
 
 st.set_page_config(page_title="Layerscope", page_icon="🔬", layout="wide")
@@ -49,7 +50,7 @@ def build_progress(target_path: str) -> None:
     shared.forget_build(target)
     if state["returncode"] != 0:
         reason = state["error"] or f"exit code {state['returncode']}"
-        if (target / "manifest.json").is_file():
+        if RunFolder(target).manifest_path.is_file():
             shared.set_run(str(target))
             st.session_state[shared.KEY_RUN_MESSAGE] = f"the build stopped early ({reason}); showing the steps that finished. Log: {state['log']}"
             st.rerun(scope="app")

@@ -311,8 +311,9 @@ def scratch_run(base, name: str):
     root.mkdir(parents=True)
     for sub in ("data", "models"):
         (root / sub).symlink_to((base.root / sub).resolve(), target_is_directory=True)
-    shutil.copy(base.manifest_path, root / "manifest.json")
-    return RunFolder(root)
+    run = RunFolder(root)
+    shutil.copy(base.manifest_path, run.manifest_path)
+    return run
 
 
 def load_models(run) -> tuple[dict, object]:

@@ -58,6 +58,7 @@ def run_child(task: str, *args: str, threads: int = 2) -> dict:
 
 def run(ctx: Context) -> Section:
     from core.activations import ActivationStore
+    from core.runfolder import RunFolder
 
     sec = Section("memory", __doc__.split("\n\n")[0])
     base = bench_run(ctx, ctx.pick(21000, 300))
@@ -83,12 +84,12 @@ def run(ctx: Context) -> Section:
     sec.details = {"floor": floor, "extraction": ext, "sae_floor": sae_floor, "sae": sae, "tokens": tokens, "shard_bytes": shard_bytes, "bytes_per_token": shard_bytes / tokens}
 
     default = ROOT / "checkpoints" / "default"
-    if (default / "features").is_dir() and not ctx.quick:
+    if RunFolder(default).is_done("features") and not ctx.quick:
         app_floor = run_child("dashboard_floor", "--run", str(default), threads=ctx.threads)
         app = run_child("dashboard", "--run", str(default), threads=ctx.threads)
         sec.add("dashboard serving the default run, peak RSS", app["peak_rss_mb"], "MB", app_floor["peak_rss_mb"], "Streamlit and the app's modules imported",
                 note=f"every page opened and {app['sentences']} sentences analysed in the explorer (Streamlit AppTest, {app['saes']} SAEs loaded)")
-        steps = json.loads((default / "manifest.json").read_text())["steps"]
+        steps = RunFolder(default).manifest()["steps"]
         peaks = {name: r.get("peak_rss_mb") for name, r in steps.items() if r.get("peak_rss_mb")}
         if peaks:
             top = max(peaks, key=peaks.get)

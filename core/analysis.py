@@ -48,10 +48,6 @@ class Bundle:
     stacks: list = field(default_factory=list, repr=False)  # SAE weights stacked for one batched encode, filled lazily
 
     @property
-    def num_layers(self) -> int:
-        return self.models["finetuned"].config.num_hidden_layers
-
-    @property
     def sae_layers(self) -> list[int]:
         return sorted({layer for _, layer in self.saes})
 

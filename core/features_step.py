@@ -201,7 +201,7 @@ def run_features(run: RunFolder, cfg: FeaturesConfig, progress: bool = True) -> 
         tensors["change"] = change
         if model == "finetuned" and layer in effects:
             tensors["logit_effect"] = effects[layer].contiguous()
-        with atomic_path(run.features_dir(model, layer) / "stats.safetensors") as tmp:
+        with atomic_path(run.feature_stats_path(model, layer)) as tmp:
             save_file({k: v.float() if v.dtype == torch.float64 else v for k, v in tensors.items()}, str(tmp), metadata={"num_tokens": str(stats.num_tokens), "num_examples": str(stats.num_examples)})
 
     with progress_bar(total=len(saes), desc="features", unit="sae", show=progress) as bar:
@@ -253,7 +253,7 @@ def seed_twin(run: RunFolder, layer: int) -> SparseAutoencoder:
 # ------------------------------------------------------------------ reading back (dashboard, analyze)
 def load_stats(run: RunFolder, model: str, layer: int) -> dict[str, torch.Tensor]:
     """The features step's tensors for one SAE (cached in memory until the file changes)."""
-    path = run.features_dir(model, layer) / "stats.safetensors"
+    path = run.feature_stats_path(model, layer)
     if not path.is_file():
         run.require("features", "the feature browser")
         raise LayerscopeError(f"no feature statistics for {model} layer {layer}; re-run `python -m core features --run {run.root} --force`")

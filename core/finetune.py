@@ -155,7 +155,7 @@ def run_finetune(run: RunFolder, cfg: FinetuneConfig, model_cfg: ModelConfig) ->
 
     train_ids = encode(tokenizer, train["text"].tolist(), model_cfg.max_length, model_cfg.truncation)
     use_bf16 = cfg.bf16 and bf16_supported()
-    args = _training_args(cfg, str(run.finetune_dir / "trainer"), use_bf16)
+    args = _training_args(cfg, str(run.trainer_dir), use_bf16)
     trainer = Trainer(
         model=model,
         args=args,

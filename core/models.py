@@ -223,7 +223,6 @@ def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-@torch.no_grad()
 def predict_proba(model, ids: list[list[int]], pad_id: int, batch_size: int = 64, bf16: bool = False) -> torch.Tensor:
     """Class probabilities [n, C] in input order; texts batched by similar length (sorted)."""
     model.eval()
@@ -237,10 +236,6 @@ def predict_proba(model, ids: list[list[int]], pad_id: int, batch_size: int = 64
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
         out[idx] = torch.softmax(logits.float(), -1).cpu()
     return out
-
-
-def special_mask(tokenizer, ids: list[int]) -> list[int]:
-    return tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True)
 
 
 def quiet_transformers() -> None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from core.runfolder import FINETUNE_METRICS_FIELDS, MODELS, SAE_METRICS_FIELDS, SIMILARITY_FIELDS, RunFolder, read_json
+from core.runfolder import FINETUNE_METRICS_FIELDS, MODELS, SAE_METRICS_FIELDS, SAE_METRICS_FILE, RunFolder, read_json
+from core.similarity import load_similarity
 
 
 def _sae_metrics(m: dict) -> dict:
@@ -52,15 +53,15 @@ def build_report(run: RunFolder) -> dict:
     if "activations" in steps:
         rep["activations"] = steps["activations"]["result"]
     if "similarity" in steps:
-        sim = read_json(run.similarity_dir / "similarity.json", SIMILARITY_FIELDS)
+        sim = load_similarity(run)
         rep["num_layers"] = len(sim["layers"]) - 1
         rep["similarity"] = sim["layers"]
         rep["cka_matrix"] = sim["cka_matrix"]
         rep["similarity_tokens"] = sim["num_tokens"]
     elif "finetune" in steps:
-        rep["num_layers"] = read_json(run.model_dir("finetuned") / "config.json", {"num_hidden_layers": int})["num_hidden_layers"]
+        rep["num_layers"] = read_json(run.model_config_path("finetuned"), {"num_hidden_layers": int})["num_hidden_layers"]
     if "saes" in steps:
-        rep["saes"] = [_sae_metrics(read_json(d / "metrics.json", SAE_METRICS_FIELDS)) for _, _, d in run.sae_dirs() if (d / "metrics.json").is_file()]
+        rep["saes"] = [_sae_metrics(read_json(d / SAE_METRICS_FILE, SAE_METRICS_FIELDS)) for _, _, d in run.sae_dirs() if (d / SAE_METRICS_FILE).is_file()]
     if "features" in steps:
         rep["matching"] = steps["features"]["result"].get("matching", [])
     return rep

@@ -272,6 +272,14 @@ def _remove(p: Path) -> None:
 
 
 # ---------------------------------------------------------------- the run folder
+# Names of files that steps write inside a folder they fill atomically (a temporary folder renamed
+# into place), so they need the bare name rather than a RunFolder path.
+MANIFEST_FILE = "manifest.json"
+SIMILARITY_JSON, SIMILARITY_CSV, CKA_CSV = "similarity.json", "similarity.csv", "cka_matrix.csv"
+SAE_CFG_FILE, SAE_WEIGHTS_FILE, SAE_METRICS_FILE = "cfg.json", "sae_weights.safetensors", "metrics.json"  # the SAELens layout, + metrics
+FEATURE_STATS_FILE = "stats.safetensors"
+
+
 class RunFolder:
     """Paths and manifest of one run. Creating the object touches nothing on disk."""
 
@@ -298,7 +306,7 @@ class RunFolder:
 
     @property
     def manifest_path(self) -> Path:
-        return self.root / "manifest.json"
+        return self.root / MANIFEST_FILE
 
     def split_csv(self, split: str) -> Path:
         return self.root / "data" / f"{split}.csv"
@@ -311,13 +319,16 @@ class RunFolder:
         assert model in MODELS, model
         return self.root / "models" / model
 
+    def model_config_path(self, model: str) -> Path:
+        return self.model_dir(model) / "config.json"  # written by save_pretrained
+
     @property
     def finetune_metrics_path(self) -> Path:
         return self.root / "finetune" / "metrics.json"
 
     @property
-    def finetune_dir(self) -> Path:
-        return self.root / "finetune"
+    def trainer_dir(self) -> Path:
+        return self.root / "finetune" / "trainer"
 
     def activations_root(self) -> Path:
         return self.root / "activations"
@@ -338,8 +349,15 @@ class RunFolder:
     def similarity_dir(self) -> Path:
         return self.root / "similarity"
 
+    @property
+    def similarity_json(self) -> Path:
+        return self.similarity_dir / SIMILARITY_JSON
+
     def sae_dir(self, model: str, layer: int) -> Path:
         return self.root / "saes" / model / f"layer_{layer}"
+
+    def sae_metrics_path(self, model: str, layer: int) -> Path:
+        return self.sae_dir(model, layer) / SAE_METRICS_FILE
 
     def sae_dirs(self) -> list[tuple[str, int, Path]]:
         """Every trained SAE as (model, layer, folder), in a stable order."""
@@ -348,12 +366,15 @@ class RunFolder:
             base = self.root / "saes" / model
             if base.is_dir():
                 for d in base.glob("layer_*"):
-                    if (d / "cfg.json").is_file() and d.name[6:].isdigit():
+                    if (d / SAE_CFG_FILE).is_file() and d.name[6:].isdigit():
                         out.append((model, int(d.name[6:]), d))
         return sorted(out, key=lambda t: (MODELS.index(t[0]), t[1]))
 
     def features_dir(self, model: str, layer: int) -> Path:
         return self.root / "features" / model / f"layer_{layer}"
+
+    def feature_stats_path(self, model: str, layer: int) -> Path:
+        return self.features_dir(model, layer) / FEATURE_STATS_FILE
 
     def matching_path(self, layer: int) -> Path:
         return self.root / "features" / "matching" / f"layer_{layer}.json"

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import shlex
-import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -38,14 +37,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from core.errors import LayerscopeError
-from core.runfolder import file_mode
+from core.runfolder import SAE_CFG_FILE, SAE_WEIGHTS_FILE, write_json, write_text
 
 FORMAT = "layerscope-sae-1"
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
+CFG_FILE, WEIGHTS_FILE = SAE_CFG_FILE, SAE_WEIGHTS_FILE
 ARCHITECTURES = ("topk", "paper")
 
 
@@ -371,9 +370,8 @@ class SparseAutoencoder(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().cpu().contiguous() for name, p in self.named_parameters()}
-        _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-        meta = {**asdict(self.cfg), "format": FORMAT}
-        _atomic_write(folder / CFG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+        write_text(folder / WEIGHTS_FILE, safetensors_bytes(tensors, metadata={"format": FORMAT}))
+        write_json(folder / CFG_FILE, {**asdict(self.cfg), "format": FORMAT})
         self.path = str(folder)
 
     @classmethod
@@ -409,20 +407,6 @@ class SparseAutoencoder(nn.Module):
                 p.copy_(tensors[name].to(p.dtype))
         sae.path = str(folder)
         return sae.to(device)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temp file next to ``path`` and rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _read_cfg(folder: Path) -> SAEConfig:

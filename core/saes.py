@@ -32,7 +32,7 @@ from core.errors import LayerscopeError, OptionCheck
 from core.models import ModelConfig, encode, hidden_state_module, load_classifier, load_tokenizer, model_fingerprint, pad_batch, predict_proba, quiet_transformers
 from core.progress import progress_bar
 from core.rss import available_memory_bytes
-from core.runfolder import MODELS, RunFolder, atomic_path, read_json, write_json
+from core.runfolder import MODELS, SAE_CFG_FILE, SAE_METRICS_FILE, RunFolder, atomic_path, read_json, write_json
 from core.sae import RETRAIN_HINT, SAEConfig, SparseAutoencoder, check_compatible, retrain_hint
 from core.sae_metrics import evaluate_sae
 from core.sae_training import DyingLatents, SAETrainingConfig, train_sae
@@ -318,7 +318,7 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
     settings = {job: _settings_hash(cfg, *job, extracted) for job in jobs}
     done = {}
     for key in jobs:
-        metrics_path = run.sae_dir(*key) / "metrics.json"
+        metrics_path = run.sae_metrics_path(*key)
         kept = read_json(metrics_path) if resume and metrics_path.is_file() else {}
         if kept.get("settings_hash") == settings[key]:
             done[key] = kept
@@ -345,7 +345,7 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
         metrics["settings_hash"] = settings[key]
         with atomic_path(run.sae_dir(model, layer)) as tmp:
             sae.save(tmp)
-            write_json(tmp / "metrics.json", metrics)
+            write_json(tmp / SAE_METRICS_FILE, metrics)
         return metrics
 
     with progress_bar(total=len(jobs), initial=len(done), desc="SAEs", unit="sae", show=progress) as bar:
@@ -359,7 +359,7 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
 def load_sae(run: RunFolder, model: str, layer: int, hidden_size: int | None = None) -> SparseAutoencoder:
     """The run's SAE for ``model`` at ``layer``, checked against the run (see ``check_run_sae``)."""
     folder = run.sae_dir(model, layer)
-    if not (folder / "cfg.json").is_file():
+    if not (folder / SAE_CFG_FILE).is_file():
         run.require("saes", "loading an SAE")
         raise LayerscopeError(f"no SAE for {model} layer {layer} in {run.root}; available: {[(m, l) for m, l, _ in run.sae_dirs()]}")
     try:

@@ -26,9 +26,7 @@ import torch
 from core.activations import ActivationStore, mean_pool
 from core.errors import OptionCheck
 from core.progress import progress_bar
-from core.runfolder import RunFolder, atomic_path, write_json
-
-MEASURES = ("cosine_of_means", "mean_cosine", "token_cosine", "cka")
+from core.runfolder import CKA_CSV, SIMILARITY_CSV, SIMILARITY_FIELDS, SIMILARITY_JSON, RunFolder, atomic_path, read_json, write_json
 
 
 @dataclass
@@ -132,17 +130,16 @@ def compare_layers(store: ActivationStore, model_a: str = "pretrained", model_b:
 def run_similarity(run: RunFolder, cfg: SimilarityConfig) -> dict:
     result = compare_layers(ActivationStore(run, cfg.split))
     out = run.similarity_dir
-    write_json(out / "similarity.json", result)
-    with atomic_path(out / "similarity.csv") as tmp:
+    write_json(out / SIMILARITY_JSON, result)
+    with atomic_path(out / SIMILARITY_CSV) as tmp:
         pd.DataFrame(result["layers"]).to_csv(tmp, index=False)
-    with atomic_path(out / "cka_matrix.csv") as tmp:
+    with atomic_path(out / CKA_CSV) as tmp:
         n = len(result["cka_matrix"])
         pd.DataFrame(result["cka_matrix"], index=[f"pretrained_{i}" for i in range(n)], columns=[f"finetuned_{j}" for j in range(n)]).to_csv(tmp)
     return {"num_tokens": result["num_tokens"], "last_layer": result["layers"][-1]}
 
 
 def load_similarity(run: RunFolder) -> dict:
-    from core.runfolder import SIMILARITY_FIELDS, read_json
-
+    """similarity.json as the step wrote it (checked against ``SIMILARITY_FIELDS``)."""
     run.require("similarity", "the similarity report")
-    return read_json(run.similarity_dir / "similarity.json", SIMILARITY_FIELDS)
+    return read_json(run.similarity_json, SIMILARITY_FIELDS)

@@ -3,9 +3,8 @@ chart and CSV helpers, and the background build started from the empty state.
 
 This module is the only place that defines ``st.cache_data`` / ``st.cache_resource`` wrappers
 and session-state keys. Cached calls take the run *path* plus the manifest's modification time
-(``stamp``) so a rebuilt run is read again. Optional core modules (``core.analysis``,
-``core.features_step``) are imported on use, so pages degrade to a clear message while a
-module or a run step is missing.
+(``stamp``) so a rebuilt run is read again. The heavier core modules (``core.analysis``,
+``core.features_step``, ``core.export``) are imported on use, so a page loads only what it draws.
 
 Environment:
     LAYERSCOPE_RUN          run folder selected when the session starts (else ``?run=`` or the first run found)
@@ -38,8 +37,11 @@ from core.runfolder import MODEL_NAMES, OTHER_MODEL, STEPS, RunFolder
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUN_NAME = "default"
 CHART_CONFIG = {"toImageButtonOptions": {"format": "png", "scale": 2}, "displaylogo": False}
-RANKINGS = ("variance", "selectivity", "density", "change")  # dataset-level: core.analysis.DATASET_RANKINGS
-EXPLORER_RANKINGS = (*RANKINGS, "sentence", "sentence-change")  # core.analysis.RANKINGS (not imported here: it loads transformers)
+# Copies of core.analysis.DATASET_RANKINGS and RANKINGS (a test keeps them equal): importing
+# core.analysis here would load its model and dataset code (scikit-learn among it) before every
+# page's first draw, where only the explorer and the feature browser need it.
+RANKINGS = ("variance", "selectivity", "density", "change")
+EXPLORER_RANKINGS = (*RANKINGS, "sentence", "sentence-change")
 RANKING_LABELS = {"sentence": "sentence variance", "sentence-change": "sentence change"}  # short: they share a row with five other controls
 MODEL_LABELS = MODEL_NAMES  # the figures' names for the two models
 
@@ -140,10 +142,10 @@ def discover_runs(base: Path | None = None) -> list[str]:
     for child in sorted(base.iterdir()):
         if not child.is_dir() or child.name.startswith("."):
             continue
-        if (child / "manifest.json").is_file():
+        if RunFolder(child).manifest_path.is_file():
             found.append(str(child))
             continue
-        found += [str(g) for g in sorted(child.iterdir()) if g.is_dir() and not g.name.startswith(".") and (g / "manifest.json").is_file()]
+        found += [str(g) for g in sorted(child.iterdir()) if g.is_dir() and not g.name.startswith(".") and RunFolder(g).manifest_path.is_file()]
     return found
 
 
@@ -173,7 +175,7 @@ def run_label(path: str) -> str:
 def run_stamp(path: str) -> int:
     """Modification time of the run's manifest (0 when missing): part of every cache key."""
     try:
-        return (Path(path) / "manifest.json").stat().st_mtime_ns
+        return RunFolder(path).manifest_path.stat().st_mtime_ns
     except OSError:
         return 0
 
@@ -486,12 +488,6 @@ def match_caption(m: dict) -> str:
 def sae_layers(run: RunFolder, model: str) -> list[int]:
     """Layers with a trained SAE for ``model``."""
     return [layer for m, layer, _ in run.sae_dirs() if m == model]
-
-
-def clear_caches() -> None:
-    """Forget every cached report, analysis and loaded model."""
-    st.cache_data.clear()
-    st.cache_resource.clear()
 
 
 # ----------------------------------------------------------------------------- background build
