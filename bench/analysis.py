@@ -7,13 +7,15 @@ the default run's full set. The SAE weights are freshly initialised: timing depe
 Measured, per sentence of 16 and of 64 tokens (IMDb text cut to length), median of repeated
 runs after a warm-up: ``sentence_state`` (tokenise, both forward passes, keep every hidden state)
 + ``analyze_text(..., state=state)`` (cosines, prediction, top features of every SAE), which is
-what ``pages/_shared.py`` runs on a cache miss.
+what ``python -m core analyze`` computes. The dashboard's explorer does less on a cache miss
+(``pages/_shared.py``: the same state, then the features of the one SAE it shows), so this
+bounds its cost from above.
 
 Baseline: the two bare forward passes ``model(input_ids, output_hidden_states=True)`` of both
 classifiers on the same token ids. Target: at most 1.15x.
 
 Cache hit: the dashboard caches the analysis with ``st.cache_data`` keyed by (run, stamp, text,
-top, rank_by); a hit hashes those arguments and unpickles a copy of the stored result. Timed
+top, rank_by, SAE); a hit hashes those arguments and unpickles a copy of the stored result. Timed
 through a real ``st.cache_data`` wrapper (Streamlit's memory cache outside a server); target 5 ms.
 """
 

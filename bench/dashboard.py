@@ -3,11 +3,11 @@
 ``streamlit run app.py`` serves the bench run (embedded MiniLM as both models, 12 TopK SAEs of
 1,536 latents, k=32: the default run's shapes). Headless Debian Chromium (playwright, no
 ``playwright install``) opens the explorer, then for each sentence types it, presses Enter and
-waits until the token heatmaps show the new sentence and Streamlit has no stale element left. The
+waits until the token heatmap shows the new sentence and Streamlit has no stale element left. The
 time runs from the key press to the first animation frame where that holds, measured in the
 page (``performance.now()``), so it covers the websocket round trip, the script rerun (both
-forward passes, the encodes of the SAE on screen, building and sending two Plotly figures)
-and Plotly drawing them. Every sentence is new to the server: each one is a cache miss.
+forward passes, the encodes of the SAE on screen, building and sending the sentence's one Plotly
+figure) and Plotly drawing it. Every sentence is new to the server: each one is a cache miss.
 
 Sentences: real IMDb review prefixes of exactly 16 and 64 tokens (specials included), each with
 a marker word up front so the update can be recognised. Baseline: the two bare forward passes

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bench.common import Context, Section, bench_run, default_model_cfg, scratch_run
 from bench.memory import run_child
+from core.runfolder import write_text
 
 FULL_SIZES = (0.1, 0.5, 1.0)
 QUICK_SIZES = (0.002, 0.004)
@@ -89,12 +90,12 @@ def plot(points: list[dict], folder: Path) -> dict:
 
     Returns the file names (they sit next to results.json), not absolute paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "growth.md").write_text(markdown(points))
+    write_text(folder / "growth.md", markdown(points))
     try:
         return {"png": _plotly_png(points, folder / "growth.png").name, "markdown": "growth.md", "renderer": "plotly+kaleido"}
     except Exception as e:  # noqa: BLE001 - kaleido missing, no browser, ...: fall back to SVG
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    (folder / "growth.svg").write_text(svg(points))
+    write_text(folder / "growth.svg", svg(points))
     return {"svg": "growth.svg", "markdown": "growth.md", "renderer": "hand-written SVG", "png_skipped": reason}
 
 
@@ -111,7 +112,7 @@ def _plotly_png(points: list[dict], path: Path) -> Path:
     fig.update_xaxes(title_text="million tokens", rangemode="tozero")
     fig.update_yaxes(rangemode="tozero")
     fig.update_layout(width=900, height=380, margin={"l": 50, "r": 20, "t": 40, "b": 50}, template="plotly_white")
-    fig.write_image(str(path))
+    write_text(path, fig.to_image(format="png"))
     return path
 
 

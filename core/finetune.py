@@ -180,7 +180,9 @@ def run_finetune(run: RunFolder, cfg: FinetuneConfig, model_cfg: ModelConfig) ->
     y = test["label"].to_numpy()
     t0 = time.perf_counter()
     evals = {}
-    for name, m in (("pretrained", pretrained), ("finetuned", model)):  # both in the training precision, as the saes step splices
+    # Both models in the training precision. The saes step's splices always run under bf16
+    # autocast and record their own unspliced accuracy beside the spliced one (accuracy_original).
+    for name, m in (("pretrained", pretrained), ("finetuned", model)):
         proba = predict_proba(m, test_ids, tokenizer.pad_token_id, cfg.eval_batch_size, bf16=use_bf16)
         evals[name] = classification_metrics(y, proba.argmax(1).numpy(), names)
     eval_seconds = time.perf_counter() - t0
