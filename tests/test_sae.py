@@ -202,3 +202,30 @@ def test_paper_architecture_is_linear_relu_linear():
     out, z = sae(x)
     np.testing.assert_allclose(z.detach().numpy(), h, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out.detach().numpy(), x_hat, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("d_sae, k", [(32, 5), (64, 4)])  # one top-k over all latents; topk_rows' two-stage path
+def test_topk_architecture_matches_numpy(d_sae, k):
+    """TopK encode/decode against the module docstring written in numpy (float64, argsort top-k)."""
+    sae = make_sae(d_sae=d_sae, k=k)
+    with torch.no_grad():
+        sae.b_enc.sub_(1.5)  # some top-k pre-activations <= 0: the ReLU matters
+    x = data(200)
+    p = {name: t.detach().double().numpy() for name, t in sae.named_parameters()}
+    s = 2.5  # make_sae's normalization_scale
+    pre = (x.double().numpy() / s - p["b_dec"]) @ p["W_enc"] + p["b_enc"]  # b_dec subtracted in normalised units
+    top = np.argsort(-pre, axis=1)[:, :k]
+    z = np.zeros_like(pre)
+    np.put_along_axis(z, top, np.maximum(np.take_along_axis(pre, top, 1), 0), 1)
+    x_hat = (z @ p["W_dec"] + p["b_dec"]) * s
+    assert 0 < (z > 0).sum() < 200 * k  # some kept latents were cut to 0 by the ReLU
+
+    with torch.no_grad():
+        out, latents = sae(x)
+        values, indices = sae.encode_sparse(x)
+        np.testing.assert_allclose(latents.numpy(), z, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(sae.encode(x).numpy(), z, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(np.sort(indices.numpy(), 1), np.sort(top, 1))
+        np.testing.assert_allclose(values.numpy(), np.take_along_axis(z, indices.numpy(), 1), rtol=1e-5, atol=1e-5)
+        for got in (out, sae.reconstruct(x), sae.decode(torch.from_numpy(z).float())):
+            np.testing.assert_allclose(got.numpy(), x_hat, rtol=1e-4, atol=1e-4)

@@ -102,7 +102,29 @@ def test_rare_mask_of_the_wrong_length_is_an_error():
         evaluate_sae(make_sae("topk"), [x], rare=[torch.zeros(19, dtype=torch.bool)])
 
 
+def identity_sae(scale: float) -> SparseAutoencoder:
+    """Paper SAE with d=6, m=12 that reconstructs exactly: h = [relu(xn), relu(-xn)], xn_hat = relu(xn) - relu(-xn)."""
+    sae = SparseAutoencoder(SAEConfig(d_in=6, d_sae=12, architecture="paper", normalization_scale=scale))
+    eye = torch.eye(6)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))  # [d, 2d]
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))  # [2d, d]
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
 def test_fvu_of_perfect_and_of_mean_reconstruction():
+    x = 2 + torch.randn(40, 6, generator=torch.Generator().manual_seed(2))
+    # Scale 4: dividing and multiplying by a power of two is exact in float32, and every matmul
+    # entry is one +-1 product plus exact zeros, so x_hat == x bit for bit and both metrics are 0.
+    got = evaluate_sae(identity_sae(4.0), [x])
+    assert got["mse"] == 0.0 and got["fvu"] == 0.0 and got["l0"] == 6
+    # Scale 1.7: only the round trip (x / 1.7) * 1.7 rounds, by a few float32 ulps (~1e-7 relative):
+    # squared errors ~1e-14 of ||x||^2, far below 1e-10.
+    got = evaluate_sae(identity_sae(1.7), [x])
+    assert got["mse"] < 1e-10 and got["fvu"] < 1e-10
+
     sae = make_sae("paper")
     with torch.no_grad():  # decoder outputs b_dec only: reconstruction = constant
         sae.W_dec.zero_()

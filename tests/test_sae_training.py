@@ -97,6 +97,52 @@ def test_paper_step_loss_and_gradients_match_the_textbook_formula(bf16):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("n_dead, aux_k", [(5, 8), (48, 3)])  # AuxK scale n_dead/aux_k < 1 over all dead; scale 1, a real top-3
+def test_topk_step_loss_and_gradients_match_a_dense_float64_computation(n_dead, aux_k):
+    """MSE + AuxK of the module docstring written out densely (float64, torch.topk) against `_topk_step`."""
+    from core.sae import SparseAutoencoder
+    from core.sae_training import _topk_step
+
+    gen = torch.Generator().manual_seed(5)
+    n, d, m, k, aux_coef = 96, 8, 64, 4, 0.5  # m >= 16 k: topk_rows takes its two-stage path
+    sae = SparseAutoencoder(SAEConfig(d_in=d, d_sae=m, k=k), generator=gen)
+    with torch.no_grad():
+        sae.b_enc.copy_(0.5 * torch.randn(m, generator=gen) - 1.0)  # some top-k values <= 0: ReLU matters
+        sae.b_dec.copy_(0.3 * torch.randn(d, generator=gen))
+    xn = torch.randn(n, d, generator=gen)
+    dead = torch.zeros(m, dtype=torch.bool)
+    dead[torch.randperm(m, generator=gen)[:n_dead]] = True
+
+    params = list(sae.parameters())
+    loss, mse, aux, fired, active = _topk_step(sae, xn, dead, aux_k, aux_coef, bf16=False)
+    grads = [torch.autograd.grad(t, params, retain_graph=True) for t in (mse, aux, loss)]
+
+    W_enc, b_enc, W_dec, b_dec = ref_params = [p.detach().double().requires_grad_() for p in params]
+    x = xn.double()
+    pre = (x - b_dec) @ W_enc + b_enc  # [n, m]
+    top = pre.topk(k, dim=1)
+    z = torch.zeros(n, m, dtype=x.dtype).scatter(1, top.indices, top.values.relu())
+    x_hat = z @ W_dec + b_dec
+    ref_mse = (x - x_hat).pow(2).sum() / (n * d)
+    e = (x - x_hat).detach()  # the residual is a target, not a path for gradients
+    pre_dead = pre[:, dead]  # [n, n_dead]
+    top_dead = pre_dead.topk(min(aux_k, n_dead), dim=1)
+    z_dead = torch.zeros(n, n_dead, dtype=x.dtype).scatter(1, top_dead.indices, top_dead.values.relu())
+    e_hat = z_dead @ W_dec[dead]  # no b_dec: the dead latents model the residual only
+    ref_aux = min(n_dead / aux_k, 1.0) * (e - e_hat).pow(2).sum() / (n * d)
+    ref_loss = ref_mse + aux_coef * ref_aux
+    ref_grads = [torch.autograd.grad(t, ref_params, retain_graph=True) for t in (ref_mse, ref_aux, ref_loss)]
+
+    assert 0 < active < n * k and active == int((z > 0).sum())
+    assert torch.equal(fired, (z > 0).any(0))
+    assert ref_aux.item() > 0.01 * ref_mse.item()  # the AuxK term is not negligible here
+    for got, want in ((mse, ref_mse), (aux, ref_aux), (loss, ref_loss)):
+        assert math.isclose(got.item(), want.item(), rel_tol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        for name, g, r in zip(("W_enc", "b_enc", "W_dec", "b_dec"), got, want):
+            torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_normalization_scale_and_b_dec_init():
     batches = random_batches()
     sample = torch.cat(batches)
@@ -215,6 +261,26 @@ def test_default_learning_rates():
     assert SAETrainingConfig().resolved_lr(SAEConfig(d_in=384, d_sae=1536)) == pytest.approx(6.53e-4, rel=1e-3)
     assert SAETrainingConfig().resolved_lr(SAEConfig(d_in=384, d_sae=1536, architecture="paper")) == 2e-5
     assert SAETrainingConfig(lr=1e-3).resolved_lr(SAEConfig(d_in=384, d_sae=1536)) == 1e-3
+
+
+def test_lr_schedule_warms_up_holds_and_decays_linearly():
+    """`_lr_factor` at hand-derived points: warm-up (step + 1) / warmup, then 1, then the last
+    decay * total steps ramp down as (total - step) / (decay * total), so step total would be 0."""
+    from core.sae_training import _lr_factor
+
+    def f(step, total=100, warmup=10, decay=0.2):  # 100 steps: warm-up 0-9, plateau 10-80, decay over the last 20
+        return _lr_factor(step, total, warmup, decay)
+
+    assert f(0) == pytest.approx(1 / 10)  # first step already moves, at a tenth of the rate
+    assert f(4) == pytest.approx(5 / 10)
+    assert f(9) == 1.0 and f(10) == 1.0 and f(50) == 1.0 and f(80) == 1.0  # (100 - 80) / 20 = 1
+    assert f(81) == pytest.approx(19 / 20)
+    assert f(90) == pytest.approx(10 / 20)
+    assert f(99) == pytest.approx(1 / 20)  # last step: one decay step short of 0
+    assert f(100) == 0.0 and f(130) == 0.0  # past the end: clamped, never negative
+    assert f(6, total=10, warmup=8, decay=0.5) == pytest.approx(4 / 5)  # overlap: the lower of 7/8 and (10 - 6) / 5
+    assert f(0, warmup=0) == 1.0 and f(99, decay=0.0) == 1.0  # either ramp switched off
+    assert f(10_000, total=None) == 1.0  # no known length: no decay
 
 
 def test_resampling_gives_dead_latents_fresh_unit_directions():
