@@ -312,8 +312,9 @@ def _tokenizer(path: str):
     return load_tokenizer(path)
 
 
-def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int = 10) -> dict:
-    """Everything the feature browser shows about one feature."""
+def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int | None = None) -> dict:
+    """Everything the feature browser shows about one feature; ``top``: at most that many top
+    examples (None: all that the features step kept, ``features.top_k``)."""
     s = load_stats(run, model, layer)
     m = len(s["variance"])
     if not 0 <= feature < m:
@@ -323,7 +324,8 @@ def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int 
     test = load_split(run, "test").set_index("id")
     w = s["window_token_ids"].shape[-1] // 2
     examples, shown = [], set()
-    for j in range(min(top, s["top_values"].shape[1])):
+    kept = s["top_values"].shape[1]
+    for j in range(kept if top is None else min(top, kept)):
         value = float(s["top_values"][feature, j])
         if value <= 0:
             break

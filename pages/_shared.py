@@ -460,13 +460,13 @@ def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance") 
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
-def _feature_card(path: str, stamp: int, model: str, layer: int, feature: int, top: int) -> dict:
+def _feature_card(path: str, stamp: int, model: str, layer: int, feature: int, top: int | None) -> dict:
     from core.features_step import feature_card
 
     return feature_card(RunFolder(path), model, layer, feature, top=top)
 
 
-def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int = 10) -> dict:
+def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int | None = None) -> dict:
     return _feature_card(str(run.root), run_stamp(str(run.root)), model, layer, feature, top)
 
 
