@@ -129,14 +129,7 @@ def _load_csv(path: Path, cfg: DataConfig) -> tuple[pd.DataFrame, list[str] | No
         ) from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise LayerscopeError(f"{path} could not be read as CSV ({str(e).splitlines()[0]}); check its format") from None
-    missing = [c for c in (cfg.text_column, cfg.label_column) if c not in df.columns]
-    if missing:
-        which = " and ".join(f"'{c}'" for c in missing)
-        raise LayerscopeError(
-            f"{path} has no column {which} (columns: {', '.join(map(str, df.columns))}); "
-            f"name the right ones with --set data.text_column=... --set data.label_column=..."
-        )
-    return df[[cfg.text_column, cfg.label_column]].rename(columns={cfg.text_column: "text", cfg.label_column: "label"}), None
+    return _load_csv_frame(df, cfg, str(path)), None
 
 
 def _load_hf(spec: str, cfg: DataConfig) -> tuple[pd.DataFrame, list[str] | None]:
@@ -161,9 +154,14 @@ def _load_hf(spec: str, cfg: DataConfig) -> tuple[pd.DataFrame, list[str] | None
 
 
 def _load_csv_frame(df: pd.DataFrame, cfg: DataConfig, where: str) -> pd.DataFrame:
+    """The text and label columns of ``df`` (a CSV file or a Hugging Face dataset), as text,label."""
     missing = [c for c in (cfg.text_column, cfg.label_column) if c not in df.columns]
     if missing:
-        raise LayerscopeError(f"{where} has no column {missing[0]!r} (columns: {', '.join(df.columns)}); set data.text_column / data.label_column")
+        which = " and ".join(f"'{c}'" for c in missing)
+        raise LayerscopeError(
+            f"{where} has no column {which} (columns: {', '.join(map(str, df.columns))}); "
+            f"name the right ones with --set data.text_column=... --set data.label_column=..."
+        )
     return df[[cfg.text_column, cfg.label_column]].rename(columns={cfg.text_column: "text", cfg.label_column: "label"})
 
 

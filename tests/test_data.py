@@ -220,3 +220,20 @@ def test_a_dataset_path_that_is_a_folder_or_a_device_says_so(tmp_path):
         prepare(DataConfig(dataset="/dev/null"))
     with pytest.raises(LayerscopeError, match="not found; pass an existing CSV path"):
         prepare(DataConfig(dataset=str(tmp_path / "gone.csv")))
+
+
+def test_named_columns_and_duplicates_after_cleaning(tmp_path):
+    """data.text_column / data.label_column pick the columns; texts equal after cleaning (case,
+    HTML) count once, so no text sits in two splits (a train/test leak otherwise)."""
+    base = [(f"review number {i} was {'great' if i % 2 else 'dull'}", "pos" if i % 2 else "neg") for i in range(60)]
+    variants = [(t.upper(), y) for t, y in base[:20]] + [(f"<b>{t}</b>", y) for t, y in base[20:30]]
+    frame = pd.DataFrame(base + variants + [("", "pos")], columns=["review", "sentiment"]).sample(frac=1, random_state=0)
+    cfg = DataConfig(dataset=_csv(tmp_path, frame), max_rows=0, text_column="review", label_column="sentiment")
+    splits, names = prepare(cfg)
+    assert names == ["neg", "pos"]
+    texts = [t for f in splits.values() for t in f["text"]]
+    assert len(texts) == len(set(texts)) == len({clean_text(t, cfg) for t, _ in base})  # 60: the 30 variants dropped
+    label_of = {clean_text(t, cfg): names.index(y) for t, y in base}
+    assert all(label_of[t] == y for f in splits.values() for t, y in zip(f["text"], f["label"]))
+    kept, _ = prepare(DataConfig(dataset=cfg.dataset, max_rows=0, text_column="review", label_column="sentiment", drop_duplicates=False))
+    assert sum(len(f) for f in kept.values()) == 90  # 60 + 30 variants; the empty text is always dropped
