@@ -20,7 +20,7 @@ from core import plots
 from core.report import build_report, sae_bar_misses, sae_bars_headline
 from core.runfolder import RunFolder, make_folder, write_text
 
-CLAIM_MEASURES = ("cka", "mean_cosine")
+CLAIM_MEASURES = plots.CLAIM_MEASURES  # the claims' figure draws the same two
 HIGH_SIMILARITY = 0.9
 SUPPORTED = "supported"
 NOT_SUPPORTED = "not supported by this run"
@@ -243,10 +243,7 @@ def _claims_html(rows: Sequence[Mapping], fig, threshold: float = HIGH_SIMILARIT
         css = "supported" if c["verdict"] == SUPPORTED else "unknown" if c["verdict"] == UNKNOWN else "not-supported"
         out.append(f"<p><b>{_e(c['claim'])}</b><br><span class='verdict {css}'>{_e(c['verdict'])}</span> &mdash; {_e(c['explanation'])}</p>")
     groups = layer_groups(max(int(r["layer"]) for r in rows))
-    curves = plots.similarity_curves({"run": rows}, CLAIM_MEASURES, title="CKA and mean cosine per layer, thirds shaded")
-    for name, colour in (("early", "#00CC96"), ("middle", "#FFA15A"), ("late", "#EF553B")):
-        plots.highlight_layers(curves, groups[name], name, colour)
-    out.append(fig(curves))
+    out.append(fig(plots.claim_figure({"run": rows}, groups, title="CKA and mean cosine per layer, thirds shaded")))
     return out
 
 

@@ -280,6 +280,22 @@ def highlight_layers(fig: go.Figure, layers: Sequence[int], label: str = "", col
     return fig
 
 
+CLAIM_COLOURS = {"early": "#00CC96", "middle": "#FFA15A", "late": "#EF553B"}  # the paper's three layer groups
+CLAIM_MEASURES = ("cka", "mean_cosine")  # what core.export checks the paper's claims on
+
+
+def claim_figure(runs: Mapping[str, Sequence[Mapping]], groups: Mapping[str, Sequence[int]], threshold: float | None = None, title: str = "") -> go.Figure:
+    """CKA and mean cosine per layer (the measures the paper's claims are checked on) with each of
+    ``groups`` ("early" / "middle" / "late" -> hidden-state indices) shaded, and, given a
+    ``threshold``, the line that claim 1 holds the early layers to."""
+    fig = similarity_curves(runs, CLAIM_MEASURES, title=title)
+    for name, layers in groups.items():
+        highlight_layers(fig, layers, name, CLAIM_COLOURS[name])
+    if threshold is not None:
+        fig.add_hline(y=threshold, line_dash="dot", line_color="#888", annotation_text=f"high = {threshold:g}", annotation_position="bottom right")
+    return fig
+
+
 def cka_heatmap(matrix: Sequence[Sequence[float]], title: str = "Linear CKA, every layer pair") -> go.Figure:
     """``matrix[i][j]`` = CKA(pre-trained layer i, fine-tuned layer j): pre-trained on y, fine-tuned on x."""
     z = np.asarray(matrix, dtype=float)

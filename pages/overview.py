@@ -8,7 +8,6 @@ import streamlit as st
 
 from core import plots
 from core.export import (
-    CLAIM_MEASURES,
     HIGH_SIMILARITY,
     NOT_SUPPORTED,
     SUPPORTED,
@@ -22,9 +21,6 @@ from core.export import (
 )
 from core.report import BARS_TEXT, sae_bar_misses
 from pages import _shared as shared
-
-CLAIM_COLOURS = {"early": "#00CC96", "middle": "#FFA15A", "late": "#EF553B"}
-
 
 def header(run, rep: dict) -> None:
     """Title, base model and dataset, and the HTML export."""
@@ -114,10 +110,7 @@ def claims(run, rep: dict) -> None:
             if claim["numbers"]:
                 st.dataframe(numbers_frame(claim["numbers"]), hide_index=True, width="stretch", height="content")
         with fig_col:
-            fig = plots.similarity_curves({run.name: rows}, CLAIM_MEASURES)
-            plots.highlight_layers(fig, groups.get(claim["key"], claim["layers"]), claim["key"], CLAIM_COLOURS[claim["key"]])
-            if claim["key"] == "early":
-                fig.add_hline(y=threshold, line_dash="dot", line_color="#888", annotation_text=f"high = {threshold:g}", annotation_position="bottom right")
+            fig = plots.claim_figure({run.name: rows}, {claim["key"]: groups[claim["key"]]}, threshold if claim["key"] == "early" else None)
             shared.chart(fig, key=f"claim_{claim['key']}")
 
 
