@@ -127,6 +127,12 @@ def compare_layers(store: ActivationStore, model_a: str = "pretrained", model_b:
     return {"layers": rows, "cka_matrix": cka.tolist(), "num_tokens": cov.n, "num_examples": store.index["num_examples"], "split": store.split}
 
 
+def cka_frame(matrix) -> pd.DataFrame:
+    """The layer-pair CKA matrix as a table: rows pretrained_i, columns finetuned_j (cka_matrix.csv)."""
+    n_pre, n_ft = len(matrix), len(matrix[0]) if len(matrix) else 0
+    return pd.DataFrame(matrix, index=[f"pretrained_{i}" for i in range(n_pre)], columns=[f"finetuned_{j}" for j in range(n_ft)])
+
+
 def run_similarity(run: RunFolder, cfg: SimilarityConfig) -> dict:
     result = compare_layers(ActivationStore(run, cfg.split))
     out = run.similarity_dir
@@ -134,8 +140,7 @@ def run_similarity(run: RunFolder, cfg: SimilarityConfig) -> dict:
     with atomic_path(out / SIMILARITY_CSV) as tmp:
         pd.DataFrame(result["layers"]).to_csv(tmp, index=False)
     with atomic_path(out / CKA_CSV) as tmp:
-        n = len(result["cka_matrix"])
-        pd.DataFrame(result["cka_matrix"], index=[f"pretrained_{i}" for i in range(n)], columns=[f"finetuned_{j}" for j in range(n)]).to_csv(tmp)
+        cka_frame(result["cka_matrix"]).to_csv(tmp)
     return {"num_tokens": result["num_tokens"], "last_layer": result["layers"][-1]}
 
 

@@ -10,6 +10,7 @@ import streamlit as st
 
 from core import plots
 from core.errors import LayerscopeError
+from core.similarity import cka_frame
 from pages import _shared as shared
 
 
@@ -97,7 +98,7 @@ def body() -> None:
         table = plots.frame_of_similarity(rep["similarity"])
         st.dataframe(table, hide_index=True, width="stretch", height="content", column_config={m: st.column_config.NumberColumn(plots.MEASURE_LABELS[m], format="%.4f") for m in plots.MEASURES if m in table})
         shared.download_csv(table, f"{run.name}-similarity.csv", key="dl_similarity")
-        cka = pd.DataFrame(rep["cka_matrix"]).rename(index=lambda i: f"pretrained_{i}", columns=lambda j: f"finetuned_{j}").reset_index(names="layer")
+        cka = cka_frame(rep["cka_matrix"]).reset_index(names="layer")
         shared.download_csv(cka, f"{run.name}-cka-matrix.csv", label="Download CKA matrix", key="dl_cka")
 
 
