@@ -230,6 +230,38 @@ def _paper_step(sae: SparseAutoencoder, xn: torch.Tensor, bf16: bool):
     return loss, mse, l1, active.any(0), int(active.sum())
 
 
+def init_sae(sae_cfg: SAEConfig, train_cfg: SAETrainingConfig, init_sample: torch.Tensor) -> tuple[SparseAutoencoder, torch.Generator]:
+    """A fresh SAE for ``init_sample [n, d_in]`` of raw activations: its ``normalization_scale``
+    from the sample, ``b_dec`` at the sample's mean or geometric median (``train_cfg.init_b_dec``),
+    the decoder random (or on sample directions, ``init_decoder="data"``). Also returns the seeded
+    generator, which training goes on drawing from (resampling)."""
+    d = sae_cfg.d_in
+    init_sample = init_sample.detach().float()
+    if init_sample.ndim != 2 or init_sample.shape[1] != d or init_sample.shape[0] < 2:
+        raise LayerscopeError(
+            f"init_sample has shape {tuple(init_sample.shape)} but needs [n >= 2, d_in={d}]; "
+            "collect activations of the hidden state this SAE reads"
+        )
+    if not torch.isfinite(init_sample).all():
+        raise LayerscopeError("activations contain NaN or inf; re-extract them (the model or its dtype may be broken)")
+    scale = normalization_scale(init_sample)
+    if not scale > 0:
+        raise LayerscopeError("all activations in init_sample are identical, nothing to learn; check the extraction")
+
+    gen = torch.Generator().manual_seed(train_cfg.seed)
+    sae = SparseAutoencoder(replace(sae_cfg, normalization_scale=scale), generator=gen)
+    with torch.no_grad():
+        xs = init_sample / scale
+        sae.b_dec.copy_(xs.mean(0) if train_cfg.init_b_dec == "mean" else geometric_median(xs))
+        if train_cfg.init_decoder == "data":  # every latent starts on a real (centred) input direction
+            idx = torch.randint(len(xs), (sae_cfg.d_sae,), generator=gen)
+            rows = xs[idx] - sae.b_dec  # [d_sae, d_in]
+            rows /= rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            sae.W_dec.copy_(rows)
+            sae.W_enc.copy_(rows.t())
+    return sae, gen
+
+
 def train_sae(
     sae_cfg: SAEConfig,
     train_cfg: SAETrainingConfig,
@@ -254,31 +286,8 @@ def train_sae(
     """
     train_cfg.validate()
     sae_cfg.validate()
-    d = sae_cfg.d_in
-    init_sample = init_sample.detach().float()
-    if init_sample.ndim != 2 or init_sample.shape[1] != d or init_sample.shape[0] < 2:
-        raise LayerscopeError(
-            f"init_sample has shape {tuple(init_sample.shape)} but needs [n >= 2, d_in={d}]; "
-            "collect activations of the hidden state this SAE reads"
-        )
-    if not torch.isfinite(init_sample).all():
-        raise LayerscopeError("activations contain NaN or inf; re-extract them (the model or its dtype may be broken)")
-    scale = normalization_scale(init_sample)
-    if not scale > 0:
-        raise LayerscopeError("all activations in init_sample are identical, nothing to learn; check the extraction")
-
-    sae_cfg = replace(sae_cfg, normalization_scale=scale)
-    gen = torch.Generator().manual_seed(train_cfg.seed)
-    sae = SparseAutoencoder(sae_cfg, generator=gen)
-    with torch.no_grad():
-        xs = init_sample / scale
-        sae.b_dec.copy_(xs.mean(0) if train_cfg.init_b_dec == "mean" else geometric_median(xs))
-        if train_cfg.init_decoder == "data":  # every latent starts on a real (centred) input direction
-            idx = torch.randint(len(xs), (sae_cfg.d_sae,), generator=gen)
-            rows = xs[idx] - sae.b_dec  # [d_sae, d_in]
-            rows /= rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            sae.W_dec.copy_(rows)
-            sae.W_enc.copy_(rows.t())
+    sae, gen = init_sae(sae_cfg, train_cfg, init_sample)
+    sae_cfg, d, scale = sae.cfg, sae_cfg.d_in, sae.cfg.normalization_scale
 
     topk = sae_cfg.architecture == "topk"
     lr = train_cfg.resolved_lr(sae_cfg)
