@@ -410,7 +410,7 @@ class ActivationStore:
         fp16 and bf16): whole-shard float32 copies would be fresh tens of MB per shard.
         """
         gen = torch.Generator().manual_seed(seed)
-        total = max(1, int(epochs * (self.index["num_examples"] if pooled else self.num_tokens) // batch_size))
+        total = self.num_batches(batch_size, epochs, pooled)
         emitted = 0
         leftover = None
         while emitted < total:

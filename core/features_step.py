@@ -33,7 +33,7 @@ from core.activations import ActivationStore
 from core.data import load_split
 from core.errors import LayerscopeError, OptionCheck
 from core.features import FeatureStats, FeatureStatsAccumulator, match_features, rank_features
-from core.models import hidden_state_module, load_classifier, load_tokenizer, pad_batch
+from core.models import encode, hidden_state_module, load_classifier, load_tokenizer, pad_batch
 from core.progress import progress_bar
 from core.runfolder import MATCHING_FIELDS, MODELS, OTHER_MODEL, RunFolder, atomic_path, read_json, write_json
 from core.sae import SparseAutoencoder
@@ -130,8 +130,6 @@ def logit_effects(run: RunFolder, saes: dict[int, SparseAutoencoder], n_examples
     weights are frozen (no parameter gradients) and the lowest captured hidden state is made the
     leaf of the graph, so nothing below it is differentiated.
     """
-    from core.models import encode
-
     if not saes:
         return {}
     model = load_classifier(str(run.model_dir("finetuned"))).eval().requires_grad_(False)

@@ -57,7 +57,7 @@ def sae_controls(bundle) -> tuple[SaeChoice, list]:
     """Layer, SAE dictionary and feature ranking in one row; top-N and two empty slots, for the
     feature picker and the matched-feature toggle, in a second (six in one row cut their labels
     at a 1280 px window)."""
-    layers = list(getattr(bundle, "sae_layers", []) or [])
+    layers = bundle.sae_layers
     if not layers:
         st.info(f"This run has no SAEs yet, so only the per-token similarity and the prediction are shown. Train them with `python -m core saes --run {shlex.quote(shared.display_path(bundle.run.root))}`.")
         return SaeChoice("pretrained", None, "variance", 5), []
