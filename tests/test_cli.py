@@ -320,6 +320,14 @@ def test_figures_blames_a_failed_write_on_the_folder_not_the_renderer(tmp_path, 
     assert list((tmp_path / "figs").iterdir()) == []
 
 
+@pytest.mark.skipif(not shutil.which("chromium"), reason="PNG export needs Chromium (installed by scripts/setup.sh --dev)")
+def test_figures_compare_writes_its_png(tmp_path, tiny_run):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run.root, other)
+    out = cli("figures", "--run", tiny_run.root, "--out", tmp_path / "figs", "--compare", other, check=True)
+    assert (tmp_path / "figs" / "similarity_compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", out.stdout
+
+
 def test_figures_compare_draws_each_run_beside_the_others(tmp_path, tiny_run, tiny_csv, tiny_model):
     from core.export import compare_figure
     from core.report import build_report
@@ -341,9 +349,6 @@ def test_figures_compare_draws_each_run_beside_the_others(tmp_path, tiny_run, ti
     (other / "similarity" / "similarity.json").write_text(json.dumps(sim))
     fig = compare_figure(tiny_run, [RunFolder(other)])
     assert fig.data[0].x[-1] == pytest.approx(1.0) and fig.data[-1].x[-1] == pytest.approx(1.0) and "depth-normalised" in fig.layout.title.text
-    if shutil.which("chromium"):
-        out = cli("figures", "--run", tiny_run.root, "--out", tmp_path / "figs", "--compare", other, check=True)
-        assert (tmp_path / "figs" / "similarity_compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", out.stdout
     cli("data", "--run", tmp_path / "young", "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model, check=True)
     assert_user_error(cli("figures", "--run", tiny_run.root, "--out", tmp_path / "f2", "--compare", tmp_path / "young"), "no similarity figures yet", f"python -m core build --run {tmp_path / 'young'} --until similarity")
     assert not (tmp_path / "f2").exists()  # refused before any file was written

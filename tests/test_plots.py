@@ -423,8 +423,23 @@ def test_matching_bars_stack_kept_shifted_lost_beside_the_seed_twin():
 
 
 def test_matching_frame_flattens_counts():
-    df = matching_frame([{"layer": 1, "kept": 0.5, "shifted": 0.2, "new": 0.1, "lost": 0.3, "counts": {"kept": 5, "new": 1}}])
-    assert {"layer", "kept", "kept (count)", "new (count)"} <= set(df.columns)
+    matching = [
+        {"layer": 1, "kept": 0.5, "shifted": 0.2, "new": 0.1, "lost": 0.3, "counts": {"kept": 5, "new": 1}, "pairs": [[0, 3], [1, 2]]},
+        {"layer": 2, "kept": 0.25, "shifted": 0.5, "new": 0.4, "lost": 0.25, "counts": {"kept": 2, "shifted": 4, "lost": 2}},
+        {"layer": 3, "kept": 0.0, "shifted": 0.0, "new": 1.0, "lost": 1.0},  # no counts at all
+    ]
+    df = matching_frame(matching)
+    assert len(df) == len(matching)
+    scalars = ["layer", "kept", "shifted", "new", "lost"]
+    count_keys = ["kept", "new", "shifted", "lost"]  # in the order the rows first name them
+    assert list(df.columns) == scalars + [f"{k} (count)" for k in count_keys]  # nested values (pairs) dropped
+    for i, m in enumerate(matching):
+        for k in scalars:
+            assert df[k].iloc[i] == m[k]
+        for k in count_keys:
+            want = m.get("counts", {}).get(k)
+            got = df[f"{k} (count)"].iloc[i]
+            assert np.isnan(got) if want is None else got == want, (i, k, got, want)
 
 
 # ----------------------------------------------------------------------------- HTML export
@@ -445,14 +460,13 @@ def test_export_html_is_self_contained_and_escaped(tiny_run, tmp_path):
     assert "<script src=" not in out  # plotly.js inlined, not fetched
     assert out.count("Plotly.newPlot") >= 5
     assert "Classification report" in out and "Layer similarity" in out and "claims" in out
-    if run.is_done("saes"):
-        assert "Sparse autoencoders" in out and "SAE training curves" in out
-        from core.report import build_report, sae_bar_misses
+    assert run.is_done("saes") and run.is_done("features")  # the tiny run has every section
+    assert "Sparse autoencoders" in out and "SAE training curves" in out
+    from core.report import build_report, sae_bar_misses
 
-        misses = sae_bar_misses(build_report(run)["saes"])  # the tiny run's SAEs miss some bars
-        assert misses and all(f"<li>{html.escape(m.line)}</li>" in out for m in misses)
-    if run.is_done("features"):
-        assert "against a seed twin" in out
+    misses = sae_bar_misses(build_report(run)["saes"])  # the tiny run's SAEs miss some bars
+    assert misses and all(f"<li>{html.escape(m.line)}</li>" in out for m in misses)
+    assert "against a seed twin" in out
     assert out.count('<div class="wide"><table') == out.count("<table")  # wide tables scroll, not overflow
     json.dumps(out)  # a plain string
 

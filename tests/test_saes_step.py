@@ -70,6 +70,26 @@ def test_fvu_and_l0_equal_a_direct_computation(tiny_run):
         assert r["fvu_rest"] == pytest.approx(err[~rare].sum() / dev[~rare].sum(), rel=1e-3)
 
 
+def test_fvu_on_finetuned_equals_a_direct_computation(tiny_run):
+    """``fvu_on_finetuned``: each pre-trained SAE's FVU on the fine-tuned model's test tokens of its
+    layer (the drift alone), from a hand encode in float64; it differs from its FVU on its own model."""
+    store = ActivationStore(tiny_run, "test")
+    checked = 0
+    for model, layer, folder in tiny_run.sae_dirs():
+        if model != "pretrained":
+            continue
+        sae = SparseAutoencoder.load(folder)
+        p = {k: v.detach().double().numpy() for k, v in sae.named_parameters()}
+        x = store.load_layer("finetuned", layer).double().numpy()
+        x_hat = (_encode_numpy(sae, x) @ p["W_dec"] + p["b_dec"]) * sae.cfg.normalization_scale
+        want = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["fvu_on_finetuned"] == pytest.approx(want, rel=1e-3), layer  # fp32 encode in core, float64 here
+        assert metrics["fvu_on_finetuned"] != pytest.approx(metrics["fvu"], rel=1e-2)  # another model's tokens: the check is not the plain FVU again
+        checked += 1
+    assert checked == 2
+
+
 @pytest.mark.parametrize("sae_model", MODELS)
 def test_spliced_accuracy_equals_a_hand_made_hook(tiny_run, sae_model):
     """Both models' SAEs are judged inside the fine-tuned classifier, on its hidden state 1."""
@@ -129,6 +149,53 @@ def test_splice_runner_equals_full_spliced_passes(tiny_run, cache_bytes):
     assert len(model.bert.encoder.layer) == model.config.num_hidden_layers  # the block list is restored
 
 
+def test_spliced_kl_equals_a_hand_made_bf16_hook(tiny_run):
+    """``kl_spliced`` is the mean over the test texts of KL(p_original || p_spliced) (the direction
+    ``fidelity`` documents) of the fine-tuned classifier, both passes under bf16 autocast as the step
+    runs them; here from ``transformers`` with a hand-made hook, one unpadded text at a time, the KL
+    summed in float64 by scipy. ``accuracy_spliced`` is the argmax of the same spliced probabilities."""
+    from scipy.stats import entropy
+    from transformers import AutoModelForSequenceClassification
+
+    from core.data import load_split
+    from core.models import encode, load_tokenizer
+
+    cfg = tiny_run.manifest()["config"]["model"]
+    test = load_split(tiny_run, "test")
+    folder = str(tiny_run.model_dir("finetuned"))
+    ids = encode(load_tokenizer(folder), test["text"].tolist(), cfg["max_length"], cfg["truncation"])
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+
+    def probabilities(layer=None, sae=None) -> np.ndarray:  # [texts, C] float64
+        def replace(_m, _i, out):
+            h = out[0] if isinstance(out, tuple) else out
+            new = sae(h[0])[0][None].to(h.dtype)  # the SAE runs under the autocast too, as in the step
+            return (new, *out[1:]) if isinstance(out, tuple) else new
+
+        handle = model.bert.encoder.layer[layer - 1].register_forward_hook(replace) if layer else None  # its output is hidden state `layer`
+        try:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                return np.stack([torch.softmax(model(input_ids=torch.tensor([x])).logits[0].float(), -1).double().numpy() for x in ids])
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    p_ref = probabilities()
+    directed = 0
+    for sae_model, layer, sae_folder in tiny_run.sae_dirs():
+        metrics = json.loads((sae_folder / "metrics.json").read_text())
+        p_spl = probabilities(layer, SparseAutoencoder.load(sae_folder))
+        kl = entropy(p_ref, p_spl, axis=1)  # [texts] sum_c p_ref log(p_ref / p_spl)
+        # bf16 keeps 8 significant bits: the step's padded batches and these single texts may round a
+        # logit differently, so 1% of the KL (up to 3e-2 here; 0 where bf16 rounding hides the splice)
+        assert metrics["kl_spliced"] == pytest.approx(kl.mean(), rel=1e-2, abs=1e-7), (sae_model, layer)
+        assert metrics["accuracy_spliced"] == pytest.approx((p_spl.argmax(1) == test["label"].to_numpy()).mean()), (sae_model, layer)
+        reverse = entropy(p_spl, p_ref, axis=1).mean()
+        directed += reverse != pytest.approx(kl.mean(), rel=1e-2, abs=1e-7)
+    assert directed > 0, "KL(spliced || original) must differ somewhere, or the direction is not checked"
+    assert max(json.loads((f / "metrics.json").read_text())["kl_spliced"] for *_, f in tiny_run.sae_dirs()) > 1e-3  # some splice moves the classifier
+
+
 def test_change_ranks_features_by_how_far_fine_tuning_moved_them_over_the_test_tokens(tiny_run):
     """The features step's ``change``: mean over the test tokens of |z_ft - z_pre|, each SAE applied to
     both models' hidden states of the same tokens; checked against a hand encode of the shards."""
@@ -168,6 +235,53 @@ def test_change_on_statistics_written_before_it_existed_says_how_to_fix(run_copy
     assert "change" not in fs.feature_table(run, "pretrained", 1).columns and fs.feature_card(run, "pretrained", 1, 0)["change"] is None
     result = analyze_text(load_bundle(run), "the plot", top=2, rank_by="change", clean=False, saes=[("pretrained", 1)])
     assert result["ranking"].startswith("variance over this sentence (this run has no dataset-level change yet")
+
+
+def test_feature_statistics_equal_a_direct_computation(tiny_run):
+    """The features step's per-latent mean and variance (population) over the test tokens, density
+    (share of tokens > 0), mean activation per class (over the tokens of that class's texts) and
+    selectivity (scikit-learn's AUROC of each text's max activation, class vs rest), against a hand
+    encode of the test tokens, labelled through the activation index's example ids."""
+    from sklearn.metrics import roc_auc_score
+
+    import core.features_step as fs
+    from core.data import load_split
+
+    store = ActivationStore(tiny_run, "test")
+    test = load_split(tiny_run, "test")
+    label_of = dict(zip(test["id"].tolist(), test["label"].tolist()))
+    example = store.all_meta()["example_ids"].numpy()  # [tokens]
+    texts = np.unique(example)
+    assert len(texts) == len(test)  # every test text was extracted (activations.eval_examples=0)
+    y_tok, y_text = (np.array([label_of[int(e)] for e in ids]) for ids in (example, texts))
+    C = len(tiny_run.labels())
+    rounded_away = 0
+    for model, layer, folder in tiny_run.sae_dirs():
+        z = _encode_numpy(SparseAutoencoder.load(folder), store.load_layer(model, layer).double().numpy())  # [tokens, d_sae]
+        s = {k: v.double().numpy() for k, v in fs.load_stats(tiny_run, model, layer).items()}
+        # stored as float32 (relative 6e-8) from core's float32 encode: 1e-5 relative
+        np.testing.assert_allclose(s["mean"], z.mean(0), rtol=1e-5, atol=1e-7, err_msg=f"{model} {layer} mean")
+        np.testing.assert_allclose(s["variance"], z.var(0), rtol=1e-5, atol=1e-7, err_msg=f"{model} {layer} variance")
+        np.testing.assert_allclose(s["density"], (z > 0).mean(0), rtol=1e-6, atol=0, err_msg=f"{model} {layer} density")
+        np.testing.assert_array_equal(s["class_token_counts"], np.bincount(y_tok, minlength=C))
+        per_class = np.stack([z[y_tok == c].mean(0) for c in range(C)], 1)  # [d_sae, C]
+        assert np.abs(per_class[:, :1] - per_class).max() > 1e-3  # the classes differ somewhere: a mix-up would show
+        np.testing.assert_allclose(s["mean_per_class"], per_class, rtol=1e-5, atol=1e-7, err_msg=f"{model} {layer} mean per class")
+        # selectivity: the step keeps each text's maxima as float16 (FeatureStatsAccumulator, for memory),
+        # so the stored AUROC is that of the maxima rounded to float16
+        maxima = np.stack([z[example == e].max(0) for e in texts])  # [texts, d_sae]
+        half = maxima.astype(np.float16).astype(np.float64)
+        for c in range(C):
+            pos = y_text == c
+            auc16 = np.array([roc_auc_score(pos, half[:, f]) for f in range(z.shape[1])])
+            np.testing.assert_allclose(s["selectivity_auroc"][:, c], auc16, rtol=0, atol=1e-6, err_msg=f"{model} {layer} AUROC of class {c}")
+            # rounding keeps the order and only ties neighbours: the exact AUROC differs by at most half a
+            # (class, rest) pair per pair it tied
+            exact = np.array([roc_auc_score(pos, maxima[:, f]) for f in range(z.shape[1])])
+            tied = ((half[pos][:, None] == half[~pos][None]) & (maxima[pos][:, None] != maxima[~pos][None])).sum((0, 1))  # [d_sae]
+            assert np.all(np.abs(exact - s["selectivity_auroc"][:, c]) <= 0.5 * tied / (pos.sum() * (~pos).sum()) + 1e-6), (model, layer, c)
+            rounded_away += int((np.abs(exact - auc16) > 1e-6).sum())
+    assert rounded_away > 0  # the tiny run has maxima closer than float16 tells apart: the bound above is exercised
 
 
 def test_feature_statistics_do_not_depend_on_the_chunk_size(tiny_run, monkeypatch):
@@ -357,8 +471,20 @@ def test_analyze_equals_direct_computation(tiny_run):
         assert len(entry["features"]) == 3
         for f in entry["features"]:
             np.testing.assert_allclose(f["activations"], z[:, f["feature"]], atol=1e-4)
+    # the prediction: softmax of the fine-tuned classifier's logits (sentence_state runs it in fp32, no
+    # autocast), from transformers and named through the saved config's id2label
+    from transformers import AutoModelForSequenceClassification
+
+    classifier = AutoModelForSequenceClassification.from_pretrained(str(tiny_run.model_dir("finetuned"))).eval()
+    with torch.no_grad():
+        logits = classifier(input_ids=torch.tensor([ids])).logits[0].double().numpy()
+    soft = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    want = {classifier.config.id2label[c]: soft[c] for c in range(len(soft))}
     probs = result["prediction"]["probabilities"]
-    assert sum(probs.values()) == pytest.approx(1.0) and result["prediction"]["label"] == max(probs, key=probs.get)
+    assert list(probs) == tiny_run.labels() and set(want) == set(probs)
+    for name, p in want.items():
+        assert probs[name] == pytest.approx(p, abs=1e-6), name
+    assert result["prediction"]["label"] == max(want, key=want.get) and min(want.values()) > 1e-3  # not saturated: the values mean something
 
 
 def test_rank_by_sentence_orders_features_by_their_variance_over_the_sentence(tiny_run):
@@ -692,27 +818,63 @@ def test_matched_feature_out_of_range_is_one_clear_error(tiny_run):
             matched_features(bundle, state, 1, bad, "finetuned")
 
 
+def test_sentence_features_apply_one_dictionary_to_both_models(tiny_run):
+    """``sentence_features``: one SAE's feature on the pre-trained and on the fine-tuned model's hidden
+    states of the sentence (a hand encode of hidden states straight from transformers), their
+    difference fine-tuned - pre-trained, and one clear error for a feature the SAE does not have."""
+    from core.analysis import load_bundle, sentence_features, sentence_state
+
+    bundle = load_bundle(tiny_run)
+    state = sentence_state(bundle, "the plot was brilliant but the acting was dull", clean=False)
+    hidden = direct_hidden_states(tiny_run, list(state.token_ids))
+    for sae_model in MODELS:
+        for layer in (1, 2):
+            sae = bundle.saes[(sae_model, layer)]
+            z = {m: _encode_numpy(sae, hidden[m][layer]) for m in MODELS}  # [T, d_sae]: the same dictionary on both models
+            moved = np.abs(z["finetuned"] - z["pretrained"]).sum(0)
+            assert moved.max() > 1e-2  # fine-tuning moved some feature: the two rows differ
+            for feature in (int(moved.argmax()), int(z[sae_model].sum(0).argmax())):  # the most moved, the loudest
+                got = sentence_features(bundle, state, layer, feature, sae_model)
+                assert got["tokens"] == state.tokens
+                for m in MODELS:
+                    np.testing.assert_allclose(got[m], z[m][:, feature], atol=1e-4, err_msg=f"{sae_model} SAE, layer {layer}, feature {feature} on {m}")
+                np.testing.assert_allclose(got["difference"], np.subtract(got["finetuned"], got["pretrained"]), rtol=0, atol=1e-6)
+                np.testing.assert_allclose(got["difference"], z["finetuned"][:, feature] - z["pretrained"][:, feature], atol=2e-4)
+        d_sae = bundle.saes[(sae_model, 1)].cfg.d_sae
+        sentence_features(bundle, state, 1, d_sae - 1, sae_model)  # the last feature exists
+        for bad in (d_sae, -1):
+            with pytest.raises(LayerscopeError, match=f"no feature {bad} in the {sae_model} SAE of layer 1"):
+                sentence_features(bundle, state, 1, bad, sae_model)
+
+
 def test_a_matched_pair_reads_the_same_from_either_dictionary(tiny_run):
     """The matching is one-to-one: asking from the fine-tuned feature gives the pair that asking
-    from its pre-trained partner gives, each on its own model; a feature without a partner gets zeros."""
-    from core.analysis import latents, load_bundle, matched_features, sentence_state
+    from its pre-trained partner gives, each on its own model (checked against a hand encode of
+    hidden states straight from transformers); a feature without a partner gets zeros."""
+    from core.analysis import load_bundle, matched_features, sentence_state
     from core.features_step import load_matching
 
     bundle = load_bundle(tiny_run)
     state = sentence_state(bundle, "the plot was brilliant and the cast was dull", clean=False)
+    hidden = direct_hidden_states(tiny_run, list(state.token_ids))
+    fired = 0
     for layer in (1, 2):
         match = load_matching(tiny_run, layer)
+        z = {m: _encode_numpy(bundle.saes[(m, layer)], hidden[m][layer]) for m in MODELS}  # each SAE on its own model
         for f, p in enumerate(match["partner_of_finetuned"]):
             got = matched_features(bundle, state, layer, f, "finetuned")
             assert (got["feature_finetuned"], got["feature_pretrained"], got["sae_model"]) == (f, p, "finetuned")
             assert got["status"] == match["status_of_finetuned"][f]
-            torch.testing.assert_close(torch.tensor(got["finetuned"]), latents(bundle, state, "finetuned", layer, "finetuned")[:, f])
+            np.testing.assert_allclose(got["finetuned"], z["finetuned"][:, f], atol=1e-4, err_msg=f"layer {layer}, feature {f}")
+            fired += bool(np.any(z["finetuned"][:, f] > 0))
             if p < 0:
                 assert got["pretrained"] == [0.0] * len(state.tokens)
                 continue
+            np.testing.assert_allclose(got["pretrained"], z["pretrained"][:, p], atol=1e-4, err_msg=f"layer {layer}, partner {p}")
             assert match["partner_of_pretrained"][p] == f
             back = matched_features(bundle, state, layer, p, "pretrained")
             assert {k: back[k] for k in ("feature_pretrained", "feature_finetuned", "pretrained", "finetuned", "difference")} == {k: got[k] for k in ("feature_pretrained", "feature_finetuned", "pretrained", "finetuned", "difference")}
+    assert fired > 0  # some features fire on the sentence: the comparison is not of zeros only
 
 
 def test_without_the_features_step_the_ranking_names_what_was_used(run_copy):

@@ -33,39 +33,57 @@ def test_one_worker_or_one_item_or_too_few_threads_runs_in_this_thread(workers, 
     assert {r[2] for _, r in out} == {threading.current_thread().name}
 
 
+POLL_CAP = 20_000  # iterations of a job's polling loop: a safety net against a hang, never reached when stop_requested() works
+
+
+def _wait_for_stop(seen: list) -> None:
+    """A long job's loop: poll stop_requested() up to POLL_CAP times; record what it saw on leaving."""
+    for n in range(POLL_CAP):
+        if stop_requested():
+            break
+        time.sleep(0.001)
+    seen.append((stop_requested(), n))
+
+
 def test_a_failing_job_stops_the_rest_and_raises_here():
-    started = []
+    """Items not yet started never start; the running one is asked to stop and returns before the error is raised."""
+    started, seen = [], []
+    first_running = threading.Event()
 
     def job(i):
         started.append(i)
-        if i == 1:
-            raise ValueError("job 1 failed")
-        time.sleep(0.05)
-        return i
+        if i == 0:
+            first_running.set()
+            _wait_for_stop(seen)  # only stop_requested() lets job 0 finish, so no third item can be handed out
+            return i
+        assert first_running.wait(30), "job 0 never started"  # both jobs are running when job 1 fails
+        raise ValueError(f"job {i} failed")
 
     with torch_threads(2):
         with pytest.raises(ValueError, match="job 1 failed"):
             list(run_side_by_side(job, range(10), workers=2))
         assert torch.get_num_threads() == 2  # the jobs' 1-thread setting did not outlive them
-    assert len(started) < 10
+    assert sorted(started) == [0, 1]  # items 2-9 were never started
+    assert len(seen) == 1 and seen[0][0] is True and seen[0][1] < POLL_CAP - 1  # job 0 returned (before the raise) because it was told to stop
+    assert not stop_requested()
 
 
 def test_running_jobs_are_told_to_stop_when_another_fails():
     """Python cannot interrupt a thread: long jobs poll stop_requested(), set while the run is abandoned."""
-    polled = []
+    seen, at_start = [], []
+    polling = threading.Event()
 
     def job(i):
         if i == 0:
-            time.sleep(0.05)
+            assert polling.wait(30), "job 1 never started"
             raise KeyboardInterrupt  # what Ctrl-C raises in the waiting thread, here from a job
-        t0 = time.perf_counter()
-        while not stop_requested() and time.perf_counter() - t0 < 10:
-            time.sleep(0.005)
-        polled.append(time.perf_counter() - t0)
+        at_start.append(stop_requested())
+        polling.set()
+        _wait_for_stop(seen)
         return i
 
-    t0 = time.perf_counter()
     with torch_threads(2), pytest.raises(KeyboardInterrupt):
         list(run_side_by_side(job, range(2), workers=2))
-    assert time.perf_counter() - t0 < 5 and polled and polled[0] < 5  # job 1 saw the request, long before its 10 s
+    assert at_start == [False]  # not set before anything failed
+    assert len(seen) == 1 and seen[0][0] is True and seen[0][1] < POLL_CAP - 1  # job 1 left its loop because it was told to stop, not at its cap
     assert not stop_requested()  # cleared for the next run
