@@ -624,6 +624,54 @@ def run_copy(tmp_path, tiny_run):
     return dst
 
 
+def _relu_numpy(sae: SparseAutoencoder, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's Linear-ReLU-Linear written out by hand (no b_dec before the encoder, unlike
+    TopK): (latents, reconstruction)."""
+    p = {k: v.detach().double().numpy() for k, v in sae.named_parameters()}
+    s = sae.cfg.normalization_scale
+    h = np.maximum(x / s @ p["W_enc"] + p["b_enc"], 0)
+    return h, (h @ p["W_dec"] + p["b_dec"]) * s
+
+
+def test_the_paper_recipe_on_mean_pooled_texts_runs_through_every_step(run_copy):
+    """``saes.architecture=paper`` with ``saes.input=mean_pooled`` (the paper's own code's input):
+    trained on one mean vector per text (checked against per-text means of the stored tokens),
+    scored per token like every SAE, and read by the features step and ``analyze``."""
+    from core.runfolder import RunFolder
+
+    run = RunFolder(run_copy)
+    sets = ["--set", "saes.architecture=paper", "--set", "saes.input=mean_pooled", "--set", "saes.training.batch_size=16", "--set", "saes.epochs=2"]
+    assert cli("saes", "--run", run_copy, *sets, "--force").returncode == 0
+    train, test = ActivationStore(run, "train"), ActivationStore(run, "test")
+    example = train.all_meta()["example_ids"].numpy()
+    for model, layer, folder in run.sae_dirs():
+        x = train.load_layer(model, layer).double().numpy()
+        means = np.stack([x[example == e].mean(0) for e in np.unique(example)])  # [texts, d]: the rows it trains on
+        pooled = torch.cat(list(train.iter_batches(model, layer, 1, epochs=1.0, pooled=True))).double().numpy()
+        order = lambda a: a[np.lexsort(a.T[::-1])]  # noqa: E731 - iter_batches shuffles; compare as sets of rows
+        np.testing.assert_allclose(order(pooled), order(means), rtol=1e-5, atol=1e-6)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        sae = SparseAutoencoder.load(folder)
+        assert sae.cfg.architecture == metrics["architecture"] == "paper" and sae.cfg.input == "mean_pooled"
+        assert metrics["training"]["num_steps"] == int(2 * len(means) // 16)  # two epochs of 16-text batches
+        xt = test.load_layer(model, layer).double().numpy()
+        h, x_hat = _relu_numpy(sae, xt)
+        assert metrics["fvu"] == pytest.approx(((xt - x_hat) ** 2).sum() / ((xt - xt.mean(0)) ** 2).sum(), rel=1e-4)
+        assert metrics["l0"] == pytest.approx((h > 0).sum(1).mean(), rel=1e-4)
+    assert cli("features", "--run", run_copy, "--force").returncode == 0
+    out = cli("analyze", "--run", run_copy, "--text", "the plot was brilliant", "--top", "3", "--json", "--raw")
+    result = json.loads(out.stdout)
+    from core.models import load_tokenizer
+
+    ids = load_tokenizer(str(run.model_dir("finetuned")))("the plot was brilliant")["input_ids"]
+    hidden = direct_hidden_states(run, ids)
+    assert result["saes"] and all(len(e["features"]) == 3 for e in result["saes"])
+    for entry in result["saes"]:
+        h, _ = _relu_numpy(SparseAutoencoder.load(run.sae_dir(entry["model"], entry["layer"])), hidden[entry["model"]][entry["layer"]])
+        for f in entry["features"]:
+            np.testing.assert_allclose(f["activations"], h[:, f["feature"]], atol=1e-4)
+
+
 def test_truncated_sae_file(run_copy):
     w = run_copy / "saes" / "finetuned" / "layer_1" / "sae_weights.safetensors"
     w.write_bytes(w.read_bytes()[:100])
