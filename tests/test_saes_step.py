@@ -975,3 +975,9 @@ def test_free_memory_is_read_from_the_system():
     if free is None:
         pytest.skip("no /proc/meminfo here")
     assert 0 < free <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if shutil.which("free"):  # procps's own reading of the same figure (its "available" column)
+        import subprocess
+
+        lines = subprocess.run(["free", "-b"], capture_output=True, text=True, check=True).stdout.splitlines()
+        available = int(lines[1].split()[1 + lines[0].split().index("available")])
+        assert abs(free - available) < 256 * 2**20, (free, available)
