@@ -672,6 +672,26 @@ def test_the_paper_recipe_on_mean_pooled_texts_runs_through_every_step(run_copy)
             np.testing.assert_allclose(f["activations"], h[:, f["feature"]], atol=1e-4)
 
 
+def test_the_feature_card_shows_every_top_example_the_step_kept(run_copy):
+    """With features.top_k=16 the card lists up to 16 texts (it stopped at 10 before), and ``top``
+    still caps it."""
+    from core.features_step import feature_card, load_stats
+    from core.runfolder import RunFolder
+
+    assert cli("features", "--run", run_copy, "--set", "features.top_k=16", "--force").returncode == 0
+    run = RunFolder(run_copy)
+    stats = load_stats(run, "finetuned", 2)
+    assert stats["top_values"].shape[1] == 16
+    longest = 0
+    for f in range(stats["top_values"].shape[0]):
+        texts = [t for t, v in zip(stats["top_example_ids"][f].tolist(), stats["top_values"][f].tolist()) if v > 0]
+        card = feature_card(run, "finetuned", 2, f)
+        assert [e["example_id"] for e in card["top_examples"]] == list(dict.fromkeys(texts))  # each text once, strongest first
+        assert len(feature_card(run, "finetuned", 2, f, top=3)["top_examples"]) <= 3
+        longest = max(longest, len(card["top_examples"]))
+    assert longest > 10
+
+
 def test_truncated_sae_file(run_copy):
     w = run_copy / "saes" / "finetuned" / "layer_1" / "sae_weights.safetensors"
     w.write_bytes(w.read_bytes()[:100])
