@@ -16,6 +16,7 @@ Mistakes in input print one line ``error: ...`` and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -234,12 +235,14 @@ def _dispatch(args) -> int:
     if args.verb == "config":
         print(pipeline.describe_config(cfg))
         return 0
-    if args.verb == "build":
-        timings = pipeline.build(run, cfg, force=args.force, redo_from=args.redo_from or (STEPS[0] if args.force else None), until=args.until)
-        if timings and pipeline.is_main_process():
-            print("built: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {sum(timings.values()):.0f} s")
-        return 0
-    pipeline.run_step(run, args.verb, cfg, force=args.force, redo=args.force)
+    # one writing process per run folder (under torchrun, rank 0 holds it for all ranks)
+    with run.writing() if pipeline.is_main_process() else contextlib.nullcontext():
+        if args.verb == "build":
+            timings = pipeline.build(run, cfg, force=args.force, redo_from=args.redo_from or (STEPS[0] if args.force else None), until=args.until)
+            if timings and pipeline.is_main_process():
+                print("built: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {sum(timings.values()):.0f} s")
+            return 0
+        pipeline.run_step(run, args.verb, cfg, force=args.force, redo=args.force)
     return 0
 
 

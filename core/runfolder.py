@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 import shlex
@@ -378,6 +379,36 @@ class RunFolder:
 
     def matching_path(self, layer: int) -> Path:
         return self.root / "features" / "matching" / f"layer_{layer}.json"
+
+    # -- one writer at a time -----------------------------------------------------
+    @contextlib.contextmanager
+    def writing(self):
+        """Hold the run folder for this process while it builds or runs a step: a second process
+        that tries (another terminal, a second dashboard) gets a LayerscopeError instead of
+        interleaving its steps and losing the first one's manifest records. The lock is flock(2) on
+        the folder itself, so no lock file is left behind and it ends with the process, however it
+        ends; where the file system cannot lock (some network mounts), the work goes on unlocked.
+        A folder made here and still empty at the end (a refused first step) is removed again."""
+        self._refuse_file()
+        made = [p for p in (self.root, *self.root.parents) if not p.exists()]  # deepest first
+        make_folder(self.root)
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LayerscopeError(
+                    f"another process is building in {self.root} (a build or a step started elsewhere); "
+                    "wait for it to finish, or pass another --run folder (nothing was changed)"
+                ) from None
+            except OSError:
+                pass  # this file system has no locks
+            yield self
+        finally:
+            os.close(fd)
+            for p in made:
+                with contextlib.suppress(OSError):
+                    p.rmdir()  # only succeeds when empty
 
     # -- manifest ---------------------------------------------------------------
     def exists(self) -> bool:

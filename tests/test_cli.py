@@ -159,6 +159,35 @@ def test_a_file_given_as_run_folder_is_refused_and_left_alone(tmp_path, verb):
     assert notes.read_text() == "my notes"
 
 
+def test_a_second_process_writing_to_a_run_is_refused_and_changes_nothing(tmp_path, tiny_run):
+    """While a build holds the run folder (flock on the folder, taken here through a descriptor of
+    our own, as another process would), a step or build in it is one line and writes nothing;
+    readers are not held up, and once the lock is gone the same command goes through."""
+    import fcntl
+
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for args in (["similarity", "--force"], ["build"]):
+            assert_user_error(cli(args[0], "--run", run, *args[1:]), f"another process is building in {run}", "wait for it to finish")
+        assert cli("report", "--run", run).returncode == 0
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    finally:
+        os.close(fd)
+    assert cli("similarity", "--run", run, "--force").returncode == 0
+    assert list(run.rglob("*.lock")) == [] and not any(p.name.startswith(".") for p in run.iterdir())  # no lock file left
+
+
+def test_a_refused_first_step_leaves_no_folders_behind(tmp_path):
+    """The writer's lock makes the run folder (and its missing parents) before the first step is
+    checked; a refusal removes them again."""
+    assert_user_error(cli("finetune", "--run", tmp_path / "a" / "b" / "run"), "needs step 'data'")
+    assert list(tmp_path.iterdir()) == []
+
+
 NO_USER = "~layerscope_no_such_user_xyz"
 
 
