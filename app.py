@@ -50,7 +50,7 @@ def build_progress(target_path: str) -> None:
     shared.forget_build(target)
     if state["returncode"] != 0:
         reason = state["error"] or f"exit code {state['returncode']}"
-        if RunFolder(target).manifest_path.is_file():
+        if RunFolder(target).exists():
             shared.set_run(str(target))
             st.session_state[shared.KEY_RUN_MESSAGE] = f"the build stopped early ({reason}); showing the steps that finished. Log: {state['log']}"
             st.rerun(scope="app")

@@ -142,10 +142,10 @@ def discover_runs(base: Path | None = None) -> list[str]:
     for child in sorted(base.iterdir()):
         if not child.is_dir() or child.name.startswith("."):
             continue
-        if RunFolder(child).manifest_path.is_file():
+        if RunFolder(child).exists():
             found.append(str(child))
             continue
-        found += [str(g) for g in sorted(child.iterdir()) if g.is_dir() and not g.name.startswith(".") and RunFolder(g).manifest_path.is_file()]
+        found += [str(g) for g in sorted(child.iterdir()) if g.is_dir() and not g.name.startswith(".") and RunFolder(g).exists()]
     return found
 
 
