@@ -49,8 +49,8 @@ class FeatureStatsAccumulator:
     Memory: besides O(d_sae * (C + top_k + bins)) state, the AUROC needs each example's max
     activation per feature, kept as float32 (exact: float16 tied maxima closer than 1e-3 and moved
     AUROCs by up to 0.07): ``4 * num_examples * d_sae`` bytes (12 MB for 2,000 examples x 1,536
-    latents; 120 MB for 20,000; ranking them at the end takes four times that). Example ids should be small non-negative integers
-    (row indices of the dataset): the table is indexed by id.
+    latents; 120 MB for 20,000; ranking them at the end takes four times that). Example ids
+    should be small non-negative integers (row indices of the dataset): the table is indexed by id.
 
     Histogram: per feature, ``hist_bins`` linear bins on ``[0, hi_f]`` where ``hi_f`` starts as
     the smallest power of two >= the first non-zero activation seen; when a larger value arrives

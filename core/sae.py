@@ -44,7 +44,6 @@ from core.errors import LayerscopeError
 from core.runfolder import SAE_CFG_FILE, SAE_WEIGHTS_FILE, write_json, write_text
 
 FORMAT = "layerscope-sae-1"
-CFG_FILE, WEIGHTS_FILE = SAE_CFG_FILE, SAE_WEIGHTS_FILE
 ARCHITECTURES = ("topk", "paper")
 
 
@@ -370,8 +369,8 @@ class SparseAutoencoder(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().cpu().contiguous() for name, p in self.named_parameters()}
-        write_text(folder / WEIGHTS_FILE, safetensors_bytes(tensors, metadata={"format": FORMAT}))
-        write_json(folder / CFG_FILE, {**asdict(self.cfg), "format": FORMAT})
+        write_text(folder / SAE_WEIGHTS_FILE, safetensors_bytes(tensors, metadata={"format": FORMAT}))
+        write_json(folder / SAE_CFG_FILE, {**asdict(self.cfg), "format": FORMAT})
         self.path = str(folder)
 
     @classmethod
@@ -381,7 +380,7 @@ class SparseAutoencoder(nn.Module):
         if not folder.is_dir():
             raise LayerscopeError(f"SAE folder {folder} does not exist; train it with `python -m core saes --run RUN`")
         cfg = _read_cfg(folder)
-        weights_path = folder / WEIGHTS_FILE
+        weights_path = folder / SAE_WEIGHTS_FILE
         if not weights_path.is_file():
             raise LayerscopeError(f"{weights_path} is missing; {RETRAIN_HINT}")
         try:
@@ -410,7 +409,7 @@ class SparseAutoencoder(nn.Module):
 
 
 def _read_cfg(folder: Path) -> SAEConfig:
-    path = folder / CFG_FILE
+    path = folder / SAE_CFG_FILE
     if not path.is_file():
         raise LayerscopeError(f"{path} is missing; {RETRAIN_HINT}")
     try:
