@@ -171,7 +171,7 @@ def machine_info(threads: int) -> dict:
     flags: list[str] = []
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not cpu.strip("x86_64 "):
+            if line.startswith("model name") and cpu.strip() in ("", "x86_64"):  # platform.processor() often names only the architecture
                 cpu = line.split(":", 1)[1].strip()
             if line.startswith("flags") and not flags:
                 flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx512_bf16", "amx", "avx512f", "avx512_vnni")))

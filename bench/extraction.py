@@ -29,7 +29,6 @@ default preset's settings (128 tokens, head+tail), as the default pipeline runs 
 from __future__ import annotations
 
 import shutil
-import time
 
 import torch
 

@@ -194,7 +194,6 @@ def run(ctx: Context) -> Section:
     from core.activations import ActivationStore
     from core.sae_metrics import evaluate_sae
     from core.saes import SAEsConfig, train_one
-    from core.sae_training import SAETrainingConfig
 
     sec = Section("sae_training", __doc__.split("\n\n")[0])
     run_ = activation_run(ctx)

@@ -202,7 +202,7 @@ def preflight(run: RunFolder, cfg: RunConfig, redo_from: str | None = None) -> N
     if cfg.saes.architecture == "topk" and cfg.saes.k > d_sae:
         raise LayerscopeError(
             f"saes.k={cfg.saes.k} is larger than the dictionary ({d_sae} latents = "
-            + (f"saes.d_sae" if cfg.saes.d_sae else f"saes.expansion_factor {cfg.saes.expansion_factor} x hidden size {model_config.hidden_size}")
+            + ("saes.d_sae" if cfg.saes.d_sae else f"saes.expansion_factor {cfg.saes.expansion_factor} x hidden size {model_config.hidden_size}")
             + "); lower saes.k (--sae-k) or widen the dictionary"
         )
     check_memory(cfg.saes, model_config.hidden_size)
