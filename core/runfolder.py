@@ -388,7 +388,8 @@ class RunFolder:
         interleaving its steps and losing the first one's manifest records. The lock is flock(2) on
         the folder itself, so no lock file is left behind and it ends with the process, however it
         ends; where the file system cannot lock (some network mounts), the work goes on unlocked.
-        A folder made here and still empty at the end (a refused first step) is removed again."""
+        A folder made here and still empty at the end (a refused first step) is removed again, by
+        the process that held it only, and only while it is the very folder it held."""
         self._refuse_file()
         made = [p for p in (self.root, *self.root.parents) if not p.exists()]  # deepest first
         make_folder(self.root)
@@ -397,6 +398,7 @@ class RunFolder:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                made = []  # the holder's folder, not ours to tidy
                 raise LayerscopeError(
                     f"another process is building in {self.root} (a build or a step started elsewhere); "
                     "wait for it to finish, or pass another --run folder (nothing was changed)"
@@ -405,10 +407,31 @@ class RunFolder:
                 pass  # this file system has no locks
             yield self
         finally:
+            held = os.fstat(fd)
             os.close(fd)
+            with contextlib.suppress(OSError):
+                now = os.stat(self.root)
+                if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                    made = []  # removed and made again meanwhile (a refused first step's clean-up): another process's
             for p in made:
                 with contextlib.suppress(OSError):
                     p.rmdir()  # only succeeds when empty
+
+    def held_elsewhere(self) -> bool:
+        """True while another process holds this folder through ``writing`` (a build running)."""
+        try:
+            fd = os.open(self.root, os.O_RDONLY)
+        except OSError:
+            return False  # no folder (yet), or one we cannot open: nobody builds in it from here
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False  # free (closing the descriptor lets go again)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     # -- manifest ---------------------------------------------------------------
     def exists(self) -> bool:

@@ -1,10 +1,14 @@
-"""The shapes of a run's JSON files: what readers check before they trust a file."""
+"""The run folder: the shapes of its JSON files (what readers check before they trust a file) and
+its one-writer lock."""
 
 import json
+import os
+import shutil
 
 import pytest
 
 from core import runfolder
+from core.errors import LayerscopeError
 from core.runfolder import (
     ACTIVATION_INDEX_FIELDS,
     FINETUNE_METRICS_FIELDS,
@@ -13,6 +17,7 @@ from core.runfolder import (
     MATCHING_FIELDS,
     SAE_METRICS_FIELDS,
     SIMILARITY_FIELDS,
+    RunFolder,
     field_problem,
 )
 
@@ -63,3 +68,42 @@ def test_a_field_the_shape_requires_is_one_every_writer_sets(tiny_run):
         assert field_problem({k: v for k, v in sim.items() if k != key}, SIMILARITY_FIELDS) == f"no '{key}'"
     sim["layers"][1] = {**sim["layers"][1], "cka": "high"}
     assert field_problem(sim, SIMILARITY_FIELDS) == "'layers[1].cka' is a string, not a number"
+
+
+def test_a_writer_refused_by_the_lock_leaves_the_holders_new_folder_alone(tmp_path, monkeypatch):
+    """Two commands on a new run folder: B finds no folder, then A makes it and takes the lock
+    before B can. B is refused and must not remove A's still-empty folder."""
+    import fcntl
+
+    import core.runfolder as rf
+
+    root = tmp_path / "new" / "run"
+    held = []
+
+    def a_wins(path):  # A makes the folder and locks it just before B's make_folder
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.append(fd)
+
+    monkeypatch.setattr(rf, "make_folder", a_wins)
+    try:
+        with pytest.raises(LayerscopeError, match="another process is building in"):
+            with RunFolder(root).writing():
+                pass
+        assert root.is_dir() and (tmp_path / "new").is_dir()
+    finally:
+        os.close(held[0])
+
+
+def test_a_writer_leaves_a_folder_made_again_by_another_process(tmp_path):
+    """A refused first step removes the empty run folder; another process may make and lock a
+    new one at the same path before the first lets go: that one is not the first's to remove."""
+    root = tmp_path / "run"
+    with RunFolder(root).writing():
+        shutil.rmtree(root)
+        root.mkdir()  # another process's new folder (another inode)
+    assert root.is_dir()
+    with RunFolder(tmp_path / "other").writing():
+        pass
+    assert not (tmp_path / "other").exists()  # its own empty folder it does remove
