@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
-import math
 import re
 import shlex
 from dataclasses import dataclass
@@ -209,14 +208,12 @@ def prepare(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], list[str]]:
     if len(counts) < 2:
         raise LayerscopeError(f"{where} has only one class ({names[int(counts.index[0])] if len(counts) else 'none'}) after cleaning; a classifier needs at least two")
     _check_split_size(df, cfg, where, names)
-    if cfg.max_rows and len(df) > cfg.max_rows:
+    capped = bool(cfg.max_rows) and len(df) > cfg.max_rows
+    if capped:
+        classes = sorted(df["label"].unique())
         df = _cap(df, cfg)
-        _check_split_size(df, cfg, where, names, capped=True)  # the cap keeps the class shares, so a rare class can shrink below its floor
-    holdout = cfg.val_fraction + cfg.test_fraction
-    train, rest = train_test_split(df, test_size=holdout, stratify=df["label"], random_state=cfg.seed)
-    val, test = train_test_split(rest, test_size=cfg.test_fraction / holdout, stratify=rest["label"], random_state=cfg.seed)
-    splits = {s: f.sort_values("id").reset_index(drop=True) for s, f in zip(SPLITS, (train, val, test))}
-    return splits, names
+        _check_split_size(df, cfg, where, names, capped=True, classes=classes)  # the cap keeps the class shares, so a rare class can shrink below its floor
+    return _split(df, cfg, where, names, capped), names
 
 
 def _cap(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
@@ -229,31 +226,54 @@ def _cap(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     return kept
 
 
-def split_floor(cfg: DataConfig, num_classes: int) -> tuple[int, int]:
-    """(rows, rows per class) a stratified train/validation/test split of ``num_classes`` needs.
-
-    Rows: enough that the smaller held-out split gets one row per class. Per class: the held-out
-    share (validation + test) of each class must hold two rows, one for each held-out split (else
-    scikit-learn's second stratified split fails), so a class needs 2 / (val + test) rows."""
-    holdout = cfg.val_fraction + cfg.test_fraction
-    rows = max(int(num_classes / min(cfg.val_fraction, cfg.test_fraction)) + 1, 3 * num_classes)
-    return rows, max(3, math.ceil(2 / holdout - 1e-9))
+def _split_words(cfg: DataConfig, num_classes: int) -> str:
+    return f"a stratified {1 - cfg.val_fraction - cfg.test_fraction:.0%}/{cfg.val_fraction:.0%}/{cfg.test_fraction:.0%} split of {num_classes} classes"
 
 
-def _check_split_size(df: pd.DataFrame, cfg: DataConfig, where: str, names: list[str], capped: bool = False) -> None:
+def _rare_fix(capped: bool) -> str:
+    return "raise data.max_rows (0 = no cap): the cap keeps each class's share, and left too few" if capped else "add rows of that class, or drop it from the data"
+
+
+def _check_split_size(df: pd.DataFrame, cfg: DataConfig, where: str, names: list[str], capped: bool = False, classes: list | None = None) -> None:
+    """Refuse, before any split, data too small for it: fewer rows than give the smaller held-out
+    split one row per class, or a class of fewer than 3 rows (one per split at best). ``classes``:
+    those the data had before the cap, which may have left none of one."""
     counts = df["label"].value_counts()
+    if classes is not None:
+        counts = counts.reindex(classes, fill_value=0)
     k = len(counts)
-    need, per_class = split_floor(cfg, k)
-    split = f"a stratified {1 - cfg.val_fraction - cfg.test_fraction:.0%}/{cfg.val_fraction:.0%}/{cfg.test_fraction:.0%} split of {k} classes"
-    if cfg.max_rows and cfg.max_rows < need and not capped:
-        raise LayerscopeError(f"data.max_rows={cfg.max_rows} is below the {need} rows {split} needs; raise it (0 = no cap)")
-    if len(df) < need or counts.min() < per_class:
-        rare = names[int(counts.idxmin())]
-        fix = "raise data.max_rows (0 = no cap): the cap keeps each class's share, and left too few" if capped else "add rows, or drop the rarest class from the data"
+    need = max(int(k / min(cfg.val_fraction, cfg.test_fraction)) + 1, 3 * k)
+    if cfg.max_rows and len(df) > cfg.max_rows and cfg.max_rows < need:
+        raise LayerscopeError(f"data.max_rows={cfg.max_rows} is below the {need} rows {_split_words(cfg, k)} needs; raise it (0 = no cap)")
+    if len(df) < need or counts.min() < 3:
         raise LayerscopeError(
-            f"{where} has {len(df)} usable rows{' after the data.max_rows cap' if capped else ''}, {counts.min()} of them in its smallest class ('{rare}'); "
-            f"{split} needs at least {need} rows and {per_class} in every class (so that validation and test each get some of it): {fix}"
+            f"{where} has {len(df)} usable rows{' after the data.max_rows cap' if capped else ''}, {counts.min()} of them in its smallest class "
+            f"('{names[int(counts.idxmin())]}'); {_split_words(cfg, k)} needs at least {need} rows and 3 in every class: {_rare_fix(capped)}"
         )
+
+
+def _split(df: pd.DataFrame, cfg: DataConfig, where: str, names: list[str], capped: bool) -> dict[str, pd.DataFrame]:
+    """Seeded stratified train / validation / test split with every class in every split (the
+    per-class figures and feature statistics need each class in test). scikit-learn allots each
+    class's held-out rows by its share, so a rare class can come up short in a held-out split
+    (or make scikit-learn refuse): one message naming that class."""
+    counts = df["label"].value_counts()
+    holdout = cfg.val_fraction + cfg.test_fraction
+    try:
+        train, rest = train_test_split(df, test_size=holdout, stratify=df["label"], random_state=cfg.seed)
+        val, test = train_test_split(rest, test_size=cfg.test_fraction / holdout, stratify=rest["label"], random_state=cfg.seed)
+    except ValueError:  # a class with a single held-out row: the second split cannot stratify it
+        short, split = int(counts.idxmin()), "validation or test"
+    else:
+        frames = dict(zip(SPLITS, (train, val, test)))
+        missing = [(int(c), s) for s, f in frames.items() for c in counts.index if c not in set(f["label"])]
+        if not missing:
+            return {s: f.sort_values("id").reset_index(drop=True) for s, f in frames.items()}
+        short, split = missing[0][0], {"val": "validation"}.get(missing[0][1], missing[0][1])
+    raise LayerscopeError(
+        f"{where}: {_split_words(cfg, len(counts))} leaves the {split} split without a row of class '{names[short]}' "
+        f"({counts[short]} rows{' after the data.max_rows cap' if capped else ''}): {_rare_fix(capped)}"
+    )
 
 
 def file_hash(path: Path) -> str:

@@ -56,17 +56,34 @@ def _classes(counts: dict) -> pd.DataFrame:
     "counts, max_rows, message",
     [
         # 3 rows of 'rare': the held-out 20% gets at most one, and scikit-learn's second split failed
-        ({"rare": 3, "common": 997}, 0, r"1000 usable rows, 3 of them in its smallest class \('rare'\).* at least 21 rows and 10 in every class.*drop the rarest class"),
+        ({"rare": 3, "common": 997}, 0, r"80%/10%/10% split of 2 classes leaves the validation or test split without a row of class 'rare' \(3 rows\): add rows of that class"),
+        # 10 rows of 'rare' at 80/5/15: scikit-learn splits, but gives both held-out rows to test
+        ({"rare": 10, "common": 400}, 0, r"80%/5%/15% split of 2 classes leaves the validation split without a row of class 'rare' \(10 rows\)"),
         # one row of 'rare' with a cap: the capping split itself failed
         ({"rare": 1, "common": 300}, 100, r"1 of them in its smallest class \('rare'\)"),
         # 12 rows of 'rare' are enough, but a cap to 100 of 1,012 keeps one of them
         ({"rare": 12, "common": 1000}, 100, r"100 usable rows after the data.max_rows cap, 1 of them .*'rare'.*raise data.max_rows"),
         ({"a": 50, "b": 50}, 1, r"data.max_rows=1 is below the 21 rows a stratified 80%/10%/10% split of 2 classes needs"),
+        # a cap above the data's size caps nothing: the message is about the data, not the cap
+        ({"a": 10, "b": 8}, 20, r"has 18 usable rows, 8 of them in its smallest class \('b'\); .* needs at least 21 rows and 3 in every class: add rows"),
+        # a cap that leaves no row of a class at all
+        ({"rare": 5, "common": 1000}, 100, r"100 usable rows after the data.max_rows cap, 0 of them in its smallest class \('rare'\)"),
     ],
 )
 def test_a_class_too_rare_to_split_is_one_clear_error(tmp_path, counts, max_rows, message):
+    fractions = {"val_fraction": 0.05, "test_fraction": 0.15} if counts.get("rare") == 10 else {}
     with pytest.raises(LayerscopeError, match=message):
-        prepare(DataConfig(dataset=_csv(tmp_path, _classes(counts)), max_rows=max_rows))
+        prepare(DataConfig(dataset=_csv(tmp_path, _classes(counts)), max_rows=max_rows, **fractions))
+
+
+@pytest.mark.parametrize("counts, fractions", [({"rare": 8, "common": 1000}, (0.1, 0.1)), ({"rare": 13, "common": 400}, (0.05, 0.15))])
+def test_a_rare_class_that_reaches_every_split_is_split(tmp_path, counts, fractions):
+    """8 rows at 80/10/10 give validation and test one each (a blanket 10-per-class floor refused
+    them); unequal held-out fractions work too."""
+    splits, names = prepare(DataConfig(dataset=_csv(tmp_path, _classes(counts)), max_rows=0, val_fraction=fractions[0], test_fraction=fractions[1]))
+    rare = names.index("rare")
+    per_split = {s: int((f["label"] == rare).sum()) for s, f in splits.items()}
+    assert min(per_split.values()) >= 1 and sum(per_split.values()) == counts["rare"], per_split
 
 
 def test_any_class_sizes_split_with_every_class_in_every_split_or_are_refused(tmp_path):
