@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from core.runfolder import FINETUNE_METRICS_FIELDS, MODELS, SAE_METRICS_FIELDS, SAE_METRICS_FILE, RunFolder, read_json
-from core.similarity import load_similarity
+from core.runfolder import FINETUNE_METRICS_FIELDS, MODELS, SAE_METRICS_FIELDS, SAE_METRICS_FILE, SIMILARITY_FIELDS, RunFolder, read_json
 
 
 def _sae_metrics(m: dict) -> dict:
@@ -53,7 +52,7 @@ def build_report(run: RunFolder) -> dict:
     if "activations" in steps:
         rep["activations"] = steps["activations"]["result"]
     if "similarity" in steps:
-        sim = load_similarity(run)
+        sim = read_json(run.similarity_json, SIMILARITY_FIELDS)  # as core.similarity.load_similarity, without importing the step's torch code
         rep["num_layers"] = len(sim["layers"]) - 1
         rep["similarity"] = sim["layers"]
         rep["cka_matrix"] = sim["cka_matrix"]
