@@ -15,6 +15,8 @@ import json
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -992,3 +994,13 @@ def test_dashboard_threads_leave_a_core_to_the_browser(monkeypatch):
         assert shared.dashboard_threads() == 1
         monkeypatch.setattr(shared.os, "cpu_count", lambda: 8)
         assert shared.dashboard_threads() == 7
+
+
+def test_the_overview_modules_leave_the_model_and_dataset_code_unloaded():
+    """What the overview imports (pages._shared, core.report, core.export, core.plots) loads neither
+    transformers nor scikit-learn: those come with the explorer and the feature browser, so the
+    first page draws sooner (a report that read similarity.json through core.similarity pulled
+    them in)."""
+    code = "import sys, pages._shared, core.export, core.report, core.plots; print([m for m in ('sklearn', 'transformers', 'core.data', 'core.models') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
