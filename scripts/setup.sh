@@ -16,9 +16,10 @@ files="requirements.txt requirements-data.txt"
 want="$(cat $files scripts/setup.sh | sha256sum | cut -c1-16) $files"
 stamp=.venv/.layerscope-setup
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  # A full install is about 2.3 GB (torch alone 1 GB); an update of an existing .venv far less.
-  # Refuse up front rather than let pip die half-way with "No space left on device".
-  need_mb=3000; [ -x .venv/bin/python ] && need_mb=500
+  # A full install is about 2.3 GB (torch alone 1 GB); an update of a .venv that was once set up
+  # (it has a stamp, if an old one) far less; one that died half-way has no stamp and gets the full
+  # figure. Refuse up front rather than let pip die half-way with "No space left on device".
+  need_mb=3000; [ -f "$stamp" ] && need_mb=500
   free_mb="$(df -Pm . | awk 'NR == 2 {print $4}')"
   if [ -n "$free_mb" ] && [ "$free_mb" -lt "$need_mb" ]; then
     echo "error: installing Layerscope's packages into $(pwd)/.venv needs about $need_mb MB free" \

@@ -63,10 +63,15 @@ def test_setup_does_nothing_when_up_to_date_even_on_a_full_disk(tmp_path):
 
 
 @pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="setup.sh insists on Python 3.11")
-def test_setup_asks_less_space_to_update_an_existing_venv(tmp_path):
+@pytest.mark.parametrize("stamp, need", [("0123456789abcdef requirements.txt\n", 500), (None, 3000)])
+def test_setup_asks_less_space_only_to_update_a_venv_that_was_set_up(tmp_path, stamp, need):
+    """A .venv with an outdated stamp (requirements changed since) needs little; one without a
+    stamp (an install that died half-way) still needs the whole install."""
     env = _copy_project(tmp_path, free_mb=200)
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
-    os.symlink(sys.executable, tmp_path / ".venv" / "bin" / "python")  # a venv with an old stamp
+    os.symlink(sys.executable, tmp_path / ".venv" / "bin" / "python")
+    if stamp:
+        (tmp_path / ".venv" / ".layerscope-setup").write_text(stamp)
     done = _run(tmp_path, env)
     assert done.returncode == 2
-    assert "needs about 500 MB free" in done.stderr and "only 200 MB are free" in done.stderr
+    assert f"needs about {need} MB free" in done.stderr and "only 200 MB are free" in done.stderr
