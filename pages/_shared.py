@@ -545,8 +545,8 @@ def start_build(target: Path) -> None:
     """Start ``python -m core build --run target`` in the background (one at a time per target)."""
     builds = _builds()
     running = builds.get(str(target))
-    if running and running["process"].poll() is None:
-        return
+    if running and running["process"].poll() is None or RunFolder(target).held_elsewhere():
+        return  # building already, here or in another process (whose log this must not truncate)
     log = build_log_path(target)
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}

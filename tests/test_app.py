@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import re
 import shlex
 import shutil
@@ -521,6 +522,30 @@ def test_build_button_builds_in_the_background_and_opens_the_run(app, monkeypatc
     at.run()
     assert_clean(at)
     assert len(charts(at)) >= 5
+
+
+def test_the_start_page_waits_for_a_build_another_process_is_running(app, tmp_path):
+    """A build started elsewhere holds the default run's folder (the writer's lock): the start page
+    says so instead of offering a second build, and the other build's log is left alone."""
+    import fcntl
+
+    ckpt = tmp_path / "ckpt"
+    target = ckpt / "default"
+    target.mkdir(parents=True)
+    shared.build_log_path(target).write_text("[data] running in checkpoints/default ...\n")
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        at = app(run=None, checkpoints=ckpt).run()
+        assert not at.exception and not at.button
+        assert "is being built by another process" in at.info[0].value
+        shared.start_build(target)  # a click that raced the lock: nothing is started or truncated
+        assert shared.build_state(target) is None
+        assert shared.build_log_path(target).read_text() == "[data] running in checkpoints/default ...\n"
+    finally:
+        os.close(fd)
+    at = app(run=None, checkpoints=ckpt).run()
+    assert [b.label for b in at.button] == [f"Build {target}"]  # free again: the button is back
 
 
 def test_parse_build_log_reads_steps_and_tqdm_percent():
