@@ -76,7 +76,7 @@ def start_page() -> None:
     st.write("or build it from here; the dashboard follows its progress and opens the run when it is done.")
     if shared.build_state(target) is None:
         if RunFolder(target).held_elsewhere():  # `python -m core build` in a terminal, or another dashboard's build
-            st.info(f"{shown} is being built by another process right now. Reload this page in a minute: the dashboard opens the run as soon as its first step has written the run's manifest.", icon=":material/hourglass_top:")
+            st.info(f"{shown} is being built by another process right now. Reload this page in a moment: once that build has written the run's manifest (at the start of its first step), the dashboard opens the run and shows each step as it finishes.", icon=":material/hourglass_top:")
             return
         if st.button(f"Build {shown}", type="primary", icon=":material/play_arrow:"):
             shared.start_build(target)
