@@ -262,13 +262,16 @@ def run_picker() -> None:
 
 
 def steps_line(path: str) -> str:
-    """Which pipeline steps the run has finished, for the sidebar."""
+    """Which pipeline steps the run has finished, for the sidebar, and whether a build is at work
+    in it now (a flock held by another process: a few microseconds to ask)."""
+    run = RunFolder(path)
     try:
-        done = RunFolder(path).manifest().get("steps", {})
+        done = run.manifest().get("steps", {})
     except LayerscopeError:
         return "not a readable run"
     missing = [s for s in STEPS if s not in done]
-    return "Steps done: " + (", ".join(s for s in STEPS if s in done) or "none") + (f". Missing: {', '.join(missing)}" if missing else "")
+    line = "Steps done: " + (", ".join(s for s in STEPS if s in done) or "none") + (f". Missing: {', '.join(missing)}" if missing else "")
+    return line + (". A build is running in this run now: reload the page to see the steps it finishes" if run.held_elsewhere() else "")
 
 
 # ----------------------------------------------------------------------------- page entry

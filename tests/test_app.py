@@ -548,6 +548,21 @@ def test_the_start_page_waits_for_a_build_another_process_is_running(app, tmp_pa
     assert [b.label for b in at.button] == [f"Build {target}"]  # free again: the button is back
 
 
+def test_the_sidebar_says_when_a_build_is_running_in_the_run_shown(app, tiny_run, tmp_path):
+    import fcntl
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.root, run)
+    assert "build is running" not in app(run=run).run().sidebar.caption[-1].value
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        at = app(run=run).run()
+        assert "A build is running in this run now" in at.sidebar.caption[-1].value and not at.exception
+    finally:
+        os.close(fd)
+
+
 def test_parse_build_log_reads_steps_and_tqdm_percent():
     log = "[data] running in r ...\n[data] finished in 0.1 s (peak memory 412 MB)\n[finetune] running in r ...\n 10%|#  | 1/10\r 40%|####  | 4/10\r"
     state = shared.parse_build_log(log)
