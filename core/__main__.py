@@ -209,6 +209,8 @@ def _dispatch(args) -> int:
 
         rep = build_report(run)
         print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+        if run.held_elsewhere():  # on stderr: the JSON on stdout stays as documented
+            print(f"note: a build is running in {run.root} now; steps it has not finished are missing or from before it", file=sys.stderr)
         return 0
     if args.verb == "analyze":
         from core.analysis import analyze_text, format_analysis, load_bundle

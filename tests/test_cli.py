@@ -173,10 +173,12 @@ def test_a_second_process_writing_to_a_run_is_refused_and_changes_nothing(tmp_pa
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         for args in (["similarity", "--force"], ["build"]):
             assert_user_error(cli(args[0], "--run", run, *args[1:]), f"another process is building in {run}", "wait for it to finish")
-        assert cli("report", "--run", run).returncode == 0
+        report = cli("report", "--run", run, "--json")
+        assert json.loads(report.stdout)["run"] and "note: a build is running in" in report.stderr  # readers go on, and are told
         assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     finally:
         os.close(fd)
+    assert "build is running" not in cli("report", "--run", run).stderr
     assert cli("similarity", "--run", run, "--force").returncode == 0
     assert list(run.rglob("*.lock")) == [] and not any(p.name.startswith(".") for p in run.iterdir())  # no lock file left
 
