@@ -264,8 +264,8 @@ def run_picker() -> None:
 def steps_line(path: str) -> str:
     """Which pipeline steps the run has finished, for the sidebar, and whether a build is at work
     in it now (a flock held by another process: a few microseconds to ask)."""
-    run = RunFolder(path)
     try:
+        run = RunFolder(path)
         done = run.manifest().get("steps", {})
     except LayerscopeError:
         return "not a readable run"
