@@ -189,6 +189,43 @@ def _quiet_tqdm(fn):
             os.environ["TQDM_DISABLE"] = old
 
 
+def time_saelens(arch: str, batches: list[torch.Tensor], settings: dict, measure) -> tuple[dict, dict, str | None]:
+    """Time SAELens in each of ``settings`` (name -> ``saelens_trainer`` keywords).
+
+    ``measure(make)`` warms up and times ``make(steps)``, a trainer over the first ``steps``
+    batches, and returns a timing dict with ``tokens_per_s``. A setting that raises (one SAELens
+    cannot run on CPU) is recorded with its error, not fatal. Returns (timings by setting,
+    errors by setting, the fastest setting or None when none ran: the plain loop is then the
+    baseline, as without SAELens).
+    """
+    timed: dict = {}
+    failed: dict = {}
+    for name, kw in settings.items():
+        try:
+            timed[name] = measure(lambda s, kw=kw: saelens_trainer(arch, batches[:s], **kw))
+        except Exception as e:  # noqa: BLE001 - a setting SAELens cannot run here is reported, not fatal
+            failed[name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    best = max(timed, key=lambda n: timed[n]["tokens_per_s"], default=None)
+    return timed, failed, best
+
+
+def add_trainer_figures(sec: Section, timings: dict, bf16_gflops: float) -> None:
+    """Speed figures per ``"arch@batch"`` entry: vs SAELens's best setting (target 3x) when one
+    ran, vs the plain loop (target 3x only when SAELens did not), and the fraction of the bf16
+    matmul ceiling (target 0.40)."""
+    for key, entry in timings.items():
+        arch, batch = key.split("@")
+        core_tps = entry["core"]["tokens_per_s"]
+        label = {"topk": f"core TopK trainer (k={K}, bf16), batch {batch}", "paper": f"core paper ReLU+L1 trainer (bf16), batch {batch}"}[arch]
+        best = entry.get("saelens_best")
+        if best:
+            sec.add(f"{label}, tokens/s", core_tps, "tok/s", entry["saelens"][best]["tokens_per_s"], f"SAELens {'TopK' if arch == 'topk' else 'standard'} SAE, best setting ({best})", target="ratio >= 3")
+        sec.add(f"{label}, tokens/s vs plain loop", core_tps, "tok/s", entry["plain"]["tokens_per_s"], "plain PyTorch loop (dense, fp32, Adam)", target=None if best else "ratio >= 3")
+        achieved = core_tps * flops_per_token(arch) / 1e9
+        sec.add(f"{label}, fraction of bf16 matmul ceiling", achieved, "GFLOP/s", bf16_gflops, "bf16 matmul [4096,384]x[384,1536]", target="ratio >= 0.40",
+                note=f"{flops_per_token(arch):,} FLOP/token ({'6dm + 6kd' if arch == 'topk' else '12dm'})")
+
+
 # ----------------------------------------------------------------------------- the benchmark
 def run(ctx: Context) -> Section:
     from core.activations import ActivationStore
@@ -228,30 +265,16 @@ def run(ctx: Context) -> Section:
             best_4096 = timings.get("topk@4096", {}).get("saelens_best")
             if key == "topk@2048" and best_4096:  # the best setting found at 4096, at this batch size
                 settings = {best_4096: settings[best_4096]}
-            entry["saelens"], entry["saelens_failed"] = {}, {}
-            for name, kw in settings.items():
-                try:
-                    warm(lambda s: saelens_trainer(arch, batches[:s], **kw))
-                except Exception as e:  # noqa: BLE001 - a setting SAELens cannot run on CPU is reported, not fatal
-                    entry["saelens_failed"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                    continue
-                entry["saelens"][name] = tps(saelens_trainer(arch, batches, **kw), batch)
-            # None when no setting ran: the plain loop is then the baseline, as without SAELens
-            entry["saelens_best"] = max(entry["saelens"], key=lambda n: entry["saelens"][n]["tokens_per_s"], default=None)
+
+            def measure(make, batch=batch):
+                warm(make)
+                return tps(make(steps), batch)
+
+            entry["saelens"], entry["saelens_failed"], entry["saelens_best"] = time_saelens(arch, batches, settings, measure)
             for name, why in entry["saelens_failed"].items():
                 sec.notes.append(f"SAELens {arch} setting '{name}' does not run on CPU here ({why[:90]}...); left out of its best")
 
-    for key, entry in timings.items():
-        arch, batch = key.split("@")
-        core_tps = entry["core"]["tokens_per_s"]
-        label = {"topk": f"core TopK trainer (k={K}, bf16), batch {batch}", "paper": f"core paper ReLU+L1 trainer (bf16), batch {batch}"}[arch]
-        best = entry.get("saelens_best")
-        if best:
-            sec.add(f"{label}, tokens/s", core_tps, "tok/s", entry["saelens"][best]["tokens_per_s"], f"SAELens {'TopK' if arch == 'topk' else 'standard'} SAE, best setting ({best})", target="ratio >= 3")
-        sec.add(f"{label}, tokens/s vs plain loop", core_tps, "tok/s", entry["plain"]["tokens_per_s"], "plain PyTorch loop (dense, fp32, Adam)", target=None if best else "ratio >= 3")
-        achieved = core_tps * flops_per_token(arch) / 1e9
-        sec.add(f"{label}, fraction of bf16 matmul ceiling", achieved, "GFLOP/s", bf16_gflops, "bf16 matmul [4096,384]x[384,1536]", target="ratio >= 0.40",
-                note=f"{flops_per_token(arch):,} FLOP/token ({'6dm + 6kd' if arch == 'topk' else '12dm'})")
+    add_trainer_figures(sec, timings, bf16_gflops)
 
     # quality: the step's own training path, bf16 vs fp32, same seed and steps
     fvu = {}

@@ -216,3 +216,58 @@ def test_sae_data_study_refuses_bad_input_in_one_line(tiny_run, tiny_csv, tmp_pa
         lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
         assert len(lines) == 1 and fragment in lines[0], (extra, lines)
     assert not (tmp_path / "s.json").exists()
+
+
+def test_saelens_settings_that_fail_are_reported_and_none_left_means_no_saelens_baseline(monkeypatch):
+    """SAELens present but unable to run a setting on CPU: that setting is recorded with its error
+    and left out of the best; when no setting runs, there is no SAELens baseline (None)."""
+    import time
+
+    import torch
+
+    from bench import sae_training as st
+
+    batches = [torch.randn(64, st.D, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def stand_in(arch, batches_, autocast, sparse):  # the plain loop where the setting "runs"
+        if autocast or sparse:
+            raise RuntimeError("bf16 not supported on this device\nsecond line")
+        return st.plain_trainer(arch, batches_)
+
+    monkeypatch.setattr(st, "saelens_trainer", stand_in)
+    def measure(make):
+        make(1)()  # warm-up, as the bench does
+        t0 = time.perf_counter()
+        make(len(batches))()
+        return {"tokens_per_s": 64 * len(batches) / (time.perf_counter() - t0)}
+
+    timed, failed, best = st.time_saelens("topk", batches, st.SAELENS_SETTINGS["topk"], measure)
+    assert best == "fp32" and list(timed) == ["fp32"] and timed["fp32"]["tokens_per_s"] > 0
+    assert failed == {"bf16 autocast": "RuntimeError: bf16 not supported on this device", "fp32 sparse activations": "RuntimeError: bf16 not supported on this device"}
+
+    only_failing = {k: v for k, v in st.SAELENS_SETTINGS["topk"].items() if k != "fp32"}
+    timed, failed, best = st.time_saelens("topk", batches, only_failing, measure)
+    assert best is None and timed == {} and set(failed) == set(only_failing)
+
+
+@pytest.mark.parametrize("saelens_ran", [True, False])
+def test_trainer_figures_target_saelens_when_it_ran_else_the_plain_loop(saelens_ran):
+    from bench import sae_training as st
+
+    entry = {"core": {"tokens_per_s": 90_000.0}, "plain": {"tokens_per_s": 30_000.0}, "saelens": {}, "saelens_best": None}
+    if saelens_ran:
+        entry["saelens"] = {"fp32": {"tokens_per_s": 20_000.0}, "bf16 autocast": {"tokens_per_s": 45_000.0}}
+        entry["saelens_best"] = "bf16 autocast"
+    sec = Section("sae_training", "d")
+    st.add_trainer_figures(sec, {"topk@4096": entry}, bf16_gflops=400.0)
+    by_kind = {f.name.rsplit(", ", 1)[1]: f for f in sec.figures}  # "<trainer>, <kind>"
+    plain = by_kind["tokens/s vs plain loop"]
+    assert plain.ratio == pytest.approx(3.0)
+    ceiling = by_kind["fraction of bf16 matmul ceiling"]
+    assert ceiling.value == pytest.approx(90_000 * st.flops_per_token("topk") / 1e9) and ceiling.target == "ratio >= 0.40"
+    if saelens_ran:
+        saelens = by_kind["tokens/s"]
+        assert saelens.baseline == 45_000.0 and saelens.target == "ratio >= 3" and saelens.passed is False
+        assert plain.target is None and len(sec.figures) == 3
+    else:
+        assert plain.target == "ratio >= 3" and plain.passed is True and len(sec.figures) == 2
