@@ -11,6 +11,7 @@ import html
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -342,6 +343,19 @@ def classification_bars(per_class: Mapping[str, Mapping[str, float]], title: str
 
 
 # ----------------------------------------------------------------------------- tokens
+def _token_trace(z, tokens: Sequence[str], rows: Sequence[str], value_name: str) -> dict:
+    """A ``[rows][tokens]`` heatmap trace on index positions (a repeated token keeps its own
+    column), hovering token, row and value. ``tokens``, ``rows`` and ``value_name`` come escaped."""
+    return {
+        "type": "heatmap",
+        "z": z,
+        "x": list(range(len(tokens))),
+        "y": list(range(len(rows))),
+        "customdata": [[[tok, row] for tok in tokens] for row in rows],
+        "hovertemplate": f"token %{{customdata[0]}}<br>%{{customdata[1]}}<br>{value_name} %{{z:.4f}}<extra></extra>",
+    }
+
+
 def token_heatmap(
     z: Sequence[Sequence[float]],
     x_labels: Sequence[str],
@@ -366,15 +380,7 @@ def token_heatmap(
         values = values[None, :]
     tokens = [esc(t) for t in x_labels]
     rows = [esc(r) for r in y_labels]
-    trace = {
-        "type": "heatmap",
-        "z": values,
-        "x": list(range(len(tokens))),
-        "y": list(range(len(rows))),
-        "customdata": [[[tok, row] for tok in tokens] for row in rows],
-        "hovertemplate": f"token %{{customdata[0]}}<br>%{{customdata[1]}}<br>{esc(value_name)} %{{z:.4f}}<extra></extra>",
-        "colorbar": {"title": {"text": esc(value_name)}},
-    }
+    trace = {**_token_trace(values, tokens, rows, esc(value_name)), "colorbar": {"title": {"text": esc(value_name)}}}
     if diverging:
         bound = float(np.nanmax(np.abs(values))) if values.size and np.isfinite(values).any() else 1.0
         trace.update(colorscale=_RDBU, zmid=0)
@@ -406,6 +412,63 @@ def _stacked_domains(rows: Sequence[int], gap: float = 0.06) -> list[list[float]
         out.append([round(max(0.0, top - height), 4), round(top, 4)])
         top -= height + gap
     return out
+
+
+class _Panel(NamedTuple):
+    """One heatmap panel of ``feature_comparison``."""
+
+    name: str  # trace name: "cosine", "feature", "difference" or "top features"
+    rows: Sequence[str]  # row labels, top to bottom
+    z: np.ndarray  # [rows, tokens]
+    value_name: str  # what a cell holds, in the hover text and on the colour bar
+    low: float  # the colour scale's ends
+    high: float
+    colours: dict  # the trace's colour keys (colorscale, zmin, zmax, zmid)
+
+
+def _comparison_panels(pre, ft, diff, n_tokens: int, row_labels, top, cosine, cosine_low, feature_max, difference_bound, top_max, top_difference) -> list[_Panel]:
+    """``feature_comparison``'s panels, top to bottom, with their colour scales (see there)."""
+    hi = feature_max or float(np.nanmax([pre.max(initial=0.0), ft.max(initial=0.0)])) or 1.0
+    bound = difference_bound or float(np.nanmax(np.abs(diff), initial=0.0)) or 1.0
+    top_values = np.asarray(top[1], dtype=float).reshape(len(top[0]), n_tokens) if top is not None and len(top[0]) else None
+    if top_values is not None and not top_difference:  # the feature is often among the top ones: one colour, one activation
+        hi = max(hi, top_max or float(np.nanmax(top_values, initial=0.0)))
+
+    def sequential(low: float, high: float) -> dict:
+        return {"colorscale": _VIRIDIS, "zmin": low, "zmax": high}
+
+    def diverging(b: float) -> dict:
+        return {"colorscale": _RDBU, "zmid": 0, "zmin": -b, "zmax": b}
+
+    panels = []
+    if cosine is not None:
+        values = np.asarray(cosine[1], dtype=float).reshape(len(cosine[0]), n_tokens)
+        panels.append(_Panel("cosine", cosine[0], values, "cosine", cosine_low, 1.0, sequential(cosine_low, 1.0)))
+    panels.append(_Panel("feature", row_labels, np.stack([pre, ft]), "activation", 0.0, hi, sequential(0, hi)))
+    panels.append(_Panel("difference", ["fine-tuned − pre-trained"], diff[None, :], "difference", -bound, bound, diverging(bound)))
+    if top_values is not None:
+        if top_difference:
+            top_bound = top_max or float(np.nanmax(np.abs(top_values), initial=0.0)) or 1.0
+            panels.append(_Panel("top features", top[0], top_values, "difference", -top_bound, top_bound, diverging(top_bound)))
+        else:  # the feature rows' scale (plotly.js keeps a zmin only beside a zmax)
+            panels.append(_Panel("top features", top[0], top_values, "activation", 0.0, hi, sequential(0, hi)))
+    return panels
+
+
+def _colour_bar(domain: Sequence[float], plot_px: float, name: str, low: float, high: float | None) -> dict:
+    """A colour bar beside the panel at ``domain`` (paper fraction of ``plot_px``), in pixels,
+    BAR_GAP short of the panel so the end labels of stacked bars never touch. Titled at its side
+    only when the title fits along the bar (a panel's row labels already say what it shows); a
+    short bar is labelled at its two ends."""
+    lo, up = domain
+    px = max((up - lo) * plot_px - BAR_GAP, 16)
+    spec = {"y": (lo + up) / 2, "len": px, "lenmode": "pixels", "ypad": 0, "thickness": 12}
+    if px >= 7 * len(name) + 16:
+        spec["title"] = {"text": name, "side": "right"}
+    if px < 60 and high is not None:
+        number = "{:+.2g}" if name == "difference" else "{:.2g}"
+        spec.update(tickmode="array", tickvals=[low, high], ticktext=[number.format(low), number.format(high)])
+    return spec
 
 
 def feature_comparison(
@@ -451,68 +514,31 @@ def feature_comparison(
     pre, ft = np.asarray(pretrained, dtype=float), np.asarray(finetuned, dtype=float)
     diff = ft - pre if difference is None else np.asarray(difference, dtype=float)
     labels = [esc(t) for t in tokens]
-    hi = feature_max or float(np.nanmax([pre.max(initial=0.0), ft.max(initial=0.0)])) or 1.0
-    bound = difference_bound or float(np.nanmax(np.abs(diff), initial=0.0)) or 1.0
-    top_values = np.asarray(top[1], dtype=float).reshape(len(top[0]), len(labels)) if top is not None and len(top[0]) else None
-    if top_values is not None and not top_difference:  # the feature is often among the top ones: one colour, one activation
-        hi = max(hi, top_max or float(np.nanmax(top_values, initial=0.0)))
-    # One panel per entry, top to bottom: (trace name, row labels, [rows][tokens] values, hover
-    # text for the value, colour bar title, its low and high ends, the trace's colour keys).
-    panels = []
-    if cosine is not None:
-        values = np.asarray(cosine[1], dtype=float).reshape(len(cosine[0]), len(labels))
-        panels.append(("cosine", cosine[0], values, "cosine", "cosine", cosine_low, 1.0, {"colorscale": _VIRIDIS, "zmin": cosine_low, "zmax": 1.0}))
-    panels.append(("feature", row_labels, np.stack([pre, ft]), "activation", "activation", 0.0, hi, {"colorscale": _VIRIDIS, "zmin": 0, "zmax": hi}))
-    panels.append(("difference", ["fine-tuned − pre-trained"], diff[None, :], "difference", "difference", -bound, bound, {"colorscale": _RDBU, "zmid": 0, "zmin": -bound, "zmax": bound}))
-    if top_values is not None:
-        if top_difference:
-            top_bound = top_max or float(np.nanmax(np.abs(top_values), initial=0.0)) or 1.0
-            panels.append(("top features", top[0], top_values, "difference", "difference", -top_bound, top_bound, {"colorscale": _RDBU, "zmid": 0, "zmin": -top_bound, "zmax": top_bound}))
-        else:  # the feature rows' scale (plotly.js keeps a zmin only beside a zmax)
-            panels.append(("top features", top[0], top_values, "activation", "activation", 0.0, hi, {"colorscale": _VIRIDIS, "zmin": 0, "zmax": hi}))
-    sizes = [len(p[1]) for p in panels]
+    panels = _comparison_panels(pre, ft, diff, len(labels), row_labels, top, cosine, cosine_low, feature_max, difference_bound, top_max, top_difference)
+    sizes = [len(p.rows) for p in panels]
     domains = _stacked_domains(sizes)
     # axis n (1-based, top panel first): the last one is "x"/"y" and carries the token labels
     names = [f"{i + 2}" for i in range(len(panels) - 1)] + [""]
     xaxis = _token_ticks(labels, max_labels)
     # the difference row says which way round it is, on two lines so it is no wider than the rows
     # above; its colour bar's ends carry signs (blue: higher on the fine-tuned model)
-    y_rows = [[esc(r) for r in p[1]] if p[0] != "difference" else ["<br>".join(DIFFERENCE_LINES)] for p in panels]
+    y_rows = [[esc(r) for r in p.rows] if p.name != "difference" else ["<br>".join(DIFFERENCE_LINES)] for p in panels]
     head, extra = _wrapped_title(title, subtitle, wrap)
     margin = _token_margins([line for rows in y_rows for r in rows for line in r.split("<br>")], (80 if title else 40) + extra, xaxis)
     plot_px = 20 + 30 * sum(sizes)  # the panels' own height, whatever the margins take
     height = margin["t"] + margin["b"] + plot_px
-
-    def bar(i: int, name: str, low: float, high: float | None) -> dict:
-        """A colour bar beside panel i, in pixels, BAR_GAP short of the panel so the end labels of
-        stacked bars never touch. Titled at its side only when the title fits along the bar (a
-        panel's row labels already say what it shows); a short bar is labelled at its two ends."""
-        lo, up = domains[i]
-        px = max((up - lo) * plot_px - BAR_GAP, 16)
-        spec = {"y": (lo + up) / 2, "len": px, "lenmode": "pixels", "ypad": 0, "thickness": 12}
-        if px >= 7 * len(name) + 16:
-            spec["title"] = {"text": name, "side": "right"}
-        if px < 60 and high is not None:
-            number = "{:+.2g}" if name == "difference" else "{:.2g}"
-            spec.update(tickmode="array", tickvals=[low, high], ticktext=[number.format(low), number.format(high)])
-        return spec
-
-    traces = []
-    for i, ((name, rows, z, value_name, bar_title, low, high, colours), axis) in enumerate(zip(panels, names)):
-        hover_rows = [esc(r) for r in rows]
-        traces.append({
+    traces = [
+        {
             "type": "heatmap",
-            "name": name,
+            "name": p.name,
             "xaxis": f"x{axis}",
             "yaxis": f"y{axis}",
-            "z": z,
-            "x": list(range(len(labels))),
-            "y": list(range(len(hover_rows))),
-            "customdata": [[[t, r] for t in labels] for r in hover_rows],
-            "hovertemplate": f"token %{{customdata[0]}}<br>%{{customdata[1]}}<br>{value_name} %{{z:.4f}}<extra></extra>",
-            **colours,
-            "colorbar": bar(i, bar_title, low, high),
-        })
+            **_token_trace(p.z, labels, [esc(r) for r in p.rows], p.value_name),
+            **p.colours,
+            "colorbar": _colour_bar(domain, plot_px, p.value_name, p.low, p.high),
+        }
+        for p, axis, domain in zip(panels, names, domains)
+    ]
     layout = {
         "title": head,
         "height": height,
