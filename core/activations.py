@@ -37,7 +37,7 @@ from core.errors import LayerscopeError, OptionCheck
 from core.models import ModelConfig, encode, load_classifier, load_tokenizer, num_hidden_states, pad_batch, quiet_transformers
 from core.progress import progress_bar
 from core.rss import kept_heap
-from core.runfolder import ACTIVATION_INDEX_FIELDS, MODELS, RunFolder, atomic_path, read_json, write_json
+from core.runfolder import ACTIVATION_INDEX_FIELDS, MODELS, RunFolder, atomic_path, core_command, read_json, write_json
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -333,7 +333,7 @@ class ActivationStore:
         path = run.activation_index(split)
         if not path.is_file():
             run.require("activations", "reading activations")
-            raise LayerscopeError(f"{path} is missing; re-run `python -m core activations --run {run.root} --force`")
+            raise LayerscopeError(f"{path} is missing; re-run `{core_command('activations', run.root, '--force')}`")
         self.index = read_json(path, ACTIVATION_INDEX_FIELDS)
 
     @property
@@ -351,7 +351,7 @@ class ActivationStore:
         if missing:
             raise LayerscopeError(
                 f"the {self.split} activations hold hidden states {self.layers} only, not {missing} "
-                f"(activations.train_layers); add them there and re-run `python -m core activations --run {self.run.root} --force`, "
+                f"(activations.train_layers); add them there and re-run `{core_command('activations', self.run.root, '--force')}`, "
                 "or ask for stored layers only"
             )
 
@@ -365,11 +365,11 @@ class ActivationStore:
 
     def _open(self, path):
         if not path.is_file():
-            raise LayerscopeError(f"activation shard {path} is missing; re-run `python -m core activations --run {self.run.root} --force`")
+            raise LayerscopeError(f"activation shard {path} is missing; re-run `{core_command('activations', self.run.root, '--force')}`")
         try:
             return safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as e:
-            raise LayerscopeError(f"activation shard {path} is damaged ({e}); re-run `python -m core activations --run {self.run.root} --force`") from None
+            raise LayerscopeError(f"activation shard {path} is damaged ({e}); re-run `{core_command('activations', self.run.root, '--force')}`") from None
 
     def meta(self, shard: int) -> dict[str, torch.Tensor]:
         with self._open(self.run.token_shard(self.split, shard)) as f:
@@ -384,7 +384,7 @@ class ActivationStore:
                 raise LayerscopeError(f"shard has no {key}; layers are 0..{self.num_layers - 1}")
             t = f.get_tensor(key)
         if t.shape[0] == 0:
-            raise LayerscopeError(f"activation shard {shard} of {self.split}/{model} is empty; re-run `python -m core activations --run {self.run.root} --force`")
+            raise LayerscopeError(f"activation shard {shard} of {self.split}/{model} is empty; re-run `{core_command('activations', self.run.root, '--force')}`")
         return t
 
     def all_meta(self) -> dict[str, torch.Tensor]:

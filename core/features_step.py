@@ -35,7 +35,7 @@ from core.errors import LayerscopeError, OptionCheck
 from core.features import FeatureStats, FeatureStatsAccumulator, match_features, rank_features
 from core.models import encode, hidden_state_module, load_classifier, load_tokenizer, pad_batch
 from core.progress import progress_bar
-from core.runfolder import MATCHING_FIELDS, MODELS, OTHER_MODEL, RunFolder, atomic_path, read_json, write_json
+from core.runfolder import MATCHING_FIELDS, MODELS, OTHER_MODEL, RunFolder, atomic_path, core_command, read_json, write_json
 from core.sae import SparseAutoencoder
 from core.sae_metrics import EVAL_CHUNK_ROWS, feature_density
 from core.saes import load_sae
@@ -183,7 +183,7 @@ def run_features(run: RunFolder, cfg: FeaturesConfig, progress: bool = True) -> 
     num_classes = len(run.labels())
     saes = run.sae_dirs()
     if not saes:
-        raise LayerscopeError(f"no SAEs in {run.root}; run `python -m core saes --run {run.root}` first")
+        raise LayerscopeError(f"no SAEs in {run.root}; run `{core_command('build', run.root, '--until', 'saes')}` first")
     effects = {}
     if cfg.effect_examples:  # every fine-tuned SAE from the same forward and backward passes
         ft_saes = {layer: load_sae(run, model, layer) for model, layer, _ in saes if model == "finetuned"}
@@ -254,7 +254,7 @@ def load_stats(run: RunFolder, model: str, layer: int) -> dict[str, torch.Tensor
     path = run.feature_stats_path(model, layer)
     if not path.is_file():
         run.require("features", "the feature browser")
-        raise LayerscopeError(f"no feature statistics for {model} layer {layer}; re-run `python -m core features --run {run.root} --force`")
+        raise LayerscopeError(f"no feature statistics for {model} layer {layer}; re-run `{core_command('features', run.root, '--force')}`")
     return _load_stats_file(str(path), path.stat().st_mtime_ns)
 
 
@@ -267,7 +267,7 @@ def ranking(run: RunFolder, model: str, layer: int, by: str = "variance", class_
     s = load_stats(run, model, layer)
     if by == "change":  # mean |z_ft - z_pre| (``feature_stats``), largest first
         if "change" not in s:
-            raise LayerscopeError(f"the feature statistics of {model} layer {layer} predate the change ranking; re-run `python -m core features --run {run.root} --force`")
+            raise LayerscopeError(f"the feature statistics of {model} layer {layer} predate the change ranking; re-run `{core_command('features', run.root, '--force')}`")
         return torch.sort(s["change"], descending=True, stable=True).indices
     stats = FeatureStats(num_tokens=0, num_examples=0, **{f: s[f] for f in STAT_FIELDS})
     return rank_features(stats, by=by, class_index=class_index)

@@ -106,6 +106,12 @@ def _json_default(o):
 _FOLDER_STEP = {"data": "data", "models": "finetune", "finetune": "finetune", "activations": "activations", "similarity": "similarity", "saes": "saes", "features": "features"}
 
 
+def core_command(verb: str, run, *options: str) -> str:
+    """``python -m core VERB --run RUN OPTIONS`` with the run path shell-quoted, so that a command
+    an error message suggests can be pasted as it is (a path with spaces, quotes or ``<>``)."""
+    return " ".join(["python -m core", verb, "--run", shlex.quote(str(run)), *options])
+
+
 def redo_hint(path: Path) -> str:
     """How to rewrite ``path``: the command that redoes the step writing it, when ``path`` lies in a run."""
     path = Path(path).absolute()
@@ -113,7 +119,7 @@ def redo_hint(path: Path) -> str:
         if (root / "manifest.json").is_file():
             step = _FOLDER_STEP.get(path.relative_to(root).parts[0])
             if step:
-                return f"redo the step that writes it: `python -m core {step} --run {shlex.quote(str(root))} --force`"
+                return f"redo the step that writes it: `{core_command(step, root, '--force')}`"
             break
     return "redo the step that writes it with --force (see `python -m core --help`)"
 
@@ -444,7 +450,7 @@ class RunFolder:
         except OSError as e:  # a name too long, a parent folder we may not enter
             raise LayerscopeError(f"cannot open the run folder {self.root} ({e.strerror}); pass a run folder you can read") from None
         if not is_dir:
-            raise LayerscopeError(f"run folder {self.root} does not exist; build it with `python -m core build --run {self.root}`")
+            raise LayerscopeError(f"run folder {self.root} does not exist; build it with `{core_command('build', self.root)}`")
         if not self.manifest_path.is_file():
             raise LayerscopeError(
                 f"{self.root} is not a Layerscope run (no manifest.json); pass a run folder built by "
@@ -458,8 +464,7 @@ class RunFolder:
         if problem:
             raise LayerscopeError(
                 f"{self.manifest_path} is damaged ({problem}); build the run again into a new "
-                f"folder (`python -m core build --run NEW_DIR`), or delete that manifest.json and run `python -m core build "
-                f"--run {self.root} --force` to redo every step in place"
+                f"folder (`python -m core build --run NEW_DIR`), or delete that manifest.json and run `{core_command('build', self.root, '--force')}` to redo every step in place"
             )
         version = m.get("format_version")
         if version != FORMAT_VERSION:
@@ -508,7 +513,7 @@ class RunFolder:
             who = f"step '{for_step}'" if for_step in STEPS else for_step
             raise LayerscopeError(
                 f"{who} needs step '{step}', which has not run in {self.root}; "
-                f"run `python -m core {step} --run {self.root}` first (or `python -m core build --run {self.root}`)"
+                f"run `{core_command('build', self.root, '--until', step)}` first"
             )
 
     def forget_steps(self, step: str) -> None:

@@ -32,7 +32,7 @@ from core.errors import LayerscopeError, OptionCheck
 from core.models import ModelConfig, encode, hidden_state_module, load_classifier, load_tokenizer, model_fingerprint, pad_batch, predict_proba, quiet_transformers
 from core.progress import progress_bar
 from core.rss import available_memory_bytes
-from core.runfolder import MODELS, SAE_CFG_FILE, SAE_METRICS_FILE, RunFolder, atomic_path, read_json, write_json
+from core.runfolder import MODELS, SAE_CFG_FILE, SAE_METRICS_FILE, RunFolder, atomic_path, core_command, read_json, write_json
 from core.sae import RETRAIN_HINT, SAEConfig, SparseAutoencoder, check_compatible, retrain_hint
 from core.sae_metrics import evaluate_sae
 from core.sae_training import DyingLatents, SAETrainingConfig, train_sae
@@ -225,7 +225,7 @@ def _init_sample(store: ActivationStore, model: str, layer: int, n: int, pooled:
         if have >= n:
             break
     if not rows:
-        raise LayerscopeError(f"no {store.split} activations for {model} layer {layer}; re-run `python -m core activations --run {store.run.root} --force`")
+        raise LayerscopeError(f"no {store.split} activations for {model} layer {layer}; re-run `{core_command('activations', store.run.root, '--force')}`")
     return torch.cat(rows)[:n]
 
 

@@ -74,8 +74,9 @@ def assert_user_error(out, *fragments):
 def test_a_command_run_too_early_names_itself_and_the_step_it_needs(tmp_path, tiny_csv, tiny_model):
     run = tmp_path / "r"
     cli("data", "--run", run, "--preset", "tiny", "--dataset", tiny_csv, "--model", tiny_model, check=True)
-    assert_user_error(cli("analyze", "--run", run, "--text", "a film", process=True), "the analyze command needs step 'finetune', which has not run in", f"python -m core finetune --run {run}")  # exit 2 from a real interpreter
-    assert_user_error(cli("similarity", "--run", run), "step 'similarity' needs step 'activations'")
+    assert_user_error(cli("analyze", "--run", run, "--text", "a film", process=True), "the analyze command needs step 'finetune', which has not run in", f"`python -m core build --run {run} --until finetune` first")  # exit 2 from a real interpreter
+    # the command it suggests runs every missing step up to the one needed, not that one alone
+    assert_user_error(cli("similarity", "--run", run), "step 'similarity' needs step 'activations'", f"`python -m core build --run {run} --until activations` first")
 
 
 def test_a_build_whose_from_step_comes_after_its_until_step_is_refused(tmp_path, tiny_csv, tiny_model):

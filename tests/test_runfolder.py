@@ -3,6 +3,8 @@ its one-writer lock."""
 
 import json
 import os
+import re
+import shlex
 import shutil
 
 import pytest
@@ -107,3 +109,13 @@ def test_a_writer_leaves_a_folder_made_again_by_another_process(tmp_path):
     with RunFolder(tmp_path / "other").writing():
         pass
     assert not (tmp_path / "other").exists()  # its own empty folder it does remove
+
+
+@pytest.mark.parametrize("name", ["my runs/r 1", "it's <b>&", "plain"])
+def test_suggested_commands_quote_the_run_path_so_they_paste_into_a_shell(tmp_path, name):
+    root = tmp_path / name
+    assert shlex.split(runfolder.core_command("build", root, "--until", "saes")) == ["python", "-m", "core", "build", "--run", str(root), "--until", "saes"]
+    with pytest.raises(LayerscopeError) as e:  # a message that suggests a command: it splits back to the same path
+        RunFolder(root).manifest()
+    (command,) = re.findall(r"`(python -m core [^`]*)`", str(e.value))
+    assert shlex.split(command)[4:] == ["--run", str(root)]
