@@ -32,7 +32,7 @@ import streamlit as st
 import torch
 
 from core.errors import LayerscopeError, user_path
-from core.runfolder import MODEL_NAMES, OTHER_MODEL, STEPS, RunFolder
+from core.runfolder import MODEL_NAMES, OTHER_MODEL, STEPS, RunFolder, core_command
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUN_NAME = "default"
@@ -350,8 +350,11 @@ def need_step(run: RunFolder, step: str, what: str) -> bool:
     """True when ``step`` is done; else an info box saying how to build it."""
     if run.is_done(step):
         return True
-    st.info(f"{what} needs the '{step}' step, which has not run for this run yet. Build it with:", icon=":material/info:")
-    st.code(f"python -m core {step} --run {shlex.quote(str(run.root))}", language="bash")
+    if run.held_elsewhere():  # a build is running in this run: it will write the step
+        st.info(f"{what} needs the '{step}' step, which a build running in this run has not finished yet; reload this page when it has.", icon=":material/hourglass_top:")
+        return False
+    st.info(f"{what} needs the '{step}' step, which has not run for this run yet. Build it (and any step before it that is missing) with:", icon=":material/info:")
+    st.code(core_command("build", run.root, "--until", step), language="bash")
     return False
 
 

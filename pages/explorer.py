@@ -5,7 +5,6 @@ layer, and the fine-tuned model's prediction. A toggle puts a second sentence be
 from __future__ import annotations
 
 import hashlib
-import shlex
 import textwrap
 from dataclasses import dataclass
 
@@ -13,6 +12,7 @@ import streamlit as st
 
 from core import plots
 from core.analysis import SENTENCE_CHANGE_RANKING, SENTENCE_RANKING, truncation_note
+from core.runfolder import core_command
 from pages import _shared as shared
 
 DEFAULT_TEXT = "the acting was brilliant but the plot was dull"
@@ -59,7 +59,7 @@ def sae_controls(bundle) -> tuple[SaeChoice, list]:
     at a 1280 px window)."""
     layers = bundle.sae_layers
     if not layers:
-        st.info(f"This run has no SAEs yet, so only the per-token similarity and the prediction are shown. Train them with `python -m core saes --run {shlex.quote(shared.display_path(bundle.run.root))}`.")
+        st.info(f"This run has no SAEs yet, so only the per-token similarity and the prediction are shown. Train them with `{core_command('build', shared.display_path(bundle.run.root), '--until', 'saes')}`.")
         return SaeChoice("pretrained", None, "variance", 5), []
     c1, c2, c3 = st.columns([1, 1.6, 1.6], vertical_alignment="bottom")
     # Every choice is kept for the session (persist_state), through an empty sentence and a visit

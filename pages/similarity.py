@@ -3,13 +3,13 @@ axis, as in the paper's Figs 1-2), the layer x layer CKA heatmap, and the table 
 
 from __future__ import annotations
 
-import shlex
 
 import pandas as pd
 import streamlit as st
 
 from core import plots
 from core.errors import LayerscopeError
+from core.runfolder import core_command
 from core.similarity import cka_frame
 from pages import _shared as shared
 
@@ -49,7 +49,7 @@ def gather(run, rep: dict, overlay: list[str]) -> tuple[dict, list[dict]]:
             st.warning(shared.safe_message(f"{name}: {exc}"))
             continue
         if not other.get("similarity"):
-            st.warning(shared.safe_message(f"{name} has no similarity results yet; run `python -m core similarity --run {shlex.quote(path)}`"))
+            st.warning(shared.safe_message(f"{name} has no similarity results yet; build it with `{core_command('build', path, '--until', 'similarity')}`"))
             continue
         runs[name] = other["similarity"]
         described.append(describe(name, other))

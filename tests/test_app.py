@@ -455,9 +455,23 @@ def test_a_typed_path_in_a_message_is_shown_as_typed(app, runs, tmp_path):
 
 
 def test_the_command_for_a_missing_step_quotes_a_path_with_spaces(app, sae_run, tmp_path):
-    at = app(run=_copy_run(sae_run.root, tmp_path / "my runs" / "no saes", _drop_saes)).run()
+    """The command builds every missing step up to the one the page needs (features needs saes,
+    missing too here), and waits instead while a build runs in the folder."""
+    import fcntl
+
+    run = _copy_run(sae_run.root, tmp_path / "my runs" / "no saes", _drop_saes)
+    at = app(run=run).run()
     at.switch_page(FEATURES).run()
-    assert f"python -m core features --run '{tmp_path / 'my runs' / 'no saes'}'" in [c.value for c in at.code]
+    assert f"python -m core build --run '{run}' --until features" in [c.value for c in at.code]
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        at = app(run=run).run()
+        at.switch_page(FEATURES).run()
+        assert_clean(at)
+        assert not at.code and any("a build running in this run has not finished yet" in i.value for i in at.info)
+    finally:
+        os.close(fd)
 
 
 def test_missing_run_shows_a_message_not_a_traceback(app, tmp_path):
