@@ -27,6 +27,7 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from core.activations import ActivationStore
@@ -255,12 +256,35 @@ def load_stats(run: RunFolder, model: str, layer: int) -> dict[str, torch.Tensor
     if not path.is_file():
         run.require("features", "the feature browser")
         raise LayerscopeError(f"no feature statistics for {model} layer {layer}; re-run `{core_command('features', run.root, '--force')}`")
-    return _load_stats_file(str(path), path.stat().st_mtime_ns)
+    return _load_stats_file(str(path), path.stat().st_mtime_ns, len(run.labels()), core_command("features", run.root, "--force"))
 
 
 @lru_cache(maxsize=64)
-def _load_stats_file(path: str, mtime_ns: int) -> dict[str, torch.Tensor]:
-    return load_file(path)
+def _load_stats_file(path: str, mtime_ns: int, num_classes: int, redo: str) -> dict[str, torch.Tensor]:
+    """The tensors of one statistics file, checked: LayerscopeError naming ``redo`` (the command
+    that writes it again) when it is truncated, lacks a field, or its shapes disagree."""
+    try:
+        s = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LayerscopeError(f"{path} is truncated or not a safetensors file ({e}); re-run `{redo}`") from None
+    missing = [f for f in STAT_FIELDS if f not in s]
+    if missing:
+        raise LayerscopeError(f"{path} lacks {', '.join(missing)}; re-run `{redo}`")
+    m, k, bins = len(s["mean"]), s["top_values"].shape[-1], s["hist_counts"].shape[-1]
+    window = s["window_token_ids"].shape[-1] if "window_token_ids" in s else 0
+    expected = {  # field -> shape, from the number of latents, classes, top tokens, bins and context window
+        "mean": (m,), "variance": (m,), "density": (m,), "change": (m,),
+        "mean_per_class": (m, num_classes), "selectivity_auroc": (m, num_classes), "class_token_counts": (num_classes,), "logit_effect": (m, num_classes),
+        "top_values": (m, k), "top_example_ids": (m, k), "top_token_index": (m, k), "window_token_ids": (m, k, window), "window_activations": (m, k, window),
+        "hist_edges": (m, bins + 1), "hist_counts": (m, bins),
+    }
+    for field, shape in expected.items():
+        if field in s and tuple(s[field].shape) != shape:
+            raise LayerscopeError(
+                f"{path}: {field} has shape {tuple(s[field].shape)}, not {shape} "
+                f"({m} latents, {num_classes} classes as in the run's labels); re-run `{redo}`"
+            )
+    return s
 
 
 def ranking(run: RunFolder, model: str, layer: int, by: str = "variance", class_index: int | None = None) -> torch.Tensor:

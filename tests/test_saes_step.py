@@ -247,6 +247,41 @@ def test_change_on_statistics_written_before_it_existed_says_how_to_fix(run_copy
     assert result["ranking"].startswith("variance over this sentence (this run has no dataset-level change yet")
 
 
+
+@pytest.mark.parametrize("damage", ["truncated", "field missing", "wrong shape"])
+def test_damaged_feature_statistics_give_one_message_and_the_explorer_ranks_by_the_sentence(run_copy, damage):
+    """A statistics file cut short, lacking a field, or with a field of the wrong shape: one
+    message naming the file and the command that rewrites it (not a deserialising error or a
+    pandas length mismatch), and ``analyze`` falls back to the sentence's variance."""
+    from safetensors.torch import load_file, save_file
+
+    import core.features_step as fs
+    from core.analysis import analyze_text, load_bundle
+    from core.runfolder import RunFolder
+
+    path = run_copy / "features" / "pretrained" / "layer_1" / "stats.safetensors"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+        expected = "is truncated or not a safetensors file"
+    else:
+        tensors = load_file(str(path))
+        if damage == "field missing":
+            del tensors["hist_counts"]
+            expected = "lacks hist_counts"
+        else:
+            tensors["mean_per_class"] = tensors["mean_per_class"][:, :1].contiguous()  # one class, the run has two
+            m = len(tensors["mean"])
+            expected = f"mean_per_class has shape ({m}, 1), not ({m}, 2)"
+        save_file(tensors, str(path))
+    run = RunFolder(run_copy)
+    for call in (lambda: fs.ranking(run, "pretrained", 1), lambda: fs.feature_table(run, "pretrained", 1)):
+        with pytest.raises(LayerscopeError) as e:
+            call()
+        assert str(path) in str(e.value) and expected in str(e.value) and str(e.value).endswith(f"re-run `python -m core features --run {run_copy} --force`")
+    result = analyze_text(load_bundle(run), "the plot", top=2, clean=False, saes=[("pretrained", 1)])
+    assert result["ranking"] == "variance over this sentence" and len(result["saes"][0]["features"]) == 2
+    fs.load_stats(run, "finetuned", 1)  # the other files still load
+
 def test_feature_statistics_equal_a_direct_computation(tiny_run):
     """The features step's per-latent mean and variance (population) over the test tokens, density
     (share of tokens > 0), mean activation per class (over the tokens of that class's texts) and
