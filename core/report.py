@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from core.runfolder import FINETUNE_METRICS_FIELDS, MODELS, SAE_METRICS_FIELDS, SAE_METRICS_FILE, SIMILARITY_FIELDS, RunFolder, read_json
+from core.errors import LayerscopeError
+from core.runfolder import FINETUNE_METRICS_FIELDS, MODELS, SAE_METRICS_FIELDS, SAE_METRICS_FILE, RunFolder, read_json, read_similarity
 
 
 def _sae_metrics(m: dict) -> dict:
@@ -22,7 +23,14 @@ def _sae_metrics(m: dict) -> dict:
     return {**kept, "accuracy_spliced": m["accuracy_spliced_into_finetuned"], "kl_spliced": m.get("kl_spliced_into_finetuned"), "spliced_into": "finetuned"}
 
 
-def build_report(run: RunFolder) -> dict:
+def build_report(run: RunFolder, lenient: bool = False) -> dict:
+    """Everything a run found, as one JSON-ready object (``python -m core report --json``).
+
+    A file of a finished step that is missing or damaged raises its LayerscopeError; with
+    ``lenient`` (the dashboard, whose pages each need only some parts) that part is left out and
+    its message kept in ``problems`` (part -> message: "finetune", "similarity", "num_layers",
+    "saes"), so one bad file costs only the sections that read it.
+    """
     m = run.manifest()
     cfg = m["config"]
     steps = m.get("steps", {})
@@ -36,10 +44,38 @@ def build_report(run: RunFolder) -> dict:
     if "data" in steps:
         rep["labels"] = steps["data"]["result"]["labels"]
         rep["rows"] = steps["data"]["result"]["rows"]
+    problems: dict[str, str] = {}
+
+    def part(name: str, read) -> None:
+        try:
+            rep.update(read())
+        except LayerscopeError as e:
+            if not lenient:
+                raise
+            problems[name] = str(e)
+
     if "finetune" in steps:
-        fm = read_json(run.finetune_metrics_path, FINETUNE_METRICS_FIELDS)
-        rep["models"] = {name: str(run.model_dir(name).resolve()) for name in MODELS}
-        rep["finetune"] = {
+        part("finetune", lambda: _finetune_part(run))
+    if "activations" in steps:
+        rep["activations"] = steps["activations"]["result"]
+    if "similarity" in steps:
+        part("similarity", lambda: _similarity_part(run))
+    if "num_layers" not in rep and "finetune" in steps:  # no similarity yet (or a damaged one): the model's own count
+        part("num_layers", lambda: {"num_layers": read_json(run.model_config_path("finetuned"), {"num_hidden_layers": int})["num_hidden_layers"]})
+    if "saes" in steps:
+        part("saes", lambda: {"saes": [_sae_metrics(read_json(d / SAE_METRICS_FILE, SAE_METRICS_FIELDS)) for _, _, d in run.sae_dirs() if (d / SAE_METRICS_FILE).is_file()]})
+    if "features" in steps:
+        rep["matching"] = steps["features"]["result"].get("matching", [])
+    if problems:
+        rep["problems"] = problems
+    return rep
+
+
+def _finetune_part(run: RunFolder) -> dict:
+    fm = read_json(run.finetune_metrics_path, FINETUNE_METRICS_FIELDS)
+    return {
+        "models": {name: str(run.model_dir(name).resolve()) for name in MODELS},
+        "finetune": {
             "accuracy_pretrained": fm["pretrained"]["accuracy"],
             "accuracy_finetuned": fm["finetuned"]["accuracy"],
             "macro_f1_pretrained": fm["pretrained"]["macro_f1"],
@@ -48,22 +84,13 @@ def build_report(run: RunFolder) -> dict:
             "test_examples": fm["test_examples"],
             "train_examples": fm["train_examples"],
             "train_seconds": fm["train_seconds"],
-        }
-    if "activations" in steps:
-        rep["activations"] = steps["activations"]["result"]
-    if "similarity" in steps:
-        sim = read_json(run.similarity_json, SIMILARITY_FIELDS)  # as core.similarity.load_similarity, without importing the step's torch code
-        rep["num_layers"] = len(sim["layers"]) - 1
-        rep["similarity"] = sim["layers"]
-        rep["cka_matrix"] = sim["cka_matrix"]
-        rep["similarity_tokens"] = sim["num_tokens"]
-    elif "finetune" in steps:
-        rep["num_layers"] = read_json(run.model_config_path("finetuned"), {"num_hidden_layers": int})["num_hidden_layers"]
-    if "saes" in steps:
-        rep["saes"] = [_sae_metrics(read_json(d / SAE_METRICS_FILE, SAE_METRICS_FIELDS)) for _, _, d in run.sae_dirs() if (d / SAE_METRICS_FILE).is_file()]
-    if "features" in steps:
-        rep["matching"] = steps["features"]["result"].get("matching", [])
-    return rep
+        },
+    }
+
+
+def _similarity_part(run: RunFolder) -> dict:
+    sim = read_similarity(run.similarity_json)  # as core.similarity.load_similarity, without importing the step's torch code
+    return {"num_layers": len(sim["layers"]) - 1, "similarity": sim["layers"], "cka_matrix": sim["cka_matrix"], "similarity_tokens": sim["num_tokens"]}
 
 
 # The quality bars an SAE is held to (README "SAE quality"): past them, its features describe

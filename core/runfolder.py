@@ -141,6 +141,25 @@ def read_json(path: Path, fields: dict | None = None) -> dict:
     return obj
 
 
+
+def read_similarity(path: Path) -> dict:
+    """similarity.json (``SIMILARITY_FIELDS``), also checked for what the shapes cannot say: every
+    hidden state 0..L in order, at least the embedding output and one layer, and an
+    (L+1) x (L+1) CKA matrix; LayerscopeError naming the step to redo otherwise."""
+    sim = read_json(path, SIMILARITY_FIELDS)
+    layers = [r["layer"] for r in sim["layers"]]
+    n = len(layers)
+    problem = None
+    if n < 2:
+        problem = f"'layers' holds {n} hidden state{'s' * (n != 1)}; a model has at least two (the embedding output and one layer)"
+    elif layers != list(range(n)):
+        problem = f"'layers' lists hidden states {layers}, not 0 to {n - 1} in order"
+    elif len(sim["cka_matrix"]) != n or any(len(row) != n for row in sim["cka_matrix"]):
+        problem = f"'cka_matrix' is not {n} x {n}, one row and column per hidden state"
+    if problem:
+        raise LayerscopeError(f"{path} is damaged ({problem}); {redo_hint(path)}")
+    return sim
+
 # ---------------------------------------------------------------- what the run's JSON files hold
 # The fields a reader relies on, so that a file edited by hand or written by another program gets
 # one message naming it instead of a KeyError deep inside a reader. A shape maps a key to a type

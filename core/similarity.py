@@ -26,7 +26,7 @@ import torch
 from core.activations import ActivationStore, mean_pool
 from core.errors import OptionCheck
 from core.progress import progress_bar
-from core.runfolder import CKA_CSV, SIMILARITY_CSV, SIMILARITY_FIELDS, SIMILARITY_JSON, RunFolder, atomic_path, read_json, write_json
+from core.runfolder import CKA_CSV, SIMILARITY_CSV, SIMILARITY_JSON, RunFolder, atomic_path, read_similarity, write_json
 
 
 @dataclass
@@ -145,6 +145,6 @@ def run_similarity(run: RunFolder, cfg: SimilarityConfig) -> dict:
 
 
 def load_similarity(run: RunFolder) -> dict:
-    """similarity.json as the step wrote it (checked against ``SIMILARITY_FIELDS``)."""
+    """similarity.json as the step wrote it (checked by ``read_similarity``)."""
     run.require("similarity", "the similarity report")
-    return read_json(run.similarity_json, SIMILARITY_FIELDS)
+    return read_similarity(run.similarity_json)

@@ -363,16 +363,29 @@ def need_step(run: RunFolder, step: str, what: str) -> bool:
 def _report(path: str, stamp: int) -> dict:
     from core.report import build_report
 
-    return build_report(RunFolder(path))
-
-
-def report(run: RunFolder) -> dict:
-    """``build_report(run)``, cached until the run's manifest changes."""
-    return _report(str(run.root), run_stamp(str(run.root)))
+    return build_report(RunFolder(path), lenient=True)
 
 
 def report_of_path(path: str) -> dict:
-    return _report(path, run_stamp(path))
+    """``build_report(run, lenient=True)``: a damaged file leaves out the parts that read it (their
+    messages in ``problems``, see ``report_problem``). Cached until the run's manifest changes;
+    a report with problems is not kept, so a file put right by hand shows on the next rerun."""
+    rep = _report(path, run_stamp(path))
+    if rep.get("problems"):
+        _report.clear()
+    return rep
+
+
+def report(run: RunFolder) -> dict:
+    return report_of_path(str(run.root))
+
+
+def report_problem(rep: dict, part: str) -> None:
+    """Raise the message of a report part that could not be read ("finetune", "similarity",
+    "saes", ...), for ``guarded`` to show in place of the section that needs that part."""
+    problem = rep.get("problems", {}).get(part)
+    if problem:
+        raise LayerscopeError(problem)
 
 
 def html_report(run: RunFolder, threshold: float) -> Callable[[], str]:

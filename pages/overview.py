@@ -73,6 +73,7 @@ def finetuning(run, rep: dict) -> None:
     st.header("Fine-tuning", divider="gray")
     if not shared.need_step(run, "finetune", "The classification report"):
         return
+    shared.report_problem(rep, "finetune")
     per_class = rep["finetune"]["per_class"]
     table = classification_frame(per_class)
     st.caption(f"Test split, {rep['finetune']['test_examples']:,} examples; trained on {rep['finetune']['train_examples']:,}.")
@@ -89,6 +90,7 @@ def claims(run, rep: dict) -> None:
     st.header("The paper's claims, checked on this run", divider="gray")
     if not shared.need_step(run, "similarity", "Checking the claims"):
         return
+    shared.report_problem(rep, "similarity")
     threshold = st.slider(
         "What counts as 'high' similarity (claim 1)",
         0.5,
@@ -161,6 +163,7 @@ MATCHING_SHOWN = ("layer", "kept", "shifted", "lost", "new", "baseline_kept", "b
 def saes(run, rep: dict) -> None:
     """SAE quality per (model, layer) and feature matching, when those steps ran."""
     st.header("Sparse autoencoders", divider="gray")
+    shared.report_problem(rep, "saes")
     if not rep.get("saes"):
         shared.need_step(run, "saes", "The SAE quality table")
         return

@@ -48,6 +48,9 @@ def gather(run, rep: dict, overlay: list[str]) -> tuple[dict, list[dict]]:
         except LayerscopeError as exc:
             st.warning(shared.safe_message(f"{name}: {exc}"))
             continue
+        if "similarity" in other.get("problems", {}):
+            st.warning(shared.safe_message(f"{name}: {other['problems']['similarity']}"))
+            continue
         if not other.get("similarity"):
             st.warning(shared.safe_message(f"{name} has no similarity results yet; build it with `{core_command('build', path, '--until', 'similarity')}`"))
             continue
@@ -76,6 +79,7 @@ def body() -> None:
     st.caption("Pre-trained vs fine-tuned hidden states on held-out test texts; hidden state 0 is the embedding output, L the last block.")
     if not shared.need_step(run, "similarity", "This page"):
         return
+    shared.report_problem(rep, "similarity")
     measures, overlay, normalise = controls(run)
     runs, described = gather(run, rep, overlay)
     if not measures:

@@ -204,6 +204,32 @@ def test_overview_shows_run_finetuning_and_claims(app, runs):
     assert at.session_state[shared.KEY_RUN] == str(runs["tiny"])
 
 
+
+@pytest.mark.parametrize("damaged", ["finetune/metrics.json", "saes/finetuned/layer_1/metrics.json", "similarity/similarity.json"])
+def test_a_damaged_file_costs_only_the_sections_that_read_it(app, sae_run, tmp_path, damaged):
+    """The overview and the similarity page read one report of the run: a damaged file shows its
+    message in the section that needs it, the other sections and the similarity figures stay."""
+    run = _copy_run(sae_run.root, tmp_path / "run")
+    (run / damaged).write_text("not json")
+    at = app(run=run).run()
+    assert not at.exception
+    (box,) = at.error
+    assert f"{run / damaged} is not valid JSON" in unescaped(box.value)
+    page = texts(at)
+    assert ("Early layers stay general" in page) == (damaged != "similarity/similarity.json")
+    assert any("fine-tuned: precision" in title(f) for f in charts(at)) == (damaged != "finetune/metrics.json")
+    assert any({"model", "layer", "fvu"} <= set(d.value.columns) for d in at.dataframe) != damaged.startswith("saes/")
+    at.switch_page(SIMILARITY).run()
+    if damaged == "similarity/similarity.json":
+        assert len(at.error) == 1 and not charts(at)
+    else:
+        assert_clean(at)
+        assert charts(at)
+    (run / damaged).write_bytes((sae_run.root / damaged).read_bytes())  # put right by hand: the next rerun has it all
+    at = app(run=run).run()
+    assert_clean(at)
+
+
 def test_overview_claim_threshold_is_used(app):
     at = app().run()
     at.slider(key=shared.KEY_CLAIM_THRESHOLD).set_value(0.5).run()
@@ -448,7 +474,7 @@ def test_a_typed_path_in_a_message_is_shown_as_typed(app, runs, tmp_path):
     at = app(query=str(tmp_path / MARKDOWN_PATH)).run()
     (box,) = at.error
     assert r"\$HOME/\*not italic\*/\[link\]\(x\)" in box.value  # every control character escaped
-    assert f"`python -m core build --run {tmp_path / MARKDOWN_PATH}`" in box.value  # the command stays code, verbatim
+    assert f"`python -m core build --run '{tmp_path / MARKDOWN_PATH}'`" in box.value  # the command stays code, verbatim (quoted for the shell)
     at = app().run()
     at.sidebar.text_input(key=shared.KEY_RUN_TEXT).input(str(tmp_path / MARKDOWN_PATH)).run()
     assert r"\$HOME/\*not italic\*/\[link\]\(x\) is not a Layerscope run" in at.sidebar.warning[0].value

@@ -565,6 +565,9 @@ def _split_hash_is_a_number(m):
     "damaged, edit, verb, problem, fix",
     [
         ("similarity/similarity.json", lambda d: {}, ["report"], "(no 'layers')", "`python -m core similarity --run {run} --force`"),
+        ("similarity/similarity.json", lambda d: {**d, "layers": []}, ["report"], "('layers' holds 0 hidden states;", "`python -m core similarity --run {run} --force`"),
+        ("similarity/similarity.json", lambda d: {**d, "layers": d["layers"][::-1]}, ["export", "--out", "{run}/../r.html"], "('layers' lists hidden states [2, 1, 0], not 0 to 2 in order)", "`python -m core similarity --run {run} --force`"),
+        ("similarity/similarity.json", lambda d: {**d, "cka_matrix": d["cka_matrix"][:1]}, ["report", "--json"], "('cka_matrix' is not 3 x 3,", "`python -m core similarity --run {run} --force`"),
         ("data/labels.json", lambda d: {"names": "negative"}, ["analyze", "--text", "a film"], "('names' is a string, not a list)", "`python -m core data --run {run} --force`"),
         ("activations/test/index.json", _drop("num_shards"), ["similarity", "--force"], "(no 'num_shards')", "`python -m core activations --run {run} --force`"),
         ("finetune/metrics.json", _drop_support, ["export", "--out", "{run}/../r.html"], "(no 'pretrained.per_class.negative.support')", "`python -m core finetune --run {run} --force`"),
