@@ -150,7 +150,7 @@ def latents(bundle: Bundle, state: SentenceState, sae_model: str, layer: int, on
     """[T, d_sae] activations of the SAE trained on ``sae_model`` at ``layer``, applied to ``on_model``'s hidden states."""
     sae = bundle.saes.get((sae_model, layer))
     if sae is None:
-        raise LayerscopeError(f"this run has no SAE for {sae_model} layer {layer}; layers with SAEs: {bundle.sae_layers}")
+        raise LayerscopeError(f"this run has no SAE for {sae_model} layer {layer}; layers with {sae_model} SAEs: {sorted(l for m, l in bundle.saes if m == sae_model)}")
     with torch.no_grad():
         return sae.encode(state.hidden[on_model or sae_model][layer])
 

@@ -67,7 +67,21 @@ def sae_controls(bundle) -> tuple[SaeChoice, list]:
     if st.session_state.get(shared.KEY_EX_LAYER) not in layers:
         st.session_state[shared.KEY_EX_LAYER] = layers[-1]
     layer = c1.selectbox("Layer", layers, key=shared.KEY_EX_LAYER, help="hidden state index (0 = embeddings)", persist_state="session")
-    model = c2.segmented_control("SAE dictionary", list(shared.MODEL_LABELS), default="pretrained", format_func=shared.MODEL_LABELS.get, key=shared.KEY_EX_MODEL, required=True, persist_state="session") or "pretrained"
+    # only the dictionaries trained at this layer (a saes step still running, or one SAE folder
+    # removed, leaves a layer with one); the choice kept falls back to the first of them
+    models = [m for m in shared.MODEL_LABELS if (m, layer) in bundle.saes]
+    if st.session_state.get(shared.KEY_EX_MODEL) not in models:
+        st.session_state[shared.KEY_EX_MODEL] = models[0]
+    missing = [shared.MODEL_LABELS[m] for m in shared.MODEL_LABELS if m not in models]
+    model = c2.segmented_control(
+        "SAE dictionary",
+        models,
+        format_func=shared.MODEL_LABELS.get,
+        key=shared.KEY_EX_MODEL,
+        required=True,
+        persist_state="session",
+        help=f"this run has no {missing[0]} SAE at layer {layer}" if missing else None,
+    ) or models[0]
     rank_by = c3.selectbox(
         "Rank features by",
         shared.EXPLORER_RANKINGS,

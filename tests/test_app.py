@@ -668,6 +668,26 @@ def test_explorer_without_saes_shows_the_cosine_map_beside_the_prediction(app, s
     assert [b.text.rsplit(":", 1)[0] for b in at.get("progress")] == read_json(sae_run.labels_path)["names"]
 
 
+
+def test_explorer_offers_only_the_dictionaries_trained_at_the_layer(app, sae_run, tmp_path):
+    """A layer with one model's SAE only (a saes step still running, a folder removed): the other
+    dictionary is not offered, the help says why, and a choice kept from another layer falls back."""
+    run = _copy_run(sae_run.root, tmp_path / "one_missing")
+    layers = sorted({layer for _, layer, _ in sae_run.sae_dirs()})
+    shutil.rmtree(run / "saes" / "finetuned" / f"layer_{layers[-1]}")
+    at = explorer(app, run=run)
+    at.selectbox(key=shared.KEY_EX_LAYER).set_value(layers[0]).run()
+    at.segmented_control(key=shared.KEY_EX_MODEL).set_value("finetuned").run()
+    assert at.segmented_control(key=shared.KEY_EX_MODEL).options == ["pre-trained", "fine-tuned"]
+    at.selectbox(key=shared.KEY_EX_LAYER).set_value(layers[-1]).run()
+    assert_clean(at)
+    control = at.segmented_control(key=shared.KEY_EX_MODEL)
+    assert control.options == ["pre-trained"] and control.value == "pretrained"
+    assert control.help == f"this run has no fine-tuned SAE at layer {layers[-1]}"
+    (fig,) = charts(at)
+    assert f"pre-trained SAE, layer {layers[-1]}" in title(fig)  # the feature panel is drawn, not an error
+
+
 def test_a_failing_sae_panel_leaves_the_cosine_map_and_the_prediction(app, sae_run, monkeypatch):
     from core.errors import LayerscopeError
 
