@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 
 from core.errors import LayerscopeError, OptionCheck, user_path
+from core.runfolder import redo_hint
 
 EMBEDDED_ALIASES = ("all-MiniLM-L6-v2", "minilm", "sentence-transformers/all-MiniLM-L6-v2")
 
@@ -57,7 +58,7 @@ def _load(loader, name: str, **kwargs):
     """Call a ``from_pretrained`` with one clear error for every way loading can fail."""
     path = resolve_base(name)
     if _looks_local(path) and not user_path(path).exists():
-        raise LayerscopeError(f"model folder {path} does not exist; pass a folder written by save_pretrained or a hub id")
+        raise LayerscopeError(f"model folder {path} does not exist; {redo_hint(user_path(path), 'pass a folder written by save_pretrained or a hub id')}")
     if user_path(path).is_file():
         raise LayerscopeError(f"{path} is a file, not a model folder; pass the folder that holds its config.json (written by save_pretrained) or a hub id")
     try:
@@ -70,7 +71,7 @@ def _load(loader, name: str, **kwargs):
             raise
         first_line = (str(e).splitlines() or [type(e).__name__])[0]
         if local:
-            raise LayerscopeError(f"{path} is not a loadable model folder ({first_line}); check it has config.json and weights") from None
+            raise LayerscopeError(f"{path} is not a loadable model folder ({first_line}); {redo_hint(user_path(path), 'check it has config.json and weights')}") from None
         if not isinstance(e, OSError):
             raise LayerscopeError(f"could not load model '{name}' ({first_line}); pass a folder written by save_pretrained or another hub id") from None
         raise LayerscopeError(

@@ -112,8 +112,9 @@ def core_command(verb: str, run, *options: str) -> str:
     return " ".join(["python -m core", verb, "--run", shlex.quote(str(run)), *options])
 
 
-def redo_hint(path: Path) -> str:
-    """How to rewrite ``path``: the command that redoes the step writing it, when ``path`` lies in a run."""
+def redo_hint(path: Path, otherwise: str = "redo the step that writes it with --force (see `python -m core --help`)") -> str:
+    """How to rewrite ``path``: the command that redoes the step writing it, when ``path`` lies in
+    a run; ``otherwise`` when it does not."""
     path = Path(path).absolute()
     for root in path.parents:
         if (root / "manifest.json").is_file():
@@ -121,7 +122,7 @@ def redo_hint(path: Path) -> str:
             if step:
                 return f"redo the step that writes it: `{core_command(step, root, '--force')}`"
             break
-    return "redo the step that writes it with --force (see `python -m core --help`)"
+    return otherwise
 
 
 def read_json(path: Path, fields: dict | None = None) -> dict:

@@ -49,6 +49,28 @@ def test_a_folder_that_is_not_a_model_is_one_clear_error(tmp_path, tiny_model):
     with pytest.raises(LayerscopeError, match="is not a loadable model folder"):
         load_classifier(str(broken))
 
+    with pytest.raises(LayerscopeError, match="check it has config.json and weights"):  # outside a run: what to check
+        load_classifier(str(broken))
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "folder removed"])
+def test_a_damaged_model_of_a_run_names_the_step_that_writes_it_again(tiny_run, tmp_path, damage):
+    import shutil
+
+    from core.errors import LayerscopeError
+    from core.models import load_classifier
+
+    run = tmp_path / "my run"
+    shutil.copytree(tiny_run.root, run)
+    folder = run / "models" / "finetuned"
+    if damage == "folder removed":
+        shutil.rmtree(folder)
+    else:
+        weights = next(folder.glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:5])
+    with pytest.raises(LayerscopeError) as e:
+        load_classifier(str(folder))
+    assert str(e.value).endswith(f"redo the step that writes it: `python -m core finetune --run '{run}' --force`")
 
 def test_a_config_json_edited_into_nonsense_is_one_clear_error(tmp_path, tiny_model):
     """transformers fails on a bad ``dtype`` with AttributeError (``torch.x``): from a local folder
