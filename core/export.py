@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import math
 import shlex
 from collections.abc import Mapping, Sequence
 
@@ -128,7 +129,15 @@ def paper_claims(rows: Sequence[Mapping], threshold: float = HIGH_SIMILARITY) ->
     """The three claims with a verdict computed from per-layer similarity rows (``report["similarity"]``)."""
     num_layers = max((int(r["layer"]) for r in rows), default=0)
     groups = layer_groups(num_layers)
-    return [claim_early(rows, groups, threshold), claim_middle(rows, groups), claim_late(rows, groups)]
+    claims = [claim_early(rows, groups, threshold), claim_middle(rows, groups), claim_late(rows, groups)]
+    # CKA is 0/0 where a hidden state does not vary over the test tokens: no verdict can rest on it
+    undefined = {m: [int(r["layer"]) for r in rows if not math.isfinite(float(r[m]))] for m in CLAIM_MEASURES}
+    undefined = {m: layers for m, layers in undefined.items() if layers}
+    if undefined:
+        where = "; ".join(f"{plots.MEASURE_LABELS[m]} at hidden state{'s' * (len(l) > 1)} {', '.join(map(str, l))}" for m, l in undefined.items())
+        why = f"not a number ({where}): a hidden state that does not vary over the test tokens has no CKA, so the similarity figures cannot confirm or refute this claim"
+        claims = [{**c, "verdict": UNKNOWN, "supported": False, "numbers": {}, "explanation": why} for c in claims]
+    return claims
 
 
 def _span(layers: Sequence[int]) -> str:

@@ -372,6 +372,17 @@ def test_paper_claims_too_few_layers_cannot_be_assessed():
     assert claims[1]["verdict"] == UNKNOWN
 
 
+
+def test_paper_claims_on_an_undefined_cka_cannot_be_assessed():
+    """CKA is NaN where a hidden state is constant over the tokens: no claim is judged on it (NaN
+    compares False, which read as "not supported" before), and the explanation names where."""
+    rows = paper_like(6)
+    rows[3]["cka"] = float("nan")
+    claims = paper_claims(rows)
+    assert [c["verdict"] for c in claims] == [UNKNOWN] * 3 and not any(c["supported"] or c["numbers"] for c in claims)
+    assert all("linear CKA at hidden state 3" in c["explanation"] for c in claims)
+    assert [c["verdict"] for c in paper_claims(paper_like(6))] == [SUPPORTED] * 3  # the same curve, defined
+
 def test_claim_threshold_is_respected():
     rows = paper_like(12)
     assert paper_claims(rows, threshold=0.999)[0]["verdict"] == NOT_SUPPORTED
