@@ -310,7 +310,8 @@ def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance") 
     sel = (auc - 0.5).abs().nan_to_num(nan=-1.0).amax(1)
     # the class the feature fires most for: highest AUROC, not the largest |AUROC - 0.5| (with two
     # classes both are equally far from 0.5, so that would name the first class for every feature)
-    best = [names[c] if s_ > 0 else "none" for c, s_ in zip(auc.nan_to_num(nan=-1.0).argmax(1).tolist(), sel.tolist())]
+    # None where it prefers none (AUROC 0.5 or undefined): not a string, which a class could be named
+    best = [names[c] if s_ > 0 else None for c, s_ in zip(auc.nan_to_num(nan=-1.0).argmax(1).tolist(), sel.tolist())]
     df = pd.DataFrame({"feature": np.arange(len(s["variance"])), "variance": s["variance"].numpy(), "density": s["density"].numpy(), "selectivity": sel.numpy(), "best_class": best})
     if "change" in s:
         df.insert(4, "change", s["change"].numpy())

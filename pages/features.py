@@ -166,8 +166,10 @@ def card_view(run, model: str, layer: int, feature: int, row: pd.Series | None) 
         for pair in (stats[i : i + 2] for i in range(0, len(stats), 2)):
             for col, name in zip(st.columns(2), pair):
                 col.metric(name, shared.short_number(float(row[name])), help=f"{name} = {float(row[name]):.6g}" + TILE_HELP.get(name, ""))
-        if "best_class" in row.index:
+        if "best_class" in row.index and pd.notna(row["best_class"]):
             st.markdown(f"Fires most for **{shared.safe_text(row['best_class'])}** :gray[(the highest one-vs-rest AUROC of its per-text maximum)]")
+        elif "best_class" in row.index:
+            st.markdown("Fires for no class more than for the others :gray[(every one-vs-rest AUROC of its per-text maximum is 0.5 or undefined)]")
     match_box(run, model, layer, card.get("match"))
     st.markdown("**Top activating examples** (darker = stronger; the outlined token is the peak)")
     top_examples(card)

@@ -960,6 +960,20 @@ def test_feature_browser_table_and_card(app, features_run):
     assert any(d.proto.label == "Download CSV" for d in at.get("download_button"))
 
 
+
+def test_a_feature_that_prefers_no_class_says_so_on_its_card(app, features_run, runs):
+    """Its best class is missing in the table (not the string "none", which a class may be called)."""
+    at = browser(app)
+    table = at.dataframe[0].value
+    blank = table[table["best_class"].isna()]
+    assert len(blank) and len(blank) < len(table)
+    layer = int(at.selectbox(key=shared.KEY_FB_LAYER).value)
+    key = shared.browser_feature_key(RunFolder(runs["tiny"]), "pretrained", layer, "variance")
+    for feature, says in ((int(blank["feature"].iloc[0]), "Fires for no class more than for the others"), (int(table["feature"].iloc[0]), "Fires most for **")):
+        at.number_input(key=key).set_value(feature).run()
+        assert_clean(at)
+        assert card_title(at).startswith(f"Feature {feature} ") and any(m.value.startswith(says) for m in at.markdown)
+
 def test_feature_browser_ranking_model_layer_and_feature(app, features_run, runs):
     at = browser(app)
     at.selectbox(key=shared.KEY_FB_RANK).select("density").run()
