@@ -15,7 +15,7 @@ from functools import cache
 import torch
 
 from core.data import DataConfig, clean_text
-from core.errors import LayerscopeError
+from core.errors import LayerscopeError, StatsUnreadable
 from core.models import encode, kept_span, load_classifier, load_tokenizer, quiet_transformers
 from core.runfolder import MODEL_NAMES, MODELS, OTHER_MODEL, RunFolder
 from core.sae import topk_rows
@@ -156,8 +156,10 @@ def latents(bundle: Bundle, state: SentenceState, sae_model: str, layer: int, on
 
 
 def feature_order(bundle: Bundle, model: str, layer: int, by: str = "variance") -> torch.Tensor | None:
-    """Dataset-level ranking from the features step, or None when that step has not run (and for
-    the per-sentence rankings, which have no dataset-level order)."""
+    """Dataset-level ranking from the features step, or None when that step has not run or its
+    statistics lack this ranking (and for the per-sentence rankings, which have no dataset-level
+    order). A statistics file that is there but damaged raises ``StatsUnreadable``: a ranking
+    asked for is not swapped for another without a word."""
     if by in (SENTENCE_RANKING, SENTENCE_CHANGE_RANKING):
         return None
     key = (model, layer, by)
@@ -166,6 +168,8 @@ def feature_order(bundle: Bundle, model: str, layer: int, by: str = "variance") 
 
         try:
             bundle.rankings[key] = ranking(bundle.run, model, layer, by)
+        except StatsUnreadable:
+            raise
         except LayerscopeError:
             bundle.rankings[key] = None
     return bundle.rankings[key]

@@ -14,6 +14,11 @@ class LayerscopeError(Exception):
     """A problem with the user's input, files or environment, with a fix in the message."""
 
 
+
+class StatsUnreadable(LayerscopeError):
+    """A feature-statistics file that is there but cannot be read as the features step wrote it
+    (``core.features_step.load_stats``): readers that rank features say so rather than rank otherwise."""
+
 def user_path(path) -> Path:
     """``path`` with a leading ``~`` or ``~user`` expanded. A user that does not exist (or a ``~``
     without a home folder) is a LayerscopeError, where ``Path.expanduser`` raises RuntimeError."""

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from core.activations import ActivationStore
 from core.data import load_split
-from core.errors import LayerscopeError, OptionCheck
+from core.errors import LayerscopeError, OptionCheck, StatsUnreadable
 from core.features import FeatureStats, FeatureStatsAccumulator, match_features, rank_features
 from core.models import encode, hidden_state_module, load_classifier, load_tokenizer, pad_batch
 from core.progress import progress_bar
@@ -261,15 +261,15 @@ def load_stats(run: RunFolder, model: str, layer: int) -> dict[str, torch.Tensor
 
 @lru_cache(maxsize=64)
 def _load_stats_file(path: str, mtime_ns: int, num_classes: int, redo: str) -> dict[str, torch.Tensor]:
-    """The tensors of one statistics file, checked: LayerscopeError naming ``redo`` (the command
+    """The tensors of one statistics file, checked: StatsUnreadable naming ``redo`` (the command
     that writes it again) when it is truncated, lacks a field, or its shapes disagree."""
     try:
         s = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise LayerscopeError(f"{path} is truncated or not a safetensors file ({e}); re-run `{redo}`") from None
+        raise StatsUnreadable(f"{path} is truncated or not a safetensors file ({e}); re-run `{redo}`") from None
     missing = [f for f in STAT_FIELDS if f not in s]
     if missing:
-        raise LayerscopeError(f"{path} lacks {', '.join(missing)}; re-run `{redo}`")
+        raise StatsUnreadable(f"{path} lacks {', '.join(missing)}; re-run `{redo}`")
     m, k, bins = len(s["mean"]), s["top_values"].shape[-1], s["hist_counts"].shape[-1]
     window = s["window_token_ids"].shape[-1] if "window_token_ids" in s else 0
     expected = {  # field -> shape, from the number of latents, classes, top tokens, bins and context window
@@ -280,7 +280,7 @@ def _load_stats_file(path: str, mtime_ns: int, num_classes: int, redo: str) -> d
     }
     for field, shape in expected.items():
         if field in s and tuple(s[field].shape) != shape:
-            raise LayerscopeError(
+            raise StatsUnreadable(
                 f"{path}: {field} has shape {tuple(s[field].shape)}, not {shape} "
                 f"({m} latents, {num_classes} classes as in the run's labels); re-run `{redo}`"
             )

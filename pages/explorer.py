@@ -4,6 +4,7 @@ layer, and the fine-tuned model's prediction. A toggle puts a second sentence be
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import textwrap
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import streamlit as st
 
 from core import plots
 from core.analysis import SENTENCE_CHANGE_RANKING, SENTENCE_RANKING, truncation_note
+from core.errors import StatsUnreadable
 from core.runfolder import core_command
 from pages import _shared as shared
 
@@ -322,7 +324,12 @@ def body() -> None:
     bundle = shared.bundle(run)
     choice, slots = sae_controls(bundle)
     sae = (choice.model, choice.layer) if choice.layer is not None else None
-    results = [shared.analysis(run, t, choice.top, choice.rank_by, sae) for t in texts]
+    try:
+        results = [shared.analysis(run, t, choice.top, choice.rank_by, sae) for t in texts]
+    except StatsUnreadable as e:  # the dataset-level ranking cannot be read: this sentence's, saying why
+        st.warning(shared.safe_message(f"{e}. Until then the features are ranked by their variance over this sentence."))
+        choice = dataclasses.replace(choice, rank_by=SENTENCE_RANKING)
+        results = [shared.analysis(run, t, choice.top, choice.rank_by, sae) for t in texts]
     feature, matched = None, False
     if slots:
         with slots[0]:

@@ -510,7 +510,7 @@ def test_missing_run_shows_a_message_not_a_traceback(app, tmp_path):
 def test_unexpected_bug_shows_details_in_an_expander(app, monkeypatch):
     import core.report
 
-    def broken(run):
+    def broken(run, **kwargs):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(core.report, "build_report", broken)
@@ -686,6 +686,21 @@ def test_explorer_offers_only_the_dictionaries_trained_at_the_layer(app, sae_run
     assert control.help == f"this run has no fine-tuned SAE at layer {layers[-1]}"
     (fig,) = charts(at)
     assert f"pre-trained SAE, layer {layers[-1]}" in title(fig)  # the feature panel is drawn, not an error
+
+
+
+def test_explorer_on_a_damaged_statistics_file_says_so_and_ranks_by_the_sentence(app, sae_run, tmp_path):
+    run = _copy_run(sae_run.root, tmp_path / "damaged_stats")
+    layer = max(layer for _, layer, _ in sae_run.sae_dirs())  # what the explorer shows first: the last layer's pre-trained SAE
+    stats = run / "features" / "pretrained" / f"layer_{layer}" / "stats.safetensors"
+    stats.write_bytes(stats.read_bytes()[:100])
+    at = explorer(app, run=run)
+    assert (at.segmented_control(key=shared.KEY_EX_MODEL).value, at.selectbox(key=shared.KEY_EX_LAYER).value) == ("pretrained", layer)
+    (box,) = at.warning
+    assert f"{stats} is truncated" in unescaped(box.value) and "ranked by their variance over this sentence" in unescaped(box.value)
+    (fig,) = charts(at)  # the cosine map, the feature and its top features are all drawn
+    assert [t["name"] for t in fig["data"]] == ["cosine", "feature", "difference", "top features"]
+    assert "features of this SAE by variance over this sentence" in unescaped(json.dumps(fig["layout"]["title"]))
 
 
 def test_a_failing_sae_panel_leaves_the_cosine_map_and_the_prediction(app, sae_run, monkeypatch):

@@ -378,6 +378,7 @@ def test_figures_compare_draws_each_run_beside_the_others(tmp_path, tiny_run, ti
     assert list(lines[f"other ({dataset})", "cka"].y) == pytest.approx([r["cka"] / 2 for r in mine])
     assert list(lines[f"other ({dataset})", "cka"].x) == [r["layer"] for r in mine]  # same depth: layer numbers
     sim["layers"] = sim["layers"][:-1]  # a shallower model: both on relative depth
+    sim["cka_matrix"] = [row[:-1] for row in sim["cka_matrix"][:-1]]
     (other / "similarity" / "similarity.json").write_text(json.dumps(sim))
     fig = compare_figure(tiny_run, [RunFolder(other)])
     assert fig.data[0].x[-1] == pytest.approx(1.0) and fig.data[-1].x[-1] == pytest.approx(1.0) and "depth-normalised" in fig.layout.title.text

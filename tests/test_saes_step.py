@@ -250,14 +250,15 @@ def test_change_on_statistics_written_before_it_existed_says_how_to_fix(run_copy
 
 
 @pytest.mark.parametrize("damage", ["truncated", "field missing", "wrong shape"])
-def test_damaged_feature_statistics_give_one_message_and_the_explorer_ranks_by_the_sentence(run_copy, damage):
+def test_damaged_feature_statistics_give_one_message_naming_the_fix(run_copy, damage):
     """A statistics file cut short, lacking a field, or with a field of the wrong shape: one
     message naming the file and the command that rewrites it (not a deserialising error or a
-    pandas length mismatch), and ``analyze`` falls back to the sentence's variance."""
+    pandas length mismatch), from ``analyze`` too, which ranks by the sentence only when asked."""
     from safetensors.torch import load_file, save_file
 
     import core.features_step as fs
     from core.analysis import analyze_text, load_bundle
+    from core.errors import StatsUnreadable
     from core.runfolder import RunFolder
 
     path = run_copy / "features" / "pretrained" / "layer_1" / "stats.safetensors"
@@ -275,11 +276,13 @@ def test_damaged_feature_statistics_give_one_message_and_the_explorer_ranks_by_t
             expected = f"mean_per_class has shape ({m}, 1), not ({m}, 2)"
         save_file(tensors, str(path))
     run = RunFolder(run_copy)
-    for call in (lambda: fs.ranking(run, "pretrained", 1), lambda: fs.feature_table(run, "pretrained", 1)):
-        with pytest.raises(LayerscopeError) as e:
+    bundle = load_bundle(run)
+    calls = (lambda: fs.ranking(run, "pretrained", 1), lambda: fs.feature_table(run, "pretrained", 1), lambda: analyze_text(bundle, "the plot", top=2, clean=False, saes=[("pretrained", 1)]))
+    for call in calls:
+        with pytest.raises(StatsUnreadable) as e:
             call()
         assert str(path) in str(e.value) and expected in str(e.value) and str(e.value).endswith(f"re-run `python -m core features --run {run_copy} --force`")
-    result = analyze_text(load_bundle(run), "the plot", top=2, clean=False, saes=[("pretrained", 1)])
+    result = analyze_text(bundle, "the plot", top=2, rank_by="sentence", clean=False, saes=[("pretrained", 1)])
     assert result["ranking"] == "variance over this sentence" and len(result["saes"][0]["features"]) == 2
     fs.load_stats(run, "finetuned", 1)  # the other files still load
 
