@@ -32,7 +32,7 @@ from core.errors import LayerscopeError, OptionCheck
 from core.models import ModelConfig, encode, hidden_state_module, load_classifier, load_tokenizer, model_fingerprint, pad_batch, predict_proba, quiet_transformers
 from core.progress import progress_bar
 from core.rss import available_memory_bytes
-from core.runfolder import MODELS, SAE_CFG_FILE, SAE_METRICS_FILE, RunFolder, atomic_path, core_command, read_json, write_json
+from core.runfolder import MODELS, SAE_CFG_FILE, SAE_METRICS_FIELDS, SAE_METRICS_FILE, RunFolder, atomic_path, core_command, read_json, write_json
 from core.sae import RETRAIN_HINT, SAEConfig, SparseAutoencoder, check_compatible, retrain_hint
 from core.sae_metrics import evaluate_sae
 from core.sae_training import DyingLatents, SAETrainingConfig, train_sae
@@ -317,12 +317,7 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
     jobs = [(m, l) for m in MODELS for l in layers]
     extracted = run.manifest().get("steps", {}).get("activations", {}).get("finished", "")
     settings = {job: _settings_hash(cfg, *job, extracted) for job in jobs}
-    done = {}
-    for key in jobs:
-        metrics_path = run.sae_metrics_path(*key)
-        kept = read_json(metrics_path) if resume and metrics_path.is_file() else {}
-        if kept.get("settings_hash") == settings[key]:
-            done[key] = kept
+    done = {key: kept for key in jobs if resume and (kept := _finished(run, *key, settings[key]))}
 
     # Read before any job starts: a splice in one job cuts the classifier's block list while it runs.
     hooks = {layer: hidden_state_module(classifier, layer)[0] for layer in layers}
@@ -355,6 +350,22 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
             bar.update()
     summaries = [done[j] for j in jobs]
     return {"layers": layers, "saes": [{k: s.get(k) for k in ("model", "layer", "fvu", "l0", "dead_fraction", "accuracy_spliced")} for s in summaries]}
+
+
+def _finished(run: RunFolder, model: str, layer: int, settings_hash: str) -> dict | None:
+    """The metrics of an SAE a resumed step keeps: written with the same settings, and a folder
+    that loads. None otherwise: an SAE whose files an interruption or a disk left damaged is
+    trained again, not recorded as done."""
+    if not run.sae_metrics_path(model, layer).is_file():
+        return None
+    try:
+        kept = read_json(run.sae_metrics_path(model, layer), SAE_METRICS_FIELDS)
+        if kept.get("settings_hash") != settings_hash:
+            return None
+        load_sae(run, model, layer)
+    except LayerscopeError:
+        return None
+    return kept
 
 
 def load_sae(run: RunFolder, model: str, layer: int, hidden_size: int | None = None) -> SparseAutoencoder:

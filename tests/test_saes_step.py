@@ -466,6 +466,27 @@ def test_a_build_after_new_activations_retrains_every_sae(tiny_run, run_copy):
         assert not torch.equal(a.W_dec, b.W_dec), (model, layer)
 
 
+
+def test_resuming_retrains_an_sae_left_damaged_and_keeps_the_others(tiny_run, run_copy):
+    """A saes step interrupted (here: marked not done) with one SAE's weights cut short: resuming
+    trains that SAE again instead of recording the damaged file as done; the others are kept."""
+    from core.runfolder import RunFolder
+
+    copy = RunFolder(run_copy)
+    manifest = json.loads(copy.manifest_path.read_text())
+    for step in ("saes", "features"):
+        manifest["steps"].pop(step)
+    copy.manifest_path.write_text(json.dumps(manifest))
+    (model, layer, damaged), *others = copy.sae_dirs()
+    weights = damaged / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    kept = {f: (f / "sae_weights.safetensors").stat().st_mtime_ns for _, _, f in others}
+    cli("saes", "--run", run_copy, check=True)
+    assert copy.is_done("saes")
+    retrained = SparseAutoencoder.load(damaged)
+    assert torch.equal(retrained.W_dec, SparseAutoencoder.load(tiny_run.sae_dir(model, layer)).W_dec)  # seeded: the same SAE again
+    assert {f: (f / "sae_weights.safetensors").stat().st_mtime_ns for f in kept} == kept
+
 def direct_hidden_states(run, ids: list[int]) -> dict[str, list[np.ndarray]]:
     """Both models' hidden states of one sentence, ``{model: [hidden state i: [T, d] float64]}``,
     straight from ``transformers`` (the independent side of the analysis tests)."""
