@@ -203,7 +203,10 @@ def _safetensors_hint(e: Exception) -> str | None:
 def _dispatch(args) -> int:
     from core import pipeline
 
+    if not str(args.run).strip():  # "" would mean the working directory
+        raise LayerscopeError('--run is empty; pass a run folder (is the variable in --run "$RUN" set?)')
     run = RunFolder(args.run)
+    run.refuse_file()
     if args.verb == "report":
         from core.report import build_report, format_report
 
@@ -223,6 +226,8 @@ def _dispatch(args) -> int:
         from core.runfolder import write_text
 
         out = Path(args.out)
+        if args.out.endswith(("/", os.sep)) and not out.is_dir():  # Path() drops the slash: a file named like the folder
+            raise LayerscopeError(f"--out {args.out} names a folder; pass a file name for the report, e.g. {out / 'report.html'}")
         if out.exists() and out.resolve().is_relative_to(run.root.resolve()):  # a run file (manifest.json, a CSV) would be lost
             raise LayerscopeError(f"--out {out} is a file of the run {run.root}; write the report to a new file or outside the run folder (nothing was written)")
         write_text(out, export_html(run))

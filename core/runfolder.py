@@ -77,7 +77,10 @@ def write_text(path: Path, text: str | bytes) -> None:
     if path.exists() and not path.is_file():  # renaming over a device (/dev/null) or a pipe would replace it
         raise LayerscopeError(f"{path} is not a regular file (a device, pipe or socket); pass the path of a file to write")
     make_folder(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except FileNotFoundError as e:  # a pseudo file system such as /proc refuses new files
+        raise LayerscopeError(f"cannot create a file in {path.parent} ({e.strerror}); pass a path on a file system you can write to") from None
     try:
         binary = isinstance(text, bytes)
         with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
@@ -313,7 +316,8 @@ class RunFolder:
     def __init__(self, root: str | Path):
         self.root = user_path(root)
 
-    def _refuse_file(self) -> None:
+    def refuse_file(self) -> None:
+        """LayerscopeError when the path is a file: every verb needs a folder there (or nothing yet)."""
         if self.root.exists() and not self.root.is_dir():
             raise LayerscopeError(f"{self.root} is a file, not a run folder; pass a folder (a new one, or one built by `python -m core build`)")
 
@@ -416,7 +420,7 @@ class RunFolder:
         ends; where the file system cannot lock (some network mounts), the work goes on unlocked.
         A folder made here and still empty at the end (a refused first step) is removed again, by
         the process that held it only, and only while it is the very folder it held."""
-        self._refuse_file()
+        self.refuse_file()
         made = [p for p in (self.root, *self.root.parents) if not p.exists()]  # deepest first
         make_folder(self.root)
         fd = os.open(self.root, os.O_RDONLY)
@@ -465,7 +469,7 @@ class RunFolder:
 
     def manifest(self) -> dict:
         try:
-            self._refuse_file()
+            self.refuse_file()
             is_dir = self.root.is_dir()
         except OSError as e:  # a name too long, a parent folder we may not enter
             raise LayerscopeError(f"cannot open the run folder {self.root} ({e.strerror}); pass a run folder you can read") from None
@@ -507,7 +511,7 @@ class RunFolder:
             "packages": versions,
             "steps": {},
         }
-        self._refuse_file()
+        self.refuse_file()
         if not over_files and self.root.is_dir() and any(self.root.iterdir()):  # a new run must not write over someone's files
             raise LayerscopeError(
                 f"{self.root} holds files but no manifest.json, so it is not a Layerscope run; pass a new or empty "
@@ -528,7 +532,7 @@ class RunFolder:
     def require(self, step: str, for_step: str) -> None:
         """Raise a clear error when ``step`` has not run yet; ``for_step`` is the step (or the
         command or reader, e.g. "the feature browser") that needs it."""
-        self._refuse_file()
+        self.refuse_file()
         if not self.exists() or not self.is_done(step):
             who = f"step '{for_step}'" if for_step in STEPS else for_step
             raise LayerscopeError(

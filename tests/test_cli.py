@@ -117,6 +117,9 @@ def test_export_refuses_to_write_over_a_run_file_or_a_device(tmp_path, tiny_run)
     assert_user_error(cli("export", "--run", run, "--out", fifo), "is not a regular file")
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert_user_error(cli("figures", "--run", run, "--out", "/proc/layerscope-figures"), "cannot create the folder /proc/layerscope-figures")
+    assert_user_error(cli("export", "--run", run, "--out", "/proc/layerscope.html"), "cannot create a file in /proc")
+    assert_user_error(cli("export", "--run", run, "--out", f"{tmp_path / 'new'}/"), f"--out {tmp_path / 'new'}/ names a folder", "report.html")
+    assert not (tmp_path / "new").exists()  # not a file named like the folder
 
 
 @pytest.mark.parametrize("option", ["data.seed", "finetune.seed", "activations.seed", "saes.training.seed"])
@@ -152,12 +155,19 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, args, fragments):
     assert_user_error(cli(*args, "--run", tmp_path / "run"), *fragments)
 
 
-@pytest.mark.parametrize("verb", [["build"], ["report"], ["analyze", "--text", "a fine film"]])
+@pytest.mark.parametrize("verb", [["build"], ["report"], ["analyze", "--text", "a fine film"], ["config"]])
 def test_a_file_given_as_run_folder_is_refused_and_left_alone(tmp_path, verb):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")
     assert_user_error(cli(verb[0], "--run", notes, *verb[1:]), "notes.txt is a file, not a run folder")
     assert notes.read_text() == "my notes"
+
+
+@pytest.mark.parametrize("verb", [["build", "--force"], ["report"], ["config"]])
+def test_an_empty_run_path_is_refused_not_read_as_the_working_directory(tmp_path, verb, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(cli(verb[0], "--run", "", *verb[1:]), "--run is empty")
+    assert not list(tmp_path.iterdir())  # nothing built in the working directory
 
 
 def test_a_second_process_writing_to_a_run_is_refused_and_changes_nothing(tmp_path, tiny_run):
