@@ -195,13 +195,17 @@ MATCHING_FIELDS = {
 }
 # manifest.json: the resolved config and one record per finished step (its "result" is what the
 # step's entry function returned; the report reads those of data, activations and features).
-_STEP_RECORD = {"finished": str, "result": {}}
+_STEP_RECORD = {"finished": str, "seconds?": NUMBER, "peak_rss_mb?": NUMBER, "result": {}}
+_MATCHING_SUMMARY = {  # one layer of the features step's matching (report "matching", the overview's bars)
+    "layer": int, "kept": NUMBER, "shifted": NUMBER, "new": NUMBER, "lost": NUMBER, "counts": {"*": int},
+    "kept_threshold": NUMBER, "shifted_threshold": NUMBER, **{f"baseline_{k}?": NUMBER for k in ("kept", "shifted", "new", "lost")},
+}
 MANIFEST_FIELDS = {
     "config": {},
     "steps?": {
         "data?": {**_STEP_RECORD, "result": {"labels": [str], "rows": {"*": int}, "hashes?": {"*": str}}},
-        "activations?": {**_STEP_RECORD, "result": {"*": {}}},
-        "features?": {**_STEP_RECORD, "result": {"matching?": [{}]}},
+        "activations?": {**_STEP_RECORD, "result": {"*": {"tokens": int, "examples": int}}},
+        "features?": {**_STEP_RECORD, "result": {"matching?": [_MATCHING_SUMMARY]}},
         **{f"{step}?": _STEP_RECORD for step in ("finetune", "similarity", "saes")},
     },
 }

@@ -567,6 +567,14 @@ def _step_record_is_a_number(m):
     return m
 
 
+def _edit_result(step, edit):
+    def f(m):
+        m["steps"][step]["result"] = edit(m["steps"][step]["result"])
+        return m
+
+    return f
+
+
 def _split_hash_is_a_number(m):
     m["steps"]["data"]["result"]["hashes"]["test"] = 5
     return m
@@ -588,6 +596,9 @@ def _split_hash_is_a_number(m):
         ("saes/pretrained/layer_1/metrics.json", lambda d: {**d, "accuracy_spliced": [0.9]}, ["report"], "('accuracy_spliced' is a list, not a number)", "`python -m core saes --run {run} --force`"),
         ("manifest.json", _step_record_is_a_number, ["build"], "('steps.data' is a whole number, not an object)", "delete that manifest.json"),
         ("manifest.json", _split_hash_is_a_number, ["features", "--force"], "('steps.data.result.hashes.test' is a whole number, not a string)", "delete that manifest.json"),
+        ("manifest.json", lambda m: {**m, "steps": {**m["steps"], "data": {**m["steps"]["data"], "seconds": "fast"}}}, ["report"], "('steps.data.seconds' is a string, not a number)", "delete that manifest.json"),
+        ("manifest.json", _edit_result("features", lambda r: {**r, "matching": [{}]}), ["export", "--out", "{run}/../r.html"], "(no 'steps.features.result.matching[0].layer')", "delete that manifest.json"),
+        ("manifest.json", _edit_result("activations", lambda r: {**r, "train": {"tokens": "x"}}), ["report"], "('steps.activations.result.train.tokens' is a string, not a whole number)", "delete that manifest.json"),
     ],
 )
 def test_a_run_file_missing_a_field_its_reader_needs_is_one_line(tiny_run, tmp_path, damaged, edit, verb, problem, fix, capsys):
