@@ -97,8 +97,8 @@ def _coerce(value, typ, where: str):
             raise LayerscopeError(f"option {where} expects {kind}, got {value!r}") from None
     if origin is list:
         (item,) = typing.get_args(typ)
-        if isinstance(value, str):
-            value = [v for v in value.replace(" ", "").split(",") if v]
+        if isinstance(value, str):  # --set x=1,2 or, as in TOML, x=[1,2]
+            value = [v for v in value.replace(" ", "").removeprefix("[").removesuffix("]").split(",") if v]
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]  # `layers = 3` in a TOML file means [3]
         elif not isinstance(value, list):

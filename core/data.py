@@ -49,8 +49,7 @@ class DataConfig:
         if not isinstance(self.dataset, str) or not self.dataset.strip():
             check.fail("dataset", "a built-in name, a CSV path or hf:NAME")
         check.at_least(0, "max_rows")
-        check.positive("val_fraction", "test_fraction")
-        check.fraction("val_fraction", "test_fraction", below_one=True)
+        check.fraction("val_fraction", "test_fraction", below_one=True, above_zero=True)
         if self.val_fraction + self.test_fraction >= 1:
             check.fail("test_fraction", f"less than 1 - data.val_fraction ({1 - self.val_fraction:g}): the train split needs rows")
 
@@ -204,9 +203,12 @@ def prepare(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], list[str]]:
     df = df[df["text"].str.len() > 0]
     if cfg.drop_duplicates:
         df = df.drop_duplicates(subset="text")
+    if df.empty:
+        why = "no rows" if raw.empty else f"no row with text after cleaning (each of its {len(raw)} texts is empty or only punctuation)"
+        raise LayerscopeError(f"{where} has {why}; check the file, or name its text column with --set data.text_column=NAME")
     counts = df["label"].value_counts()
     if len(counts) < 2:
-        raise LayerscopeError(f"{where} has only one class ({names[int(counts.index[0])] if len(counts) else 'none'}) after cleaning; a classifier needs at least two")
+        raise LayerscopeError(f"{where} has only one class ({names[int(counts.index[0])]}) after cleaning; a classifier needs at least two")
     _check_split_size(df, cfg, where, names)
     capped = bool(cfg.max_rows) and len(df) > cfg.max_rows
     if capped:

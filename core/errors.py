@@ -62,12 +62,12 @@ class OptionCheck:
             if value is None or value <= 0:
                 self.fail(name, "a number > 0")
 
-    def fraction(self, *names: str, below_one: bool = False) -> None:
-        """0 <= value <= 1 (or < 1 with ``below_one``)."""
+    def fraction(self, *names: str, below_one: bool = False, above_zero: bool = False) -> None:
+        """0 <= value <= 1 (> 0 with ``above_zero``, < 1 with ``below_one``)."""
         for name in names:
             value = self._number(name)
-            if value is None or value < 0 or value > 1 or (below_one and value == 1):
-                self.fail(name, "a fraction in [0, 1)" if below_one else "a fraction in [0, 1]")
+            if value is None or value < 0 or value > 1 or (below_one and value == 1) or (above_zero and value == 0):
+                self.fail(name, f"a fraction in {'(' if above_zero else '['}0, 1{')' if below_one else ']'}")
 
     def seed(self, *names: str) -> None:
         """A random seed: a whole number from 0 to 2**31 - 1 (what numpy, sklearn and torch all

@@ -496,8 +496,14 @@ class RunFolder:
             )
         version = m.get("format_version")
         if version != FORMAT_VERSION:
+            if "format_version" not in m:
+                written = "with no format_version"
+            elif isinstance(version, int) and not isinstance(version, bool):
+                written = f"in run format {version}"
+            else:  # "1", 1.0, null: no format number, whatever it looks like
+                written = f"with format_version {json.dumps(version)}, not a format number"
             raise LayerscopeError(
-                f"run {self.root} was written in run format {version}, this Layerscope reads format {FORMAT_VERSION}; "
+                f"run {self.root} was written {written}, this Layerscope reads format {FORMAT_VERSION}; "
                 f"rebuild it into a new folder with `python -m core build --run NEW_DIR` (the old folder is left untouched)"
             )
         return m

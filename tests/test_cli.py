@@ -415,10 +415,14 @@ def test_bad_csv_on_existing_run_damages_nothing(tmp_path, tiny_run):
     assert after == before
 
 
-def test_incompatible_run_folder_from_cli(tmp_path):
+@pytest.mark.parametrize(
+    "version, said",
+    [({"format_version": 99}, "written in run format 99,"), ({"format_version": "1"}, 'written with format_version "1", not a format number,'), ({}, "written with no format_version,")],
+)
+def test_incompatible_run_folder_from_cli(tmp_path, version, said):
     (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "manifest.json").write_text(json.dumps({"format_version": 99, "config": {}, "steps": {}}))
-    assert_user_error(cli("report", "--run", tmp_path / "old"), "format 99", "rebuild")
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps({**version, "config": {}, "steps": {}}))
+    assert_user_error(cli("report", "--run", tmp_path / "old"), said, "rebuild")
 
 
 def test_changed_settings_point_to_build_from_and_force_from_redoes_only_later_steps(tiny_run, tmp_path):

@@ -77,6 +77,8 @@ def test_bad_options(overrides, message):
 
 def test_a_single_number_for_a_list_option_is_a_list_of_one():
     assert load_config(overrides={"saes.layers": 3}).saes.layers == [3]  # TOML `layers = 3`
+    assert load_config(overrides={"saes.layers": "[1, 3]"}).saes.layers == [1, 3]  # --set written as TOML
+    assert load_config(overrides={"saes.layers": "1,3"}).saes.layers == [1, 3]
 
 
 @pytest.mark.parametrize(
@@ -91,6 +93,8 @@ def test_a_single_number_for_a_list_option_is_a_list_of_one():
         ({"model.truncation": "tail"}, "model.truncation='tail' must be one of 'head', 'head_tail'"),
         ({"data.max_rows": "-5"}, "data.max_rows=-5 must be a number >= 0"),
         ({"data.val_fraction": "0.5", "data.test_fraction": "0.5"}, "data.test_fraction=0.5 must be less than 1 - data.val_fraction"),
+        ({"data.test_fraction": "0"}, "data.test_fraction=0.0 must be a fraction in (0, 1)"),
+        ({"data.test_fraction": "1"}, "data.test_fraction=1.0 must be a fraction in (0, 1)"),
         ({"activations.storage_dtype": "int8"}, "activations.storage_dtype='int8' must be one of"),
         ({"activations.train_layers": "1,-2"}, "activations.train_layers=[1, -2] must be a list of hidden-state indices"),
         ({"similarity.split": "val"}, "similarity.split='val' must be one of 'test', 'train'"),

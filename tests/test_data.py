@@ -124,6 +124,8 @@ def test_imdb_builtin_source():
         (pd.DataFrame({"review": ["a b"] * 30, "label": [0, 1] * 15}), "no column 'text'"),
         (pd.DataFrame({"text": [f"t {i}" for i in range(30)], "label": [0, 1, None] * 10}), "empty or NaN label"),
         (pd.DataFrame({"text": [f"t {i}" for i in range(30)], "label": [1] * 30}), "only one class"),
+        (pd.DataFrame({"text": ["...", "!!"] * 15, "label": [0, 1] * 15}), r"no row with text after cleaning \(each of its 30 texts is empty or only punctuation\)"),
+        (pd.DataFrame({"text": [], "label": []}), "has no rows; check the file"),
         (pd.DataFrame({"text": [f"t {i}" for i in range(8)], "label": [0, 1] * 4}), "needs at least"),
     ],
 )
