@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from core.errors import LayerscopeError
-from core.runfolder import FINETUNE_METRICS_FIELDS, MODELS, SAE_METRICS_FIELDS, SAE_METRICS_FILE, RunFolder, read_json, read_similarity
+from core.runfolder import FINETUNE_METRICS_FIELDS, MODELS, SAE_METRICS_FIELDS, SAE_METRICS_FILE, RunFolder, core_command, read_json, read_similarity
 
 
 def _sae_metrics(m: dict) -> dict:
@@ -29,7 +29,7 @@ def build_report(run: RunFolder, lenient: bool = False) -> dict:
     A file of a finished step that is missing or damaged raises its LayerscopeError; with
     ``lenient`` (the dashboard, whose pages each need only some parts) that part is left out and
     its message kept in ``problems`` (part -> message: "finetune", "similarity", "num_layers",
-    "saes"), so one bad file costs only the sections that read it.
+    "saes", "saes_missing"), so one bad file costs only the sections that read it.
     """
     m = run.manifest()
     cfg = m["config"]
@@ -64,6 +64,7 @@ def build_report(run: RunFolder, lenient: bool = False) -> dict:
         part("num_layers", lambda: {"num_layers": read_json(run.model_config_path("finetuned"), {"num_hidden_layers": int})["num_hidden_layers"]})
     if "saes" in steps:
         part("saes", lambda: {"saes": [_sae_metrics(read_json(d / SAE_METRICS_FILE, SAE_METRICS_FIELDS)) for _, _, d in run.sae_dirs() if (d / SAE_METRICS_FILE).is_file()]})
+        part("saes_missing", lambda: _check_saes_present(run, steps["saes"].get("result", {})))
     if "features" in steps:
         rep["matching"] = steps["features"]["result"].get("matching", [])
     if problems:
@@ -86,6 +87,20 @@ def _finetune_part(run: RunFolder) -> dict:
             "train_seconds": fm["train_seconds"],
         },
     }
+
+
+def _check_saes_present(run: RunFolder, result: dict) -> dict:
+    """LayerscopeError when an SAE the saes step recorded has no folder (or no metrics) any more:
+    a report of the others alone would read as the whole run."""
+    recorded = [(s["model"], s["layer"]) for s in result.get("saes", []) if isinstance(s, dict) and {"model", "layer"} <= set(s)]
+    present = {(m, l) for m, l, d in run.sae_dirs() if (d / SAE_METRICS_FILE).is_file()}
+    missing = [f"{m} layer {l}" for m, l in recorded if (m, l) not in present]
+    if missing:
+        raise LayerscopeError(
+            f"the saes step trained {len(recorded)} SAEs but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing "
+            f"from {run.root / 'saes'}; train {'it' if len(missing) == 1 else 'them'} again with `{core_command('saes', run.root, '--force')}`"
+        )
+    return {}
 
 
 def _similarity_part(run: RunFolder) -> dict:

@@ -164,6 +164,8 @@ def saes(run, rep: dict) -> None:
     """SAE quality per (model, layer) and feature matching, when those steps ran."""
     st.header("Sparse autoencoders", divider="gray")
     shared.report_problem(rep, "saes")
+    if "saes_missing" in rep.get("problems", {}):  # the table below lacks them
+        st.warning(shared.safe_message(rep["problems"]["saes_missing"]))
     if not rep.get("saes"):
         shared.need_step(run, "saes", "The SAE quality table")
         return

@@ -230,6 +230,16 @@ def test_a_damaged_file_costs_only_the_sections_that_read_it(app, sae_run, tmp_p
     assert_clean(at)
 
 
+
+def test_an_sae_folder_gone_since_the_step_is_a_warning_above_the_others(app, sae_run, tmp_path):
+    run = _copy_run(sae_run.root, tmp_path / "run")
+    shutil.rmtree(run / "saes" / "finetuned" / "layer_1")
+    at = app(run=run).run()
+    assert not at.exception and not at.error
+    assert any("finetuned layer 1 is missing" in unescaped(w.value) for w in at.warning)
+    (table,) = [d.value for d in at.dataframe if {"model", "layer", "fvu"} <= set(d.value.columns)]
+    assert len(table) == len(sae_run.sae_dirs()) - 1
+
 def test_overview_claim_threshold_is_used(app):
     at = app().run()
     at.slider(key=shared.KEY_CLAIM_THRESHOLD).set_value(0.5).run()

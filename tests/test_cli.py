@@ -415,6 +415,13 @@ def test_bad_csv_on_existing_run_damages_nothing(tmp_path, tiny_run):
     assert after == before
 
 
+
+def test_an_sae_folder_gone_since_the_step_is_named_not_left_out(tiny_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    shutil.rmtree(run / "saes" / "finetuned" / "layer_1")
+    assert_user_error(cli("report", "--run", run), f"the saes step trained {len(tiny_run.sae_dirs())} SAEs but finetuned layer 1 is missing", f"python -m core saes --run {run} --force")
+
 @pytest.mark.parametrize(
     "version, said",
     [({"format_version": 99}, "written in run format 99,"), ({"format_version": "1"}, 'written with format_version "1", not a format number,'), ({}, "written with no format_version,")],
