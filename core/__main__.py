@@ -174,7 +174,7 @@ def _file_system_hint(e: OSError) -> str | None:
     """
     where = e.filename or "a file"
     if isinstance(e, PermissionError):
-        return f"permission denied on {where}; choose a --run (or --out) path you can write to, or change its permissions (finished steps are kept)"
+        return f"permission denied on {where}; change its permissions, or choose a --run (or --out) path you can read and write (finished steps are kept)"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on the device while writing {where}; free some space (activations take about 11 KB per token for MiniLM, 40 KB for bert-base) and run the same command again (finished steps are kept)"
     if e.errno == errno.EROFS:

@@ -37,7 +37,7 @@ from core.errors import LayerscopeError, OptionCheck
 from core.models import ModelConfig, encode, load_classifier, load_tokenizer, num_hidden_states, pad_batch, quiet_transformers
 from core.progress import progress_bar
 from core.rss import kept_heap
-from core.runfolder import ACTIVATION_INDEX_FIELDS, MODELS, RunFolder, atomic_path, core_command, read_json, write_json
+from core.runfolder import ACTIVATION_INDEX_FIELDS, MODELS, RunFolder, atomic_path, core_command, read_json, refuse_unreadable, write_json
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -366,6 +366,7 @@ class ActivationStore:
     def _open(self, path):
         if not path.is_file():
             raise LayerscopeError(f"activation shard {path} is missing; re-run `{core_command('activations', self.run.root, '--force')}`")
+        refuse_unreadable(path)
         try:
             return safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as e:

@@ -36,7 +36,7 @@ from core.errors import LayerscopeError, OptionCheck, StatsUnreadable
 from core.features import FeatureStats, FeatureStatsAccumulator, match_features, rank_features
 from core.models import encode, hidden_state_module, load_classifier, load_tokenizer, pad_batch
 from core.progress import progress_bar
-from core.runfolder import MATCHING_FIELDS, MODELS, OTHER_MODEL, RunFolder, atomic_path, core_command, read_json, write_json
+from core.runfolder import MATCHING_FIELDS, MODELS, OTHER_MODEL, RunFolder, atomic_path, core_command, read_json, refuse_unreadable, write_json
 from core.sae import SparseAutoencoder
 from core.sae_metrics import EVAL_CHUNK_ROWS, feature_density
 from core.saes import load_sae
@@ -263,6 +263,7 @@ def load_stats(run: RunFolder, model: str, layer: int) -> dict[str, torch.Tensor
 def _load_stats_file(path: str, mtime_ns: int, num_classes: int, redo: str) -> dict[str, torch.Tensor]:
     """The tensors of one statistics file, checked: StatsUnreadable naming ``redo`` (the command
     that writes it again) when it is truncated, lacks a field, or its shapes disagree."""
+    refuse_unreadable(path, StatsUnreadable)
     try:
         s = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:

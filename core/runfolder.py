@@ -128,9 +128,17 @@ def redo_hint(path: Path, otherwise: str = "redo the step that writes it with --
     return otherwise
 
 
+def refuse_unreadable(path: Path, error: type[LayerscopeError] = LayerscopeError) -> None:
+    """``error`` when ``path`` is there but this user may not read it: a permission to change,
+    not a damaged file to rebuild (which is what the reader's own error would suggest)."""
+    if Path(path).exists() and not os.access(path, os.R_OK):
+        raise error(f"cannot read {path}: permission denied; give your user read access to it (e.g. chmod u+r), or run as its owner")
+
+
 def read_json(path: Path, fields: dict | None = None) -> dict:
     """A JSON object a step wrote; LayerscopeError naming the step to redo when it is missing,
     damaged, or lacks one of ``fields`` (a shape such as ``LABELS_FIELDS``, see ``field_problem``)."""
+    refuse_unreadable(path)
     try:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:

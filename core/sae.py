@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from core.errors import LayerscopeError
-from core.runfolder import SAE_CFG_FILE, SAE_WEIGHTS_FILE, write_json, write_text
+from core.runfolder import SAE_CFG_FILE, SAE_WEIGHTS_FILE, refuse_unreadable, write_json, write_text
 
 FORMAT = "layerscope-sae-1"
 ARCHITECTURES = ("topk", "paper")
@@ -383,6 +383,7 @@ class SparseAutoencoder(nn.Module):
         weights_path = folder / SAE_WEIGHTS_FILE
         if not weights_path.is_file():
             raise LayerscopeError(f"{weights_path} is missing; {RETRAIN_HINT}")
+        refuse_unreadable(weights_path)
         try:
             tensors = load_file(str(weights_path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
@@ -412,6 +413,7 @@ def _read_cfg(folder: Path) -> SAEConfig:
     path = folder / SAE_CFG_FILE
     if not path.is_file():
         raise LayerscopeError(f"{path} is missing; {RETRAIN_HINT}")
+    refuse_unreadable(path)
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

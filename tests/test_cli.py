@@ -422,6 +422,33 @@ def test_an_sae_folder_gone_since_the_step_is_named_not_left_out(tiny_run, tmp_p
     shutil.rmtree(run / "saes" / "finetuned" / "layer_1")
     assert_user_error(cli("report", "--run", run), f"the saes step trained {len(tiny_run.sae_dirs())} SAEs but finetuned layer 1 is missing", f"python -m core saes --run {run} --force")
 
+
+# root reads every file whatever its mode: without the capabilities that let it (setpriv)
+_WITHOUT_ROOTS_READ = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--inh-caps=-dac_override,-dac_read_search,-fowner", "--"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="running as root without setpriv: every file is readable")
+@pytest.mark.parametrize(
+    "unreadable, verb",
+    [
+        ("saes/finetuned/layer_2/sae_weights.safetensors", ["analyze", "--text", "a film"]),
+        ("saes/finetuned/layer_2/cfg.json", ["analyze", "--text", "a film"]),
+        ("features/pretrained/layer_2/stats.safetensors", ["analyze", "--text", "a film"]),  # not a silent fallback to the sentence's ranking
+        ("activations/test/finetuned_00000.safetensors", ["similarity", "--force"]),
+        ("finetune/metrics.json", ["report"]),
+    ],
+)
+def test_a_file_the_user_may_not_read_is_a_permission_to_change_not_damage(tiny_run, tmp_path, unreadable, verb):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    path = run / unreadable
+    assert path.is_file(), sorted(p.name for p in path.parent.iterdir())
+    path.chmod(0)
+    prefix = _WITHOUT_ROOTS_READ if os.geteuid() == 0 else []
+    out = subprocess.run([*prefix, sys.executable, "-m", "core", verb[0], "--run", str(run), *verb[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
+    assert_user_error(out, f"cannot read {path}: permission denied", "chmod u+r")
+    path.chmod(0o644)
+
 @pytest.mark.parametrize(
     "version, said",
     [({"format_version": 99}, "written in run format 99,"), ({"format_version": "1"}, 'written with format_version "1", not a format number,'), ({}, "written with no format_version,")],
