@@ -17,7 +17,7 @@ import torch
 from core.data import DataConfig, clean_text
 from core.errors import LayerscopeError, StatsUnreadable
 from core.models import encode, kept_span, load_classifier, load_tokenizer, quiet_transformers
-from core.runfolder import MODEL_NAMES, MODELS, OTHER_MODEL, RunFolder
+from core.runfolder import MODEL_NAMES, MODELS, OTHER_MODEL, RunFolder, core_command
 from core.sae import topk_rows
 from core.saes import load_sae
 
@@ -70,10 +70,16 @@ def load_bundle(run: RunFolder) -> Bundle:
     tok = load_tokenizer(str(run.model_dir("finetuned")))
     models = {name: load_classifier(str(run.model_dir(name))).eval() for name in MODELS}
     hidden_size = models["finetuned"].config.hidden_size
+    labels = run.labels()
+    if len(labels) != models["finetuned"].config.num_labels:  # a prediction would drop or invent classes
+        raise LayerscopeError(
+            f"{run.labels_path} names {len(labels)} classes but the fine-tuned model has {models['finetuned'].config.num_labels}; "
+            f"the two come from different builds: rebuild the run with `{core_command('build', run.root, '--force')}`"
+        )
     saes = {}
     for model, layer, _ in run.sae_dirs():
         saes[(model, layer)] = load_sae(run, model, layer, hidden_size).eval()
-    return Bundle(run=run, tokenizer=tok, models=models, saes=saes, labels=run.labels(), config=m["config"])
+    return Bundle(run=run, tokenizer=tok, models=models, saes=saes, labels=labels, config=m["config"])
 
 
 @cache

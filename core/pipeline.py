@@ -28,7 +28,7 @@ import torch
 from core import __version__
 from core.config import RunConfig, load_config
 from core.errors import LayerscopeError
-from core.runfolder import STEPS, RunFolder
+from core.runfolder import STEPS, RunFolder, core_command
 from core.rss import peak_rss_mb, release_free_memory, reset_peak_rss
 
 # which config sections each step reads: a change there makes the step stale
@@ -134,7 +134,7 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
         if not force:
             raise LayerscopeError(
                 f"step '{step}' was built with other settings than the ones asked now; rebuild it and the later steps "
-                f"with `build --from {step}` (or `{step} --force`), or drop the changed options"
+                f"with `{core_command('build', run.root, '--from', step)}` and the same options (or that step alone with --force), or drop the changed options"
             )
     if distributed and step not in PARALLEL_STEPS and not is_main_process():
         _sync()  # rank 0 runs this step alone

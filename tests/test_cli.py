@@ -416,6 +416,14 @@ def test_bad_csv_on_existing_run_damages_nothing(tmp_path, tiny_run):
 
 
 
+
+def test_labels_that_disagree_with_the_model_are_refused_not_a_class_dropped(tiny_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    labels = json.loads((run / "data" / "labels.json").read_text())
+    (run / "data" / "labels.json").write_text(json.dumps({**labels, "names": labels["names"][:1]}))
+    assert_user_error(cli("analyze", "--run", run, "--text", "a film"), "labels.json names 1 classes but the fine-tuned model has 2", "build --run")
+
 def test_an_sae_folder_gone_since_the_step_is_named_not_left_out(tiny_run, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(tiny_run.root, run)
@@ -462,7 +470,7 @@ def test_incompatible_run_folder_from_cli(tmp_path, version, said):
 def test_changed_settings_point_to_build_from_and_force_from_redoes_only_later_steps(tiny_run, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(tiny_run.root, run)
-    assert_user_error(cli("build", "--run", run, "--set", "saes.k=4"), "step 'saes' was built with other settings", "build --from saes")
+    assert_user_error(cli("build", "--run", run, "--set", "saes.k=4"), "step 'saes' was built with other settings", f"`python -m core build --run {run} --from saes` and the same options")
     out = cli("build", "--run", run, "--force", "--from", "features", check=True)
     assert "[finetune] already done" in out.stdout and "[saes] already done" in out.stdout
     assert "[features] running" in out.stdout and "[finetune] running" not in out.stdout
