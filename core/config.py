@@ -166,12 +166,14 @@ def load_config(
     if base:
         try:
             _apply(cfg, base, "")
+            cfg.validate()  # as saved: a value edited by hand is the manifest's, not the user's --set
         except LayerscopeError as e:
-            # a run written by another version of Layerscope: the user typed none of this
+            # a run written by another version of Layerscope (or edited): the user typed none of this
             where = base_source or "the run's saved config"
             run = shlex.quote(str(Path(base_source).parent)) if base_source else "RUN"
+            problem = str(e).split("; change it in your --config file")[0]  # OptionCheck's fix is for options typed now
             raise LayerscopeError(
-                f"{where} holds a setting this version of Layerscope does not know: {e}. The run was "
+                f"{where} holds a setting this version of Layerscope does not accept: {problem}. The run was "
                 "built by another version; open it with that version, or build it again with this one "
                 f"(`python -m core build --run {run} --preset default --force`, or the preset and options it was built with)"
             ) from None

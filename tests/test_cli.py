@@ -681,3 +681,11 @@ def test_a_run_saved_by_another_version_names_its_manifest_and_a_fix_that_works(
             assert fragment in lines[0], lines[0]
     assert main(["build", "--run", str(run), "--until", "data", "--force", "--preset", "tiny", "--dataset", str(tiny_csv), "--model", str(tiny_model)]) == 0
     assert "mix_shards" not in json.loads((run / "manifest.json").read_text())["config"]["saes"]
+    m["config"]["saes"].pop("mix_shards")
+    m["config"]["model"]["max_length"] = 2  # a value it refuses, edited into the manifest: not an option typed now
+    (run / "manifest.json").write_text(json.dumps(m))
+    assert main(["report", "--run", str(run)]) == 0  # reading the run does not resolve its settings
+    capsys.readouterr()
+    assert main(["saes", "--run", str(run)]) == 2
+    (line,) = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert "model.max_length=2 must be a number >= 4." in line and "does not accept" in line and "--set" not in line, line
