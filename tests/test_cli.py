@@ -229,7 +229,7 @@ def test_a_path_name_too_long_for_the_file_system_is_one_line(tmp_path, tiny_run
     long = "x" * 300  # most file systems allow 255 bytes per name
     assert_user_error(cli("export", "--run", tiny_run.root, "--out", tmp_path / f"{long}.html"), "too long for its file system (305 characters", "shorter --run (or --out)")
     assert_user_error(cli("build", "--run", tmp_path / long), "too long for its file system (300 characters")
-    assert_user_error(cli("report", "--run", tmp_path / long), "cannot open the run folder", "File name too long")
+    assert_user_error(cli("report", "--run", tmp_path / long), "too long for its file system (300 characters", "shorter --run (or --out)")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -490,7 +490,7 @@ def test_tqdm_disable_silences_every_progress_bar(tiny_run, tmp_path):
 @pytest.mark.parametrize(
     ("err", "fragments"),
     [
-        (errno.EACCES, ["permission denied on", "report.html", "a --run (or --out) path you can write to"]),
+        (errno.EACCES, ["permission denied on", "report.html", "change its permissions, or choose a --run (or --out) path you can read and write"]),
         (errno.ENOSPC, ["no space left on the device while writing", "free some space"]),
         (errno.EROFS, ["is on a read-only file system"]),
     ],
