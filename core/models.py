@@ -54,6 +54,41 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or user_path(name).exists()
 
 
+def _unreachable_hub(name: str) -> str:
+    return (
+        f"could not load model '{name}': it is not a local folder and the Hugging Face hub is unreachable or "
+        f"has no such model; download it where you have a connection and pass its local folder, "
+        f"e.g. --model /path/to/{name.split('/')[-1]}"
+    )
+
+
+def _hub_unresolvable(repo_id: str) -> bool:
+    """True when a hub id can only fail here: not in the local cache, and the hub's host name does
+    not resolve (no network). ``from_pretrained`` would retry five times with back-off first, about
+    half a minute of warnings before the same error. Behind a proxy the proxy resolves names, so
+    nothing is concluded there; offline mode (HF_HUB_OFFLINE) fails fast by itself."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    try:
+        if try_to_load_from_cache(repo_id, "config.json") is not None:
+            return False
+    except ValueError:  # not a valid repo id: let from_pretrained say what it says
+        return False
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (socket.gaierror, UnicodeError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def _load(loader, name: str, **kwargs):
     """Call a ``from_pretrained`` with one clear error for every way loading can fail."""
     path = resolve_base(name)
@@ -61,6 +96,8 @@ def _load(loader, name: str, **kwargs):
         raise LayerscopeError(f"model folder {path} does not exist; {redo_hint(user_path(path), 'pass a folder written by save_pretrained or a hub id')}")
     if user_path(path).is_file():
         raise LayerscopeError(f"{path} is a file, not a model folder; pass the folder that holds its config.json (written by save_pretrained) or a hub id")
+    if not _looks_local(path) and _hub_unresolvable(path):
+        raise LayerscopeError(_unreachable_hub(name))
     try:
         return loader.from_pretrained(str(user_path(path)) if _looks_local(path) else path, **kwargs)
     except (OSError, ValueError, SafetensorError, AttributeError, TypeError, KeyError) as e:
@@ -74,11 +111,7 @@ def _load(loader, name: str, **kwargs):
             raise LayerscopeError(f"{path} is not a loadable model folder ({first_line}); {redo_hint(user_path(path), 'check it has config.json and weights')}") from None
         if not isinstance(e, OSError):
             raise LayerscopeError(f"could not load model '{name}' ({first_line}); pass a folder written by save_pretrained or another hub id") from None
-        raise LayerscopeError(
-            f"could not load model '{name}': it is not a local folder and the Hugging Face hub is unreachable or "
-            f"has no such model; download it where you have a connection and pass its local folder, "
-            f"e.g. --model /path/to/{name.split('/')[-1]}"
-        ) from None
+        raise LayerscopeError(_unreachable_hub(name)) from None
 
 
 def load_model_config(name: str):

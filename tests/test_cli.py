@@ -403,6 +403,15 @@ def test_unreachable_model_says_how_to_pass_a_local_path(tmp_path, tiny_csv):
     assert_user_error(out, "bert-base-uncased", "unreachable", "local folder")
 
 
+def test_a_hub_whose_name_does_not_resolve_is_refused_without_retrying(tmp_path, tiny_csv):
+    """Not offline mode, but a hub host that cannot resolve (the ``.invalid`` domain never does):
+    the same message at once, not after huggingface_hub's five retries with back-off."""
+    out = cli("build", "--run", tmp_path / "r", "--dataset", tiny_csv, "--preset", "tiny", "--model", "someorg/not-cached", env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://hub.invalid"})
+    assert_user_error(out, "could not load model 'someorg/not-cached'", "unreachable", "local folder")
+    assert "Retrying" not in out.stderr and "Retry" not in out.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_csv_on_existing_run_damages_nothing(tmp_path, tiny_run):
     run = tmp_path / "copy"
     shutil.copytree(tiny_run.root, run)
