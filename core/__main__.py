@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -111,7 +112,9 @@ def _overrides(args) -> dict:
 def _dispatch_ending_bars(args: argparse.Namespace) -> int:
     try:
         return _dispatch(args)
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            _ignore_further_interrupts()
         if "tqdm" in sys.modules:  # a step may have left a bar open: end it, so the message printed next starts its own line
             from core.progress import end_bars
 
@@ -132,7 +135,23 @@ def _refuse_non_utf8(args: argparse.Namespace) -> None:
                     raise LayerscopeError(f"--{name} holds bytes that are not valid UTF-8 ({v.encode('utf-8', 'backslashreplace').decode()}); {fix}") from None
 
 
+def _ignore_further_interrupts() -> None:
+    """After a first Ctrl-C the command is ending: a second one (a double press) would break into
+    the ending of bars and the message with a traceback. ``main`` puts the handler back."""
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        return _main(argv)
+    finally:
+        if signal.getsignal(signal.SIGINT) is not handler:
+            signal.signal(signal.SIGINT, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -403,6 +403,31 @@ def test_unreachable_model_says_how_to_pass_a_local_path(tmp_path, tiny_csv):
     assert_user_error(out, "bert-base-uncased", "unreachable", "local folder")
 
 
+
+def test_a_second_ctrl_c_while_the_first_unwinds_prints_no_traceback(monkeypatch, capsys):
+    """A double press: the second SIGINT arrives while the command ends after the first (here in
+    its last clean-up, which leaves a process group). It is ignored there, the command ends with
+    its one line, and main() puts the handler back after."""
+    import signal
+    import sys
+
+    import core.__main__ as cli_main
+    import core.pipeline
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def second_press():
+        os.kill(os.getpid(), signal.SIGINT)  # delivered at once: Python runs handlers between bytecodes
+
+    monkeypatch.setattr(cli_main, "_dispatch", interrupted)
+    monkeypatch.setattr(core.pipeline, "end_distributed", second_press)
+    assert "torch" in sys.modules  # so main() ends with end_distributed, where the second press lands
+    before = signal.getsignal(signal.SIGINT)
+    assert cli_main.main(["report", "--run", "somewhere"]) == 130
+    assert "interrupted: finished steps are kept" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before
+
 def test_a_hub_whose_name_does_not_resolve_is_refused_without_retrying(tmp_path, tiny_csv):
     """Not offline mode, but a hub host that cannot resolve (the ``.invalid`` domain never does):
     the same message at once, not after huggingface_hub's five retries with back-off."""
