@@ -237,8 +237,13 @@ def _dispatch(args) -> int:
     if args.verb == "analyze":
         from core.analysis import analyze_text, format_analysis, load_bundle
 
+        from core.report import missing_saes
+
         result = analyze_text(load_bundle(run), args.text, top=args.top, rank_by=args.rank_by, clean=not args.raw)
         print(json.dumps(result, indent=2) if args.json else format_analysis(result))
+        missing = missing_saes(run)
+        if missing:  # on stderr: the JSON on stdout stays as documented
+            print(f"note: {missing}; the SAEs above are the others", file=sys.stderr)
         return 0
     if args.verb == "export":
         from core.export import export_html

@@ -64,7 +64,7 @@ def build_report(run: RunFolder, lenient: bool = False) -> dict:
         part("num_layers", lambda: {"num_layers": read_json(run.model_config_path("finetuned"), {"num_hidden_layers": int})["num_hidden_layers"]})
     if "saes" in steps:
         part("saes", lambda: {"saes": [_sae_metrics(read_json(d / SAE_METRICS_FILE, SAE_METRICS_FIELDS)) for _, _, d in run.sae_dirs() if (d / SAE_METRICS_FILE).is_file()]})
-        part("saes_missing", lambda: _check_saes_present(run, steps["saes"].get("result", {})))
+        part("saes_missing", lambda: _check_saes_present(run))
     if "features" in steps:
         rep["matching"] = steps["features"]["result"].get("matching", [])
     if problems:
@@ -89,17 +89,26 @@ def _finetune_part(run: RunFolder) -> dict:
     }
 
 
-def _check_saes_present(run: RunFolder, result: dict) -> dict:
-    """LayerscopeError when an SAE the saes step recorded has no folder (or no metrics) any more:
-    a report of the others alone would read as the whole run."""
+def missing_saes(run: RunFolder) -> str | None:
+    """What is wrong when an SAE the saes step recorded has no folder (or no metrics) any more, with
+    the command that trains it again; None when every one is there. A report or an analysis of the
+    others alone would read as the whole run."""
+    result = (run.step_record("saes") or {}).get("result", {})
     recorded = [(s["model"], s["layer"]) for s in result.get("saes", []) if isinstance(s, dict) and {"model", "layer"} <= set(s)]
     present = {(m, l) for m, l, d in run.sae_dirs() if (d / SAE_METRICS_FILE).is_file()}
     missing = [f"{m} layer {l}" for m, l in recorded if (m, l) not in present]
-    if missing:
-        raise LayerscopeError(
-            f"the saes step trained {len(recorded)} SAEs but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing "
-            f"from {run.root / 'saes'}; train {'it' if len(missing) == 1 else 'them'} again with `{core_command('saes', run.root, '--force')}`"
-        )
+    if not missing:
+        return None
+    return (
+        f"the saes step trained {len(recorded)} SAEs but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing "
+        f"from {run.root / 'saes'}; train {'it' if len(missing) == 1 else 'them'} again with `{core_command('saes', run.root, '--force')}`"
+    )
+
+
+def _check_saes_present(run: RunFolder) -> dict:
+    problem = missing_saes(run)
+    if problem:
+        raise LayerscopeError(problem)
     return {}
 
 

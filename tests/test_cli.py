@@ -463,6 +463,9 @@ def test_an_sae_folder_gone_since_the_step_is_named_not_left_out(tiny_run, tmp_p
     shutil.copytree(tiny_run.root, run)
     shutil.rmtree(run / "saes" / "finetuned" / "layer_1")
     assert_user_error(cli("report", "--run", run), f"the saes step trained {len(tiny_run.sae_dirs())} SAEs but finetuned layer 1 is missing", f"python -m core saes --run {run} --force")
+    out = cli("analyze", "--run", run, "--text", "a film", "--json", check=True)  # the others are analysed, and the gap is said
+    assert {(s["model"], s["layer"]) for s in json.loads(out.stdout)["saes"]} == {(m, l) for m, l, _ in tiny_run.sae_dirs()} - {("finetuned", 1)}
+    assert "note: the saes step trained" in out.stderr and "finetuned layer 1 is missing" in out.stderr
 
 
 # root reads every file whatever its mode: without the capabilities that let it (setpriv)
