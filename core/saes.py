@@ -355,9 +355,7 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
 def _finished(run: RunFolder, model: str, layer: int, settings_hash: str) -> dict | None:
     """The metrics of an SAE a resumed step keeps: written with the same settings, and a folder
     that loads. None otherwise: an SAE whose files an interruption or a disk left damaged is
-    trained again, not recorded as done."""
-    if not run.sae_metrics_path(model, layer).is_file():
-        return None
+    trained again, not recorded as done (a missing metrics.json too: read_json raises)."""
     try:
         kept = read_json(run.sae_metrics_path(model, layer), SAE_METRICS_FIELDS)
         if kept.get("settings_hash") != settings_hash:
