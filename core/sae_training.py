@@ -262,6 +262,89 @@ def init_sae(sae_cfg: SAEConfig, train_cfg: SAETrainingConfig, init_sample: torc
     return sae, gen
 
 
+class _DeadLatents:
+    """How many steps ago each latent last fired, and what TopK training does about latents that
+    stopped firing: resample them at ``resample_at`` (AuxK works on them every step, in
+    ``_topk_step``), or give up early when too many die (``dead_backoff``)."""
+
+    def __init__(self, d_sae: int, cfg: SAETrainingConfig, total: int | None):
+        self.cfg = cfg
+        self.since_fired = torch.zeros(d_sae, dtype=torch.long)  # [d_sae] steps since last fired
+        self.resample_steps = {max(1, int(f * total)) for f in cfg.resample_at} if total else set()
+
+    def mask(self, after: int | None = None) -> torch.Tensor:
+        """[d_sae] bool: latents silent for ``after`` steps (default ``dead_steps_threshold``)."""
+        return self.since_fired >= (self.cfg.dead_steps_threshold if after is None else after)
+
+    def fired(self, fired: torch.Tensor) -> None:
+        self.since_fired += 1
+        self.since_fired[fired] = 0
+
+    def act(self, step: int, sae: SparseAutoencoder, opt: torch.optim.Optimizer, xn: torch.Tensor, gen: torch.Generator) -> None:
+        """After optimiser step ``step`` (0-based) on ``xn``: raise ``DyingLatents`` or resample."""
+        threshold = self.cfg.dead_steps_threshold
+        if self.cfg.dead_backoff is not None and (step + 1) % threshold == 0:
+            dead_share = self.mask().double().mean().item()
+            if dead_share > self.cfg.dead_backoff:
+                raise DyingLatents(dead_share, step + 1)
+        if step + 1 in self.resample_steps:
+            dead = self.mask(min(threshold, step + 1))
+            if dead.any():
+                resample_dead_latents(sae, opt, xn, dead, gen)
+                self.since_fired[dead] = 0
+
+
+class _History:
+    """The training curve: means of loss, MSE, the aux (or L1) term and L0 over each window of
+    ``log_every`` steps, as lists in the dict ``train_sae`` returns."""
+
+    KEYS = ("loss", "mse", "aux_loss", "l0")
+
+    def __init__(self):
+        self.curves: dict = {"step": [], **{key: [] for key in self.KEYS}}
+        self.window = torch.zeros(len(self.KEYS), dtype=torch.float64)  # running sums
+        self.steps = 0
+
+    def add(self, loss: float, mse: float, aux: float, l0: float) -> None:
+        self.window += torch.tensor([loss, mse, aux, l0], dtype=torch.float64)
+        self.steps += 1
+
+    def log(self, step: int) -> None:
+        """Close the window at ``step`` (nothing when it is empty)."""
+        if not self.steps:
+            return
+        self.curves["step"].append(step)
+        for key, value in zip(self.KEYS, (self.window / self.steps).tolist()):
+            self.curves[key].append(value)
+        self.window.zero_()
+        self.steps = 0
+
+
+def _checked_batch(x: torch.Tensor, d: int, scale: float) -> torch.Tensor:
+    """``x [n, d]`` raw activations -> normalised float32 ``xn``; a batch of the wrong width is refused."""
+    if x.shape[1] != d:
+        raise LayerscopeError(
+            f"activation batch is {x.shape[1]} wide but the SAE expects d_in={d}; "
+            "pass activations of the hidden state it was configured for"
+        )
+    return x.float() / scale
+
+
+def _optimiser_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, loss: torch.Tensor, train_cfg: SAETrainingConfig) -> None:
+    """Backward and Adam; for TopK the decoder rows stay unit norm (the gradient along each row is
+    removed before the step, the rows are renormalised after it)."""
+    topk = sae.cfg.architecture == "topk"
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if topk:
+        sae.remove_gradient_parallel_to_decoder_directions()
+    if train_cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), train_cfg.grad_clip)
+    opt.step()
+    if topk:
+        sae.set_decoder_norm_to_unit_norm()
+
+
 def train_sae(
     sae_cfg: SAEConfig,
     train_cfg: SAETrainingConfig,
@@ -287,104 +370,64 @@ def train_sae(
     train_cfg.validate()
     sae_cfg.validate()
     sae, gen = init_sae(sae_cfg, train_cfg, init_sample)
-    sae_cfg, d, scale = sae.cfg, sae_cfg.d_in, sae.cfg.normalization_scale
-
-    topk = sae_cfg.architecture == "topk"
-    lr = train_cfg.resolved_lr(sae_cfg)
+    d, scale = sae.cfg.d_in, sae.cfg.normalization_scale
+    topk = sae.cfg.architecture == "topk"
+    lr = train_cfg.resolved_lr(sae.cfg)
     aux_k = train_cfg.aux_k or max(1, d // 2)
-    bf16 = train_cfg.autocast_bf16
     # fused: one kernel for the whole update instead of a dozen passes over every parameter
     # (0.5 against 4.0 ms per step for d=384, m=1536 on 2 cores); same maths, as transformers'
     # Trainer uses by default
     opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
     total = min(filter(None, (total_steps, train_cfg.max_steps)), default=None)
-    steps_since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long)  # [d_sae]
-    resample_steps = {max(1, int(f * total)) for f in train_cfg.resample_at} if total else set()
+    dead = _DeadLatents(sae.cfg.d_sae, train_cfg, total)
+    history = _History()
 
-    hist: dict = {"step": [], "loss": [], "mse": [], "aux_loss": [], "l0": []}
-    window = torch.zeros(4, dtype=torch.float64)  # running sums of loss, mse, aux, l0
-    window_steps = 0
     step = num_tokens = 0
     bar = progress_bar(total=total, show=progress, desc=desc or "sae", unit="step", leave=False)
     t0 = time.perf_counter()
     sae.train()
-    for x in _rebatch(_epochs(batches, train_cfg.epochs), train_cfg.batch_size):
-        if train_cfg.max_steps and step >= train_cfg.max_steps:
-            break
-        if stop_requested():  # this training runs beside others that are being abandoned (Ctrl-C)
-            bar.close()
-            raise Abandoned(f"{desc or 'SAE'} training stopped at step {step}")
-        if x.shape[1] != d:
-            raise LayerscopeError(
-                f"activation batch is {x.shape[1]} wide but the SAE expects d_in={d}; "
-                "pass activations of the hidden state it was configured for"
-            )
-        xn = x.float() / scale  # [n, d]
-        for group in opt.param_groups:
-            group["lr"] = lr * _lr_factor(step, total, train_cfg.lr_warmup_steps, train_cfg.lr_decay)
-
-        if topk:
-            dead = steps_since_fired >= train_cfg.dead_steps_threshold
-            loss, mse, aux, fired, n_active = _topk_step(sae, xn, dead, aux_k, train_cfg.aux_coefficient, bf16)
-        else:
-            loss, mse, aux, fired, n_active = _paper_step(sae, xn, bf16)
-        if not torch.isfinite(loss):
-            raise LayerscopeError(
-                f"SAE loss became {loss.item()} at step {step}; check the activations for NaN/inf or lower the learning rate (saes.training.lr)"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if topk:
-            sae.remove_gradient_parallel_to_decoder_directions()
-        if train_cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), train_cfg.grad_clip)
-        opt.step()
-        if topk:
-            sae.set_decoder_norm_to_unit_norm()
-
-        steps_since_fired += 1
-        steps_since_fired[fired] = 0
-        if topk and train_cfg.dead_backoff is not None and (step + 1) % train_cfg.dead_steps_threshold == 0:
-            dead_share = (steps_since_fired >= train_cfg.dead_steps_threshold).double().mean().item()
-            if dead_share > train_cfg.dead_backoff:
-                bar.close()
-                raise DyingLatents(dead_share, step + 1)
-        if topk and total and step + 1 in resample_steps:
-            dead = steps_since_fired >= min(train_cfg.dead_steps_threshold, step + 1)
-            if dead.any():
-                resample_dead_latents(sae, opt, xn, dead, gen)
-                steps_since_fired[dead] = 0
-        step += 1
-        num_tokens += xn.shape[0]
-        window += torch.tensor([loss.item(), mse.item(), aux.item(), n_active / xn.shape[0]], dtype=torch.float64)
-        window_steps += 1
-        if step % train_cfg.log_every == 0:
-            _log(hist, step, window / window_steps)
-            bar.set_postfix(loss=f"{hist['loss'][-1]:.4f}", l0=f"{hist['l0'][-1]:.1f}")
-            window.zero_()
-            window_steps = 0
-        bar.update(1)
-    bar.close()
+    try:
+        for x in _rebatch(_epochs(batches, train_cfg.epochs), train_cfg.batch_size):
+            if train_cfg.max_steps and step >= train_cfg.max_steps:
+                break
+            if stop_requested():  # this training runs beside others that are being abandoned (Ctrl-C)
+                raise Abandoned(f"{desc or 'SAE'} training stopped at step {step}")
+            xn = _checked_batch(x, d, scale)  # [n, d]
+            for group in opt.param_groups:
+                group["lr"] = lr * _lr_factor(step, total, train_cfg.lr_warmup_steps, train_cfg.lr_decay)
+            if topk:
+                loss, mse, aux, fired, n_active = _topk_step(sae, xn, dead.mask(), aux_k, train_cfg.aux_coefficient, train_cfg.autocast_bf16)
+            else:
+                loss, mse, aux, fired, n_active = _paper_step(sae, xn, train_cfg.autocast_bf16)
+            if not torch.isfinite(loss):
+                raise LayerscopeError(
+                    f"SAE loss became {loss.item()} at step {step}; check the activations for NaN/inf or lower the learning rate (saes.training.lr)"
+                )
+            _optimiser_step(sae, opt, loss, train_cfg)
+            dead.fired(fired)
+            if topk:
+                dead.act(step, sae, opt, xn, gen)
+            step += 1
+            num_tokens += xn.shape[0]
+            history.add(loss.item(), mse.item(), aux.item(), n_active / xn.shape[0])
+            if step % train_cfg.log_every == 0:
+                history.log(step)
+                bar.set_postfix(loss=f"{history.curves['loss'][-1]:.4f}", l0=f"{history.curves['l0'][-1]:.1f}")
+            bar.update(1)
+    finally:
+        bar.close()
     elapsed = time.perf_counter() - t0
     if step == 0:
         raise LayerscopeError("no activation batches to train the SAE on; extract activations first")
-    if window_steps:
-        _log(hist, step, window / window_steps)
+    history.log(step)
 
     sae.eval()
-    recent = min(train_cfg.dead_steps_threshold, step)
-    hist.update(
-        dead_fraction=(steps_since_fired >= recent).double().mean().item(),
+    return sae, dict(
+        history.curves,
+        dead_fraction=dead.mask(min(train_cfg.dead_steps_threshold, step)).double().mean().item(),
         num_steps=step,
         num_tokens=num_tokens,
         tokens_per_second=num_tokens / max(elapsed, 1e-9),
         lr=lr,
         normalization_scale=scale,
     )
-    return sae, hist
-
-
-def _log(hist: dict, step: int, means: torch.Tensor) -> None:
-    hist["step"].append(step)
-    for key, value in zip(("loss", "mse", "aux_loss", "l0"), means.tolist()):
-        hist[key].append(value)
