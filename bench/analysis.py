@@ -15,8 +15,9 @@ Baseline: the two bare forward passes ``model(input_ids, output_hidden_states=Tr
 classifiers on the same token ids. Target: at most 1.15x.
 
 Cache hit: the dashboard caches the analysis with ``st.cache_data`` keyed by (run, stamp, text,
-top, rank_by, SAE); a hit hashes those arguments and unpickles a copy of the stored result. Timed
-through a real ``st.cache_data`` wrapper (Streamlit's memory cache outside a server); target 5 ms.
+top, rank_by, SAE), where the stamp (``RunFolder.stamp``) is read from the run's files on every
+call; a hit computes the stamp, hashes those arguments and unpickles a copy of the stored result.
+Timed through a real ``st.cache_data`` wrapper (Streamlit's memory cache outside a server); target 5 ms.
 """
 
 from __future__ import annotations
@@ -112,16 +113,14 @@ def run(ctx: Context) -> Section:
 
     # cache hit through a real st.cache_data wrapper
     logging.getLogger("streamlit").setLevel(logging.ERROR)
-    stamp = int(run_.manifest_path.stat().st_mtime_ns)
-
     @st.cache_data(show_spinner=False, max_entries=64)
     def cached_analysis(path: str, stamp: int, text: str, top: int, rank_by: str) -> dict:
         return analyze_text(bundle, text, top=top, rank_by=rank_by, state=sentence_state(bundle, text))
 
     text = details["64_tokens"]["text"]
-    miss = timeit(lambda: cached_analysis(str(run_.root), stamp, text, 5, "variance"), repeats=1, warmup=0)
-    hit = timeit(lambda: cached_analysis(str(run_.root), stamp, text, 5, "variance"), repeats=ctx.pick(50, 10), warmup=3)
-    sec.add("cache hit (st.cache_data: hash arguments + unpickle the stored analysis), 64 tokens", hit.median * 1e3, "ms", miss.median * 1e3, "cache miss (full analysis)", target="value <= 5")
+    miss = timeit(lambda: cached_analysis(str(run_.root), run_.stamp(), text, 5, "variance"), repeats=1, warmup=0)
+    hit = timeit(lambda: cached_analysis(str(run_.root), run_.stamp(), text, 5, "variance"), repeats=ctx.pick(50, 10), warmup=3)
+    sec.add("cache hit (the run's stamp + st.cache_data: hash arguments, unpickle the stored analysis), 64 tokens", hit.median * 1e3, "ms", miss.median * 1e3, "cache miss (full analysis)", target="value <= 5")
     details["cache"] = {"hit_ms": [t * 1e3 for t in hit.runs], "miss_ms": miss.median * 1e3}
     sec.details = details
     return sec

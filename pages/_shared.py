@@ -88,7 +88,7 @@ KEY_FB_TABLE = "ls_fb_table"  # prefix of the feature table's key (see ``browser
 
 
 def _run_tag(run: RunFolder) -> str:
-    """The run's folder and manifest time: a run rebuilt in place (new SAEs) starts fresh picks."""
+    """The run's folder and stamp: a run rebuilt in place (new SAEs) starts fresh picks."""
     return hashlib.sha1(f"{run.root.resolve()}:{run_stamp(str(run.root))}".encode()).hexdigest()[:10]
 
 
@@ -173,11 +173,9 @@ def run_label(path: str) -> str:
 
 
 def run_stamp(path: str) -> int:
-    """Modification time of the run's manifest (0 when missing): part of every cache key."""
-    try:
-        return RunFolder(path).manifest_path.stat().st_mtime_ns
-    except OSError:
-        return 0
+    """``RunFolder.stamp``, part of every cache key: a file a step rewrote, or one edited or
+    damaged by hand, is read again on the next rerun."""
+    return RunFolder(path).stamp()
 
 
 def set_run(path: str | None) -> None:
@@ -368,12 +366,9 @@ def _report(path: str, stamp: int) -> dict:
 
 def report_of_path(path: str) -> dict:
     """``build_report(run, lenient=True)``: a damaged file leaves out the parts that read it (their
-    messages in ``problems``, see ``report_problem``). Cached until the run's manifest changes;
-    a report with problems is not kept, so a file put right by hand shows on the next rerun."""
-    rep = _report(path, run_stamp(path))
-    if rep.get("problems"):
-        _report.clear()
-    return rep
+    messages in ``problems``, see ``report_problem``). Cached until a file of the run changes
+    (``run_stamp``), so a file put right by hand shows on the next rerun."""
+    return _report(path, run_stamp(path))
 
 
 def report(run: RunFolder) -> dict:

@@ -703,8 +703,10 @@ def test_explorer_on_a_damaged_statistics_file_says_so_and_ranks_by_the_sentence
     run = _copy_run(sae_run.root, tmp_path / "damaged_stats")
     layer = max(layer for _, layer, _ in sae_run.sae_dirs())  # what the explorer shows first: the last layer's pre-trained SAE
     stats = run / "features" / "pretrained" / f"layer_{layer}" / "stats.safetensors"
-    stats.write_bytes(stats.read_bytes()[:100])
     at = explorer(app, run=run)
+    assert not at.warning  # analysed with good statistics first: the damage must not hide behind the cache
+    stats.write_bytes(stats.read_bytes()[:100])
+    at.run()
     assert (at.segmented_control(key=shared.KEY_EX_MODEL).value, at.selectbox(key=shared.KEY_EX_LAYER).value) == ("pretrained", layer)
     (box,) = at.warning
     assert f"{stats} is truncated" in unescaped(box.value) and "ranked by their variance over this sentence" in unescaped(box.value)

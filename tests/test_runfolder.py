@@ -119,3 +119,24 @@ def test_suggested_commands_quote_the_run_path_so_they_paste_into_a_shell(tmp_pa
         RunFolder(root).manifest()
     (command,) = re.findall(r"`(python -m core [^`]*)`", str(e.value))
     assert shlex.split(command)[4:] == ["--run", str(root)]
+
+
+def test_the_stamp_changes_with_any_file_a_reader_uses_and_not_with_the_shards(tiny_run, tmp_path):
+    run = RunFolder(tmp_path / "copy")
+    shutil.copytree(tiny_run.root, run.root)
+    first = run.stamp()
+    assert first and run.stamp() == first  # nothing changed: the same number
+    shard = run.hidden_shard("train", "pretrained", 0)
+    shard.write_bytes(shard.read_bytes() + b"x")  # only the steps read the shards
+    assert run.stamp() == first
+    stats = run.feature_stats_path("pretrained", 1)
+    data = stats.read_bytes()
+    stats.write_bytes(data[:100])  # damaged in place: no rename, the folder's mtime stays
+    damaged = run.stamp()
+    assert damaged != first
+    stats.write_bytes(data)
+    os.utime(stats, ns=(1, 1))  # the same size back, but not the same file as far as a cache can tell
+    assert run.stamp() not in (first, damaged)
+    (run.root / "notes.txt").write_text("a file a user left in the run")
+    assert run.stamp() != first
+    assert RunFolder(tmp_path / "nowhere").stamp() == 0
