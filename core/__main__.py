@@ -142,12 +142,16 @@ def _ignore_further_interrupts() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, restore_sigint: bool = True) -> int:
+    """The CLI in this process. After a Ctrl-C, further presses are ignored until it returns; then
+    the handler is put back (for callers that go on), unless ``restore_sigint`` is False: the
+    command line's own entry keeps ignoring them, so a press between here and the process's exit
+    cannot kill it with a signal instead of the exit status 130."""
     handler = signal.getsignal(signal.SIGINT)
     try:
         return _main(argv)
     finally:
-        if signal.getsignal(signal.SIGINT) is not handler:
+        if restore_sigint and signal.getsignal(signal.SIGINT) is not handler:
             signal.signal(signal.SIGINT, handler)
 
 
@@ -278,4 +282,4 @@ def _dispatch(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(restore_sigint=False))

@@ -57,6 +57,16 @@ class RunConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def changed_fields(before: RunConfig, after: RunConfig, sections: tuple[str, ...]) -> list[str]:
+    """``section.field`` names whose values differ between two configs, among those the section
+    hashes cover (what a step's ``config_hash`` sees)."""
+    changed = []
+    for s in sections:
+        a, b = _hashed_fields(getattr(before, s)), _hashed_fields(getattr(after, s))
+        changed += [f"{s}.{name}" for name in sorted(a.keys() | b.keys()) if a.get(name) != b.get(name)]
+    return changed
+
+
 def _hashed_fields(section) -> dict:
     """``asdict(section)`` less the fields marked ``metadata={"execution_only": True}`` and those
     marked ``metadata={"hash_when_set": True}`` that hold their default: options added after runs

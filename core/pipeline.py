@@ -26,7 +26,7 @@ from datetime import timedelta
 import torch
 
 from core import __version__
-from core.config import RunConfig, load_config
+from core.config import RunConfig, changed_fields, load_config
 from core.errors import LayerscopeError
 from core.runfolder import STEPS, RunFolder, core_command
 from core.rss import peak_rss_mb, release_free_memory, reset_peak_rss
@@ -121,6 +121,7 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
     previous = STEPS[STEPS.index(step) - 1] if STEPS.index(step) > 0 else None
     if previous:
         run.require(previous, step)  # before anything is created: a refused step leaves no run behind
+        _refuse_changes_to_finished_steps(run, step, cfg)
     created = not run.exists()
     if created and is_main_process():
         run.init_manifest(cfg.to_dict(), package_versions(), over_files=force or redo)
@@ -166,6 +167,23 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
         log(f"[{step}] finished in {seconds:.1f} s (peak memory {peak['peak_rss_mb']:,.0f} MB)")
     _sync()
     return "done"
+
+
+def _refuse_changes_to_finished_steps(run: RunFolder, step: str, cfg: RunConfig) -> None:
+    """Options that change the settings of a step before ``step`` (``features --set
+    model.max_length=128``) are refused: that step's files were made with the saved settings, and
+    recording the new ones as the run's config would misdescribe them (``analyze`` would tokenise
+    with them, and ``build`` would then refuse the run for a change nobody asks it to make)."""
+    for earlier in STEPS[: STEPS.index(step)]:
+        record = run.step_record(earlier)
+        if record and record.get("config_hash") != cfg.section_hash(*STEP_SECTIONS[earlier]):
+            saved = load_config(base=run.manifest()["config"], base_source=str(run.manifest_path))
+            changed = ", ".join(changed_fields(saved, cfg, STEP_SECTIONS[earlier])) or "the options asked"
+            raise LayerscopeError(
+                f"{changed} would change the settings this run's '{earlier}' step was built with; "
+                f"rebuild from there with `{core_command('build', run.root, '--from', earlier)}` "
+                f"and the same options, or drop them to run '{step}' alone (nothing was changed)"
+            )
 
 
 def _file_state(run: RunFolder) -> dict:

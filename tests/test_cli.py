@@ -428,6 +428,14 @@ def test_a_second_ctrl_c_while_the_first_unwinds_prints_no_traceback(monkeypatch
     assert "interrupted: finished steps are kept" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is before
 
+    # `python -m core` keeps ignoring presses after main() returns, up to its exit with status 130
+    try:
+        assert cli_main.main(["report", "--run", "somewhere"], restore_sigint=False) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        second_press()  # a third press, between main() and the exit: no KeyboardInterrupt here
+    finally:
+        signal.signal(signal.SIGINT, before)
+
 def test_a_hub_whose_name_does_not_resolve_is_refused_without_retrying(tmp_path, tiny_csv):
     """Not offline mode, but a hub host that cannot resolve (the ``.invalid`` domain never does):
     the same message at once, not after huggingface_hub's five retries with back-off."""
@@ -449,6 +457,24 @@ def test_bad_csv_on_existing_run_damages_nothing(tmp_path, tiny_run):
     assert after == before
 
 
+
+
+def test_one_step_with_options_that_change_a_finished_earlier_step_is_refused(tmp_path, tiny_run):
+    """``features --set model.max_length=...`` would record a max_length the models and activations
+    were not built with (and ``build`` would then refuse the run): refused, nothing written."""
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert_user_error(
+        cli("features", "--run", run, "--force", "--set", "model.max_length=16"),
+        "model.max_length would change the settings this run's 'finetune' step was built with",
+        f"`python -m core build --run {run} --from finetune`",
+    )
+    assert_user_error(cli("saes", "--run", run, "--force", "--preset", "paper"), "data.dataset", "'data' step")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    cli("features", "--run", run, "--force", "--set", "features.top_k=3", check=True)  # its own section: fine
+    out = cli("build", "--run", run, check=True)
+    assert out.stdout.count("already done") == 6, out.stdout
 
 
 def test_labels_that_disagree_with_the_model_are_refused_not_a_class_dropped(tiny_run, tmp_path):
