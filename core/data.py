@@ -321,3 +321,18 @@ def load_split(run: RunFolder, split: str) -> pd.DataFrame:
     if list(frame.columns) != ["id", "text", "label"]:
         raise LayerscopeError(f"{path} is damaged (columns {list(frame.columns)}, not id, text, label); {redo}")
     return frame
+
+
+def stratified_sample(frame: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFrame:
+    """``n`` rows of a split with every class in proportion to its size (within one row), drawn
+    with ``seed``, in id order; the whole frame when ``n`` covers it. A split's rows are in id
+    order, which follows the source, and sources are often stored class by class (the IMDb
+    package holds every negative review before every positive one): its first rows can all be
+    of one class."""
+    if n >= len(frame):
+        return frame
+    shuffled = frame.sample(frac=1, random_state=seed)
+    by_class = shuffled.groupby("label")
+    # each class's rows spread evenly over (0, 1); the n smallest keys take n * share of each class
+    key = (by_class.cumcount() + 0.5) / by_class["label"].transform("size")
+    return shuffled.loc[key.sort_values(kind="stable").index[:n]].sort_values("id")

@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from core.activations import ActivationStore
-from core.data import load_split
+from core.data import load_split, stratified_sample
 from core.errors import LayerscopeError, OptionCheck, StatsUnreadable
 from core.features import FeatureStats, FeatureStatsAccumulator, match_features, rank_features
 from core.models import encode, hidden_state_module, load_classifier, load_tokenizer, pad_batch
@@ -124,7 +124,8 @@ def context_windows(sae: SparseAutoencoder, store: ActivationStore, model: str, 
 
 def logit_effects(run: RunFolder, saes: dict[int, SparseAutoencoder], n_examples: int, max_length: int, truncation: str) -> dict[int, torch.Tensor]:
     """{layer: [d_sae, C]} attribution-patching estimate of each feature's effect on each logit
-    (fine-tuned model), for the fine-tuned SAEs ``saes`` ({layer: SAE}) all at once.
+    (fine-tuned model), for the fine-tuned SAEs ``saes`` ({layer: SAE}) all at once, averaged over
+    ``n_examples`` test texts drawn with every class in proportion (``stratified_sample``).
 
     Per batch of texts: one forward pass with the hidden states of every SAE layer captured, then
     one backward pass per class from that class's logits down to the lowest SAE layer only. The
@@ -135,7 +136,7 @@ def logit_effects(run: RunFolder, saes: dict[int, SparseAutoencoder], n_examples
         return {}
     model = load_classifier(str(run.model_dir("finetuned"))).eval().requires_grad_(False)
     tok = load_tokenizer(str(run.model_dir("finetuned")))
-    texts = load_split(run, "test")["text"].tolist()[:n_examples]
+    texts = stratified_sample(load_split(run, "test"), n_examples)["text"].tolist()
     ids = encode(tok, texts, max_length, truncation)
     layers = sorted(saes)
     captured: dict[int, torch.Tensor] = {}

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.data import DataConfig, clean_text, prepare, run_data
+from core.data import DataConfig, clean_text, prepare, run_data, stratified_sample
 from core.errors import LayerscopeError
 from core.runfolder import RunFolder
 from tests.conftest import make_dataset
@@ -256,3 +256,18 @@ def test_named_columns_and_duplicates_after_cleaning(tmp_path):
     assert all(label_of[t] == y for f in splits.values() for t, y in zip(f["text"], f["label"]))
     kept, _ = prepare(DataConfig(dataset=cfg.dataset, max_rows=0, text_column="review", label_column="sentiment", drop_duplicates=False))
     assert sum(len(f) for f in kept.values()) == 90  # 60 + 30 variants; the empty text is always dropped
+
+
+@pytest.mark.parametrize("sizes, n", [((300, 300), 64), ((51, 37, 41, 50, 34), 64), ((332, 130, 75, 41, 22), 7), ((5, 1), 3)])
+def test_a_stratified_sample_takes_every_class_in_proportion(sizes, n):
+    """What the logit effects average over: a split stored class by class (as IMDb's is) must not
+    give n rows of its first class."""
+    labels = np.repeat(np.arange(len(sizes)), sizes)  # class-sorted, like the IMDb package
+    frame = pd.DataFrame({"id": np.arange(len(labels)), "text": [f"t{i}" for i in range(len(labels))], "label": labels})
+    got = stratified_sample(frame, n, seed=3)
+    assert len(got) == n and got["id"].is_monotonic_increasing and got["id"].is_unique
+    counts = got["label"].value_counts().reindex(range(len(sizes)), fill_value=0).to_numpy()
+    np.testing.assert_allclose(counts, n * np.array(sizes) / len(labels), atol=1)
+    pd.testing.assert_frame_equal(got, stratified_sample(frame, n, seed=3))  # seeded
+    assert len(frame) < 100 or not got.equals(stratified_sample(frame, n, seed=4))  # another seed, other rows
+    assert stratified_sample(frame, len(frame)) is frame

@@ -897,7 +897,7 @@ def test_logit_effects_equal_finite_differences_of_the_ablation_direction(tiny_r
     """Attribution patching (one backward per class, all layers at once) against central finite
     differences in float64: effect[f, c] = mean_examples d/de logit_c(h + e * V_f), where V_f puts
     a_f(t) * scale * W_dec[f] on every token t of the SAE's layer."""
-    from core.data import load_split
+    from core.data import load_split, stratified_sample
     from core.features_step import load_stats, logit_effects
     from core.models import encode, hidden_state_module, load_classifier, load_tokenizer
     from core.saes import load_sae
@@ -913,7 +913,7 @@ def test_logit_effects_equal_finite_differences_of_the_ablation_direction(tiny_r
     folder = str(tiny_run.model_dir("finetuned"))
     model32, model64 = load_classifier(folder).eval(), load_classifier(folder).eval().double()
     tok = load_tokenizer(folder)
-    ids = encode(tok, load_split(tiny_run, "test")["text"].tolist()[:n], mc["max_length"], mc["truncation"])
+    ids = encode(tok, stratified_sample(load_split(tiny_run, "test"), n)["text"].tolist(), mc["max_length"], mc["truncation"])
     for layer, sae in saes.items():
         module64 = hidden_state_module(model64, layer)[1]
         features = torch.argsort(got[layer].abs().sum(1), descending=True)[:3]  # the features that matter most
