@@ -17,7 +17,7 @@ import torch
 from core.data import DataConfig, clean_text
 from core.errors import LayerscopeError, StatsUnreadable
 from core.models import encode, kept_span, load_classifier, load_tokenizer, quiet_transformers
-from core.runfolder import MODEL_NAMES, MODELS, OTHER_MODEL, RunFolder, core_command
+from core.runfolder import MODEL_NAMES, MODELS, OTHER_MODEL, RunFolder, core_command, match_similarity
 from core.sae import topk_rows
 from core.saes import load_sae
 
@@ -372,13 +372,12 @@ def matched_features(bundle: Bundle, state: SentenceState, layer: int, feature: 
     theirs = latents(bundle, state, other, layer)[:, partner] if partner >= 0 else torch.zeros_like(mine)
     ids = {sae_model: feature, other: partner}
     pre, ft = (mine, theirs) if sae_model == "pretrained" else (theirs, mine)
-    sim = match[f"similarity_of_{sae_model}"][feature]
     return {
         "tokens": state.tokens,
         "sae_model": sae_model,
         "feature_pretrained": ids["pretrained"],
         "feature_finetuned": ids["finetuned"],
-        "similarity": None if sim < -1 else sim,
+        "similarity": match_similarity(match[f"similarity_of_{sae_model}"][feature]),
         "status": match[f"status_of_{sae_model}"][feature],
         "pretrained": pre.tolist(),
         "finetuned": ft.tolist(),

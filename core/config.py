@@ -53,7 +53,7 @@ class RunConfig:
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some sections: a step is stale when the hash of what it reads changes."""
-        blob = json.dumps({s: _hashed_fields(getattr(self, s)) for s in sections}, sort_keys=True)
+        blob = json.dumps({s: hashed_fields(getattr(self, s)) for s in sections}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -62,12 +62,12 @@ def changed_fields(before: RunConfig, after: RunConfig, sections: tuple[str, ...
     hashes cover (what a step's ``config_hash`` sees)."""
     changed = []
     for s in sections:
-        a, b = _hashed_fields(getattr(before, s)), _hashed_fields(getattr(after, s))
+        a, b = hashed_fields(getattr(before, s)), hashed_fields(getattr(after, s))
         changed += [f"{s}.{name}" for name in sorted(a.keys() | b.keys()) if a.get(name) != b.get(name)]
     return changed
 
 
-def _hashed_fields(section) -> dict:
+def hashed_fields(section) -> dict:
     """``asdict(section)`` less the fields marked ``metadata={"execution_only": True}`` and those
     marked ``metadata={"hash_when_set": True}`` that hold their default: options added after runs
     were built leave those runs' step hashes unchanged."""

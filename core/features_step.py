@@ -36,7 +36,7 @@ from core.errors import LayerscopeError, OptionCheck, StatsUnreadable
 from core.features import FeatureStats, FeatureStatsAccumulator, match_features, rank_features
 from core.models import encode, hidden_state_module, load_classifier, load_tokenizer, pad_batch
 from core.progress import progress_bar
-from core.runfolder import MATCHING_FIELDS, MODELS, OTHER_MODEL, RunFolder, atomic_path, core_command, read_json, refuse_unreadable, write_json
+from core.runfolder import MATCHING_FIELDS, MODELS, NO_SIMILARITY, OTHER_MODEL, RunFolder, atomic_path, core_command, match_similarity, read_json, refuse_unreadable, write_json
 from core.sae import SparseAutoencoder
 from core.sae_metrics import EVAL_CHUNK_ROWS, feature_density
 from core.saes import load_sae
@@ -223,7 +223,7 @@ def run_features(run: RunFolder, cfg: FeaturesConfig, progress: bool = True) -> 
             twin_alive = feature_density(twins[layer], store.iter_layer("pretrained", layer)) > 0  # dead latents left out, as above
             base = match_features(pre.W_dec.detach(), twins[layer].W_dec.detach(), kept_threshold=cfg.kept_threshold, shifted_threshold=cfg.shifted_threshold, alive_a=alive[0], alive_b=twin_alive)
             summary.update({f"baseline_{k}": getattr(base, k) for k in ("kept", "shifted", "new", "lost")})
-        write_json(run.matching_path(layer), {**summary, "partner_of_pretrained": res.partner_of_a, "partner_of_finetuned": res.partner_of_b, "similarity_of_pretrained": np.nan_to_num(res.similarity_of_a, nan=-2.0), "similarity_of_finetuned": np.nan_to_num(res.similarity_of_b, nan=-2.0), "status_of_pretrained": res.status_of_a.tolist(), "status_of_finetuned": res.status_of_b.tolist()})
+        write_json(run.matching_path(layer), {**summary, "partner_of_pretrained": res.partner_of_a, "partner_of_finetuned": res.partner_of_b, "similarity_of_pretrained": np.nan_to_num(res.similarity_of_a, nan=NO_SIMILARITY), "similarity_of_finetuned": np.nan_to_num(res.similarity_of_b, nan=NO_SIMILARITY), "status_of_pretrained": res.status_of_a.tolist(), "status_of_finetuned": res.status_of_b.tolist()})
         matching.append(summary)
     return {"matching": matching}
 
@@ -326,7 +326,7 @@ def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance") 
     if match:
         other = OTHER_MODEL[model]
         df[f"partner_in_{other}"] = match[f"partner_of_{model}"]
-        df["match_similarity"] = np.where(np.asarray(match[f"similarity_of_{model}"]) < -1, np.nan, match[f"similarity_of_{model}"])
+        df["match_similarity"] = [np.nan if (sim := match_similarity(v)) is None else sim for v in match[f"similarity_of_{model}"]]
         df["status"] = match[f"status_of_{model}"]
     order = ranking(run, model, layer, by).numpy()
     return df.iloc[order].reset_index(drop=True)
@@ -373,8 +373,7 @@ def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int 
     match = load_matching(run, layer)
     match_info = None
     if match:
-        sim = match[f"similarity_of_{model}"][feature]
-        match_info = {"partner": match[f"partner_of_{model}"][feature], "similarity": None if sim < -1 else sim, "status": match[f"status_of_{model}"][feature], "other_model": OTHER_MODEL[model]}
+        match_info = {"partner": match[f"partner_of_{model}"][feature], "similarity": match_similarity(match[f"similarity_of_{model}"][feature]), "status": match[f"status_of_{model}"][feature], "other_model": OTHER_MODEL[model]}
     return {
         "model": model,
         "layer": layer,

@@ -198,6 +198,14 @@ SAE_METRICS_FIELDS = {
     "rare_tokens?": ({"token_share": NUMBER, "error_share": NUMBER, "fvu": NUMBER, "fvu_rest": NUMBER}, type(None)),
     "training?": {}, "loss_curve?": {"step": [NUMBER], "mse": [NUMBER], "l0": [NUMBER]},
 }
+NO_SIMILARITY = -2.0  # matching files: a feature whose partner similarity is NaN (JSON has no NaN; cosines are >= -1)
+
+
+def match_similarity(value: float) -> float | None:
+    """A similarity as a matching file stores it; None for ``NO_SIMILARITY``."""
+    return None if value < -1 else value
+
+
 MATCHING_FIELDS = {
     "layer": int, "kept": NUMBER, "shifted": NUMBER, "new": NUMBER, "lost": NUMBER, "counts": {},
     **{f"{what}_of_{model}": [kind] for what, kind in (("partner", int), ("similarity", NUMBER), ("status", str)) for model in MODELS},

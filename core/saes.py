@@ -109,12 +109,13 @@ def resolve_layers(cfg: SAEsConfig, num_blocks: int) -> list[int]:
 
 
 def _settings_hash(cfg: SAEsConfig, model: str, layer: int, activations: str = "") -> str:
-    """What one SAE's weights and metrics depend on: the config less execution-only fields
-    (``workers``), and ``activations``, the finish time of the activations step it read (a redo
-    of that step, or of fine-tuning before it, gives new activations: SAEs of the old ones must
-    not be resumed)."""
-    d = {k: v for k, v in dataclasses.asdict(cfg).items() if not SAEsConfig.__dataclass_fields__[k].metadata.get("execution_only")}
-    blob = json.dumps({"cfg": d, "model": model, "layer": layer, "activations": activations}, sort_keys=True)
+    """What one SAE's weights and metrics depend on: the fields the step's hash covers
+    (``hashed_fields``: not ``workers``), and ``activations``, the finish time of the activations
+    step it read (a redo of that step, or of fine-tuning before it, gives new activations: SAEs of
+    the old ones must not be resumed)."""
+    from core.config import hashed_fields  # here: core.config imports this module for SAEsConfig
+
+    blob = json.dumps({"cfg": hashed_fields(cfg), "model": model, "layer": layer, "activations": activations}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

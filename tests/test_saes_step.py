@@ -12,7 +12,7 @@ import torch
 from core.activations import ActivationStore
 from core.errors import LayerscopeError
 from core.report import build_report
-from core.runfolder import MODELS
+from core.runfolder import MODELS, RunFolder
 from core.sae import SparseAutoencoder
 from tests.test_cli import assert_user_error, cli
 
@@ -685,6 +685,30 @@ def test_feature_card_and_table(tiny_run):
         repeated += sum(v > 0 for v in values) - len(firsts)
         assert [(e["example_id"], pytest.approx(e["value"])) for e in feature_card(tiny_run, "finetuned", 2, f)["top_examples"]] == firsts
     assert repeated > 0  # some top tokens share a text, so leaving them out is exercised
+
+
+def test_a_feature_without_a_partner_similarity_reads_as_missing(tiny_run, tmp_path):
+    """Matching stores a NaN similarity (a zero decoder row) as NO_SIMILARITY, JSON having no NaN:
+    the table shows it missing and the card and the explorer None, never the number -2."""
+    from core.analysis import load_bundle, matched_features, sentence_state
+    from core.features_step import feature_card, feature_table
+    from core.runfolder import NO_SIMILARITY, read_json, write_json
+
+    run = RunFolder(tmp_path / "copy")
+    shutil.copytree(tiny_run.root, run.root)
+    match = read_json(run.matching_path(2))
+    sims = match["similarity_of_finetuned"]
+    feature = next(f for f, v in enumerate(sims) if v >= -1 and sims[f + 1] >= -1)  # it and the next have a similarity
+    missing = feature_table(run, "finetuned", 2)["match_similarity"].isna().sum()  # the tiny run's dead features
+    sims[feature] = NO_SIMILARITY
+    write_json(run.matching_path(2), match)
+    table = feature_table(run, "finetuned", 2).set_index("feature")
+    assert np.isnan(table.loc[feature, "match_similarity"]) and table["match_similarity"].isna().sum() == missing + 1
+    assert feature_card(run, "finetuned", 2, feature)["match"]["similarity"] is None
+    bundle = load_bundle(run)
+    got = matched_features(bundle, sentence_state(bundle, "a fine film"), 2, feature, "finetuned")
+    assert got["similarity"] is None
+    assert matched_features(bundle, sentence_state(bundle, "a fine film"), 2, feature + 1, "finetuned")["similarity"] >= -1
 
 
 # ---------------------------------------------------------------- bad input
