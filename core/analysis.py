@@ -362,7 +362,7 @@ def matched_features(bundle: Bundle, state: SentenceState, layer: int, feature: 
 
     match = load_matching(bundle.run, layer)
     if match is None:
-        raise LayerscopeError("no feature matching in this run yet; run `python -m core features` first")
+        raise LayerscopeError(f"no feature matching in this run yet; run `{core_command('build', bundle.run.root, '--until', 'features')}` first")
     other = OTHER_MODEL[sae_model]
     n = len(match[f"partner_of_{sae_model}"])
     if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < n:

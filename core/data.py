@@ -15,7 +15,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import re
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from core.errors import LayerscopeError, OptionCheck, user_path
-from core.runfolder import SPLITS, RunFolder, atomic_path, write_json
+from core.runfolder import SPLITS, RunFolder, atomic_path, core_command, write_json
 
 BUILTIN = ("imdb", "rotten_tomatoes", "clothing_reviews", "bbc_news")
 
@@ -306,7 +305,7 @@ def load_split(run: RunFolder, split: str) -> pd.DataFrame:
     (its hash no longer the manifest's) is refused: the activations and features were computed
     on the old rows, and the example ids they hold would point at the wrong texts."""
     path = run.split_csv(split)
-    redo = f"rebuild it with `python -m core build --run {shlex.quote(str(run.root))} --from data` (this redoes every step)"
+    redo = f"rebuild it with `{core_command('build', run.root, '--from', 'data')}` (this redoes every step)"
     if not path.is_file():
         run.require("data", "reading the data splits")
         raise LayerscopeError(f"{path} is missing; {redo}")

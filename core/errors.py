@@ -3,7 +3,7 @@
 The CLI prints ``error: <message>`` and exits with code 2 for these; the dashboard
 shows the message in a box. Anything else is a bug and keeps its traceback.
 A message names the problem *and* the fix, e.g.
-``"column 'review' not found in data.csv (columns: text, stars); pass --text-column"``.
+``"data.csv has no column 'text' (columns: review, stars); name the right ones with --set data.text_column=..."``.
 """
 
 import math

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import html
 import math
-import shlex
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
@@ -19,7 +18,7 @@ import plotly.graph_objects as go
 
 from core import plots
 from core.report import build_report, sae_bar_misses, sae_bars_headline
-from core.runfolder import RunFolder, make_folder, write_text
+from core.runfolder import RunFolder, core_command, make_folder, write_text
 
 CLAIM_MEASURES = plots.CLAIM_MEASURES  # the claims' figure draws the same two
 HIGH_SIMILARITY = 0.9
@@ -310,7 +309,7 @@ def compare_figure(run: RunFolder, others: list[RunFolder], measures=("cosine_of
     for r in [run, *others]:
         rep = build_report(r)
         if not rep.get("similarity"):
-            raise LayerscopeError(f"{r.root} has no similarity figures yet; build it with `python -m core build --run {shlex.quote(str(r.root))} --until similarity`")
+            raise LayerscopeError(f"{r.root} has no similarity figures yet; build it with `{core_command('build', r.root, '--until', 'similarity')}`")
         label = f"{r.name} ({rep['dataset']})"
         if label in series:  # two folders of the same name and dataset
             label = f"{r.root} ({rep['dataset']})"
@@ -348,7 +347,7 @@ def write_figures(run: RunFolder, out_dir, width: int = 900, height: int = 500, 
     if compare:
         figures["similarity_compare.png"] = compare_figure(run, compare)
     if not figures:
-        raise LayerscopeError(f"{run.root} has no figures to draw yet: they need the finetune and similarity steps; build them with `python -m core build --run {shlex.quote(str(run.root))}`")
+        raise LayerscopeError(f"{run.root} has no figures to draw yet: they need the finetune and similarity steps; build them with `{core_command('build', run.root)}`")
     out = Path(out_dir)
     make_folder(out)
     written = []

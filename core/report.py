@@ -189,7 +189,9 @@ def format_report(rep: dict) -> str:
         out += ["", f"Layer similarity, pre-trained vs fine-tuned ({rep['similarity_tokens']:,} test tokens)", _table(rows, ["layer", "cos(means)", "mean cos", "token cos", "CKA"])]
     if rep.get("saes"):
         rows = [[s["model"], s["layer"], s["architecture"], s["d_sae"], s["l0"], s["fvu"], s["dead_fraction"], s.get("accuracy_spliced", float("nan")), s.get("fvu_on_finetuned", ""), _rare(s.get("rare_tokens"))] for s in rep["saes"]]
-        out += ["", "Sparse autoencoders (held-out tokens; rare: tokens seen < 50 times in training, share of tokens -> share of error)",
+        rare = next((s["rare_tokens"]["seen_fewer_than"] for s in rep["saes"] if "seen_fewer_than" in (s.get("rare_tokens") or {})), None)
+        rare_words = f"tokens seen < {rare} times in training" if rare else "tokens seldom seen in training"
+        out += ["", f"Sparse autoencoders (held-out tokens; rare: {rare_words}, share of tokens -> share of error)",
                 _table(rows, ["model", "layer", "arch", "d_sae", "L0", "FVU", "dead", "acc spliced", "FVU on ft", "rare tok -> err"])]
         misses = sae_bar_misses(rep["saes"])
         out.append(sae_bars_headline(rep["saes"], misses))

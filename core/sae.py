@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -41,7 +40,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from core.errors import LayerscopeError
-from core.runfolder import SAE_CFG_FILE, SAE_WEIGHTS_FILE, refuse_unreadable, write_json, write_text
+from core.runfolder import SAE_CFG_FILE, SAE_WEIGHTS_FILE, core_command, refuse_unreadable, write_json, write_text
 
 FORMAT = "layerscope-sae-1"
 ARCHITECTURES = ("topk", "paper")
@@ -49,7 +48,7 @@ ARCHITECTURES = ("topk", "paper")
 
 def retrain_hint(run: str | os.PathLike | None = None) -> str:
     """The fix for a broken SAE, naming its run folder when known."""
-    return f"re-run `python -m core saes --run {shlex.quote(str(run)) if run else 'RUN'} --force` to train it again"
+    return f"re-run `{core_command('saes', run, '--force') if run else 'python -m core saes --run RUN --force'}` to train it again"
 
 
 RETRAIN_HINT = retrain_hint()

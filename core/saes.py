@@ -375,7 +375,7 @@ def load_sae(run: RunFolder, model: str, layer: int, hidden_size: int | None = N
         raise LayerscopeError(f"no SAE for {model} layer {layer} in {run.root}; available: {[(m, l) for m, l, _ in run.sae_dirs()]}")
     try:
         return check_run_sae(run, model, SparseAutoencoder.load(folder), hidden_size, layer)
-    except LayerscopeError as e:  # the fix names this run's folder
+    except LayerscopeError as e:  # SparseAutoencoder.load knows no run: its fix gets this run's folder
         raise LayerscopeError(str(e).replace(RETRAIN_HINT, retrain_hint(run.root))) from None
 
 
@@ -384,9 +384,9 @@ def check_run_sae(run: RunFolder, model: str, sae: SparseAutoencoder, hidden_siz
     ``layer``) was trained on this run's ``model`` at that layer."""
     check_compatible(sae, hidden_size or sae.cfg.d_in)
     if sae.cfg.model != model:
-        raise LayerscopeError(f"SAE at {sae.path} was trained on the {sae.cfg.model} model but sits among the {model} SAEs; {RETRAIN_HINT}")
+        raise LayerscopeError(f"SAE at {sae.path} was trained on the {sae.cfg.model} model but sits among the {model} SAEs; {retrain_hint(run.root)}")
     trained_at = sae.cfg.hidden_state_index
     if layer is not None and trained_at != layer:
-        raise LayerscopeError(f"SAE at {sae.path} was trained on hidden state {trained_at} but sits in the folder of layer {layer}; move it back to layer_{trained_at}, or {RETRAIN_HINT}")
+        raise LayerscopeError(f"SAE at {sae.path} was trained on hidden state {trained_at} but sits in the folder of layer {layer}; move it back to layer_{trained_at}, or {retrain_hint(run.root)}")
     check_compatible(sae, sae.cfg.d_in, fingerprint=model_fingerprint(run.model_dir(model)))
     return sae
