@@ -303,12 +303,12 @@ def run_saes(run: RunFolder, cfg: SAEsConfig, model_cfg: ModelConfig, progress: 
     check_memory(cfg, train.d_model)
     layers = resolve_layers(cfg, train.num_layers - 1)
     train.require_layers(layers)
-    labels_all = load_split(run, "test")
-    if cfg.splice_examples and len(labels_all) > cfg.splice_examples:
-        labels_all = labels_all.sample(n=cfg.splice_examples, random_state=0).sort_values("id")
+    splice_texts = load_split(run, "test")
+    if cfg.splice_examples and len(splice_texts) > cfg.splice_examples:
+        splice_texts = splice_texts.sample(n=cfg.splice_examples, random_state=0).sort_values("id")
     tokenizer = load_tokenizer(str(run.model_dir("finetuned")))
-    ids = encode(tokenizer, labels_all["text"].tolist(), model_cfg.max_length, model_cfg.truncation)
-    y = torch.tensor(labels_all["label"].tolist())
+    ids = encode(tokenizer, splice_texts["text"].tolist(), model_cfg.max_length, model_cfg.truncation)
+    y = torch.tensor(splice_texts["label"].tolist())
     # Every SAE is judged inside the fine-tuned classifier; both models share its module names.
     classifier = load_classifier(str(run.model_dir("finetuned"))).eval()
     runner = SpliceRunner(classifier, ids, tokenizer.pad_token_id, layers) if cfg.splice_examples != 0 else None
