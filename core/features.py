@@ -295,6 +295,20 @@ def _correlation(acts_a: np.ndarray, acts_b: np.ndarray) -> np.ndarray:
     return a.T @ b
 
 
+def _pair_similarity(wa: np.ndarray, wb: np.ndarray, ia: np.ndarray, ib: np.ndarray, acts_a, acts_b, alpha: float) -> np.ndarray:
+    """[len(ia), len(ib)] similarity of the alive features ``ia`` of a and ``ib`` of b: decoder
+    cosine, blended with activation correlation on the same tokens when ``alpha > 0``."""
+    sim = _unit_rows(wa[ia]) @ _unit_rows(wb[ib]).T  # [alive_a, alive_b]
+    if alpha == 0:
+        return sim
+    if acts_a is None or acts_b is None:
+        raise LayerscopeError("alpha > 0 blends in activation correlation; pass acts_a and acts_b (or alpha=0)")
+    xa, xb = _as_numpy(acts_a), _as_numpy(acts_b)  # [n, m_a], [n, m_b]
+    if xa.shape[0] != xb.shape[0] or xa.shape[1] != len(wa) or xb.shape[1] != len(wb):
+        raise LayerscopeError(f"acts_a {xa.shape} and acts_b {xb.shape} must be latents of both SAEs on the same tokens")
+    return (1 - alpha) * sim + alpha * _correlation(xa[:, ia], xb[:, ib])
+
+
 def match_features(
     W_dec_a,
     W_dec_b,
@@ -329,16 +343,7 @@ def match_features(
     alive_b = np.ones(mb, bool) if alive_b is None else _as_numpy(alive_b).astype(bool)
     ia, ib = np.flatnonzero(alive_a), np.flatnonzero(alive_b)
 
-    sim = _unit_rows(wa[ia]) @ _unit_rows(wb[ib]).T  # [alive_a, alive_b]
-    if alpha > 0:
-        if acts_a is None or acts_b is None:
-            raise LayerscopeError("alpha > 0 blends in activation correlation; pass acts_a and acts_b (or alpha=0)")
-        xa, xb = _as_numpy(acts_a), _as_numpy(acts_b)
-        if xa.shape[0] != xb.shape[0] or xa.shape[1] != ma or xb.shape[1] != mb:
-            raise LayerscopeError(
-                f"acts_a {xa.shape} and acts_b {xb.shape} must be latents of both SAEs on the same tokens"
-            )
-        sim = (1 - alpha) * sim + alpha * _correlation(xa[:, ia], xb[:, ib])
+    sim = _pair_similarity(wa, wb, ia, ib, acts_a, acts_b, alpha)  # [alive_a, alive_b]
     rows, cols = linear_sum_assignment(sim, maximize=True)
 
     partner_a, partner_b = np.full(ma, -1), np.full(mb, -1)
