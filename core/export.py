@@ -197,8 +197,8 @@ def summary_rows(rep: Mapping) -> list[tuple[str, str]]:
         out.append(("similarity evaluated on", f"{rep['similarity_tokens']:,} test tokens"))
     if "finetune" in rep:
         ft = rep["finetune"]
-        out.append(("accuracy", f"pre-trained {ft['accuracy_pretrained']:.3f} -> fine-tuned {ft['accuracy_finetuned']:.3f}"))
-        out.append(("macro F1", f"pre-trained {ft['macro_f1_pretrained']:.3f} -> fine-tuned {ft['macro_f1_finetuned']:.3f}"))
+        out.append(("accuracy", f"pre-trained with an untrained head (chance level) {ft['accuracy_pretrained']:.3f} -> fine-tuned {ft['accuracy_finetuned']:.3f}"))
+        out.append(("macro F1", f"pre-trained with an untrained head {ft['macro_f1_pretrained']:.3f} -> fine-tuned {ft['macro_f1_finetuned']:.3f}"))
     out.append(("steps done", ", ".join(rep.get("steps", {})) or "none"))
     return out
 

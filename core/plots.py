@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import get_colorscale
+from plotly.colors import get_colorscale, qualitative, sample_colorscale
 
 from core.runfolder import MODEL_NAMES
 
@@ -571,12 +571,11 @@ def sae_training_curves(saes: Sequence[Mapping], title: str = "") -> go.Figure:
     models = [m for m in MODEL_NAMES if any(s.get("model") == m and s.get("loss_curve") for s in saes)]
     fig = make_subplots(rows=1, cols=max(len(models), 1), shared_yaxes=True, horizontal_spacing=0.04, subplot_titles=[MODEL_NAMES[m] + " SAEs" for m in models] or None)
     layers = sorted({int(s["layer"]) for s in saes if s.get("loss_curve")})
-    colours = get_colorscale("Viridis")
+    colour_of = _layer_colours(layers)
     for col, model in enumerate(models, start=1):
         for s in sorted((s for s in saes if s.get("model") == model and s.get("loss_curve")), key=lambda s: int(s["layer"])):
             layer = int(s["layer"])
-            rank = layers.index(layer) / max(len(layers) - 1, 1)
-            colour = colours[min(int(round((1 - rank) * 0.85 * (len(colours) - 1))), len(colours) - 1)][1]  # deepest = darkest
+            colour = colour_of[layer]
             curve = s["loss_curve"]
             name = f"layer {layer}"
             fig.add_trace(
@@ -613,6 +612,14 @@ def sae_training_curves(saes: Sequence[Mapping], title: str = "") -> go.Figure:
     fig = _layout(fig, esc(title))
     fig.update_layout(legend={"y": 1.08}, margin={"t": 110 if title else 70})
     return fig
+
+
+def _layer_colours(layers: Sequence[int]) -> dict[int, str]:
+    """One colour per layer that tells neighbours apart: a qualitative palette up to ten layers
+    (viridis shades of six layers were hard to tell apart), viridis samples beyond."""
+    if len(layers) <= len(qualitative.T10):
+        return dict(zip(layers, qualitative.T10))
+    return dict(zip(layers, sample_colorscale("Viridis", [i / (len(layers) - 1) for i in range(len(layers))])))
 
 
 def matching_bars(matching: Sequence[Mapping], title: str = "") -> go.Figure:

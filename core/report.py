@@ -178,7 +178,7 @@ def format_report(rep: dict) -> str:
         out.append("rows       " + ", ".join(f"{k} {v:,}" for k, v in rep["rows"].items()))
     if "finetune" in rep:
         ft = rep["finetune"]
-        out += ["", "Fine-tuning (test split)", _table(
+        out += ["", "Fine-tuning (test split; pre-trained: the encoder with its untrained, random head, chance level)", _table(
             [["accuracy", ft["accuracy_pretrained"], ft["accuracy_finetuned"]], ["macro F1", ft["macro_f1_pretrained"], ft["macro_f1_finetuned"]]],
             ["metric", "pre-trained", "fine-tuned"],
         )]

@@ -11,6 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from core import plots
+from core.features_step import CLASS_PREFERENCE
 from core.runfolder import OTHER_MODEL
 from pages import _shared as shared
 
@@ -167,9 +168,11 @@ def card_view(run, model: str, layer: int, feature: int, row: pd.Series | None) 
             for col, name in zip(st.columns(2), pair):
                 col.metric(name, shared.short_number(float(row[name])), help=f"{name} = {float(row[name]):.6g}" + TILE_HELP.get(name, ""))
         if "best_class" in row.index and pd.notna(row["best_class"]):
-            st.markdown(f"Fires most for **{shared.safe_text(row['best_class'])}** :gray[(the highest one-vs-rest AUROC of its per-text maximum)]")
+            auc = card.get("selectivity_auroc", {}).get(row["best_class"])
+            basis = f"one-vs-rest AUROC {auc:.2f}" if auc is not None else "the highest one-vs-rest AUROC"
+            st.markdown(f"Fires most for **{shared.safe_text(row['best_class'])}** :gray[({basis} of its per-text maximum)]")
         elif "best_class" in row.index:
-            st.markdown("Fires for no class more than for the others :gray[(every one-vs-rest AUROC of its per-text maximum is 0.5 or undefined)]")
+            st.markdown(f"Prefers no class :gray[(every one-vs-rest AUROC of its per-text maximum is within {CLASS_PREFERENCE} of 0.5, or undefined)]")
     match_box(run, model, layer, card.get("match"))
     st.markdown("**Top activating examples** (darker = stronger; the outlined token is the peak)")
     top_examples(card)

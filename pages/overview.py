@@ -40,14 +40,21 @@ def header(run, rep: dict) -> None:
         )
 
 
+UNTRAINED_HEAD = (
+    "the pre-trained encoder with the classification head fine-tuning starts from, freshly initialised (seeded) "
+    "and never trained: a chance-level reference, as in the paper's before/after table, not what a probe "
+    "trained on the pre-trained encoder would reach"
+)
+
+
 def headline_metrics(rep: dict) -> None:
     """Accuracy before/after fine-tuning, then the sizes of the run, as metric tiles."""
     ft = rep.get("finetune")
     if ft:
         cols = st.columns(4)
-        cols[0].metric("Accuracy, pre-trained", f"{ft['accuracy_pretrained']:.3f}")
-        cols[1].metric("Accuracy, fine-tuned", f"{ft['accuracy_finetuned']:.3f}", delta=f"{ft['accuracy_finetuned'] - ft['accuracy_pretrained']:+.3f}")
-        cols[2].metric("Macro F1, pre-trained", f"{ft['macro_f1_pretrained']:.3f}")
+        cols[0].metric("Accuracy, pre-trained + untrained head", f"{ft['accuracy_pretrained']:.3f}", help=UNTRAINED_HEAD)
+        cols[1].metric("Accuracy, fine-tuned", f"{ft['accuracy_finetuned']:.3f}", delta=f"{ft['accuracy_finetuned'] - ft['accuracy_pretrained']:+.3f}", help="the difference: over a chance-level start, not over a trained classifier on the pre-trained encoder")
+        cols[2].metric("Macro F1, pre-trained + untrained head", f"{ft['macro_f1_pretrained']:.3f}", help=UNTRAINED_HEAD)
         cols[3].metric("Macro F1, fine-tuned", f"{ft['macro_f1_finetuned']:.3f}", delta=f"{ft['macro_f1_finetuned'] - ft['macro_f1_pretrained']:+.3f}")
     rows = rep.get("rows", {})
     tokens = rep.get("activations", {})
@@ -76,13 +83,14 @@ def finetuning(run, rep: dict) -> None:
     shared.report_problem(rep, "finetune")
     per_class = rep["finetune"]["per_class"]
     table = classification_frame(per_class)
-    st.caption(f"Test split, {rep['finetune']['test_examples']:,} examples; trained on {rep['finetune']['train_examples']:,}.")
+    st.caption(f"Test split, {rep['finetune']['test_examples']:,} examples; trained on {rep['finetune']['train_examples']:,}. The pre-trained rows are the pre-trained encoder with an untrained, randomly initialised head: chance level, the starting point of fine-tuning.")
     st.dataframe(table, hide_index=True, width="stretch", height="content", column_config={k: st.column_config.NumberColumn(format="%.3f") for k in ("precision", "recall", "f1")})
     shared.download_csv(table, f"{run.name}-classification.csv", key="dl_classification")
     cols = st.columns(2)
     for col, model in zip(cols, ("pretrained", "finetuned")):
         with col:
-            shared.chart(plots.classification_bars(per_class[model], title=f"{shared.MODEL_LABELS[model]}: precision, recall, F1 per class"), key=f"bars_{model}")
+            name = "Pre-trained + untrained head (chance)" if model == "pretrained" else shared.MODEL_LABELS[model]
+            shared.chart(plots.classification_bars(per_class[model], title=f"{name}: precision, recall, F1 per class"), key=f"bars_{model}")
 
 
 def claims(run, rep: dict) -> None:

@@ -28,6 +28,7 @@ from streamlit.testing.v1 import AppTest
 
 from core import plots
 from core.report import build_report
+from core.features_step import load_stats
 from core.runfolder import RunFolder, read_json, write_json
 from pages import _shared as shared
 from tests.conftest import ROOT, tiny_overrides
@@ -186,7 +187,7 @@ def test_overview_shows_run_finetuning_and_claims(app, runs):
     assert_clean(at)
     figs = charts(at)
     assert len(figs) >= 5  # 2 classification bar charts + one figure per claim
-    assert any("pre-trained: precision" in title(f) for f in figs) and any("fine-tuned: precision" in title(f) for f in figs)
+    assert any("Pre-trained + untrained head (chance): precision" in title(f) for f in figs) and any("fine-tuned: precision" in title(f) for f in figs)
     bars = chart(at, "fine-tuned: precision")
     assert [t["name"] for t in bars["data"]] == ["precision", "recall", "F1"]
     page = texts(at)
@@ -199,7 +200,7 @@ def test_overview_shows_run_finetuning_and_claims(app, runs):
     want = sorted(box[c["verdict"]] for c in paper_claims(build_report(RunFolder(runs["tiny"]))["similarity"], HIGH_SIMILARITY))
     shown = sorted((kind, e.value) for kind in ("success", "warning", "info") for e in at.get(kind) if (kind, e.value) in box.values())
     assert len(want) == 3 and shown == want
-    assert [m.label for m in at.metric][:2] == ["Accuracy, pre-trained", "Accuracy, fine-tuned"]
+    assert [m.label for m in at.metric][:2] == ["Accuracy, pre-trained + untrained head", "Accuracy, fine-tuned"]
     assert any(d.proto.label == "HTML report" for d in at.get("download_button"))
     assert at.session_state[shared.KEY_RUN] == str(runs["tiny"])
 
@@ -996,10 +997,14 @@ def test_a_feature_that_prefers_no_class_says_so_on_its_card(app, features_run, 
     assert len(blank) and len(blank) < len(table)
     layer = int(at.selectbox(key=shared.KEY_FB_LAYER).value)
     key = shared.browser_feature_key(RunFolder(runs["tiny"]), "pretrained", layer, "variance")
-    for feature, says in ((int(blank["feature"].iloc[0]), "Fires for no class more than for the others"), (int(table["feature"].iloc[0]), "Fires most for **")):
+    named = table[table["best_class"].notna()]
+    for feature, says in ((int(blank["feature"].iloc[0]), "Prefers no class"), (int(named["feature"].iloc[0]), "Fires most for **")):
         at.number_input(key=key).set_value(feature).run()
         assert_clean(at)
-        assert card_title(at).startswith(f"Feature {feature} ") and any(m.value.startswith(says) for m in at.markdown)
+        assert card_title(at).startswith(f"Feature {feature} ") and any(m.value.startswith(says) for m in at.markdown), [m.value for m in at.markdown]
+    best = named["best_class"].iloc[0]
+    auc = load_stats(RunFolder(runs["tiny"]), "pretrained", layer)["selectivity_auroc"][feature, read_json(RunFolder(runs["tiny"]).labels_path)["names"].index(best)]
+    assert any(f"Fires most for **{best}** :gray[(one-vs-rest AUROC {auc:.2f} " in m.value for m in at.markdown)  # the basis, with its number
 
 def test_feature_browser_ranking_model_layer_and_feature(app, features_run, runs):
     at = browser(app)

@@ -411,6 +411,8 @@ def test_sae_training_curves_one_line_per_sae_and_its_held_out_fvu_at_the_end():
     colours = [next(t.line.color for t in lines if t.name == f"layer {l}" and t.xaxis == "x") for l in (1, 2, 3)]
     assert len(set(colours)) == 3  # each layer its own colour, the same on both panels
     assert [a.text for a in fig.layout.annotations] == ["pre-trained SAEs", "fine-tuned SAEs"]
+    for n in (6, 13):  # MiniLM's SAE layers, and every hidden state of a 12-layer BERT
+        assert len(set(plots._layer_colours(list(range(n))).values())) == n
 
 
 def test_matching_bars_stack_kept_shifted_lost_beside_the_seed_twin():

@@ -666,9 +666,9 @@ def test_feature_card_and_table(tiny_run):
     assert list(table["variance"]) == sorted(table["variance"], reverse=True)
     assert {"density", "selectivity", "status", "match_similarity", "logit_effect[positive]"} <= set(table.columns)
     auc_pos = load_stats(tiny_run, "finetuned", 2)["selectivity_auroc"][:, 1].numpy()[table["feature"].to_numpy()]
-    expected = np.where(auc_pos > 0.5, "positive", np.where(auc_pos < 0.5, "negative", None))  # two classes: AUROC_neg = 1 - AUROC_pos
+    expected = np.where(auc_pos >= 0.55, "positive", np.where(auc_pos <= 0.45, "negative", None))  # two classes: AUROC_neg = 1 - AUROC_pos
     assert [None if pd.isna(b) else b for b in table["best_class"]] == list(expected)  # missing, not a class name
-    assert (auc_pos == 0.5).any() or np.isnan(auc_pos).any(), "some feature prefers no class (None, not a class name)"
+    assert ((auc_pos > 0.45) & (auc_pos < 0.55)).any(), "some feature prefers no class (None, not a class name)"
     assert {"positive", "negative"} <= set(table["best_class"]), "features of a fine-tuned classifier fire for both classes"
     card = feature_card(tiny_run, "finetuned", 2, int(table["feature"][0]))
     assert card["top_examples"], "the top-variance feature fires somewhere"
