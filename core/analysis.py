@@ -61,6 +61,8 @@ class SentenceState:
     hidden: dict  # model -> [num_layers + 1, T, d] float32
     probabilities: list[float]
     truncation: dict | None = None  # what the models did not see of a long text (see ``truncation_info``)
+    cleaning: str = "off"  # the run's cleaning of the text: "off", "unchanged", "cleaned", or "emptied" (nothing left: read as typed)
+    unknown_tokens: int = 0  # tokens the vocabulary does not cover ([UNK])
 
 
 def load_bundle(run: RunFolder) -> Bundle:
@@ -107,8 +109,11 @@ def sentence_state(bundle: Bundle, text: str, clean: bool = True) -> SentenceSta
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate: bytes that were not UTF-8 on the command line (Python's surrogateescape)
         raise LayerscopeError(f"the text is not valid UTF-8 (character {e.start + 1} of {len(text)} is a lone surrogate, e.g. from non-UTF-8 bytes); pass UTF-8 text") from None
-    if clean:
-        text = clean_text(text, DataConfig(**{k: v for k, v in bundle.config["data"].items() if k in DataConfig.__dataclass_fields__})) or text
+    cleaning = "off"
+    if clean:  # as the data step cleaned the training texts
+        cleaned = clean_text(text, DataConfig(**{k: v for k, v in bundle.config["data"].items() if k in DataConfig.__dataclass_fields__}))
+        cleaning = "unchanged" if cleaned == text else "cleaned" if cleaned else "emptied"
+        text = cleaned or text
     mc = bundle.config["model"]
     ids = encode(bundle.tokenizer, [text], mc["max_length"], mc["truncation"])[0]
     input_ids = torch.tensor([ids])
@@ -125,6 +130,8 @@ def sentence_state(bundle: Bundle, text: str, clean: bool = True) -> SentenceSta
         hidden=hidden,
         probabilities=probs,
         truncation=truncation_info(bundle.tokenizer, text, len(ids), mc["max_length"], mc["truncation"]),
+        cleaning=cleaning,
+        unknown_tokens=sum(i == bundle.tokenizer.unk_token_id for i in ids),
     )
 
 
@@ -327,6 +334,8 @@ def analyze_text(
             "probabilities": dict(zip(bundle.labels, state.probabilities)),
         },
         "truncation": state.truncation,
+        "cleaning": state.cleaning,
+        "unknown_tokens": state.unknown_tokens,
         "ranking": ranking_label(rank_by, ranked),
         "saes": [{"model": m, "layer": l, "features": features[(m, l)]} for m, l in sorted(keys, key=lambda k: (MODELS.index(k[0]), k[1]))],
     }
@@ -395,10 +404,24 @@ def truncation_note(cut: dict) -> str:
     return f"the text has {cut['text_tokens']} tokens; as in training, the models read {read}"
 
 
+def reading_notes(result: dict) -> list[str]:
+    """What the models could not read of a text: all of it lost to the run's cleaning, or many
+    tokens outside the vocabulary (emoji, scripts the model was not trained on)."""
+    notes = []
+    if result.get("cleaning") == "emptied":
+        notes.append("the run's cleaning (the one its training texts went through) leaves nothing of this text, so the models read it as typed, unlike any training text")
+    unknown = result.get("unknown_tokens", 0)
+    words = sum(not s for s in result["special"]) + unknown  # [UNK] is one of the tokenizer's special tokens
+    if unknown and unknown * 3 >= words:
+        notes.append(f"{unknown} of its {words} tokens are unknown to the model's vocabulary ([UNK]): the models read nothing of what was there")
+    return notes
+
+
 def format_analysis(result: dict) -> str:
     lines = [f"text: {result['text']}"]
     if result.get("truncation"):
         lines.append(truncation_note(result["truncation"]))
+    lines += [f"note: {note}" for note in reading_notes(result)]
     lines += ["prediction: " + ", ".join(f"{k} {v:.3f}" for k, v in result["prediction"]["probabilities"].items())]
     lines.append("cosine(pre, ft) per layer, mean over tokens: " + " ".join(f"{sum(c) / len(c):.3f}" for c in result["cosine"]))
     width = max(len(t) for t in result["tokens"])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import streamlit as st
 
 from core import plots
-from core.analysis import SENTENCE_CHANGE_RANKING, SENTENCE_RANKING, truncation_note
+from core.analysis import SENTENCE_CHANGE_RANKING, SENTENCE_RANKING, reading_notes, truncation_note
 from core.errors import StatsUnreadable
 from core.runfolder import core_command
 from pages import _shared as shared
@@ -114,13 +114,21 @@ def top_rows(result: dict, choice: SaeChoice) -> tuple[list[dict], str]:
     return ranked, "difference" if ranked and "difference" in ranked[0] else "activations"
 
 
+def silent(row: dict) -> bool:
+    """A top-features row whose feature does not fire on the sentence (all its values zero)."""
+    return not any(row.get("difference") or row["activations"])
+
+
 def feature_picker(run, choice: SaeChoice, result: dict, d_sae: int) -> int | None:
-    """Feature number input, defaulting to the top-ranked feature of the chosen SAE."""
+    """Feature number input, defaulting to the top-ranked feature of the chosen SAE that fires on
+    this sentence (the dataset's top-variance features are often silent on a short one), or the
+    top-ranked one when none does. A feature picked stays picked for the next sentence."""
     if choice.layer is None:
         return None
     entry = top_entry(result, choice)
     ranked = [int(f["feature"]) for f in entry["features"]] if entry else []
-    default = ranked[0] if ranked else 0
+    firing = [int(f["feature"]) for f in entry["features"] if not silent(f)] if entry else []
+    default = (firing or ranked or [0])[0]
     ranking = choice.rank_by
     if ranking in (SENTENCE_RANKING, SENTENCE_CHANGE_RANKING):  # the top feature is this sentence's: each sentence starts at its own
         ranking += "_" + hashlib.sha1(result["text"].encode()).hexdigest()[:10]
@@ -133,7 +141,7 @@ def feature_picker(run, choice: SaeChoice, result: dict, d_sae: int) -> int | No
         step=1,
         key=key,
         persist_state="session",
-        help=f"feature of the {shared.MODEL_LABELS[choice.model]} SAE at layer {choice.layer}; starts at the top feature by {result['ranking']} (top: {', '.join(map(str, ranked[:10]))})",
+        help=f"feature of the {shared.MODEL_LABELS[choice.model]} SAE at layer {choice.layer}; starts at the top feature by {result['ranking']} that fires on the sentence (top: {', '.join(map(str, ranked[:10]))})",
     )
     return int(feature)
 
@@ -194,7 +202,7 @@ def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int
     """
     acts = shared.sentence_features(run, text, choice.layer, feature, choice.model)
     ranked, shown = top_rows(result, choice)
-    top = ([f"feature {f['feature']}" for f in ranked], [f[shown] for f in ranked]) if ranked else None
+    top = ([f"feature {f['feature']}" + (" · silent" if silent(f) else "") for f in ranked], [f[shown] for f in ranked]) if ranked else None
     if not ranked:
         below = ""
     elif shown == "difference":
@@ -220,6 +228,8 @@ def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int
         wrap=wrap,
     )
     shared.chart(fig, key=f"{key}_sentence")
+    if not any(acts["pretrained"]) and not any(acts["finetuned"]):
+        st.caption(f"Feature {feature} does not fire on this sentence in either model: pick one of the top features not marked silent, or rank by sentence variance.")
 
 
 def matched_panel(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str, scales: Scales, labels: int, wrap: int | None) -> None:
@@ -242,16 +252,34 @@ def matched_panel(run, text: str, result: dict, choice: SaeChoice, feature: int,
     shared.chart(fig, key=f"{key}_matched")
 
 
+def reading_captions(result: dict) -> None:
+    """What the models read of the sentence: the cleaned text, what they could not read, a cut."""
+    if result.get("cleaning") == "cleaned":
+        st.caption(f"The models read it as the run's training texts were cleaned: “{shared.safe_text(result['text'])}”")
+    for note in reading_notes(result):
+        st.warning(shared.safe_text(note[:1].upper() + note[1:]) + ".", icon=":material/translate:")
+    if result.get("truncation"):
+        note = truncation_note(result["truncation"])
+        st.caption(f":material/content_cut: {shared.safe_text(note[:1].upper() + note[1:])}; the dashed line marks the cut.")
+
+
 def sentence_column(run, text: str, result: dict, choice: SaeChoice, feature: int | None, key: str, scales: Scales, matched: bool, wide: bool) -> None:
     """Every panel for one sentence; a failing panel shows its error and leaves the others.
 
     With an SAE feature: the prediction, then one full-width chart of the cosine map and the SAE
     panels (``sentence_chart``). Without SAEs: the cosine map with the prediction beside it
-    (``wide``, one sentence) or below it. ``wide`` also labels more tokens per chart.
+    (``wide``, one sentence) or below it. ``wide`` also labels more tokens per chart. The notes
+    on what the models read go above one sentence and below two compared ones, whose charts then
+    start level whichever of them has notes.
     """
-    if result.get("truncation"):
-        note = truncation_note(result["truncation"])
-        st.caption(f":material/content_cut: {shared.safe_text(note[:1].upper() + note[1:])}; the dashed line marks the cut.")
+    if wide:
+        reading_captions(result)
+    sentence_panels(run, text, result, choice, feature, key, scales, matched, wide)
+    if not wide:
+        reading_captions(result)
+
+
+def sentence_panels(run, text: str, result: dict, choice: SaeChoice, feature: int | None, key: str, scales: Scales, matched: bool, wide: bool) -> None:
     # token labels that fit (see plots.MAX_TOKEN_LABELS): fewer in the cosine map beside the
     # prediction, fewer still in charts of two sentences side by side
     full, narrow = (plots.MAX_TOKEN_LABELS, 32) if wide else (24, 24)

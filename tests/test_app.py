@@ -664,6 +664,47 @@ def test_explorer_shows_cosine_prediction_feature_and_top_features(app, sae_run)
     assert picker.min == 0 and picker.max == d_sae - 1  # no feature beyond the dictionary can be asked for
 
 
+def test_the_explorer_starts_at_a_feature_that_fires_and_marks_silent_rows(app, sae_run):
+    """The dataset's top-variance features are often silent on one sentence: the picker starts at
+    the first ranked one that fires, and the top rows that do not fire say so."""
+    from core.analysis import analyze_text, load_bundle
+
+    bundle = load_bundle(sae_run)
+    layer = max(bundle.sae_layers)
+    first_silent = 0
+    for text in ("the acting was brilliant but the plot was dull", "a dull film", "brilliant", "the plot"):
+        at = app()
+        at.session_state[shared.KEY_TEXT] = text  # the first sentence the page shows
+        at = open_page(at, EXPLORER)
+        assert_clean(at)
+        assert at.text_input(key=shared.KEY_TEXT).value == text
+        rows = next(e for e in analyze_text(bundle, text, top=8, rank_by="variance", saes=[("pretrained", layer)])["saes"])["features"]
+        fires = [any(r["activations"]) for r in rows]
+        (picker,) = [n for n in at.number_input if n.label == "Feature"]
+        assert picker.value == int(next((r for r, f in zip(rows, fires) if f), rows[0])["feature"])
+        labels = chart(at, SENTENCE)["layout"]["yaxis"]["ticktext"]
+        assert labels == [f"feature {r['feature']}" + ("" if f else " · silent") for r, f in zip(rows, fires)]
+        first_silent += not fires[0] and any(fires)
+        said = any(f"Feature {picker.value} does not fire on this sentence" in c.value for c in at.caption)
+        assert said == (not any(fires))
+    assert first_silent, "some sentence's top-variance feature is silent while another fires: the case this is about"
+    at.text_input(key=shared.KEY_TEXT).input("the acting was brilliant but the plot was dull").run()
+    assert [n for n in at.number_input if n.label == "Feature"][0].value == picker.value  # a picked feature stays for the next sentence
+
+
+def test_the_explorer_shows_what_the_models_read(app, sae_run):
+    at = explorer(app)
+    at.text_input(key=shared.KEY_TEXT).input("The acting was <b>BRILLIANT</b>!").run()
+    assert_clean(at)
+    assert not at.warning
+    assert "The models read it as the run's training texts were cleaned: “the acting was brilliant”" in [unescaped(c.value) for c in at.caption]
+    at.text_input(key=shared.KEY_TEXT).input("😍😍😍 🎬").run()
+    assert_clean(at)
+    said = [unescaped(w.value) for w in at.warning]
+    assert len(said) == 2 and "leaves nothing of this text" in said[0] and "tokens are unknown to the model's vocabulary" in said[1]
+    assert not any("The models read it" in c.value for c in at.caption)  # read as typed: the warning says so
+
+
 def _drop_saes(m: dict, root: Path) -> None:
     shutil.rmtree(root / "saes")
     for step in ("saes", "features"):

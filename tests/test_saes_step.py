@@ -653,6 +653,26 @@ def test_analyze_says_what_a_long_text_lost(tiny_run, truncation):
     assert (f"{left_out} in between left out" if tail else f"the last {left_out} left out") in format_analysis(result)
 
 
+def test_analyze_says_what_the_models_could_not_read(tiny_run):
+    """The run's cleaning, as the training texts had it, is reported; a text it empties, or one
+    that is mostly [UNK], gets a note (the dashboard shows the same notes)."""
+    from core.analysis import analyze_text, format_analysis, load_bundle, reading_notes
+
+    bundle = load_bundle(tiny_run)
+    r = analyze_text(bundle, "The acting was BRILLIANT!", top=1)
+    assert (r["cleaning"], r["text"], r["unknown_tokens"], reading_notes(r)) == ("cleaned", "the acting was brilliant", 0, [])
+    assert analyze_text(bundle, "the acting was brilliant", top=1)["cleaning"] == "unchanged"
+    assert analyze_text(bundle, "The acting!", top=1, clean=False)["cleaning"] == "off"
+    r = analyze_text(bundle, "😍😍😍 🎬", top=1)
+    unknown = r["tokens"].count(bundle.tokenizer.unk_token)
+    assert (r["cleaning"], r["text"], r["unknown_tokens"]) == ("emptied", "😍😍😍 🎬", unknown) and unknown >= 1
+    notes = reading_notes(r)
+    assert len(notes) == 2 and "leaves nothing of this text" in notes[0] and f"{unknown} of its {unknown} tokens are unknown" in notes[1]
+    assert all(f"note: {n}" in format_analysis(r) for n in notes)
+    r = analyze_text(bundle, "the acting was brilliant 🎬", top=1, clean=False)  # one [UNK] among five words: no note
+    assert r["unknown_tokens"] == 1 and reading_notes(r) == []
+
+
 def test_analyze_json_from_cli(tiny_run):
     out = json.loads(cli("analyze", "--run", tiny_run.root, "--text", "the acting was terrible", "--json", "--top", "2", check=True).stdout)
     assert {"tokens", "cosine", "saes", "prediction"} <= set(out)
