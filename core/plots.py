@@ -433,6 +433,11 @@ def _comparison_panels(pre, ft, diff, n_tokens: int, row_labels, top, cosine, co
     top_values = np.asarray(top[1], dtype=float).reshape(len(top[0]), n_tokens) if top is not None and len(top[0]) else None
     if top_values is not None and not top_difference:  # the feature is often among the top ones: one colour, one activation
         hi = max(hi, top_max or float(np.nanmax(top_values, initial=0.0)))
+    # a difference is drawn no stronger than the activations it is the difference of: scaled to its
+    # own largest magnitude, a change of 0.8 looked as saturated as one of 5
+    bound = max(bound, hi)
+    if top_values is not None and top_difference:  # the same quantity as the difference row: one scale
+        bound = max(bound, top_max or float(np.nanmax(np.abs(top_values), initial=0.0)))
 
     def sequential(low: float, high: float) -> dict:
         return {"colorscale": _VIRIDIS, "zmin": low, "zmax": high}
@@ -448,8 +453,7 @@ def _comparison_panels(pre, ft, diff, n_tokens: int, row_labels, top, cosine, co
     panels.append(_Panel("difference", ["fine-tuned − pre-trained"], diff[None, :], "difference", -bound, bound, diverging(bound)))
     if top_values is not None:
         if top_difference:
-            top_bound = top_max or float(np.nanmax(np.abs(top_values), initial=0.0)) or 1.0
-            panels.append(_Panel("top features", top[0], top_values, "difference", -top_bound, top_bound, diverging(top_bound)))
+            panels.append(_Panel("top features", top[0], top_values, "difference", -bound, bound, diverging(bound)))
         else:  # the feature rows' scale (plotly.js keeps a zmin only beside a zmax)
             panels.append(_Panel("top features", top[0], top_values, "activation", 0.0, hi, sequential(0, hi)))
     return panels
@@ -505,11 +509,12 @@ def feature_comparison(
 
     The feature rows and the top features (activations of the same SAE's latents) share one
     colour scale, from 0 to the largest activation of either, and the difference runs from -b to
-    +b with b its largest magnitude; ``feature_max``, ``top_max`` and ``difference_bound`` set
-    those ends instead, so that charts drawn side by side (two sentences compared) give one colour
-    one value. ``top_difference``: the top panel holds
-    differences (fine-tuned - pre-trained, the features ranked by sentence change), drawn like the
-    difference row: red-blue, centred at zero, from -``top_max`` (or its largest magnitude) to +.
+    +b with b the larger of its largest magnitude and that activation scale's top, so a small
+    change looks small; ``feature_max``, ``top_max`` and ``difference_bound`` set those ends
+    instead, so that charts drawn side by side (two sentences compared) give one colour one value.
+    ``top_difference``: the top panel holds differences (fine-tuned - pre-trained, the features
+    ranked by sentence change), drawn on the difference row's red-blue scale, which then also
+    covers ``top_max`` (or their largest magnitude).
     """
     pre, ft = np.asarray(pretrained, dtype=float), np.asarray(finetuned, dtype=float)
     diff = ft - pre if difference is None else np.asarray(difference, dtype=float)

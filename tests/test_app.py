@@ -979,11 +979,14 @@ def test_compare_toggle_shows_a_second_sentence(app, sae_run):
     ticks = [f["layout"]["xaxis"]["ticktext"] for f in figs]
     assert "brilliant" in ticks[0] and "terrible" in ticks[1]
     assert trace(figs[0], "cosine")["zmin"] == trace(figs[1], "cosine")["zmin"] <= 0  # one colour scale for both sentences
-    # every panel's colour scale is shared too, and ends at the largest value of either sentence
-    for name, key in (("feature", "zmax"), ("difference", "zmax"), ("top features", "zmax")):
-        ends = [trace(f, name)[key] for f in figs]
-        values = np.concatenate([np.abs(array(trace(f, name)["z"])).ravel() for f in figs])
-        assert ends[0] == ends[1] == pytest.approx(np.nanmax(values), rel=1e-6), name
+    # every panel's colour scale is shared too, and ends at the largest value of either sentence;
+    # the difference's at the activations' end, when that is larger: a small change looks small
+    ends = {name: {trace(f, name)["zmax"] for f in figs} for name in ("feature", "difference", "top features")}
+    largest = {name: np.nanmax(np.concatenate([np.abs(array(trace(f, name)["z"])).ravel() for f in figs])) for name in ends}
+    assert all(len(e) == 1 for e in ends.values()), ends  # one end per panel for both sentences
+    (activation,), (difference,) = ends["feature"], ends["difference"]
+    assert ends["top features"] == {activation} and activation == pytest.approx(max(largest["feature"], largest["top features"]), rel=1e-6)
+    assert difference == pytest.approx(max(largest["difference"], activation), rel=1e-6)
     assert trace(figs[0], "difference")["zmin"] == -trace(figs[0], "difference")["zmax"]
     # half-width charts wrap their titles (Plotly cuts a long one at the chart's edge)
     for f in figs:

@@ -215,18 +215,21 @@ def test_feature_comparison_takes_shared_colour_scale_ends():
     top = (["feature 7"], [[0, 5, 0, 0, 1, 0]])
     own = validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], top=top))
     assert (own.data[0].zmin, own.data[0].zmax) == (0, 5) == (own.data[2].zmin, own.data[2].zmax)  # feature rows and top features: one scale
-    assert (own.data[1].zmin, own.data[1].zmax) == (-3, 3)
+    assert (own.data[1].zmin, own.data[1].zmax) == (-5, 5)  # a change of 3 drawn against activations up to 5, not as strong as they
     assert validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], top=(["feature 7"], [[0, 1, 2, 0, 0, 1]]))).data[2].zmax == 3  # the feature rows' larger end
     positive = validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], top=(["feature 7"], [[1, 5, 2, 2, 1, 3]])))
     assert (positive.data[2].zmin, positive.data[2].zmax) == (0, 5)  # dark still means 0 when no token is at 0 (plotly.js drops a lone zmin)
     fixed = validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], top=top, feature_max=7.5, difference_bound=4.0, top_max=9.0))
     feature, difference, top_panel = fixed.data
     assert (feature.zmin, feature.zmax) == (0, 9.0) == (top_panel.zmin, top_panel.zmax)  # the larger of the two ends passed
-    assert (difference.zmin, difference.zmid, difference.zmax) == (-4.0, 0, 4.0)
-    assert list(difference.colorbar.ticktext) == ["-4", "+4"]  # the short bar's ends name the shared bound
+    assert (difference.zmin, difference.zmid, difference.zmax) == (-9.0, 0, 9.0)  # no stronger than the activations
+    assert list(difference.colorbar.ticktext) == ["-9", "+9"]  # the short bar's ends name the shared bound
+    small = validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], feature_max=0.5, difference_bound=4.0)).data[1]
+    assert (small.zmin, small.zmax) == (-4.0, 4.0)  # a difference larger than the activation scale passed is never clipped
     change = (["feature 7"], [[0, -5, 0, 0, 2, 0]])  # top features ranked by change: their differences
     diverging = validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], top=change, top_difference=True)).data[2]
     assert (diverging.zmin, diverging.zmid, diverging.zmax) == (-5, 0, 5) and "difference %{z" in diverging.hovertemplate
+    assert (validated(plots.feature_comparison(EVIL, [0, 1, 2, 0, 0, 0], [0, 2, 1, 0, 0, 3], top=change, top_difference=True)).data[1].zmax) == 5  # one scale with the difference row
     assert diverging.colorscale[-1][1] == "rgb(5,48,97)"  # blue: higher on the fine-tuned model, as in the difference row
 
 
