@@ -762,15 +762,19 @@ def token_spans_html(
     """
     acts = [0.0 if a is None else float(a) for a in activations]
     top = max_value if max_value and max_value > 0 else max([a for a in acts if a > 0], default=1.0)
+    tokens = [str(t) for t in tokens]
+    glued = [t.startswith("##") and len(t) > 2 for t in tokens] + [False]
     parts = []
     for i, (tok, act) in enumerate(zip(tokens, acts)):
-        tok = str(tok)
-        glued = tok.startswith("##") and len(tok) > 2
-        shown = tok[2:] if glued else tok
+        shown = tok[2:] if glued[i] else tok
         alpha = min(1.0, max(0.0, act / top))
-        style = f"background-color: rgba({rgb[0]},{rgb[1]},{rgb[2]},{alpha:.2f}); border-radius: 3px; padding: 0 2px;"
+        # the pieces of one word touch (no padding or rounding where they meet): "reimagined", not "rei ma gin ed"
+        left, right = ("0", "2px") if glued[i] else ("2px", "2px")
+        right = "0" if glued[i + 1] else right
+        radius = f"{'0' if left == '0' else '3px'} {'0' if right == '0' else '3px'} {'0' if right == '0' else '3px'} {'0' if left == '0' else '3px'}"
+        style = f"background-color: rgba({rgb[0]},{rgb[1]},{rgb[2]},{alpha:.2f}); border-radius: {radius}; padding: 0 {right} 0 {left};"
         if i == center:
             style += " outline: 1.5px solid #333;"
         title = html_text(f"{tok}: {act:.4f}")
-        parts.append(("" if glued or i == 0 else " ") + f'<span style="{style}" title="{title}">{html_text(shown)}</span>')
+        parts.append(("" if glued[i] or i == 0 else " ") + f'<span style="{style}" title="{title}">{html_text(shown)}</span>')
     return '<div style="line-height: 2; font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 0.9rem;">' + "".join(parts) + "</div>"

@@ -323,6 +323,18 @@ def test_token_spans_html_escapes_every_token():
     assert 'title="&lt;b&gt;x&lt;/b&gt;&#58; 1.0000"' in out
 
 
+def test_the_pieces_of_one_word_touch():
+    """No padding or rounded corner where a word's pieces meet: "reimagined", not "rei ma gin ed"."""
+    import re
+
+    out = plots.token_spans_html(["the", "rei", "##ma", "##gined", "film"], [0, 1, 1, 1, 0])
+    spans = re.findall(r'<span style="([^"]*)"[^>]*>([^<]*)</span>', out)
+    assert [text for _, text in spans] == ["the", "rei", "ma", "gined", "film"]
+    assert re.sub(r"<[^>]*>", "", out) == "the reimagined film"  # what the eye reads
+    pads = [re.search(r"padding: ([^;]*);", style)[1] for style, _ in spans]
+    assert pads == ["0 2px 0 2px", "0 0 0 2px", "0 0 0 0", "0 2px 0 0", "0 2px 0 2px"]
+
+
 def test_html_text_reads_back_as_the_original_text():
     """Every character comes out as itself or as one entity: the browser shows what was typed."""
     import html
