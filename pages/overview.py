@@ -118,7 +118,9 @@ def claims(run, rep: dict) -> None:
             verdict(claim)
             st.write(claim["explanation"])
             if claim["numbers"]:
-                st.dataframe(numbers_frame(claim["numbers"]), hide_index=True, width="stretch", height="content")
+                # a static table wraps long quantity names; a data grid scrolled its value column out
+                # of sight at 1,400 px (cut to "0.43")
+                st.table(numbers_frame(claim["numbers"]), hide_index=True)
         with fig_col:
             fig = plots.claim_figure({run.name: rows}, {claim["key"]: groups[claim["key"]]}, threshold if claim["key"] == "early" else None)
             shared.chart(fig, key=f"claim_{claim['key']}")
