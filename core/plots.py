@@ -323,6 +323,7 @@ def classification_bars(per_class: Mapping[str, Mapping[str, float]], title: str
     """Grouped bars of precision, recall and F1 per class (a sklearn classification report dict)."""
     classes = [c for c in per_class if c not in ("accuracy", "macro avg", "weighted avg")]
     names = [esc(c) for c in classes]
+    upright = len(classes) > 3  # three bars per class: beyond three classes, level labels overlap on a half-width chart
     fig = go.Figure()
     for key, label in CLASS_METRICS:
         values = [per_class[c].get(key) for c in classes]
@@ -333,11 +334,12 @@ def classification_bars(per_class: Mapping[str, Mapping[str, float]], title: str
                 name=label,
                 text=[f"{v:.2f}" if v is not None else "" for v in values],
                 textposition="outside",
+                textangle=-90 if upright else 0,
                 hovertemplate=f"%{{x}}<br>{label} %{{y:.4f}}<extra></extra>",
             )
         )
     fig.update_layout(barmode="group")
-    fig.update_yaxes(range=[0, 1.1], title="score")
+    fig.update_yaxes(range=[0, 1.2 if upright else 1.1], title="score")
     fig.update_xaxes(title="class", type="category")
     return _layout(fig, esc(title))
 

@@ -129,6 +129,9 @@ def test_classification_bars_grouped_precision_recall_f1():
     assert [t.name for t in fig.data] == ["precision", "recall", "F1"]
     assert list(fig.data[0].x) == ["neg", "&lt;pos&gt;"]  # summary rows left out, labels escaped
     assert list(fig.data[2].y) == [0.85, 0.79]
+    assert all(t.textangle == 0 for t in fig.data)  # two classes: level labels fit
+    five = plots.classification_bars({f"c{i}": {"precision": 0.8, "recall": 0.85, "f1-score": 0.82} for i in range(5)})
+    assert all(t.textangle == -90 for t in five.data) and five.layout.yaxis.range[1] > 1.1  # fifteen bars: upright labels, with room
 
 
 def test_classification_frame_one_row_per_class_and_model():
