@@ -251,7 +251,7 @@ def _claims_html(rows: Sequence[Mapping], fig, threshold: float = HIGH_SIMILARIT
         css = "supported" if c["verdict"] == SUPPORTED else "unknown" if c["verdict"] == UNKNOWN else "not-supported"
         out.append(f"<p><b>{_e(c['claim'])}</b><br><span class='verdict {css}'>{_e(c['verdict'])}</span> &mdash; {_e(c['explanation'])}</p>")
     groups = layer_groups(max(int(r["layer"]) for r in rows))
-    out.append(fig(plots.claim_figure({"run": rows}, groups, title="CKA and mean cosine per layer, thirds shaded")))
+    out.append(fig(plots.claim_figure({"run": rows}, groups, threshold, title="CKA and mean cosine per layer, thirds shaded")))
     return out
 
 
@@ -274,7 +274,8 @@ def export_html(run: RunFolder, threshold: float = HIGH_SIMILARITY) -> str:
         parts += ["<h2>Classification report (test split)</h2>", _table(classification_frame(per_class))]
         for model in ("pretrained", "finetuned"):
             if model in per_class:
-                parts.append(fig(plots.classification_bars(per_class[model], title=f"{model}: precision, recall and F1 per class")))
+                name = "pre-trained + untrained head (chance)" if model == "pretrained" else "fine-tuned"
+                parts.append(fig(plots.classification_bars(per_class[model], title=f"{name}: precision, recall and F1 per class")))
     if rep.get("similarity"):
         rows = rep["similarity"]
         parts += _claims_html(rows, fig, threshold)

@@ -30,6 +30,7 @@ MEASURE_LABELS = {
 MEASURE_COLOURS = {"cosine_of_means": "#636EFA", "mean_cosine": "#EF553B", "token_cosine": "#00CC96", "cka": "#AB63FA"}
 RUN_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 CLASS_METRICS = (("precision", "precision"), ("recall", "recall"), ("f1-score", "F1"))
+METRIC_COLOURS = {"precision": "#0068C9", "recall": "#83C9FF", "f1-score": "#FF2B2B"}  # fixed, so the dashboard and the HTML report agree
 LAYER_AXIS = "hidden state (0 = embeddings)"
 DEPTH_AXIS = "relative depth (layer / number of layers)"
 
@@ -335,6 +336,7 @@ def classification_bars(per_class: Mapping[str, Mapping[str, float]], title: str
                 text=[f"{v:.2f}" if v is not None else "" for v in values],
                 textposition="outside",
                 textangle=-90 if upright else 0,
+                marker_color=METRIC_COLOURS[key],
                 hovertemplate=f"%{{x}}<br>{label} %{{y:.4f}}<extra></extra>",
             )
         )

@@ -130,6 +130,7 @@ def test_classification_bars_grouped_precision_recall_f1():
     assert list(fig.data[0].x) == ["neg", "&lt;pos&gt;"]  # summary rows left out, labels escaped
     assert list(fig.data[2].y) == [0.85, 0.79]
     assert all(t.textangle == 0 for t in fig.data)  # two classes: level labels fit
+    assert [t.marker.color for t in fig.data] == list(plots.METRIC_COLOURS.values())  # the same colours in the dashboard and the report
     five = plots.classification_bars({f"c{i}": {"precision": 0.8, "recall": 0.85, "f1-score": 0.82} for i in range(5)})
     assert all(t.textangle == -90 for t in five.data) and five.layout.yaxis.range[1] > 1.1  # fifteen bars: upright labels, with room
 
@@ -516,6 +517,7 @@ def test_export_html_judges_claim_one_at_the_threshold_given(tiny_run):
         claim = paper_claims(rows, threshold)[0]
         out = export_html(tiny_run, threshold)
         assert f"at or above {threshold:.2f}" in out
+        assert f'"text":"high = {threshold:g}"' in out  # the claim figure draws the same line as the overview's
         first = re.search(r"<span class='verdict [^']+'>([^<]+)</span> &mdash; ([^<]+)</p>", out)
         assert first.groups() == (html.escape(claim["verdict"]), html.escape(claim["explanation"]))
         verdicts.add(claim["verdict"])
