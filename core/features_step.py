@@ -304,7 +304,7 @@ def load_matching(run: RunFolder, layer: int) -> dict | None:
     return read_json(path, MATCHING_FIELDS) if path.is_file() else None
 
 
-CLASS_PREFERENCE = 0.05  # a feature's best class is named only when its AUROC is at least this far from 0.5
+CLASS_PREFERENCE = 0.05  # a feature's best class is named only when its AUROC is at least 0.5 + this
 
 
 def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance") -> pd.DataFrame:
@@ -315,9 +315,10 @@ def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance") 
     sel = (auc - 0.5).abs().nan_to_num(nan=-1.0).amax(1)
     # the class the feature fires most for: highest AUROC, not the largest |AUROC - 0.5| (with two
     # classes both are equally far from 0.5, so that would name the first class for every feature)
-    # None where it prefers none (every AUROC within CLASS_PREFERENCE of 0.5, or undefined): not a
+    # None where it prefers none (no AUROC reaches 0.5 + CLASS_PREFERENCE, or all undefined): not a
     # string, which a class could be named
-    best = [names[c] if s_ >= CLASS_PREFERENCE else None for c, s_ in zip(auc.nan_to_num(nan=-1.0).argmax(1).tolist(), sel.tolist())]
+    highest, best_index = auc.nan_to_num(nan=-1.0).max(1)  # [d_sae]: judged on the named class's own AUROC
+    best = [names[c] if h - 0.5 >= CLASS_PREFERENCE else None for c, h in zip(best_index.tolist(), highest.tolist())]
     df = pd.DataFrame({"feature": np.arange(len(s["variance"])), "variance": s["variance"].numpy(), "density": s["density"].numpy(), "selectivity": sel.numpy(), "best_class": best})
     if "change" in s:
         df.insert(4, "change", s["change"].numpy())

@@ -178,11 +178,15 @@ def _refuse_changes_to_finished_steps(run: RunFolder, step: str, cfg: RunConfig)
         record = run.step_record(earlier)
         if record and record.get("config_hash") != cfg.section_hash(*STEP_SECTIONS[earlier]):
             saved = load_config(base=run.manifest()["config"], base_source=str(run.manifest_path))
-            changed = ", ".join(changed_fields(saved, cfg, STEP_SECTIONS[earlier])) or "the options asked"
+            changed = changed_fields(saved, cfg, STEP_SECTIONS[earlier])
+            rebuild = f"rebuild from there with `{core_command('build', run.root, '--from', earlier)}`"
+            if not changed:  # the saved settings themselves (an older version recorded a later step's --set for the whole run)
+                raise LayerscopeError(
+                    f"this run's saved settings are not those its '{earlier}' step was built with; {rebuild} (nothing was changed)"
+                )
             raise LayerscopeError(
-                f"{changed} would change the settings this run's '{earlier}' step was built with; "
-                f"rebuild from there with `{core_command('build', run.root, '--from', earlier)}` "
-                f"and the same options, or drop them to run '{step}' alone (nothing was changed)"
+                f"{', '.join(changed)} would change the settings this run's '{earlier}' step was built with; "
+                f"{rebuild} and the same options, or drop them to run '{step}' alone (nothing was changed)"
             )
 
 

@@ -433,17 +433,19 @@ class RunFolder:
 
     def stamp(self) -> int:
         """A number that changes whenever a file a reader of the run uses changes (appears, goes,
-        or gets a new size or modification time): every file except the activation shards and the
-        Trainer's output folder, which only the steps read. Caches keyed by it see a step's rewrite
-        and a file edited or damaged by hand alike. 0 when the folder cannot be read."""
+        or gets a new size, modification time or status change time, as a chmod gives): every file
+        except the activation shards and the Trainer's output folder, which only the steps read,
+        and hidden files (the temporary names of writes in progress, an editor's swap file).
+        Caches keyed by it see a step's rewrite and a file edited, damaged or made readable by hand
+        alike. 0 when the folder cannot be read."""
         skip = {self.activations_root(), self.trainer_dir}
         seen = []
         for folder, subfolders, files in os.walk(self.root):  # ~70 files in a run: about 0.5 ms
-            subfolders[:] = sorted(d for d in subfolders if Path(folder, d) not in skip)
-            for name in sorted(files):
-                with contextlib.suppress(OSError):  # gone meanwhile (a temporary file renamed)
+            subfolders[:] = sorted(d for d in subfolders if Path(folder, d) not in skip and not d.startswith("."))
+            for name in sorted(f for f in files if not f.startswith(".")):
+                with contextlib.suppress(OSError):  # gone meanwhile
                     st = os.stat(os.path.join(folder, name))
-                    seen.append(f"{folder}/{name}:{st.st_size}:{st.st_mtime_ns}")
+                    seen.append(f"{folder}/{name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}")
         digest = hashlib.blake2b("\n".join(seen).encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") if seen else 0
 

@@ -116,7 +116,7 @@ def top_rows(result: dict, choice: SaeChoice) -> tuple[list[dict], str]:
 
 def silent(row: dict) -> bool:
     """A top-features row whose feature does not fire on the sentence (all its values zero)."""
-    return not any(row.get("difference") or row["activations"])
+    return not any(row["activations"]) and not any(row.get("difference") or [])
 
 
 def feature_picker(run, choice: SaeChoice, result: dict, d_sae: int) -> int | None:

@@ -172,7 +172,7 @@ def card_view(run, model: str, layer: int, feature: int, row: pd.Series | None) 
             basis = f"one-vs-rest AUROC {auc:.2f}" if auc is not None else "the highest one-vs-rest AUROC"
             st.markdown(f"Fires most for **{shared.safe_text(row['best_class'])}** :gray[({basis} of its per-text maximum)]")
         elif "best_class" in row.index:
-            st.markdown(f"Prefers no class :gray[(every one-vs-rest AUROC of its per-text maximum is within {CLASS_PREFERENCE} of 0.5, or undefined)]")
+            st.markdown(f"Prefers no class :gray[(no one-vs-rest AUROC of its per-text maximum reaches {0.5 + CLASS_PREFERENCE:g})]")
     match_box(run, model, layer, card.get("match"))
     st.markdown("**Top activating examples** (darker = stronger; the outlined token is the peak)")
     top_examples(card)

@@ -475,6 +475,11 @@ def test_one_step_with_options_that_change_a_finished_earlier_step_is_refused(tm
     cli("features", "--run", run, "--force", "--set", "features.top_k=3", check=True)  # its own section: fine
     out = cli("build", "--run", run, check=True)
     assert out.stdout.count("already done") == 6, out.stdout
+    # a run whose saved settings an older version changed that way: no option of the user's to blame
+    m = json.loads((run / "manifest.json").read_text())
+    m["config"]["model"]["max_length"] = 16
+    (run / "manifest.json").write_text(json.dumps(m))
+    assert_user_error(cli("features", "--run", run, "--force"), "this run's saved settings are not those its 'finetune' step was built with", "--from finetune")
 
 
 def test_labels_that_disagree_with_the_model_are_refused_not_a_class_dropped(tiny_run, tmp_path):

@@ -138,5 +138,12 @@ def test_the_stamp_changes_with_any_file_a_reader_uses_and_not_with_the_shards(t
     os.utime(stats, ns=(1, 1))  # the same size back, but not the same file as far as a cache can tell
     assert run.stamp() not in (first, damaged)
     (run.root / "notes.txt").write_text("a file a user left in the run")
-    assert run.stamp() != first
+    noted = run.stamp()
+    assert noted != first
+    os.chmod(stats, 0o600)  # the fix a permission message asks for changes no size or mtime
+    assert run.stamp() != noted
+    noted = run.stamp()
+    (run.root / "saes" / ".cfg.json.swp").write_text("an editor's swap file")  # hidden: not the run's
+    (run.root / ".manifest.json.123.tmp").write_text("a write in progress")
+    assert run.stamp() == noted
     assert RunFolder(tmp_path / "nowhere").stamp() == 0

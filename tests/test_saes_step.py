@@ -707,6 +707,25 @@ def test_feature_card_and_table(tiny_run):
     assert repeated > 0  # some top tokens share a text, so leaving them out is exercised
 
 
+def test_a_best_class_is_named_only_when_its_own_auroc_reaches_the_bar(tiny_run, monkeypatch):
+    """Three classes: a feature that fires less for one class (AUROC 0.30) but barely more for
+    another (0.52) prefers none; 0.56 names its class."""
+    from core import features_step
+    from core.features_step import CLASS_PREFERENCE, feature_table, load_stats
+
+    s = dict(load_stats(tiny_run, "finetuned", 2))
+    m = len(s["variance"])
+    auc = torch.full((m, 3), 0.5)
+    auc[0] = torch.tensor([0.30, 0.52, 0.50])
+    auc[1] = torch.tensor([0.20, 0.5 + CLASS_PREFERENCE + 0.01, 0.50])
+    auc[2] = float("nan")
+    s.update(selectivity_auroc=auc, mean_per_class=torch.zeros(m, 3), logit_effect=torch.zeros(m, 3))
+    monkeypatch.setattr(features_step, "load_stats", lambda *args, **kwargs: s)
+    monkeypatch.setattr(RunFolder, "labels", lambda self: ["a", "b", "c"])
+    best = feature_table(tiny_run, "finetuned", 2).set_index("feature")["best_class"]
+    assert [None if pd.isna(best[f]) else best[f] for f in (0, 1, 2)] == [None, "b", None]
+
+
 def test_a_feature_without_a_partner_similarity_reads_as_missing(tiny_run, tmp_path):
     """Matching stores a NaN similarity (a zero decoder row) as NO_SIMILARITY, JSON having no NaN:
     the table shows it missing and the card and the explorer None, never the number -2."""
