@@ -105,6 +105,7 @@ def feature_list(run, model: str, layer: int, table: pd.DataFrame, ranking: str)
         selection_default={"selection": {"rows": shown}},  # a new table (see browser_table_key) ticks the feature shown
         column_config=table_columns(table),
         column_order=table_order(table, ranking),
+        placeholder="—",  # a best class or match similarity that is missing, not the word "None"
     )
     shared.download_csv(table, f"{run.name}-features-{model}-layer{layer}-by-{ranking}.csv", key="dl_features")
     return int(feature)

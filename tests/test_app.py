@@ -1043,6 +1043,7 @@ def test_a_feature_that_prefers_no_class_says_so_on_its_card(app, features_run, 
     assert len(blank) and len(blank) < len(table)
     layer = int(at.selectbox(key=shared.KEY_FB_LAYER).value)
     key = shared.browser_feature_key(RunFolder(runs["tiny"]), "pretrained", layer, "variance")
+    assert at.dataframe[0].proto.placeholder == "—"  # a missing best class shows a dash, not "None"
     named = table[table["best_class"].notna()]
     for feature, says in ((int(blank["feature"].iloc[0]), "Prefers no class"), (int(named["feature"].iloc[0]), "Fires most for **")):
         at.number_input(key=key).set_value(feature).run()
