@@ -52,9 +52,9 @@ def headline_metrics(rep: dict) -> None:
     ft = rep.get("finetune")
     if ft:
         cols = st.columns(4)
-        cols[0].metric("Accuracy, pre-trained + untrained head", f"{ft['accuracy_pretrained']:.3f}", help=UNTRAINED_HEAD)
+        cols[0].metric("Accuracy, pre-trained (chance)", f"{ft['accuracy_pretrained']:.3f}", help=UNTRAINED_HEAD)
         cols[1].metric("Accuracy, fine-tuned", f"{ft['accuracy_finetuned']:.3f}", delta=f"{ft['accuracy_finetuned'] - ft['accuracy_pretrained']:+.3f}", help="the difference: over a chance-level start, not over a trained classifier on the pre-trained encoder")
-        cols[2].metric("Macro F1, pre-trained + untrained head", f"{ft['macro_f1_pretrained']:.3f}", help=UNTRAINED_HEAD)
+        cols[2].metric("Macro F1, pre-trained (chance)", f"{ft['macro_f1_pretrained']:.3f}", help=UNTRAINED_HEAD)
         cols[3].metric("Macro F1, fine-tuned", f"{ft['macro_f1_finetuned']:.3f}", delta=f"{ft['macro_f1_finetuned'] - ft['macro_f1_pretrained']:+.3f}")
     rows = rep.get("rows", {})
     tokens = rep.get("activations", {})
@@ -89,8 +89,9 @@ def finetuning(run, rep: dict) -> None:
     cols = st.columns(2)
     for col, model in zip(cols, ("pretrained", "finetuned")):
         with col:
-            name = "Pre-trained + untrained head (chance)" if model == "pretrained" else shared.MODEL_LABELS[model]
-            shared.chart(plots.classification_bars(per_class[model], title=f"{name}: precision, recall, F1 per class"), key=f"bars_{model}")
+            # short enough for a half-width title; the caption above says why "chance"
+            title = "pre-trained (chance): precision, recall, F1" if model == "pretrained" else f"{shared.MODEL_LABELS[model]}: precision, recall, F1 per class"
+            shared.chart(plots.classification_bars(per_class[model], title=title), key=f"bars_{model}")
 
 
 def claims(run, rep: dict) -> None:

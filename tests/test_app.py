@@ -187,7 +187,7 @@ def test_overview_shows_run_finetuning_and_claims(app, runs):
     assert_clean(at)
     figs = charts(at)
     assert len(figs) >= 5  # 2 classification bar charts + one figure per claim
-    assert any("Pre-trained + untrained head (chance): precision" in title(f) for f in figs) and any("fine-tuned: precision" in title(f) for f in figs)
+    assert any("pre-trained (chance): precision" in title(f) for f in figs) and any("fine-tuned: precision" in title(f) for f in figs)
     bars = chart(at, "fine-tuned: precision")
     assert [t["name"] for t in bars["data"]] == ["precision", "recall", "F1"]
     page = texts(at)
@@ -200,7 +200,7 @@ def test_overview_shows_run_finetuning_and_claims(app, runs):
     want = sorted(box[c["verdict"]] for c in paper_claims(build_report(RunFolder(runs["tiny"]))["similarity"], HIGH_SIMILARITY))
     shown = sorted((kind, e.value) for kind in ("success", "warning", "info") for e in at.get(kind) if (kind, e.value) in box.values())
     assert len(want) == 3 and shown == want
-    assert [m.label for m in at.metric][:2] == ["Accuracy, pre-trained + untrained head", "Accuracy, fine-tuned"]
+    assert [m.label for m in at.metric][:2] == ["Accuracy, pre-trained (chance)", "Accuracy, fine-tuned"]
     assert any(d.proto.label == "HTML report" for d in at.get("download_button"))
     assert at.session_state[shared.KEY_RUN] == str(runs["tiny"])
 
