@@ -280,6 +280,7 @@ def sentence_column(run, text: str, result: dict, choice: SaeChoice, feature: in
 
 
 def sentence_panels(run, text: str, result: dict, choice: SaeChoice, feature: int | None, key: str, scales: Scales, matched: bool, wide: bool) -> None:
+    """The prediction and the charts of one sentence (see ``sentence_column``)."""
     # token labels that fit (see plots.MAX_TOKEN_LABELS): fewer in the cosine map beside the
     # prediction, fewer still in charts of two sentences side by side
     full, narrow = (plots.MAX_TOKEN_LABELS, 32) if wide else (24, 24)
