@@ -624,6 +624,20 @@ def test_parse_build_log_reads_steps_and_tqdm_percent():
     assert state["error"] == "disk full" and state["fraction"] == pytest.approx(3 / 6)
 
 
+def test_the_progress_parser_reads_what_the_pipeline_prints(sae_run, tmp_path):
+    """The dashboard's build progress reads the pipeline's own log lines, not copies of them."""
+    from core.pipeline import resolve_run_config, run_step
+
+    run = RunFolder(_copy_run(sae_run.root, tmp_path / "logged"))
+    cfg = resolve_run_config(run, None, None, {})
+    lines: list[str] = []
+    run_step(run, "similarity", cfg, log=lines.append)  # done: skipped
+    assert shared.parse_build_log("\n".join(lines))["done"] == ["similarity"]
+    run_step(run, "similarity", cfg, redo=True, log=lines.append)
+    assert shared.parse_build_log("\n".join(lines[:2]))["current"] == "similarity"  # running
+    assert shared.parse_build_log("\n".join(lines[1:]))["done"] == ["similarity"] and len(lines) == 3  # finished
+
+
 # ----------------------------------------------------------------------------- sentence explorer
 def explorer(app, **kw) -> AppTest:
     at = open_page(app(**kw), EXPLORER)
