@@ -45,7 +45,8 @@ class Bundle:
     labels: list[str]
     config: dict  # the run's resolved config
     rankings: dict = field(default_factory=dict)  # (model, layer, by) -> LongTensor, filled lazily
-    stacks: list = field(default_factory=list, repr=False)  # SAE weights stacked for one batched encode, filled lazily
+    stacks: list = field(default_factory=list, repr=False)  # SAE weights stacked for one batched encode (``_stacks``), filled lazily
+    stacks_of: list = field(default_factory=list, repr=False)  # the (key, id(sae)) pairs ``stacks`` was built from
 
     @property
     def sae_layers(self) -> list[int]:
@@ -225,8 +226,8 @@ class _Stack:
 def _stacks(bundle: Bundle) -> list[_Stack]:
     """Group the bundle's SAEs by (architecture, k, d_in, d_sae) and stack their encoder weights (cached)."""
     ident = [(key, id(sae)) for key, sae in sorted(bundle.saes.items())]
-    if bundle.stacks and bundle.stacks[0] == ident:
-        return bundle.stacks[1]
+    if bundle.stacks_of == ident:  # the same SAE objects as last time (a test may swap one in)
+        return bundle.stacks
     groups: dict = {}
     for key, sae in sorted(bundle.saes.items()):
         c = sae.cfg
@@ -244,7 +245,7 @@ def _stacks(bundle: Bundle) -> list[_Stack]:
                 b_dec=torch.stack([s.b_dec for s in saes])[:, None, :],
                 scale=torch.tensor([s.cfg.normalization_scale for s in saes], dtype=dtype)[:, None, None],
             ))
-    bundle.stacks = [ident, stacks]
+    bundle.stacks, bundle.stacks_of = stacks, ident
     return stacks
 
 
