@@ -94,7 +94,7 @@ def _training_args(cfg: FinetuneConfig, out_dir: str, use_bf16: bool):
         per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_ratio,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the training steps (it has no warmup_ratio)
         lr_scheduler_type="linear",
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         bf16=use_bf16,
