@@ -414,7 +414,11 @@ def reading_notes(result: dict) -> list[str]:
     unknown = result.get("unknown_tokens", 0)
     words = sum(not s for s in result["special"]) + unknown  # [UNK] is one of the tokenizer's special tokens
     if unknown and unknown * 3 >= words:
-        notes.append(f"{unknown} of its {words} tokens are unknown to the model's vocabulary ([UNK]): the models read nothing of what was there")
+        if unknown == words:
+            share = "its only token is" if words == 1 else "both its tokens are" if words == 2 else f"all {words} of its tokens are"
+        else:
+            share = f"{unknown} of its {words} tokens " + ("is" if unknown == 1 else "are")
+        notes.append(f"{share} unknown to the model's vocabulary ([UNK]): the models read nothing of what was there")
     return notes
 
 

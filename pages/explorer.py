@@ -122,7 +122,8 @@ def silent(row: dict) -> bool:
 def feature_picker(run, choice: SaeChoice, result: dict, d_sae: int) -> int | None:
     """Feature number input, defaulting to the top-ranked feature of the chosen SAE that fires on
     this sentence (the dataset's top-variance features are often silent on a short one), or the
-    top-ranked one when none does. A feature picked stays picked for the next sentence."""
+    top-ranked one when none does; a new sentence moves it to its own default until a feature is
+    picked by hand, which then stays picked for the next sentences."""
     if choice.layer is None:
         return None
     entry = top_entry(result, choice)
@@ -133,11 +134,15 @@ def feature_picker(run, choice: SaeChoice, result: dict, d_sae: int) -> int | No
     if ranking in (SENTENCE_RANKING, SENTENCE_CHANGE_RANKING):  # the top feature is this sentence's: each sentence starts at its own
         ranking += "_" + hashlib.sha1(result["text"].encode()).hexdigest()[:10]
     key = shared.explorer_feature_key(run, choice.model, choice.layer, ranking)
+    # until a feature is picked by hand (the value is still the default last set), the picker
+    # follows each new sentence to its own default
+    follow = key + "_default"
+    if st.session_state.get(key) in (None, st.session_state.get(follow)):
+        st.session_state[key] = st.session_state[follow] = default
     feature = st.number_input(
         "Feature",
         min_value=0,
         max_value=d_sae - 1,
-        value=default,
         step=1,
         key=key,
         persist_state="session",
@@ -369,8 +374,8 @@ def body() -> None:
     cols = st.columns(len(texts))
     for i, (col, text, result) in enumerate(zip(cols, texts, results)):
         with col:
-            if len(texts) > 1:  # one line each, so the two charts start level (the boxes above hold the whole text)
-                st.text(textwrap.shorten(text, width=48, placeholder=" …"))
+            if len(texts) > 1:  # one line each, even in a 1,024 px window, so the two charts start level (the boxes above hold the whole text)
+                st.text(textwrap.shorten(text, width=32, placeholder=" …"))
             sentence_column(run, text, result, choice, feature, "ab"[i], scales, matched, wide=len(texts) == 1)
 
 
