@@ -22,9 +22,10 @@ from core.export import (
 from core.report import BARS_TEXT, sae_bar_misses
 from pages import _shared as shared
 
+
 def header(run, rep: dict) -> None:
     """Title, base model and dataset, and the HTML export."""
-    left, right = st.columns([5, 1], vertical_alignment="bottom")
+    left, right = st.columns([3, 1], vertical_alignment="bottom")  # [5, 1] cut the button's label to "HT…" at 1,024 px
     with left:
         st.title("Overview")
         st.caption(shared.safe_text(f"run {shared.run_label(str(run.root))} · base model {rep['base_model']} · dataset {rep['dataset']}"))
@@ -48,22 +49,26 @@ UNTRAINED_HEAD = (
 
 
 def headline_metrics(rep: dict) -> None:
-    """Accuracy before/after fine-tuning, then the sizes of the run, as metric tiles."""
+    """Accuracy before/after fine-tuning, then the sizes of the run, as metric tiles of a fixed
+    width in rows that wrap: in a narrow window (1,024 px) fixed columns cut labels and even
+    values ("48,…"); these go on to a second line instead."""
     ft = rep.get("finetune")
     if ft:
-        cols = st.columns(4)
-        cols[0].metric("Accuracy, pre-trained (chance)", f"{ft['accuracy_pretrained']:.3f}", help=UNTRAINED_HEAD)
-        cols[1].metric("Accuracy, fine-tuned", f"{ft['accuracy_finetuned']:.3f}", delta=f"{ft['accuracy_finetuned'] - ft['accuracy_pretrained']:+.3f}", help="the difference: over a chance-level start, not over a trained classifier on the pre-trained encoder")
-        cols[2].metric("Macro F1, pre-trained (chance)", f"{ft['macro_f1_pretrained']:.3f}", help=UNTRAINED_HEAD)
-        cols[3].metric("Macro F1, fine-tuned", f"{ft['macro_f1_finetuned']:.3f}", delta=f"{ft['macro_f1_finetuned'] - ft['macro_f1_pretrained']:+.3f}")
+        with st.container(horizontal=True, wrap=True):
+            accuracy = {"width": 220}
+            st.metric("Accuracy, pre-trained (chance)", f"{ft['accuracy_pretrained']:.3f}", help=UNTRAINED_HEAD, **accuracy)
+            st.metric("Accuracy, fine-tuned", f"{ft['accuracy_finetuned']:.3f}", delta=f"{ft['accuracy_finetuned'] - ft['accuracy_pretrained']:+.3f}", help="the difference: over a chance-level start, not over a trained classifier on the pre-trained encoder", **accuracy)
+            st.metric("Macro F1, pre-trained (chance)", f"{ft['macro_f1_pretrained']:.3f}", help=UNTRAINED_HEAD, **accuracy)
+            st.metric("Macro F1, fine-tuned", f"{ft['macro_f1_finetuned']:.3f}", delta=f"{ft['macro_f1_finetuned'] - ft['macro_f1_pretrained']:+.3f}", **accuracy)
     rows = rep.get("rows", {})
     tokens = rep.get("activations", {})
-    cols = st.columns(6)
-    cols[0].metric("Classes", len(rep.get("labels", [])) or "—")
-    cols[1].metric("Layers", rep.get("num_layers", "—"))
-    for col, split in zip(cols[2:5], ("train", "val", "test")):
-        col.metric(f"{split.capitalize()} rows", f"{rows[split]:,}" if split in rows else "—")
-    cols[5].metric("Test tokens", f"{tokens['test']['tokens']:,}" if "test" in tokens else "—", help="tokens of the held-out sample the layer similarity is measured on")
+    with st.container(horizontal=True, wrap=True):
+        size = {"width": 140}
+        st.metric("Classes", len(rep.get("labels", [])) or "—", **size)
+        st.metric("Layers", rep.get("num_layers", "—"), **size)
+        for split in ("train", "val", "test"):
+            st.metric(f"{split.capitalize()} rows", f"{rows[split]:,}" if split in rows else "—", **size)
+        st.metric("Test tokens", f"{tokens['test']['tokens']:,}" if "test" in tokens else "—", help="tokens of the held-out sample the layer similarity is measured on", **size)
 
 
 def run_details(rep: dict) -> None:
