@@ -30,7 +30,7 @@ def pickers(run) -> tuple[str, int | None, str]:
     models = [m for m in shared.MODEL_LABELS if shared.sae_layers(run, m)]
     if not models:
         return "pretrained", None, "variance"
-    c1, c2, c3 = st.columns(3, vertical_alignment="bottom")
+    c1, c2, c3 = st.columns([1.2, 1, 1], vertical_alignment="bottom")  # the model control whole at 1,024 px
     # Set through session state rather than a widget default: "Open feature ..." sets them too, and
     # Streamlit warns when a widget has both. Kept for the session, across pages (persist_state).
     if st.session_state.get(shared.KEY_FB_MODEL) not in models:
@@ -129,17 +129,20 @@ def match_box(run, model: str, layer: int, match: dict | None) -> None:
     partner = match.get("partner")
     sim = match.get("similarity")
     other = shared.MODEL_LABELS[OTHER_MODEL[model]]
-    c1, c2, c3 = st.columns(3)
     similar = status in ("kept", "shifted")  # a lost or new feature's one-to-one partner is not similar to it
-    c1.metric(  # a short label: a third of the card is too narrow for "... in fine-tuned"
-        "Partner" if similar else "Assigned partner",
-        "none" if partner is None or int(partner) < 0 else int(partner),
-        help=f"its partner in the {other} SAE" if similar else f"the one-to-one assignment pairs every feature with one in the {other} SAE, but this pair's decoder directions are not similar: it is no match",
-    )
-    c2.metric("Similarity", "—" if sim is None or (isinstance(sim, float) and math.isnan(sim)) else f"{float(sim):.3f}")
-    c3.metric("Status", status or "—", help=STATUS_HELP.get(status))
+    with st.container(horizontal=True, wrap=True):  # fixed-width tiles that wrap: a third of a narrow card cut "Assigned p…"
+        tile = {"width": 150}
+        st.metric(  # a short label: "... in fine-tuned" would not fit
+            "Partner" if similar else "Assigned partner",
+            "none" if partner is None or int(partner) < 0 else int(partner),
+            help=f"its partner in the {other} SAE" if similar else f"the one-to-one assignment pairs every feature with one in the {other} SAE, but this pair's decoder directions are not similar: it is no match",
+            **tile,
+        )
+        st.metric("Similarity", "—" if sim is None or (isinstance(sim, float) and math.isnan(sim)) else f"{float(sim):.3f}", **tile)
+        st.metric("Status", status or "—", help=STATUS_HELP.get(status), **tile)
     if partner is not None and int(partner) >= 0 and layer in shared.sae_layers(run, OTHER_MODEL[model]):
-        label = f"Open feature {int(partner)} in the {other} SAE" if similar else f"Open the assigned partner, feature {int(partner)} in the {other} SAE (not similar)"
+        # short enough for a narrow card (1,024 px); the tile above says "Assigned partner"
+        label = f"Open feature {int(partner)} in the {other} SAE" if similar else f"Open feature {int(partner)}, {other} (not similar)"
         st.button(label, on_click=_open_partner, args=(run, model, layer, int(partner)), icon=":material/swap_horiz:")
 
 
