@@ -94,8 +94,9 @@ def finetuning(run, rep: dict) -> None:
     cols = st.columns(2)
     for col, model in zip(cols, ("pretrained", "finetuned")):
         with col:
-            # short enough for a half-width title; the caption above says why "chance"
-            title = "pre-trained (chance): precision, recall, F1" if model == "pretrained" else f"{shared.MODEL_LABELS[model]}: precision, recall, F1 per class"
+            # short enough for a half-width chart at 1,024 px (plots.NARROW_TITLE_CHARS); the legend
+            # names precision, recall and F1, the caption above says why "chance"
+            title = "pre-trained (chance): scores per class" if model == "pretrained" else f"{shared.MODEL_LABELS[model]}: scores per class"
             shared.chart(plots.classification_bars(per_class[model], title=title), key=f"bars_{model}")
 
 

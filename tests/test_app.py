@@ -187,8 +187,8 @@ def test_overview_shows_run_finetuning_and_claims(app, runs):
     assert_clean(at)
     figs = charts(at)
     assert len(figs) >= 5  # 2 classification bar charts + one figure per claim
-    assert any("pre-trained (chance): precision" in title(f) for f in figs) and any("fine-tuned: precision" in title(f) for f in figs)
-    bars = chart(at, "fine-tuned: precision")
+    assert any("pre-trained (chance): scores per class" in title(f) for f in figs) and any("fine-tuned: scores per class" in title(f) for f in figs)
+    bars = chart(at, "fine-tuned: scores per class")
     assert [t["name"] for t in bars["data"]] == ["precision", "recall", "F1"]
     page = texts(at)
     assert "Early layers stay general" in page and "Late layers specialise" in page and "Middle layers" in page
@@ -218,7 +218,7 @@ def test_a_damaged_file_costs_only_the_sections_that_read_it(app, sae_run, tmp_p
     assert f"{run / damaged} is not valid JSON" in unescaped(box.value)
     page = texts(at)
     assert ("Early layers stay general" in page) == (damaged != "similarity/similarity.json")
-    assert any("fine-tuned: precision" in title(f) for f in charts(at)) == (damaged != "finetune/metrics.json")
+    assert any("fine-tuned: scores per class" in title(f) for f in charts(at)) == (damaged != "finetune/metrics.json")
     assert any({"model", "layer", "fvu"} <= set(d.value.columns) for d in at.dataframe) != damaged.startswith("saes/")
     at.switch_page(SIMILARITY).run()
     if damaged == "similarity/similarity.json":
