@@ -773,10 +773,10 @@ def token_spans_html(
         shown = tok[2:] if glued[i] else tok
         alpha = min(1.0, max(0.0, act / top))
         # the pieces of one word touch (no padding or rounding where they meet): "reimagined", not "rei ma gin ed"
-        left, right = ("0", "2px") if glued[i] else ("2px", "2px")
-        right = "0" if glued[i + 1] else right
-        radius = f"{'0' if left == '0' else '3px'} {'0' if right == '0' else '3px'} {'0' if right == '0' else '3px'} {'0' if left == '0' else '3px'}"
-        style = f"background-color: rgba({rgb[0]},{rgb[1]},{rgb[2]},{alpha:.2f}); border-radius: {radius}; padding: 0 {right} 0 {left};"
+        open_left, open_right = glued[i], glued[i + 1]  # a side that meets another piece of the word
+        pad_l, pad_r = ("0" if open_left else "2px"), ("0" if open_right else "2px")
+        round_l, round_r = ("0" if open_left else "3px"), ("0" if open_right else "3px")
+        style = f"background-color: rgba({rgb[0]},{rgb[1]},{rgb[2]},{alpha:.2f}); border-radius: {round_l} {round_r} {round_r} {round_l}; padding: 0 {pad_r} 0 {pad_l};"
         if i == center:
             style += " outline: 1.5px solid #333;"
         title = html_text(f"{tok}: {act:.4f}")
