@@ -18,7 +18,10 @@ import shlex
 
 import streamlit as st
 
-from core.runfolder import RunFolder
+from core.runfolder import STEPS, RunFolder
+from pages import _background as background
+from pages import _keys as keys
+from pages import _selection as selection
 from pages import _shared as shared
 
 st.set_page_config(page_title="Layerscope", page_icon="🔬", layout="wide")
@@ -37,27 +40,27 @@ def build_progress(target_path: str) -> None:
     from pathlib import Path
 
     target = Path(target_path)
-    state = shared.build_state(target)
+    state = background.build_state(target)
     if state is None:
         return
     if state["running"]:
         step = state["current"] or (state["done"][-1] if state["done"] else "starting")
         percent = f" {state['percent']}%" if state["percent"] is not None else ""
-        st.progress(state["fraction"], text=f"Building: step '{step}'{percent} ({len(state['done'])} of {len(shared.STEPS)} steps finished)")
+        st.progress(state["fraction"], text=f"Building: step '{step}'{percent} ({len(state['done'])} of {len(STEPS)} steps finished)")
         with st.expander("Build log"):
             st.code(state["log_tail"] or "(no output yet)", language="text")
         return
-    shared.forget_build(target)
+    background.forget_build(target)
     if state["returncode"] != 0:
         reason = state["error"] or f"exit code {state['returncode']}"
         if RunFolder(target).exists():
-            shared.set_run(str(target))
-            st.session_state[shared.KEY_RUN_MESSAGE] = f"the build stopped early ({reason}); showing the steps that finished. Log: {state['log']}"
+            selection.set_run(str(target))
+            st.session_state[keys.KEY_RUN_MESSAGE] = f"the build stopped early ({reason}); showing the steps that finished. Log: {state['log']}"
             st.rerun(scope="app")
         st.error(shared.safe_message(f"The build failed: {reason}"))
         st.code(state["log_tail"], language="text")
         return
-    shared.set_run(str(target))
+    selection.set_run(str(target))
     st.rerun(scope="app")
 
 
@@ -74,14 +77,14 @@ def start_page() -> None:
     st.write("Build the default run from a terminal:")
     st.code(f"python -m core build --run {shlex.quote(shown)}", language="bash")
     st.write("or build it from here; the dashboard follows its progress and opens the run when it is done.")
-    if shared.build_state(target) is None:
+    if background.build_state(target) is None:
         if RunFolder(target).held_elsewhere():  # `python -m core build` in a terminal, or another dashboard's build
             st.info(f"{shown} is being built by another process right now. Reload this page in a moment: once that build has written the run's manifest (at the start of its first step), the dashboard opens the run and shows each step as it finishes.", icon=":material/hourglass_top:")
             return
         if st.button(f"Build {shown}", type="primary", icon=":material/play_arrow:"):
-            shared.start_build(target)
+            background.start_build(target)
             st.rerun()
-        st.caption(f"The build log is written to {shared.build_log_path(target)}.")
+        st.caption(f"The build log is written to {background.build_log_path(target)}.")
         return
     build_progress(str(target))
 
@@ -89,9 +92,9 @@ def start_page() -> None:
 def main() -> None:
     if not shared.run_page(shared.checkpoints_dir):  # LAYERSCOPE_CHECKPOINTS=~nosuchuser/...: its message, then stop
         st.stop()
-    shared.init_run_selection()
-    shared.run_picker()
-    if shared.selected_run_path() is None:
+    selection.init_run_selection()
+    selection.run_picker()
+    if selection.selected_run_path() is None:
         page = st.navigation([st.Page(start_page, title="Get started", icon=":material/rocket_launch:", url_path="start")])
     else:
         page = st.navigation(PAGES)

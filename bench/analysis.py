@@ -8,7 +8,7 @@ Measured, per sentence of 16 and of 64 tokens (IMDb text cut to length), median 
 runs after a warm-up: ``sentence_state`` (tokenise, both forward passes, keep every hidden state)
 + ``analyze_text(..., state=state)`` (cosines, prediction, top features of every SAE), which is
 what ``python -m core analyze`` computes. The dashboard's explorer does less on a cache miss
-(``pages/_shared.py``: the same state, then the features of the one SAE it shows), so this
+(``pages/_cached.py``: the same state, then the features of the one SAE it shows), so this
 bounds its cost from above.
 
 Baseline: the two bare forward passes ``model(input_ids, output_hidden_states=True)`` of both

@@ -156,7 +156,7 @@ def _dashboard(run: str, serve: bool) -> dict:
     os.environ["LAYERSCOPE_RUN"] = run
     from streamlit.testing.v1 import AppTest
 
-    import pages._shared as shared
+    import pages._keys as keys
 
     if not serve:
         return {}
@@ -168,7 +168,7 @@ def _dashboard(run: str, serve: bool) -> dict:
             raise RuntimeError(f"{page}: {at.exception[0].message}")
     sentences = ["the acting was wooden and the plot made no sense", "a warm, funny film with a wonderful cast; I would watch it again"]
     for text in sentences:
-        at.text_input(key=shared.KEY_TEXT).input(text).run()
+        at.text_input(key=keys.KEY_TEXT).input(text).run()
     from core.runfolder import RunFolder
 
     return {"sentences": len(sentences), "saes": len(list(RunFolder(run).sae_dirs()))}

@@ -15,6 +15,9 @@ from core import plots
 from core.analysis import SENTENCE_CHANGE_RANKING, SENTENCE_RANKING, reading_notes, truncation_note
 from core.errors import StatsUnreadable
 from core.runfolder import core_command
+from pages import _cached as cached
+from pages import _keys as keys
+from pages import _selection as selection
 from pages import _shared as shared
 
 DEFAULT_TEXT = "the acting was brilliant but the plot was dull"
@@ -46,12 +49,12 @@ class SaeChoice:
 
 def sentence_inputs() -> list[str]:
     """One sentence, or two when comparing; Enter (or leaving the box) commits the text."""
-    compare = bool(st.session_state.get(shared.KEY_COMPARE))
+    compare = bool(st.session_state.get(keys.KEY_COMPARE))
     cols = st.columns([4, 4, 1.8] if compare else [8, 1.8], vertical_alignment="bottom")  # the toggle's label whole from 1,024 px
-    texts = [cols[0].text_input("Sentence (press Enter)", DEFAULT_TEXT, key=shared.KEY_TEXT, persist_state="session")]
+    texts = [cols[0].text_input("Sentence (press Enter)", DEFAULT_TEXT, key=keys.KEY_TEXT, persist_state="session")]
     if compare:
-        texts.append(cols[1].text_input("Second sentence (press Enter)", DEFAULT_TEXT_B, key=shared.KEY_TEXT_B, persist_state="session"))
-    cols[-1].toggle("Compare", key=shared.KEY_COMPARE, persist_state="session")
+        texts.append(cols[1].text_input("Second sentence (press Enter)", DEFAULT_TEXT_B, key=keys.KEY_TEXT_B, persist_state="session"))
+    cols[-1].toggle("Compare", key=keys.KEY_COMPARE, persist_state="session")
     return texts
 
 
@@ -66,20 +69,20 @@ def sae_controls(bundle) -> tuple[SaeChoice, list]:
     c1, c2, c3 = st.columns([1, 1.6, 1.6], vertical_alignment="bottom")
     # Every choice is kept for the session (persist_state), through an empty sentence and a visit
     # to another page; a layer kept from another run that lacks it falls back to the last one.
-    if st.session_state.get(shared.KEY_EX_LAYER) not in layers:
-        st.session_state[shared.KEY_EX_LAYER] = layers[-1]
-    layer = c1.selectbox("Layer", layers, key=shared.KEY_EX_LAYER, help="hidden state index (0 = embeddings)", persist_state="session")
+    if st.session_state.get(keys.KEY_EX_LAYER) not in layers:
+        st.session_state[keys.KEY_EX_LAYER] = layers[-1]
+    layer = c1.selectbox("Layer", layers, key=keys.KEY_EX_LAYER, help="hidden state index (0 = embeddings)", persist_state="session")
     # only the dictionaries trained at this layer (a saes step still running, or one SAE folder
     # removed, leaves a layer with one); the choice kept falls back to the first of them
     models = [m for m in shared.MODEL_LABELS if (m, layer) in bundle.saes]
-    if st.session_state.get(shared.KEY_EX_MODEL) not in models:
-        st.session_state[shared.KEY_EX_MODEL] = models[0]
+    if st.session_state.get(keys.KEY_EX_MODEL) not in models:
+        st.session_state[keys.KEY_EX_MODEL] = models[0]
     missing = [shared.MODEL_LABELS[m] for m in shared.MODEL_LABELS if m not in models]
     model = c2.segmented_control(
         "SAE dictionary",
         models,
         format_func=shared.MODEL_LABELS.get,
-        key=shared.KEY_EX_MODEL,
+        key=keys.KEY_EX_MODEL,
         required=True,
         persist_state="session",
         help=f"this run has no {missing[0]} SAE at layer {layer}" if missing else None,
@@ -88,12 +91,12 @@ def sae_controls(bundle) -> tuple[SaeChoice, list]:
         "Rank features by",
         shared.EXPLORER_RANKINGS,
         format_func=lambda r: shared.RANKING_LABELS.get(r, r),
-        key=shared.KEY_EX_RANK,
+        key=keys.KEY_EX_RANK,
         persist_state="session",
         help="variance, selectivity, density, change: over the dataset (the features step; change: mean |fine-tuned − pre-trained| activation, this SAE applied to both models). Sentence variance: over this sentence's tokens, so the features that vary most along it come first. Sentence change: |fine-tuned − pre-trained| summed over its tokens, so the features fine-tuning moved most on it come first (the panel then shows that difference)",
     )
     c4, c5, c6 = st.columns([1.6, 1, 1.6], vertical_alignment="bottom")
-    top = c4.slider("Top features", 3, 20, 8, key=shared.KEY_EX_TOP, persist_state="session")
+    top = c4.slider("Top features", 3, 20, 8, key=keys.KEY_EX_TOP, persist_state="session")
     return SaeChoice(model, layer, rank_by, top), [c5, c6]
 
 
@@ -133,7 +136,7 @@ def feature_picker(run, choice: SaeChoice, result: dict, d_sae: int) -> int | No
     ranking = choice.rank_by
     if ranking in (SENTENCE_RANKING, SENTENCE_CHANGE_RANKING):  # the top feature is this sentence's: each sentence starts at its own
         ranking += "_" + hashlib.sha1(result["text"].encode()).hexdigest()[:10]
-    key = shared.explorer_feature_key(run, choice.model, choice.layer, ranking)
+    key = keys.explorer_feature_key(run, choice.model, choice.layer, ranking)
     # until a feature is picked by hand (the value is still the default last set), the picker
     # follows each new sentence to its own default
     follow = key + "_default"
@@ -205,7 +208,7 @@ def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int
     chart from scratch on each Enter, and one chart instead of two took 30-50 ms off an update
     of ~300 ms (``bench/dashboard.py``, docs/bench-history.md).
     """
-    acts = shared.sentence_features(run, text, choice.layer, feature, choice.model)
+    acts = cached.sentence_features(run, text, choice.layer, feature, choice.model)
     ranked, shown = top_rows(result, choice)
     top = ([f"feature {f['feature']}" + (" · silent" if silent(f) else "") for f in ranked], [f[shown] for f in ranked]) if ranked else None
     if not ranked:
@@ -239,7 +242,7 @@ def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int
 
 def matched_panel(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str, scales: Scales, labels: int, wrap: int | None) -> None:
     """A feature on its own model next to its matched partner (the other model's SAE) on the other model."""
-    m = shared.matched_features(run, text, choice.layer, feature, choice.model)
+    m = cached.matched_features(run, text, choice.layer, feature, choice.model)
     rows = tuple(f"{shared.MODEL_LABELS[model]} f{m[f'feature_{model}']}" if m[f"feature_{model}"] >= 0 else f"{shared.MODEL_LABELS[model]} (none)" for model in ("pretrained", "finetuned"))
     fig = plots.feature_comparison(
         m["tokens"],
@@ -309,7 +312,7 @@ def show_matched(run, choice: SaeChoice) -> bool:
     """Toggle for the matched-feature panel (once the features step has matched the two dictionaries)."""
     if choice.layer is None or not run.is_done("features"):
         return False
-    return st.toggle("Show match", key=shared.KEY_EX_MATCHED, persist_state="session")
+    return st.toggle("Show match", key=keys.KEY_EX_MATCHED, persist_state="session")
 
 
 def lowest_cosine(results: list[dict]) -> float:
@@ -332,13 +335,13 @@ def shared_scales(run, texts: list[str], results: list[dict], choice: SaeChoice,
     if len(texts) < 2 or feature is None:
         return scales
     try:
-        acts = [shared.sentence_features(run, t, choice.layer, feature, choice.model) for t in texts]
+        acts = [cached.sentence_features(run, t, choice.layer, feature, choice.model) for t in texts]
         tops = [f[shown] for r in results for ranked, shown in [top_rows(r, choice)] for f in ranked]
         scales.feature_max = _largest([a[m] for a in acts for m in ("pretrained", "finetuned")])
         scales.difference_bound = _largest([a["difference"] for a in acts])
         scales.top_max = _largest(tops)
         if matched:
-            pairs = [shared.matched_features(run, t, choice.layer, feature, choice.model) for t in texts]
+            pairs = [cached.matched_features(run, t, choice.layer, feature, choice.model) for t in texts]
             scales.matched_max = _largest([p[m] for p in pairs for m in ("pretrained", "finetuned")])
             scales.matched_bound = _largest([p["difference"] for p in pairs])
     except Exception:  # noqa: BLE001 - shown by the panel that fails, with its message
@@ -347,7 +350,7 @@ def shared_scales(run, texts: list[str], results: list[dict], choice: SaeChoice,
 
 
 def body() -> None:
-    run = shared.current_run()
+    run = selection.current_run()
     st.title("Sentence explorer")
     if not shared.need_step(run, "finetune", "The sentence explorer"):
         return
@@ -355,15 +358,15 @@ def body() -> None:
     if not all(t.strip() for t in texts):
         st.info("Type a sentence and press Enter.")
         return
-    bundle = shared.bundle(run)
+    bundle = cached.bundle(run)
     choice, slots = sae_controls(bundle)
     sae = (choice.model, choice.layer) if choice.layer is not None else None
     try:
-        results = [shared.analysis(run, t, choice.top, choice.rank_by, sae) for t in texts]
+        results = [cached.analysis(run, t, choice.top, choice.rank_by, sae) for t in texts]
     except StatsUnreadable as e:  # the dataset-level ranking cannot be read: this sentence's, saying why
         st.warning(shared.safe_message(f"{e}. Until then the features are ranked by their variance over this sentence."))
         choice = dataclasses.replace(choice, rank_by=SENTENCE_RANKING)
-        results = [shared.analysis(run, t, choice.top, choice.rank_by, sae) for t in texts]
+        results = [cached.analysis(run, t, choice.top, choice.rank_by, sae) for t in texts]
     feature, matched = None, False
     if slots:
         with slots[0]:

@@ -13,6 +13,9 @@ import streamlit as st
 from core import plots
 from core.features_step import CLASS_PREFERENCE
 from core.runfolder import OTHER_MODEL
+from pages import _cached as cached
+from pages import _keys as keys
+from pages import _selection as selection
 from pages import _shared as shared
 
 TILE_HELP = {"change": ": the mean over the test tokens of |fine-tuned − pre-trained| activation, this SAE applied to both models' hidden states (how far fine-tuning moved the feature)"}
@@ -33,17 +36,17 @@ def pickers(run) -> tuple[str, int | None, str]:
     c1, c2, c3 = st.columns([1.2, 1, 1], vertical_alignment="bottom")  # the model control whole at 1,024 px
     # Set through session state rather than a widget default: "Open feature ..." sets them too, and
     # Streamlit warns when a widget has both. Kept for the session, across pages (persist_state).
-    if st.session_state.get(shared.KEY_FB_MODEL) not in models:
-        st.session_state[shared.KEY_FB_MODEL] = models[0]
-    model = c1.segmented_control("Model", models, format_func=shared.MODEL_LABELS.get, key=shared.KEY_FB_MODEL, required=True, persist_state="session") or models[0]
+    if st.session_state.get(keys.KEY_FB_MODEL) not in models:
+        st.session_state[keys.KEY_FB_MODEL] = models[0]
+    model = c1.segmented_control("Model", models, format_func=shared.MODEL_LABELS.get, key=keys.KEY_FB_MODEL, required=True, persist_state="session") or models[0]
     layers = shared.sae_layers(run, model)
-    if st.session_state.get(shared.KEY_FB_LAYER) not in layers:
-        st.session_state[shared.KEY_FB_LAYER] = layers[-1]
-    layer = c2.selectbox("Layer (hidden state)", layers, key=shared.KEY_FB_LAYER, persist_state="session")
+    if st.session_state.get(keys.KEY_FB_LAYER) not in layers:
+        st.session_state[keys.KEY_FB_LAYER] = layers[-1]
+    layer = c2.selectbox("Layer (hidden state)", layers, key=keys.KEY_FB_LAYER, persist_state="session")
     ranking = c3.selectbox(
         "Rank by",
         shared.RANKINGS,
-        key=shared.KEY_FB_RANK,
+        key=keys.KEY_FB_RANK,
         persist_state="session",
         help="over the test tokens: variance (the paper's ranking), selectivity (how far the best one-vs-rest AUROC is from 0.5), density (share of tokens it fires on), change (mean |fine-tuned − pre-trained| activation, this SAE applied to both models: the features fine-tuning moved most)",
     )
@@ -78,7 +81,7 @@ def _pick_row(table: pd.DataFrame, key: str, table_key: str) -> None:
 
 def feature_list(run, model: str, layer: int, table: pd.DataFrame, ranking: str) -> int:
     """The feature number input, the ranked table (click a row to open it) and its CSV."""
-    key = shared.browser_feature_key(run, model, layer, ranking)
+    key = keys.browser_feature_key(run, model, layer, ranking)
     if key not in st.session_state:
         st.session_state[key] = int(table.iloc[0]["feature"]) if len(table) else 0
     feature = st.number_input(
@@ -87,12 +90,12 @@ def feature_list(run, model: str, layer: int, table: pd.DataFrame, ranking: str)
         max_value=max(0, len(table) - 1),
         step=1,
         key=key,
-        on_change=shared.feature_typed,
+        on_change=keys.feature_typed,
         args=(key,),
         persist_state="session",
         help=f"starts at the top feature by {ranking}; or tick a row's box in the table",
     )
-    table_key = shared.browser_table_key(key)
+    table_key = keys.browser_table_key(key)
     shown = [i for i, f in enumerate(table["feature"]) if f == feature][:1]  # the row's position
     st.dataframe(
         table,
@@ -113,11 +116,11 @@ def feature_list(run, model: str, layer: int, table: pd.DataFrame, ranking: str)
 
 def _open_partner(run, model: str, layer: int, partner: int) -> None:
     other = OTHER_MODEL[model]
-    st.session_state[shared.KEY_FB_MODEL] = other
-    st.session_state[shared.KEY_FB_LAYER] = layer
-    key = shared.browser_feature_key(run, other, layer, st.session_state.get(shared.KEY_FB_RANK, shared.RANKINGS[0]))
+    st.session_state[keys.KEY_FB_MODEL] = other
+    st.session_state[keys.KEY_FB_LAYER] = layer
+    key = keys.browser_feature_key(run, other, layer, st.session_state.get(keys.KEY_FB_RANK, shared.RANKINGS[0]))
     st.session_state[key] = partner
-    shared.feature_typed(key)  # a fresh table, its partner's row ticked
+    keys.feature_typed(key)  # a fresh table, its partner's row ticked
 
 
 def match_box(run, model: str, layer: int, match: dict | None) -> None:
@@ -162,7 +165,7 @@ def top_examples(card: dict) -> None:
 
 
 def card_view(run, model: str, layer: int, feature: int, row: pd.Series | None) -> None:
-    card = shared.feature_card(run, model, layer, feature)
+    card = cached.feature_card(run, model, layer, feature)
     st.subheader(f"Feature {feature} · {shared.MODEL_LABELS[model]} SAE · layer {layer}")
     if row is not None:
         stats = [c for c in ("variance", "density", "selectivity", "change") if c in row.index]
@@ -193,7 +196,7 @@ def card_view(run, model: str, layer: int, feature: int, row: pd.Series | None) 
 
 
 def body() -> None:
-    run = shared.current_run()
+    run = selection.current_run()
     st.title("Feature browser")
     if not shared.need_step(run, "features", "The feature browser"):
         return
@@ -201,7 +204,7 @@ def body() -> None:
     if layer is None:
         st.info("This run has no trained SAEs.")
         return
-    table = shared.feature_table(run, model, layer, ranking)
+    table = cached.feature_table(run, model, layer, ranking)
     left, right = st.columns([2, 3])
     with left:
         feature = feature_list(run, model, layer, table, ranking)

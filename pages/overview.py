@@ -20,6 +20,9 @@ from core.export import (
     summary_rows,
 )
 from core.report import BARS_TEXT, sae_bar_misses
+from pages import _cached as cached
+from pages import _keys as keys
+from pages import _selection as selection
 from pages import _shared as shared
 
 
@@ -28,11 +31,11 @@ def header(run, rep: dict) -> None:
     left, right = st.columns([3, 1], vertical_alignment="bottom")  # [5, 1] cut the button's label to "HT…" at 1,024 px
     with left:
         st.title("Overview")
-        st.caption(shared.safe_text(f"run {shared.run_label(str(run.root))} · base model {rep['base_model']} · dataset {rep['dataset']}"))
+        st.caption(shared.safe_text(f"run {selection.run_label(str(run.root))} · base model {rep['base_model']} · dataset {rep['dataset']}"))
     with right:
         st.download_button(
             "HTML report",
-            data=shared.html_report(run, st.session_state.get(shared.KEY_CLAIM_THRESHOLD, HIGH_SIMILARITY)),  # the claims slider below, as last set
+            data=cached.html_report(run, st.session_state.get(keys.KEY_CLAIM_THRESHOLD, HIGH_SIMILARITY)),  # the claims slider below, as last set
             file_name=f"layerscope-{run.name}.html",
             mime="text/html",
             icon=":material/download:",
@@ -85,7 +88,7 @@ def finetuning(run, rep: dict) -> None:
     st.header("Fine-tuning", divider="gray")
     if not shared.need_step(run, "finetune", "The classification report"):
         return
-    shared.report_problem(rep, "finetune")
+    cached.report_problem(rep, "finetune")
     per_class = rep["finetune"]["per_class"]
     table = classification_frame(per_class)
     st.caption(f"Test split, {rep['finetune']['test_examples']:,} examples; trained on {rep['finetune']['train_examples']:,}. The pre-trained rows are the pre-trained encoder with an untrained, randomly initialised head: chance level, the starting point of fine-tuning.")
@@ -105,14 +108,14 @@ def claims(run, rep: dict) -> None:
     st.header("The paper's claims, checked on this run", divider="gray")
     if not shared.need_step(run, "similarity", "Checking the claims"):
         return
-    shared.report_problem(rep, "similarity")
+    cached.report_problem(rep, "similarity")
     threshold = st.slider(
         "What counts as 'high' similarity (claim 1)",
         0.5,
         1.0,
         HIGH_SIMILARITY,
         0.01,
-        key=shared.KEY_CLAIM_THRESHOLD,
+        key=keys.KEY_CLAIM_THRESHOLD,
         persist_state="session",
         help="claim 1 is supported when every early layer keeps CKA and mean cosine at or above this value",
     )
@@ -180,7 +183,7 @@ MATCHING_SHOWN = ("layer", "kept", "shifted", "lost", "new", "baseline_kept", "b
 def saes(run, rep: dict) -> None:
     """SAE quality per (model, layer) and feature matching, when those steps ran."""
     st.header("Sparse autoencoders", divider="gray")
-    shared.report_problem(rep, "saes")
+    cached.report_problem(rep, "saes")
     if "saes_missing" in rep.get("problems", {}):  # the table below lacks them
         st.warning(shared.safe_message(rep["problems"]["saes_missing"]))
     if not rep.get("saes"):
@@ -190,7 +193,7 @@ def saes(run, rep: dict) -> None:
     st.caption("Held-out tokens. L0: active latents per token; FVU: fraction of variance unexplained; dead: latents that never fired; acc spliced: the fine-tuned classifier's accuracy with that layer's hidden state replaced by the SAE reconstruction (a pre-trained SAE reads the fine-tuned model's hidden state, so its figure includes drift); KL spliced: the mean KL divergence of those class probabilities from the unspliced ones, finer than accuracy on a few hundred texts.")
     every = st.toggle(
         "Every column",
-        key=shared.KEY_SAE_EVERY_COLUMN,
+        key=keys.KEY_SAE_EVERY_COLUMN,
         persist_state="session",
         help="add MSE, the dense fraction, the split of the error between rare and other tokens, and the settings behind each figure (the CSV always has every column)",
     )
@@ -237,8 +240,8 @@ def matching(run, rows: list[dict]) -> None:
 
 
 def body() -> None:
-    run = shared.current_run()
-    rep = shared.report(run)
+    run = selection.current_run()
+    rep = cached.report(run)
     header(run, rep)
     headline_metrics(rep)
     run_details(rep)

@@ -11,40 +11,43 @@ from core import plots
 from core.errors import LayerscopeError
 from core.runfolder import core_command
 from core.similarity import cka_frame
+from pages import _cached as cached
+from pages import _keys as keys
+from pages import _selection as selection
 from pages import _shared as shared
 
 
 def controls(run) -> tuple[list[str], list[str], bool]:
     """Measures, runs to overlay, depth normalisation."""
-    others = [p for p in shared.discover_runs() if p != str(run.root)]
+    others = [p for p in selection.discover_runs() if p != str(run.root)]
     # choices kept for the session, across pages (persist_state); overlays kept only while they exist
-    if shared.KEY_SIM_OVERLAY in st.session_state:
-        st.session_state[shared.KEY_SIM_OVERLAY] = [p for p in st.session_state[shared.KEY_SIM_OVERLAY] if p in others]
+    if keys.KEY_SIM_OVERLAY in st.session_state:
+        st.session_state[keys.KEY_SIM_OVERLAY] = [p for p in st.session_state[keys.KEY_SIM_OVERLAY] if p in others]
     # the four measure pills get a row of their own: in a third of the page the last one was cut off
-    measures = st.pills("Measures", list(plots.MEASURES), selection_mode="multi", default=list(plots.MEASURES), format_func=plots.MEASURE_LABELS.get, key=shared.KEY_SIM_MEASURES, persist_state="session") or []
+    measures = st.pills("Measures", list(plots.MEASURES), selection_mode="multi", default=list(plots.MEASURES), format_func=plots.MEASURE_LABELS.get, key=keys.KEY_SIM_MEASURES, persist_state="session") or []
     left, right = st.columns([3, 2], vertical_alignment="bottom")
     overlay = left.multiselect(
         "Overlay other runs",
         others,
-        format_func=shared.run_label,
-        key=shared.KEY_SIM_OVERLAY,
+        format_func=selection.run_label,
+        key=keys.KEY_SIM_OVERLAY,
         persist_state="session",
         placeholder="other datasets or model sizes" if others else "no other runs found under checkpoints/",
     )
-    normalise = right.toggle("Depth-normalised x axis", key=shared.KEY_SIM_NORMALISE, persist_state="session", help="x = layer / number of layers, so models of different depth line up")
+    normalise = right.toggle("Depth-normalised x axis", key=keys.KEY_SIM_NORMALISE, persist_state="session", help="x = layer / number of layers, so models of different depth line up")
     return measures, overlay, normalise
 
 
 def gather(run, rep: dict, overlay: list[str]) -> tuple[dict, list[dict]]:
     """Similarity rows per run name, and a description of each run shown."""
-    runs = {shared.run_label(str(run.root)): rep["similarity"]}
-    described = [describe(shared.run_label(str(run.root)), rep)]
+    runs = {selection.run_label(str(run.root)): rep["similarity"]}
+    described = [describe(selection.run_label(str(run.root)), rep)]
     for path in overlay:
-        name = shared.run_label(path)
+        name = selection.run_label(path)
         if name in runs:  # a run of the same folder name outside checkpoints/: its lines must not replace these
             name = shared.display_path(path)
         try:
-            other = shared.report_of_path(path)
+            other = cached.report_of_path(path)
         except LayerscopeError as exc:
             st.warning(shared.safe_message(f"{name}: {exc}"))
             continue
@@ -73,13 +76,13 @@ def describe(name: str, rep: dict) -> dict:
 
 
 def body() -> None:
-    run = shared.current_run()
-    rep = shared.report(run)
+    run = selection.current_run()
+    rep = cached.report(run)
     st.title("Layer similarity")
     st.caption("Pre-trained vs fine-tuned hidden states on held-out test texts; hidden state 0 is the embedding output, L the last block.")
     if not shared.need_step(run, "similarity", "This page"):
         return
-    shared.report_problem(rep, "similarity")
+    cached.report_problem(rep, "similarity")
     measures, overlay, normalise = controls(run)
     runs, described = gather(run, rep, overlay)
     if not measures:
@@ -91,7 +94,7 @@ def body() -> None:
         shared.chart(figure, key="sim_curves")
     if len(described) > 1:
         st.dataframe(pd.DataFrame(described), hide_index=True, width="stretch", height="content", column_config={"accuracy, fine-tuned": st.column_config.NumberColumn(format="%.3f"), "test tokens": st.column_config.NumberColumn(format="localized")})
-    whose = f" ({shared.safe_text(shared.run_label(str(run.root)))})" if len(described) > 1 else ""  # with overlays: the panels below are this run's
+    whose = f" ({shared.safe_text(selection.run_label(str(run.root)))})" if len(described) > 1 else ""  # with overlays: the panels below are this run's
     left, right = st.columns([1, 1])
     with left:
         st.subheader(f"CKA between every pair of layers{whose}")

@@ -30,6 +30,9 @@ from core import plots
 from core.report import build_report
 from core.features_step import load_stats
 from core.runfolder import RunFolder, read_json, write_json
+from pages import _background as background
+from pages import _cached as cached
+from pages import _keys as keys
 from pages import _shared as shared
 from tests.conftest import ROOT, tiny_overrides
 
@@ -84,7 +87,7 @@ def _fresh_caches():
 
 
 def _stop_builds() -> None:
-    for entry in list(shared._builds().values()):
+    for entry in list(background._builds().values()):
         if entry["process"].poll() is None:
             entry["process"].kill()
             entry["process"].wait(30)
@@ -202,7 +205,7 @@ def test_overview_shows_run_finetuning_and_claims(app, runs):
     assert len(want) == 3 and shown == want
     assert [m.label for m in at.metric][:2] == ["Accuracy, pre-trained (chance)", "Accuracy, fine-tuned"]
     assert any(d.proto.label == "HTML report" for d in at.get("download_button"))
-    assert at.session_state[shared.KEY_RUN] == str(runs["tiny"])
+    assert at.session_state[keys.KEY_RUN] == str(runs["tiny"])
 
 
 
@@ -243,9 +246,9 @@ def test_an_sae_folder_gone_since_the_step_is_a_warning_above_the_others(app, sa
 
 def test_overview_claim_threshold_is_used(app):
     at = app().run()
-    at.slider(key=shared.KEY_CLAIM_THRESHOLD).set_value(0.5).run()
+    at.slider(key=keys.KEY_CLAIM_THRESHOLD).set_value(0.5).run()
     assert ">= 0.5)" in texts(at)
-    at.slider(key=shared.KEY_CLAIM_THRESHOLD).set_value(1.0).run()
+    at.slider(key=keys.KEY_CLAIM_THRESHOLD).set_value(1.0).run()
     assert ">= 1)" in texts(at)
     assert "Not supported by this run" in [w.value for w in at.warning]  # nothing stays at CKA 1 after fine-tuning
     assert_clean(at)
@@ -339,12 +342,12 @@ def test_overview_sae_table_fits_until_every_column_is_asked_for(app, sae_run):
     table = sae_table(at)
     assert list(table.proto.column_order) == ["model", "layer", "architecture", "d_sae", "l0", "fvu", "dead_fraction", "accuracy_spliced", "kl_spliced", "fvu_on_finetuned"]
     assert {"mse", "dense_fraction", "rare_error_share"} <= set(table.value.columns)
-    at.toggle(key=shared.KEY_SAE_EVERY_COLUMN).set_value(True).run()
+    at.toggle(key=keys.KEY_SAE_EVERY_COLUMN).set_value(True).run()
     assert_clean(at)
     assert list(sae_table(at).proto.column_order) == []  # no order given: every column, as in the data
     at.switch_page(SIMILARITY).run()
     at.switch_page("pages/overview.py").run()
-    assert at.toggle(key=shared.KEY_SAE_EVERY_COLUMN).value and list(sae_table(at).proto.column_order) == []  # kept for the session
+    assert at.toggle(key=keys.KEY_SAE_EVERY_COLUMN).value and list(sae_table(at).proto.column_order) == []  # kept for the session
 
 
 @pytest.mark.parametrize("page", ["pages/overview.py", SIMILARITY, EXPLORER, FEATURES])
@@ -370,7 +373,7 @@ def test_similarity_page_curves_heatmap_and_table(app):
 
 def test_similarity_overlay_and_depth_normalisation(app, runs):
     at = open_page(app(), SIMILARITY)
-    at.multiselect(key=shared.KEY_SIM_OVERLAY).select(str(runs["other"])).run()
+    at.multiselect(key=keys.KEY_SIM_OVERLAY).select(str(runs["other"])).run()
     curves = charts(at)[0]  # with another run: one panel per measure, one line (colour) per run
     lines = {(t["name"], t["meta"]): t for t in curves["data"]}
     assert set(lines) == {(run, m) for run in ("tiny", "other") for m in ("cosine_of_means", "mean_cosine", "token_cosine", "cka")}
@@ -385,7 +388,7 @@ def test_similarity_overlay_and_depth_normalisation(app, runs):
     assert described["accuracy, fine-tuned"].tolist()[0] == pytest.approx(tiny_ft["accuracy_finetuned"])
     assert described["classes"].tolist()[0] == len(tiny_ft["per_class"]["finetuned"])
     assert {"CKA between every pair of layers (tiny)", "Table (tiny)"} <= {s.value for s in at.subheader}  # the current run's, not the overlay's
-    at.toggle(key=shared.KEY_SIM_NORMALISE).set_value(True).run()
+    at.toggle(key=keys.KEY_SIM_NORMALISE).set_value(True).run()
     curves = charts(at)[0]
     assert curves["data"][0]["x"] == [0, 0.5, 1.0]
     assert any("relative depth" in str(v.get("title")) for k, v in curves["layout"].items() if k.startswith("xaxis"))
@@ -398,7 +401,7 @@ def test_an_overlaid_run_of_the_same_name_gets_its_path_not_the_current_runs_pla
     """The current run outside checkpoints/ is labelled by its folder name; an overlay with that
     label (checkpoints/other) is labelled by its path, and both runs keep their own lines."""
     at = open_page(app(run=_copy_run(runs["tiny"], tmp_path / "elsewhere" / "other")), SIMILARITY)
-    at.multiselect(key=shared.KEY_SIM_OVERLAY).select(str(runs["other"])).run()
+    at.multiselect(key=keys.KEY_SIM_OVERLAY).select(str(runs["other"])).run()
     lines = {(t["name"], t["meta"]): t["y"] for t in charts(at)[0]["data"]}
     overlay = shared.display_path(runs["other"])
     assert {name for name, _ in lines} == {"other", overlay}
@@ -411,11 +414,11 @@ def test_an_overlaid_run_of_the_same_name_gets_its_path_not_the_current_runs_pla
 # ----------------------------------------------------------------------------- run selection
 def test_sidebar_switches_run_and_remembers_it(app, runs):
     at = app().run()
-    at.sidebar.selectbox(key=shared.KEY_RUN_SELECT).select(str(runs["other"])).run()
-    assert at.session_state[shared.KEY_RUN] == str(runs["other"])
+    at.sidebar.selectbox(key=keys.KEY_RUN_SELECT).select(str(runs["other"])).run()
+    assert at.session_state[keys.KEY_RUN] == str(runs["other"])
     assert "other.csv" in texts(at)
     at.switch_page(SIMILARITY).run()
-    assert at.session_state[shared.KEY_RUN] == str(runs["other"])
+    assert at.session_state[keys.KEY_RUN] == str(runs["other"])
     assert charts(at)[0]["data"][-1]["y"][0] == pytest.approx(0.5 * read_json(runs["tiny"] / "similarity" / "similarity.json")["layers"][0]["cka"])
     assert_clean(at)
 
@@ -423,36 +426,36 @@ def test_sidebar_switches_run_and_remembers_it(app, runs):
 def test_a_feature_picked_on_one_run_does_not_follow_to_another(app, runs, sae_run):
     """Feature numbers mean nothing across runs: each run keeps its own pick."""
     at = explorer(app)
-    layer = int(at.selectbox(key=shared.KEY_EX_LAYER).value)
-    key = shared.explorer_feature_key(RunFolder(runs["tiny"]), "pretrained", layer, "variance")
+    layer = int(at.selectbox(key=keys.KEY_EX_LAYER).value)
+    key = keys.explorer_feature_key(RunFolder(runs["tiny"]), "pretrained", layer, "variance")
     top = at.number_input(key=key).value
     at.number_input(key=key).set_value(top + 1).run()
-    at.sidebar.selectbox(key=shared.KEY_RUN_SELECT).select(str(runs["other"])).run()
+    at.sidebar.selectbox(key=keys.KEY_RUN_SELECT).select(str(runs["other"])).run()
     assert_clean(at)
-    other_key = shared.explorer_feature_key(RunFolder(runs["other"]), "pretrained", layer, "variance")
+    other_key = keys.explorer_feature_key(RunFolder(runs["other"]), "pretrained", layer, "variance")
     assert other_key != key and at.number_input(key=other_key).value == top  # the other run's own top feature
     assert f"feature {top} " in title(chart(at, SENTENCE))
 
 
 def test_query_param_selects_run(app, runs):
     at = app(query=str(runs["other"])).run()
-    assert at.session_state[shared.KEY_RUN] == str(runs["other"])
+    assert at.session_state[keys.KEY_RUN] == str(runs["other"])
     at = app(query="other").run()  # a run name under checkpoints/ works too
-    assert Path(at.session_state[shared.KEY_RUN]) == runs["other"].resolve()
+    assert Path(at.session_state[keys.KEY_RUN]) == runs["other"].resolve()
     assert_clean(at)
 
 
 def test_text_box_opens_any_run_folder_and_rejects_others(app, runs, tmp_path):
     at = app().run()
-    at.sidebar.text_input(key=shared.KEY_RUN_TEXT).input(str(tmp_path)).run()
-    assert at.session_state[shared.KEY_RUN] == str(runs["tiny"])
+    at.sidebar.text_input(key=keys.KEY_RUN_TEXT).input(str(tmp_path)).run()
+    assert at.session_state[keys.KEY_RUN] == str(runs["tiny"])
     assert "not a Layerscope run" in unescaped(at.sidebar.warning[0].value)
-    at.sidebar.text_input(key=shared.KEY_RUN_TEXT).input(str(runs["evil"])).run()
-    assert at.session_state[shared.KEY_RUN] == str(runs["evil"].resolve())
+    at.sidebar.text_input(key=keys.KEY_RUN_TEXT).input(str(runs["evil"])).run()
+    assert at.session_state[keys.KEY_RUN] == str(runs["evil"].resolve())
     assert_clean(at)
     too_long = str(tmp_path / ("r" * 300))  # the file system refuses even to look it up
-    at.sidebar.text_input(key=shared.KEY_RUN_TEXT).input(too_long).run()
-    assert at.session_state[shared.KEY_RUN] == str(runs["evil"].resolve())  # the run shown stays
+    at.sidebar.text_input(key=keys.KEY_RUN_TEXT).input(too_long).run()
+    assert at.session_state[keys.KEY_RUN] == str(runs["evil"].resolve())  # the run shown stays
     assert "cannot be opened (File name too long)" in unescaped(at.sidebar.warning[0].value)
     assert_clean(at)
 
@@ -472,8 +475,8 @@ def test_a_path_under_the_home_of_a_user_that_does_not_exist_is_one_message(app,
         assert not at.exception and not at.expander
         assert f"cannot expand '{no_user}'" in unescaped(at.error[0].value)
     at = app().run()
-    at.sidebar.text_input(key=shared.KEY_RUN_TEXT).input(f"{no_user}/run").run()
-    assert not at.exception and at.session_state[shared.KEY_RUN] == str(runs["tiny"])  # the run shown stays
+    at.sidebar.text_input(key=keys.KEY_RUN_TEXT).input(f"{no_user}/run").run()
+    assert not at.exception and at.session_state[keys.KEY_RUN] == str(runs["tiny"])  # the run shown stays
     assert f"{no_user}/run" in unescaped(at.sidebar.warning[0].value)
 
 
@@ -487,7 +490,7 @@ def test_a_typed_path_in_a_message_is_shown_as_typed(app, runs, tmp_path):
     assert r"\$HOME/\*not italic\*/\[link\]\(x\)" in box.value  # every control character escaped
     assert f"`python -m core build --run '{tmp_path / MARKDOWN_PATH}'`" in box.value  # the command stays code, verbatim (quoted for the shell)
     at = app().run()
-    at.sidebar.text_input(key=shared.KEY_RUN_TEXT).input(str(tmp_path / MARKDOWN_PATH)).run()
+    at.sidebar.text_input(key=keys.KEY_RUN_TEXT).input(str(tmp_path / MARKDOWN_PATH)).run()
     assert r"\$HOME/\*not italic\*/\[link\]\(x\) is not a Layerscope run" in at.sidebar.warning[0].value
 
 
@@ -545,7 +548,7 @@ def test_html_in_run_metadata_is_escaped(app, runs):
 def test_empty_state_explains_how_to_build(app, tmp_path):
     at = app(run=None, checkpoints=tmp_path / "empty").run()
     assert_clean(at)
-    assert at.session_state[shared.KEY_RUN] is None
+    assert at.session_state[keys.KEY_RUN] is None
     target = tmp_path / "empty" / "default"  # LAYERSCOPE_CHECKPOINTS is honoured, in the text too
     assert f"python -m core build --run {target}" in [c.value for c in at.code]
     assert at.button[0].label == f"Build {target}"
@@ -561,12 +564,12 @@ def test_build_button_builds_in_the_background_and_opens_the_run(app, monkeypatc
     at.button[0].click().run()
     seen_progress = False
     deadline = time.monotonic() + 240
-    while at.session_state[shared.KEY_RUN] is None and time.monotonic() < deadline:
+    while at.session_state[keys.KEY_RUN] is None and time.monotonic() < deadline:
         seen_progress |= bool(at.get("progress"))
         assert not at.exception
         time.sleep(1)
         at.run()
-    assert at.session_state[shared.KEY_RUN] == str(ckpt / "default"), (ckpt / "build-default.log").read_text()
+    assert at.session_state[keys.KEY_RUN] == str(ckpt / "default"), (ckpt / "build-default.log").read_text()
     assert seen_progress
     assert (ckpt / "build-default.log").is_file()
     assert RunFolder(ckpt / "default").is_done("similarity")
@@ -583,16 +586,16 @@ def test_the_start_page_waits_for_a_build_another_process_is_running(app, tmp_pa
     ckpt = tmp_path / "ckpt"
     target = ckpt / "default"
     target.mkdir(parents=True)
-    shared.build_log_path(target).write_text("[data] running in checkpoints/default ...\n")
+    background.build_log_path(target).write_text("[data] running in checkpoints/default ...\n")
     fd = os.open(target, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         at = app(run=None, checkpoints=ckpt).run()
         assert not at.exception and not at.button
         assert "is being built by another process" in at.info[0].value
-        shared.start_build(target)  # a click that raced the lock: nothing is started or truncated
-        assert shared.build_state(target) is None
-        assert shared.build_log_path(target).read_text() == "[data] running in checkpoints/default ...\n"
+        background.start_build(target)  # a click that raced the lock: nothing is started or truncated
+        assert background.build_state(target) is None
+        assert background.build_log_path(target).read_text() == "[data] running in checkpoints/default ...\n"
     finally:
         os.close(fd)
     at = app(run=None, checkpoints=ckpt).run()
@@ -616,10 +619,10 @@ def test_the_sidebar_says_when_a_build_is_running_in_the_run_shown(app, tiny_run
 
 def test_parse_build_log_reads_steps_and_tqdm_percent():
     log = "[data] running in r ...\n[data] finished in 0.1 s (peak memory 412 MB)\n[finetune] running in r ...\n 10%|#  | 1/10\r 40%|####  | 4/10\r"
-    state = shared.parse_build_log(log)
+    state = background.parse_build_log(log)
     assert state["done"] == ["data"] and state["current"] == "finetune" and state["percent"] == 40
     assert state["fraction"] == pytest.approx((1 + 0.4) / 6)
-    state = shared.parse_build_log(log + "\n[finetune] finished in 3 s\n[activations] already done in r\nerror: disk full\n")
+    state = background.parse_build_log(log + "\n[finetune] finished in 3 s\n[activations] already done in r\nerror: disk full\n")
     assert state["done"] == ["data", "finetune", "activations"] and state["current"] is None
     assert state["error"] == "disk full" and state["fraction"] == pytest.approx(3 / 6)
 
@@ -632,10 +635,10 @@ def test_the_progress_parser_reads_what_the_pipeline_prints(sae_run, tmp_path):
     cfg = resolve_run_config(run, None, None, {})
     lines: list[str] = []
     run_step(run, "similarity", cfg, log=lines.append)  # done: skipped
-    assert shared.parse_build_log("\n".join(lines))["done"] == ["similarity"]
+    assert background.parse_build_log("\n".join(lines))["done"] == ["similarity"]
     run_step(run, "similarity", cfg, redo=True, log=lines.append)
-    assert shared.parse_build_log("\n".join(lines[:2]))["current"] == "similarity"  # running
-    assert shared.parse_build_log("\n".join(lines[1:]))["done"] == ["similarity"] and len(lines) == 3  # finished
+    assert background.parse_build_log("\n".join(lines[:2]))["current"] == "similarity"  # running
+    assert background.parse_build_log("\n".join(lines[1:]))["done"] == ["similarity"] and len(lines) == 3  # finished
 
 
 # ----------------------------------------------------------------------------- sentence explorer
@@ -659,7 +662,7 @@ def test_explorer_shows_cosine_prediction_feature_and_top_features(app, sae_run)
     from core.analysis import layer_cosine, load_bundle, sentence_state
 
     bundle = load_bundle(sae_run)
-    state = sentence_state(bundle, at.text_input(key=shared.KEY_TEXT).value)
+    state = sentence_state(bundle, at.text_input(key=keys.KEY_TEXT).value)
     np.testing.assert_allclose(array(cosine["z"]), np.array(layer_cosine(state), dtype=float), atol=1e-6)
     assert all(t["x"] == list(range(len(state.tokens))) for t in fig["data"])
     assert trace(fig, "difference")["zmid"] == 0  # the difference is diverging, centred at zero
@@ -688,10 +691,10 @@ def test_the_explorer_starts_at_a_feature_that_fires_and_marks_silent_rows(app, 
     first_silent = 0
     for text in ("the acting was brilliant but the plot was dull", "a dull film", "brilliant", "the plot"):
         at = app()
-        at.session_state[shared.KEY_TEXT] = text  # the first sentence the page shows
+        at.session_state[keys.KEY_TEXT] = text  # the first sentence the page shows
         at = open_page(at, EXPLORER)
         assert_clean(at)
-        assert at.text_input(key=shared.KEY_TEXT).value == text
+        assert at.text_input(key=keys.KEY_TEXT).value == text
         rows = next(e for e in analyze_text(bundle, text, top=8, rank_by="variance", saes=[("pretrained", layer)])["saes"])["features"]
         fires = [any(r["activations"]) for r in rows]
         (picker,) = [n for n in at.number_input if n.label == "Feature"]
@@ -711,22 +714,22 @@ def test_the_explorer_starts_at_a_feature_that_fires_and_marks_silent_rows(app, 
     defaults = {t: default_of(t)[0] for t in texts}
     assert len(set(defaults.values())) > 1, defaults  # sentences that start at different features
     for text in sorted(texts, key=lambda t: defaults[t] == picker.value):  # one that moves the picker first
-        at.text_input(key=shared.KEY_TEXT).input(text).run()
+        at.text_input(key=keys.KEY_TEXT).input(text).run()
         assert [n for n in at.number_input if n.label == "Feature"][0].value == defaults[text], text
     expected, rows = default_of(text)
     picked = next(int(r["feature"]) for r in rows if int(r["feature"]) != expected)
     [n for n in at.number_input if n.label == "Feature"][0].set_value(picked).run()
-    at.text_input(key=shared.KEY_TEXT).input("the acting was brilliant but the plot was dull").run()
+    at.text_input(key=keys.KEY_TEXT).input("the acting was brilliant but the plot was dull").run()
     assert [n for n in at.number_input if n.label == "Feature"][0].value == picked  # picked by hand: it stays for the next sentence
 
 
 def test_the_explorer_shows_what_the_models_read(app, sae_run):
     at = explorer(app)
-    at.text_input(key=shared.KEY_TEXT).input("The acting was <b>BRILLIANT</b>!").run()
+    at.text_input(key=keys.KEY_TEXT).input("The acting was <b>BRILLIANT</b>!").run()
     assert_clean(at)
     assert not at.warning
     assert "The models read it as the run's training texts were cleaned: “the acting was brilliant”" in [unescaped(c.value) for c in at.caption]
-    at.text_input(key=shared.KEY_TEXT).input("😍😍😍 🎬").run()
+    at.text_input(key=keys.KEY_TEXT).input("😍😍😍 🎬").run()
     assert_clean(at)
     said = [unescaped(w.value) for w in at.warning]
     assert len(said) == 2 and "leaves nothing of this text" in said[0] and "tokens are unknown to the model's vocabulary" in said[1]
@@ -756,12 +759,12 @@ def test_explorer_offers_only_the_dictionaries_trained_at_the_layer(app, sae_run
     layers = sorted({layer for _, layer, _ in sae_run.sae_dirs()})
     shutil.rmtree(run / "saes" / "finetuned" / f"layer_{layers[-1]}")
     at = explorer(app, run=run)
-    at.selectbox(key=shared.KEY_EX_LAYER).set_value(layers[0]).run()
-    at.segmented_control(key=shared.KEY_EX_MODEL).set_value("finetuned").run()
-    assert at.segmented_control(key=shared.KEY_EX_MODEL).options == ["pre-trained", "fine-tuned"]
-    at.selectbox(key=shared.KEY_EX_LAYER).set_value(layers[-1]).run()
+    at.selectbox(key=keys.KEY_EX_LAYER).set_value(layers[0]).run()
+    at.segmented_control(key=keys.KEY_EX_MODEL).set_value("finetuned").run()
+    assert at.segmented_control(key=keys.KEY_EX_MODEL).options == ["pre-trained", "fine-tuned"]
+    at.selectbox(key=keys.KEY_EX_LAYER).set_value(layers[-1]).run()
     assert_clean(at)
-    control = at.segmented_control(key=shared.KEY_EX_MODEL)
+    control = at.segmented_control(key=keys.KEY_EX_MODEL)
     assert control.options == ["pre-trained"] and control.value == "pretrained"
     assert control.help == f"this run has no fine-tuned SAE at layer {layers[-1]}"
     (fig,) = charts(at)
@@ -777,7 +780,7 @@ def test_explorer_on_a_damaged_statistics_file_says_so_and_ranks_by_the_sentence
     assert not at.warning  # analysed with good statistics first: the damage must not hide behind the cache
     stats.write_bytes(stats.read_bytes()[:100])
     at.run()
-    assert (at.segmented_control(key=shared.KEY_EX_MODEL).value, at.selectbox(key=shared.KEY_EX_LAYER).value) == ("pretrained", layer)
+    assert (at.segmented_control(key=keys.KEY_EX_MODEL).value, at.selectbox(key=keys.KEY_EX_LAYER).value) == ("pretrained", layer)
     (box,) = at.warning
     assert f"{stats} is truncated" in unescaped(box.value) and "ranked by their variance over this sentence" in unescaped(box.value)
     (fig,) = charts(at)  # the cosine map, the feature and its top features are all drawn
@@ -791,7 +794,7 @@ def test_a_failing_sae_panel_leaves_the_cosine_map_and_the_prediction(app, sae_r
     def broken(*args, **kwargs):
         raise LayerscopeError("feature store unreadable")
 
-    monkeypatch.setattr(shared, "sentence_features", broken)
+    monkeypatch.setattr(cached, "sentence_features", broken)
     at = open_page(app(), EXPLORER)
     assert any("feature store unreadable" in e.value for e in at.error) and not at.exception
     (fig,) = charts(at)
@@ -806,7 +809,7 @@ def sae_run_num_layers(run: RunFolder) -> int:
 def test_typing_a_sentence_changes_the_heatmaps(app, sae_run):
     at = explorer(app)
     before = chart(at, SENTENCE)
-    at.text_input(key=shared.KEY_TEXT).input("the music was awful and boring").run()
+    at.text_input(key=keys.KEY_TEXT).input("the music was awful and boring").run()
     assert_clean(at)
     after = chart(at, SENTENCE)
     for name in ("cosine", "feature", "difference", "top features"):
@@ -818,7 +821,7 @@ def test_typing_a_sentence_changes_the_heatmaps(app, sae_run):
 def test_script_tags_typed_as_a_sentence_stay_text(app, sae_run, runs):
     for run in (runs["tiny"], runs["evil"]):  # with and without the run's text cleaning
         at = explorer(app, run=run)
-        at.text_input(key=shared.KEY_TEXT).input(EVIL_TEXT).run()
+        at.text_input(key=keys.KEY_TEXT).input(EVIL_TEXT).run()
         assert_clean(at)
         specs = json.dumps(charts(at), ensure_ascii=False)
         assert "<script>" not in specs and "<b>" not in specs and "</b>" not in specs
@@ -831,28 +834,28 @@ def test_layer_and_feature_pickers(app, sae_run, runs):
     from core.analysis import analyze_text, load_bundle
 
     at = explorer(app)
-    layers = at.selectbox(key=shared.KEY_EX_LAYER).options
+    layers = at.selectbox(key=keys.KEY_EX_LAYER).options
     assert len(layers) >= 1
     first = layers[0]
-    at.selectbox(key=shared.KEY_EX_LAYER).select(int(first)).run()
+    at.selectbox(key=keys.KEY_EX_LAYER).select(int(first)).run()
     assert f"layer {first}" in title(chart(at, SENTENCE))
-    key = shared.explorer_feature_key(RunFolder(runs["tiny"]), "pretrained", int(first), "variance")
+    key = keys.explorer_feature_key(RunFolder(runs["tiny"]), "pretrained", int(first), "variance")
     top = at.number_input(key=key).value
     assert f"feature {top} " in title(chart(at, SENTENCE))
     at.number_input(key=key).set_value(top + 1).run()
     assert f"feature {top + 1} " in title(chart(at, SENTENCE))
-    at.segmented_control(key=shared.KEY_EX_MODEL).set_value("finetuned").run()
+    at.segmented_control(key=keys.KEY_EX_MODEL).set_value("finetuned").run()
     assert "fine-tuned SAE" in title(chart(at, SENTENCE))
-    at.segmented_control(key=shared.KEY_EX_MODEL).set_value("pretrained").run()
-    at.selectbox(key=shared.KEY_EX_RANK).select("density").run()
+    at.segmented_control(key=keys.KEY_EX_MODEL).set_value("pretrained").run()
+    at.selectbox(key=keys.KEY_EX_RANK).select("density").run()
     assert "by density" in chart(at, SENTENCE)["layout"]["title"]["subtitle"]["text"]
     # a new ranking starts at its own top feature (core's ranking), and the pick made under
     # variance waits there for the way back
-    (entry,) = analyze_text(load_bundle(sae_run), at.text_input(key=shared.KEY_TEXT).value, top=3, rank_by="density", saes=[("pretrained", int(first))])["saes"]
-    by_density = shared.explorer_feature_key(RunFolder(runs["tiny"]), "pretrained", int(first), "density")
+    (entry,) = analyze_text(load_bundle(sae_run), at.text_input(key=keys.KEY_TEXT).value, top=3, rank_by="density", saes=[("pretrained", int(first))])["saes"]
+    by_density = keys.explorer_feature_key(RunFolder(runs["tiny"]), "pretrained", int(first), "density")
     assert at.number_input(key=by_density).value == entry["features"][0]["feature"]
     assert f"feature {entry['features'][0]['feature']} " in title(chart(at, SENTENCE))
-    at.selectbox(key=shared.KEY_EX_RANK).select("variance").run()
+    at.selectbox(key=keys.KEY_EX_RANK).select("variance").run()
     assert at.number_input(key=key).value == top + 1 and f"feature {top + 1} " in title(chart(at, SENTENCE))
     assert_clean(at)
 
@@ -863,21 +866,21 @@ def test_explorer_ranks_top_features_by_this_sentence(app, sae_run):
     from core.analysis import analyze_text, load_bundle
 
     at = explorer(app)
-    assert at.selectbox(key=shared.KEY_EX_RANK).options == ["variance", "selectivity", "density", "change", "sentence variance", "sentence change"]
-    at.toggle(key=shared.KEY_COMPARE).set_value(True).run()
-    at.selectbox(key=shared.KEY_EX_RANK).set_value("sentence").run()
+    assert at.selectbox(key=keys.KEY_EX_RANK).options == ["variance", "selectivity", "density", "change", "sentence variance", "sentence change"]
+    at.toggle(key=keys.KEY_COMPARE).set_value(True).run()
+    at.selectbox(key=keys.KEY_EX_RANK).set_value("sentence").run()
     assert_clean(at)
     bundle = load_bundle(sae_run)
-    layer, top = int(at.selectbox(key=shared.KEY_EX_LAYER).value), int(at.slider(key=shared.KEY_EX_TOP).value)
+    layer, top = int(at.selectbox(key=keys.KEY_EX_LAYER).value), int(at.slider(key=keys.KEY_EX_TOP).value)
     figs = [f for f in charts(at) if SENTENCE in title(f)]
-    texts_shown = [at.text_input(key=k).value for k in (shared.KEY_TEXT, shared.KEY_TEXT_B)]
+    texts_shown = [at.text_input(key=k).value for k in (keys.KEY_TEXT, keys.KEY_TEXT_B)]
     assert len(figs) == 2
     for fig, text in zip(figs, texts_shown):
         assert f"top {top} features of this SAE by variance over this sentence" in subtitle(fig)
         (entry,) = analyze_text(bundle, text, top=top, rank_by="sentence", saes=[("pretrained", layer)])["saes"]
         assert fig["layout"]["yaxis"]["ticktext"] == [f"feature {f['feature']}" for f in entry["features"]]
     assert figs[0]["layout"]["yaxis"]["ticktext"] != figs[1]["layout"]["yaxis"]["ticktext"]
-    at.selectbox(key=shared.KEY_EX_RANK).set_value("sentence-change").run()  # the features fine-tuning moved most on each sentence
+    at.selectbox(key=keys.KEY_EX_RANK).set_value("sentence-change").run()  # the features fine-tuning moved most on each sentence
     assert_clean(at)
     figs = [f for f in charts(at) if SENTENCE in title(f)]
     for fig, text in zip(figs, texts_shown):
@@ -896,8 +899,8 @@ def test_with_a_sentence_ranking_each_sentence_starts_at_its_own_top_feature(app
     from core.analysis import analyze_text, load_bundle
 
     at = explorer(app)
-    at.selectbox(key=shared.KEY_EX_RANK).set_value("sentence").run()
-    layer = int(at.selectbox(key=shared.KEY_EX_LAYER).value)
+    at.selectbox(key=keys.KEY_EX_RANK).set_value("sentence").run()
+    layer = int(at.selectbox(key=keys.KEY_EX_LAYER).value)
     bundle = load_bundle(sae_run)
 
     def top_of(text: str) -> int:
@@ -908,14 +911,14 @@ def test_with_a_sentence_ranking_each_sentence_starts_at_its_own_top_feature(app
     first = candidates[0]
     second = next(t for t in candidates[1:] if top_of(t) != top_of(first))  # two sentences with different top features
     for text in (first, second):
-        at.text_input(key=shared.KEY_TEXT).input(text).run()
+        at.text_input(key=keys.KEY_TEXT).input(text).run()
         (picker,) = at.number_input
         assert picker.value == top_of(text) and f"feature {top_of(text)} " in title(chart(at, SENTENCE)), text
-    at.text_input(key=shared.KEY_TEXT).input(first).run()
+    at.text_input(key=keys.KEY_TEXT).input(first).run()
     at.number_input[0].set_value(top_of(first) + 1).run()
-    at.text_input(key=shared.KEY_TEXT).input(second).run()
+    at.text_input(key=keys.KEY_TEXT).input(second).run()
     assert at.number_input[0].value == top_of(second)
-    at.text_input(key=shared.KEY_TEXT).input(first).run()
+    at.text_input(key=keys.KEY_TEXT).input(first).run()
     assert at.number_input[0].value == top_of(first) + 1  # the pick made for this sentence
     assert_clean(at)
 
@@ -924,11 +927,11 @@ def test_explorer_choices_survive_an_empty_sentence_and_a_page_switch(app, sae_r
     """They were reset to their defaults: the page returned before drawing them, and Streamlit
     drops the state of a widget that is not drawn."""
     at = explorer(app)
-    first = int(at.selectbox(key=shared.KEY_EX_LAYER).options[0])
-    at.selectbox(key=shared.KEY_EX_LAYER).select(first).run()
-    at.selectbox(key=shared.KEY_EX_RANK).select("density").run()
-    at.slider(key=shared.KEY_EX_TOP).set_value(5).run()
-    at.segmented_control(key=shared.KEY_EX_MODEL).set_value("finetuned").run()
+    first = int(at.selectbox(key=keys.KEY_EX_LAYER).options[0])
+    at.selectbox(key=keys.KEY_EX_LAYER).select(first).run()
+    at.selectbox(key=keys.KEY_EX_RANK).select("density").run()
+    at.slider(key=keys.KEY_EX_TOP).set_value(5).run()
+    at.segmented_control(key=keys.KEY_EX_MODEL).set_value("finetuned").run()
 
     def assert_kept(at: AppTest) -> None:
         assert_clean(at)
@@ -936,9 +939,9 @@ def test_explorer_choices_survive_an_empty_sentence_and_a_page_switch(app, sae_r
         assert f"fine-tuned SAE, layer {first})" in title(feature)
         assert "top 5 features of this SAE by density" in subtitle(feature)
 
-    at.text_input(key=shared.KEY_TEXT).input(" ").run()
+    at.text_input(key=keys.KEY_TEXT).input(" ").run()
     assert [i.value for i in at.info] == ["Type a sentence and press Enter."] and not charts(at)
-    at.text_input(key=shared.KEY_TEXT).input("the plot was dull").run()
+    at.text_input(key=keys.KEY_TEXT).input("the plot was dull").run()
     assert_kept(at)
     at.switch_page(SIMILARITY).run()
     assert_clean(at)
@@ -949,7 +952,7 @@ def test_explorer_choices_survive_an_empty_sentence_and_a_page_switch(app, sae_r
 
 def test_a_long_text_shows_where_it_was_cut(app, sae_run):
     at = explorer(app)
-    at.text_input(key=shared.KEY_TEXT).input(" ".join(["the acting was brilliant but the plot was dull"] * 20)).run()
+    at.text_input(key=keys.KEY_TEXT).input(" ".join(["the acting was brilliant but the plot was dull"] * 20)).run()
     assert_clean(at)
     (note,) = [c.value for c in at.caption if "tokens; as in training" in c.value]
     assert "in between left out" in note and "dashed line" in note
@@ -958,19 +961,19 @@ def test_a_long_text_shows_where_it_was_cut(app, sae_run):
     assert cut == int(cut) + 0.5 and fig["layout"]["shapes"][0]["yref"] == "paper"
     tokens = len(trace(fig, "cosine")["customdata"][0])
     assert tokens == sae_run.manifest()["config"]["model"]["max_length"]
-    at.toggle(key=shared.KEY_COMPARE).set_value(True).run()  # half-width charts: labels thinned, not piled up
+    at.toggle(key=keys.KEY_COMPARE).set_value(True).run()  # half-width charts: labels thinned, not piled up
     assert len(chart(at, SENTENCE)["layout"]["xaxis"]["ticktext"]) <= 24 < tokens
-    at.toggle(key=shared.KEY_COMPARE).set_value(False).run()
-    at.text_input(key=shared.KEY_TEXT).input("the plot was dull").run()
+    at.toggle(key=keys.KEY_COMPARE).set_value(False).run()
+    at.text_input(key=keys.KEY_TEXT).input("the plot was dull").run()
     assert not [c for c in at.caption if "as in training" in c.value] and "shapes" not in chart(at, SENTENCE)["layout"]
 
 
 def test_matched_feature_panel(app, sae_run, features_run):
     at = explorer(app)
-    at.toggle(key=shared.KEY_EX_MATCHED).set_value(True).run()
+    at.toggle(key=keys.KEY_EX_MATCHED).set_value(True).run()
     assert_clean(at)
     assert chart(at, "its match")["data"][1]["zmid"] == 0
-    at.toggle(key=shared.KEY_COMPARE).set_value(True).run()  # two sentences: their match charts share scales
+    at.toggle(key=keys.KEY_COMPARE).set_value(True).run()  # two sentences: their match charts share scales
     assert_clean(at)
     pairs = [f for f in charts(at) if "its match" in title(f)]
     assert len(pairs) == 2
@@ -985,14 +988,14 @@ def test_the_match_panel_works_from_the_fine_tuned_dictionary_too(app, features_
     from core.analysis import load_bundle, matched_features, sentence_state
 
     at = explorer(app)
-    at.segmented_control(key=shared.KEY_EX_MODEL).set_value("finetuned").run()
-    at.toggle(key=shared.KEY_EX_MATCHED).set_value(True).run()
+    at.segmented_control(key=keys.KEY_EX_MODEL).set_value("finetuned").run()
+    at.toggle(key=keys.KEY_EX_MATCHED).set_value(True).run()
     assert_clean(at)
     fig = chart(at, "its match")
     feature = int(re.match(r"Fine-tuned feature (\d+) and its match: ", title(fig)).group(1))
-    layer = int(at.selectbox(key=shared.KEY_EX_LAYER).value)
+    layer = int(at.selectbox(key=keys.KEY_EX_LAYER).value)
     bundle = load_bundle(features_run)
-    want = matched_features(bundle, sentence_state(bundle, at.text_input(key=shared.KEY_TEXT).value), layer, feature, "finetuned")
+    want = matched_features(bundle, sentence_state(bundle, at.text_input(key=keys.KEY_TEXT).value), layer, feature, "finetuned")
     assert "pre-trained" in title(fig) and "fine-tuned feature" not in title(fig).split(":", 1)[1]
     np.testing.assert_allclose(array(fig["data"][0]["z"]), [want["pretrained"], want["finetuned"]], rtol=1e-5, atol=1e-6)
 
@@ -1000,7 +1003,7 @@ def test_the_match_panel_works_from_the_fine_tuned_dictionary_too(app, features_
 def test_compare_toggle_shows_a_second_sentence(app, sae_run):
     at = explorer(app)
     n = len(charts(at))
-    at.toggle(key=shared.KEY_COMPARE).set_value(True).run()
+    at.toggle(key=keys.KEY_COMPARE).set_value(True).run()
     assert_clean(at)
     assert len(charts(at)) == 2 * n
     figs = [f for f in charts(at) if SENTENCE in title(f)]
@@ -1021,7 +1024,7 @@ def test_compare_toggle_shows_a_second_sentence(app, sae_run):
         lines = f["layout"]["title"]["text"].split("<br>") + f["layout"]["title"]["subtitle"]["text"].split("<br>")
         assert len(lines) > 2 and max(len(html.unescape(line)) for line in lines) <= 1.3 * plots.NARROW_TITLE_CHARS
         assert f["layout"]["margin"]["t"] > 80  # room for the extra lines
-    at.text_input(key=shared.KEY_TEXT_B).input("the plot was dull").run()
+    at.text_input(key=keys.KEY_TEXT_B).input("the plot was dull").run()
     ticks = [f["layout"]["xaxis"]["ticktext"] for f in charts(at) if SENTENCE in title(f)]
     assert "terrible" not in ticks[1] and "dull" in ticks[1]
 
@@ -1067,8 +1070,8 @@ def test_a_feature_that_prefers_no_class_says_so_on_its_card(app, features_run, 
     table = at.dataframe[0].value
     blank = table[table["best_class"].isna()]
     assert len(blank) and len(blank) < len(table)
-    layer = int(at.selectbox(key=shared.KEY_FB_LAYER).value)
-    key = shared.browser_feature_key(RunFolder(runs["tiny"]), "pretrained", layer, "variance")
+    layer = int(at.selectbox(key=keys.KEY_FB_LAYER).value)
+    key = keys.browser_feature_key(RunFolder(runs["tiny"]), "pretrained", layer, "variance")
     assert at.dataframe[0].proto.placeholder == "—"  # a missing best class shows a dash, not "None"
     named = table[table["best_class"].notna()]
     for feature, says in ((int(blank["feature"].iloc[0]), "Prefers no class"), (int(named["feature"].iloc[0]), "Fires most for **")):
@@ -1081,11 +1084,11 @@ def test_a_feature_that_prefers_no_class_says_so_on_its_card(app, features_run, 
 
 def test_feature_browser_ranking_model_layer_and_feature(app, features_run, runs):
     at = browser(app)
-    at.selectbox(key=shared.KEY_FB_RANK).select("density").run()
+    at.selectbox(key=keys.KEY_FB_RANK).select("density").run()
     table = at.dataframe[0].value
     assert list(table["density"]) == sorted(table["density"], reverse=True)
     assert card_title(at).startswith(f"Feature {int(table['feature'].iloc[0])} ")
-    at.selectbox(key=shared.KEY_FB_RANK).select("change").run()  # how far fine-tuning moved each feature
+    at.selectbox(key=keys.KEY_FB_RANK).select("change").run()  # how far fine-tuning moved each feature
     assert_clean(at)
     table = at.dataframe[0].value
     assert list(table["change"]) == sorted(table["change"], reverse=True) and table["change"].iloc[0] > 0
@@ -1093,14 +1096,14 @@ def test_feature_browser_ranking_model_layer_and_feature(app, features_run, runs
     assert order[:4] == ["feature", "change", "status", "best_class"] and sorted(order) == sorted(table.columns)
     tiles = {m.label: m.value for m in at.metric}
     assert tiles["change"] == shared.short_number(float(table["change"].iloc[0]))
-    at.selectbox(key=shared.KEY_FB_RANK).select("density").run()
-    layers = at.selectbox(key=shared.KEY_FB_LAYER).options
-    at.selectbox(key=shared.KEY_FB_LAYER).select(int(layers[0])).run()
+    at.selectbox(key=keys.KEY_FB_RANK).select("density").run()
+    layers = at.selectbox(key=keys.KEY_FB_LAYER).options
+    at.selectbox(key=keys.KEY_FB_LAYER).select(int(layers[0])).run()
     assert f"layer {layers[0]}" in card_title(at)
-    key = shared.browser_feature_key(RunFolder(runs["tiny"]), "pretrained", int(layers[0]), "density")
+    key = keys.browser_feature_key(RunFolder(runs["tiny"]), "pretrained", int(layers[0]), "density")
     at.number_input(key=key).set_value(3).run()
     assert card_title(at).startswith("Feature 3 ")
-    at.segmented_control(key=shared.KEY_FB_MODEL).set_value("finetuned").run()
+    at.segmented_control(key=keys.KEY_FB_MODEL).set_value("finetuned").run()
     assert "fine-tuned SAE" in card_title(at)
     assert_clean(at)
     tiles = {m.label: m.value for m in at.metric if m.label in ("variance", "density", "selectivity")}
@@ -1152,10 +1155,10 @@ def test_the_feature_shown_is_the_row_ticked_in_the_table(app, features_run, run
     at = browser(app)
     first = int(re.match(r"Feature (\d+)", card_title(at)).group(1))
     assert ticked(at) == first
-    run, layer = RunFolder(runs["tiny"]), int(at.selectbox(key=shared.KEY_FB_LAYER).value)
+    run, layer = RunFolder(runs["tiny"]), int(at.selectbox(key=keys.KEY_FB_LAYER).value)
     table = at.dataframe[0].value
     fifth = int(table.iloc[4]["feature"])
-    at.number_input(key=shared.browser_feature_key(run, "pretrained", layer, "variance")).set_value(fifth).run()
+    at.number_input(key=keys.browser_feature_key(run, "pretrained", layer, "variance")).set_value(fifth).run()
     assert_clean(at)
     assert card_title(at).startswith(f"Feature {fifth} ") and ticked(at) == fifth
     (button,) = [b for b in at.button if b.label.startswith("Open ")]  # the one-to-one matching gives it a partner
@@ -1170,12 +1173,12 @@ def test_feature_browser_tables_keep_their_own_row_selection(app, features_run, 
     in the next; and typing a feature number left the old row checked."""
     at = browser(app)
     ids = {at.dataframe[0].proto.id}
-    at.selectbox(key=shared.KEY_FB_RANK).select("density").run()
+    at.selectbox(key=keys.KEY_FB_RANK).select("density").run()
     ids.add(at.dataframe[0].proto.id)
-    layers = at.selectbox(key=shared.KEY_FB_LAYER).options
-    at.selectbox(key=shared.KEY_FB_LAYER).select(int(layers[0])).run()
+    layers = at.selectbox(key=keys.KEY_FB_LAYER).options
+    at.selectbox(key=keys.KEY_FB_LAYER).select(int(layers[0])).run()
     ids.add(at.dataframe[0].proto.id)
-    at.number_input(key=shared.browser_feature_key(RunFolder(runs["tiny"]), "pretrained", int(layers[0]), "density")).set_value(2).run()
+    at.number_input(key=keys.browser_feature_key(RunFolder(runs["tiny"]), "pretrained", int(layers[0]), "density")).set_value(2).run()
     ids.add(at.dataframe[0].proto.id)
     assert_clean(at)
     assert len(ids) == 4  # a fresh table (and selection) for each
@@ -1216,10 +1219,10 @@ def test_dashboard_threads_leave_a_core_to_the_browser(monkeypatch):
 
 
 def test_the_overview_modules_leave_the_model_and_dataset_code_unloaded():
-    """What the overview imports (pages._shared, core.report, core.export, core.plots) loads neither
+    """What the overview imports (pages._shared, _keys, _selection, _cached, _background, core.report, core.export, core.plots) loads neither
     transformers nor scikit-learn: those come with the explorer and the feature browser, so the
     first page draws sooner (a report that read similarity.json through core.similarity pulled
     them in)."""
-    code = "import sys, pages._shared, core.export, core.report, core.plots; print([m for m in ('sklearn', 'transformers', 'core.data', 'core.models') if m in sys.modules])"
+    code = "import sys, pages._shared, pages._keys, pages._selection, pages._cached, pages._background, core.export, core.report, core.plots; print([m for m in ('sklearn', 'transformers', 'core.data', 'core.models') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout
