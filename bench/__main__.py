@@ -56,7 +56,7 @@ def check_paths(args: argparse.Namespace) -> str | None:
     """What is wrong with --out or --work (checked before any benchmark runs, which takes minutes);
     creates the folders they need. None if nothing."""
     from core.errors import LayerscopeError
-    from core.runfolder import make_folder
+    from core.files import make_folder
 
     out = Path(args.out)
     if out.is_dir():

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from core.runfolder import write_text
+from core.files import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "_work"
@@ -279,7 +279,8 @@ def bench_run(ctx: Context, rows: int, name: str = "run"):
     from core.data import run_data
     from core.models import load_classifier, load_tokenizer, quiet_transformers
     from core.pipeline import package_versions
-    from core.runfolder import RunFolder, atomic_path
+    from core.files import atomic_path
+    from core.runfolder import RunFolder
 
     quiet_transformers()
     root = ctx.work / f"{name}_{rows}"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench.common import Context, Section, bench_run, default_model_cfg, scratch_run
 from bench.memory import run_child
-from core.runfolder import write_text
+from core.files import write_text
 
 FULL_SIZES = (0.1, 0.5, 1.0)
 QUICK_SIZES = (0.002, 0.004)

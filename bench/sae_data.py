@@ -30,7 +30,8 @@ from core.data import DataConfig, clean_text, load_raw, load_split
 from core.errors import LayerscopeError
 from core.models import encode, load_classifier, load_tokenizer, pad_batch
 from core.progress import progress_bar
-from core.runfolder import MODELS, SPLITS, RunFolder, now, write_json
+from core.files import write_json
+from core.runfolder import MODELS, SPLITS, RunFolder, now
 from core.sae import SAEConfig
 from core.sae_metrics import evaluate_sae
 from core.sae_training import train_sae

@@ -251,7 +251,7 @@ def _dispatch(args) -> int:
         return 0
     if args.verb == "export":
         from core.export import export_html
-        from core.runfolder import write_text
+        from core.files import write_text
 
         out = Path(args.out)
         if args.out.endswith(("/", os.sep)) and not out.is_dir():  # Path() drops the slash: a file named like the folder

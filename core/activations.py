@@ -37,7 +37,8 @@ from core.errors import LayerscopeError, OptionCheck
 from core.models import ModelConfig, encode, load_classifier, load_tokenizer, num_hidden_states, pad_batch, quiet_transformers
 from core.progress import progress_bar
 from core.rss import kept_heap
-from core.runfolder import ACTIVATION_INDEX_FIELDS, MODELS, RunFolder, atomic_path, core_command, read_json, refuse_unreadable, write_json
+from core.files import atomic_path, refuse_unreadable, write_json
+from core.runfolder import ACTIVATION_INDEX_FIELDS, MODELS, RunFolder, core_command, read_json
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

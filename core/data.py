@@ -22,7 +22,8 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from core.errors import LayerscopeError, OptionCheck, user_path
-from core.runfolder import SPLITS, RunFolder, atomic_path, core_command, write_json
+from core.files import atomic_path, write_json
+from core.runfolder import SPLITS, RunFolder, core_command
 
 BUILTIN = ("imdb", "rotten_tomatoes", "clothing_reviews", "bbc_news")
 

@@ -18,7 +18,8 @@ import plotly.graph_objects as go
 
 from core import plots
 from core.report import build_report, sae_bar_misses, sae_bars_headline
-from core.runfolder import RunFolder, core_command, make_folder, write_text
+from core.files import make_folder, write_text
+from core.runfolder import RunFolder, core_command
 
 CLAIM_MEASURES = plots.CLAIM_MEASURES  # the claims' figure draws the same two
 HIGH_SIMILARITY = 0.9

@@ -36,7 +36,8 @@ from core.errors import LayerscopeError, OptionCheck, StatsUnreadable
 from core.features import FeatureStats, FeatureStatsAccumulator, match_features, rank_features
 from core.models import encode, hidden_state_module, load_classifier, load_tokenizer, pad_batch
 from core.progress import progress_bar
-from core.runfolder import MATCHING_FIELDS, MODELS, NO_SIMILARITY, OTHER_MODEL, RunFolder, atomic_path, core_command, match_similarity, read_json, refuse_unreadable, write_json
+from core.files import atomic_path, refuse_unreadable, write_json
+from core.runfolder import MATCHING_FIELDS, MODELS, NO_SIMILARITY, OTHER_MODEL, RunFolder, core_command, match_similarity, read_json
 from core.sae import SparseAutoencoder
 from core.sae_metrics import EVAL_CHUNK_ROWS, feature_density
 from core.saes import load_sae

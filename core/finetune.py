@@ -25,7 +25,8 @@ from core.data import load_split
 from core.errors import LayerscopeError, OptionCheck
 from core.models import ModelConfig, check_max_length, encode, load_classifier, load_tokenizer, predict_proba, quiet_transformers
 from core.progress import bars_off
-from core.runfolder import RunFolder, atomic_path, write_json
+from core.files import atomic_path, write_json
+from core.runfolder import RunFolder
 
 
 @dataclass

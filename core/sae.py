@@ -40,7 +40,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from core.errors import LayerscopeError
-from core.runfolder import SAE_CFG_FILE, SAE_WEIGHTS_FILE, core_command, refuse_unreadable, write_json, write_text
+from core.files import refuse_unreadable, write_json, write_text
+from core.runfolder import SAE_CFG_FILE, SAE_WEIGHTS_FILE, core_command
 
 FORMAT = "layerscope-sae-1"
 ARCHITECTURES = ("topk", "paper")

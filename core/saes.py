@@ -32,7 +32,8 @@ from core.errors import LayerscopeError, OptionCheck
 from core.models import ModelConfig, encode, hidden_state_module, load_classifier, load_tokenizer, model_fingerprint, pad_batch, predict_proba, quiet_transformers
 from core.progress import progress_bar
 from core.rss import available_memory_bytes
-from core.runfolder import MODELS, SAE_CFG_FILE, SAE_METRICS_FIELDS, SAE_METRICS_FILE, RunFolder, atomic_path, core_command, read_json, write_json
+from core.files import atomic_path, write_json
+from core.runfolder import MODELS, SAE_CFG_FILE, SAE_METRICS_FIELDS, SAE_METRICS_FILE, RunFolder, core_command, read_json
 from core.sae import RETRAIN_HINT, SAEConfig, SparseAutoencoder, check_compatible, retrain_hint
 from core.sae_metrics import evaluate_sae
 from core.sae_training import DyingLatents, SAETrainingConfig, train_sae

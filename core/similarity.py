@@ -26,7 +26,8 @@ import torch
 from core.activations import ActivationStore, mean_pool
 from core.errors import OptionCheck
 from core.progress import progress_bar
-from core.runfolder import CKA_CSV, SIMILARITY_CSV, SIMILARITY_JSON, RunFolder, atomic_path, read_similarity, write_json
+from core.files import atomic_path, write_json
+from core.runfolder import CKA_CSV, SIMILARITY_CSV, SIMILARITY_JSON, RunFolder, read_similarity
 
 
 @dataclass

@@ -29,7 +29,8 @@ from streamlit.testing.v1 import AppTest
 from core import plots
 from core.report import build_report
 from core.features_step import load_stats
-from core.runfolder import RunFolder, read_json, write_json
+from core.files import write_json
+from core.runfolder import RunFolder, read_json
 from pages import _background as background
 from pages import _cached as cached
 from pages import _keys as keys

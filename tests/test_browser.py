@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from core.runfolder import read_json, write_json
+from core.files import write_json
+from core.runfolder import read_json
 from bench.dashboard import CHROMIUM, CHROMIUM_ARGS, streamlit_server
 
 EVIL_TEXT = "<script>alert(1)</script> <b>x</b> the acting was terrible"

@@ -565,7 +565,7 @@ def test_tqdm_disable_silences_every_progress_bar(tiny_run, tmp_path):
 )
 def test_file_system_errors_are_one_line_and_keep_the_old_file(tmp_path, tiny_run, monkeypatch, capsys, err, fragments):
     """A folder the user cannot write to, a full disk, a read-only mount: exit 2 with one line, old file intact."""
-    from core import runfolder
+    from core import files
     from core.__main__ import main
 
     out = tmp_path / "report.html"
@@ -574,7 +574,7 @@ def test_file_system_errors_are_one_line_and_keep_the_old_file(tmp_path, tiny_ru
     def refuse(*args, **kwargs):
         raise (PermissionError if err == errno.EACCES else OSError)(err, os.strerror(err), str(out))
 
-    monkeypatch.setattr(runfolder.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
     assert main(["export", "--run", str(tiny_run.root), "--out", str(out)]) == 2
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert len(lines) == 1
@@ -585,13 +585,13 @@ def test_file_system_errors_are_one_line_and_keep_the_old_file(tmp_path, tiny_ru
 
 def test_other_os_errors_still_show_their_traceback(tmp_path, tiny_run, monkeypatch):
     """Only the file-system problems a user can fix become one line; anything else is a bug to report."""
-    from core import runfolder
+    from core import files
     from core.__main__ import main
 
     def broken(*args, **kwargs):
         raise OSError(errno.EIO, os.strerror(errno.EIO), "x")
 
-    monkeypatch.setattr(runfolder.tempfile, "mkstemp", broken)
+    monkeypatch.setattr(files.tempfile, "mkstemp", broken)
     with pytest.raises(OSError, match="Input/output error"):
         main(["export", "--run", str(tiny_run.root), "--out", str(tmp_path / "r.html")])
 

@@ -174,7 +174,7 @@ def test_other_builtin_sources(name, classes):
 def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
     import os
 
-    from core.runfolder import write_json
+    from core.files import write_json
     from core.sae import SAEConfig, SparseAutoencoder
 
     umask = os.umask(0o022)

@@ -478,7 +478,8 @@ def test_matching_frame_flattens_counts():
 def test_export_html_is_self_contained_and_escaped(tiny_run, tmp_path):
     import shutil
 
-    from core.runfolder import RunFolder, read_json, write_json
+    from core.files import write_json
+    from core.runfolder import RunFolder, read_json
 
     run = RunFolder(tmp_path / "<b>x</b>")
     shutil.copytree(tiny_run.root, run.root)

@@ -11,6 +11,7 @@ import pytest
 
 from core import runfolder
 from core.errors import LayerscopeError
+from core.files import NUMBER, field_problem
 from core.runfolder import (
     ACTIVATION_INDEX_FIELDS,
     FINETUNE_METRICS_FIELDS,
@@ -20,10 +21,9 @@ from core.runfolder import (
     SAE_METRICS_FIELDS,
     SIMILARITY_FIELDS,
     RunFolder,
-    field_problem,
 )
 
-SHAPE = {"name": str, "size?": int, "scores": [runfolder.NUMBER], "per_class": {"*": {"f1": runfolder.NUMBER}}}
+SHAPE = {"name": str, "size?": int, "scores": [NUMBER], "per_class": {"*": {"f1": NUMBER}}}
 
 
 @pytest.mark.parametrize(

@@ -731,7 +731,8 @@ def test_a_feature_without_a_partner_similarity_reads_as_missing(tiny_run, tmp_p
     the table shows it missing and the card and the explorer None, never the number -2."""
     from core.analysis import load_bundle, matched_features, sentence_state
     from core.features_step import feature_card, feature_table
-    from core.runfolder import NO_SIMILARITY, read_json, write_json
+    from core.files import write_json
+    from core.runfolder import NO_SIMILARITY, read_json
 
     run = RunFolder(tmp_path / "copy")
     shutil.copytree(tiny_run.root, run.root)
