@@ -20,8 +20,6 @@ from pages import _shared as shared
 
 
 STEP_LINE = re.compile(r"^\[(\w+)\]\s+(running|finished|already done)")
-
-
 PERCENT = re.compile(r"(\d{1,3})%\|")
 
 

@@ -13,70 +13,27 @@ import streamlit as st
 from core.runfolder import RunFolder
 from pages import _shared as shared
 
-
 KEY_RUN = "ls_run"  # path of the selected run (str) or None
-
-
 KEY_RUN_SELECT = "ls_run_select"  # sidebar selectbox
-
-
 KEY_RUN_TEXT = "ls_run_text"  # sidebar "other run folder" text box
-
-
 KEY_RUN_MESSAGE = "ls_run_message"  # message about a run path that could not be opened
-
-
 KEY_QUERY_RUN = "ls_query_run"  # last ?run= value applied, so it is applied once
-
-
 KEY_CLAIM_THRESHOLD = "ls_claim_threshold"
-
-
 KEY_SAE_EVERY_COLUMN = "ls_sae_every_column"  # overview: the SAE table's every-column toggle
-
-
 KEY_SIM_MEASURES = "ls_sim_measures"
-
-
 KEY_SIM_OVERLAY = "ls_sim_overlay"
-
-
 KEY_SIM_NORMALISE = "ls_sim_normalise"
-
-
 KEY_TEXT = "ls_text"
-
-
 KEY_TEXT_B = "ls_text_b"
-
-
 KEY_COMPARE = "ls_compare"
-
-
 KEY_EX_MODEL = "ls_ex_model"
-
-
 KEY_EX_LAYER = "ls_ex_layer"
-
-
 KEY_EX_RANK = "ls_ex_rank"
-
-
 KEY_EX_TOP = "ls_ex_top"
-
-
 KEY_EX_MATCHED = "ls_ex_matched"
-
-
 KEY_FB_MODEL = "ls_fb_model"
-
-
 KEY_FB_LAYER = "ls_fb_layer"
-
-
 KEY_FB_RANK = "ls_fb_rank"
-
-
 KEY_FB_TABLE = "ls_fb_table"  # prefix of the feature table's key (see ``browser_table_key``)
 
 
