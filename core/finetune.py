@@ -41,7 +41,7 @@ class FinetuneConfig:
     max_train_examples: int = 0  # use at most this many training examples (0 = the whole train split)
     eval_batch_size: int = 64  # examples per forward pass when evaluating
     attention_dropout: float = 0.0  # dropout on attention probabilities (BERT: 0.1); 0 saves ~15% of CPU step time
-    attention: str = field(default="auto", metadata={"hash_when_set": True})  # attention kernel while training: "eager", "sdpa", or "auto" = eager on CPU (its backward is faster there, README "Performance"), sdpa on GPUs
+    attention: str = field(default="auto", metadata={"hash_when_set": True})  # attention kernel while training: "eager", "sdpa", or "auto" = eager on CPU (its backward is faster there: README, "The pipeline"; docs/build-history.md), sdpa on GPUs
     seed: int = 0  # seeds the head initialisation, shuffling and dropout
     threads: int = 0  # torch CPU threads (0 = torch's default)
 
