@@ -25,7 +25,7 @@ import signal
 import sys
 from pathlib import Path
 
-from core.errors import LayerscopeError
+from core.errors import LayerscopeError, user_path
 from core.runfolder import STEPS, RunFolder
 
 DEFAULT_RUN = Path(__file__).resolve().parent.parent / "checkpoints" / "default"
@@ -253,18 +253,19 @@ def _dispatch(args) -> int:
         from core.export import export_html
         from core.files import write_text
 
-        out = Path(args.out)
+        out = user_path(args.out)
         if args.out.endswith(("/", os.sep)) and not out.is_dir():  # Path() drops the slash: a file named like the folder
             raise LayerscopeError(f"--out {args.out} names a folder; pass a file name for the report, e.g. {out / 'report.html'}")
-        if out.exists() and out.resolve().is_relative_to(run.root.resolve()):  # a run file (manifest.json, a CSV) would be lost
+        if out.is_file() and out.resolve().is_relative_to(run.root.resolve()):  # a run file (manifest.json, a CSV) would be lost
+            # (a folder, the run's own included, gets write_text's "is a folder; pass a file name")
             raise LayerscopeError(f"--out {out} is a file of the run {run.root}; write the report to a new file or outside the run folder (nothing was written)")
         write_text(out, export_html(run))
-        print(f"wrote {args.out}")
+        print(f"wrote {out}")
         return 0
     if args.verb == "figures":
         from core.export import write_figures
 
-        print("\n".join(f"wrote {p}" for p in write_figures(run, args.out, compare=[RunFolder(r) for r in args.compare])))
+        print("\n".join(f"wrote {p}" for p in write_figures(run, user_path(args.out), compare=[RunFolder(r) for r in args.compare])))
         return 0
     cfg = pipeline.resolve_run_config(run, args.preset, args.config, _overrides(args))
     if args.verb == "config":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from core.activations import ActivationsConfig
 from core.data import DataConfig
-from core.errors import LayerscopeError
+from core.errors import LayerscopeError, user_path
 from core.features_step import FeaturesConfig
 from core.finetune import FinetuneConfig
 from core.models import ModelConfig
@@ -141,20 +141,26 @@ def _apply(obj, updates: dict, prefix: str) -> None:
 
 
 def _nest(dotted: dict[str, object]) -> dict:
+    """{"a.b": 1, "a.c": 2} -> {"a": {"b": 1, "c": 2}}."""
     out: dict = {}
     for key, value in dotted.items():
         parts = key.split(".")
         node = out
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):  # "--set finetune=x --set finetune.epochs=3"
+                section = ".".join(parts[: i + 1])
+                raise LayerscopeError(f"option '{section}' is a section; set its fields as {section}.FIELD=VALUE")
         node[parts[-1]] = value
     return out
 
 
 def read_toml(path: str | Path) -> dict:
-    path = Path(path)
+    path = user_path(path)
     if path.is_dir():
         raise LayerscopeError(f"config file {path} is a folder; pass a TOML file to --config (core/presets/*.toml are examples)")
+    if path.exists() and not path.is_file():
+        raise LayerscopeError(f"config file {path} is not a regular file (a device, pipe or socket); pass a TOML file to --config")
     if not path.is_file():
         raise LayerscopeError(f"config file {path} not found; pass an existing TOML file to --config")
     try:

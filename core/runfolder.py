@@ -118,11 +118,13 @@ SIMILARITY_FIELDS = {
     "num_tokens": int,
 }
 SAE_METRICS_FIELDS = {
-    "model": str, "layer": int, "architecture": str, "d_sae": int,
+    "model": str, "layer": int, "architecture": str, "d_sae": int, "k?": (int, type(None)), "num_tokens?": int,
     "l0": NUMBER, "fvu": NUMBER, "mse": NUMBER, "dead_fraction": NUMBER, "dense_fraction": NUMBER,
-    "accuracy_spliced?": NUMBER, "kl_spliced?": NUMBER, "fvu_on_finetuned?": NUMBER,
-    "rare_tokens?": ({"token_share": NUMBER, "error_share": NUMBER, "fvu": NUMBER, "fvu_rest": NUMBER}, type(None)),
-    "training?": {}, "loss_curve?": {"step": [NUMBER], "mse": [NUMBER], "l0": [NUMBER]},
+    "accuracy_spliced?": NUMBER, "kl_spliced?": NUMBER, "accuracy_original?": NUMBER, "splice_texts?": int, "spliced_into?": str,
+    "fvu_on_finetuned?": NUMBER,
+    "rare_tokens?": ({"token_share": NUMBER, "error_share": NUMBER, "fvu": NUMBER, "fvu_rest": NUMBER, "seen_fewer_than?": int}, type(None)),
+    "training?": {"num_steps?": int, "num_tokens?": int, "tokens_per_second?": NUMBER, "dead_fraction?": NUMBER, "lr?": NUMBER, "normalization_scale?": NUMBER},
+    "loss_curve?": {"step": [NUMBER], "mse": [NUMBER], "l0": [NUMBER]},
 }
 NO_SIMILARITY = -2.0  # matching files: a feature whose partner similarity is NaN (JSON has no NaN; cosines are >= -1)
 

@@ -218,8 +218,31 @@ def test_a_path_under_the_home_of_a_user_that_does_not_exist_is_one_line(tmp_pat
     assert not (tmp_path / "r").exists()
 
 
+def test_out_and_config_paths_expand_the_home_folder_like_run(tmp_path, tiny_run, monkeypatch):
+    """``--out ~/r.html`` and ``--config ~/x.toml`` mean the home folder, as ``--run ~/...`` does
+    (they made a folder named "~" in the working directory), and ``~user`` of no such user is one line."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    (home / "x.toml").write_text("[finetune]\nepochs = 2.0\n")
+    assert "finetune.epochs = 2.0" in cli("config", "--run", tiny_run.root, "--config", "~/x.toml", check=True).stdout
+    assert cli("export", "--run", tiny_run.root, "--out", "~/r.html", check=True).stdout.strip() == f"wrote {home / 'r.html'}"
+    assert (home / "r.html").read_text().startswith("<!DOCTYPE html>")
+    assert_user_error(cli("export", "--run", tiny_run.root, "--out", f"{NO_USER}/r.html"), f"cannot expand '{NO_USER}'")
+    assert_user_error(cli("config", "--run", tiny_run.root, "--config", f"{NO_USER}/x.toml"), f"cannot expand '{NO_USER}'")
+    assert list(work.iterdir()) == []
+
+
+def test_a_config_file_that_is_a_device_and_a_section_set_as_a_value_are_one_line(tiny_run):
+    assert_user_error(cli("config", "--run", tiny_run.root, "--config", "/dev/null"), "/dev/null is not a regular file")
+    for order in (["finetune=x", "finetune.epochs=3"], ["finetune.epochs=3", "finetune=x"]):
+        assert_user_error(cli("config", "--run", tiny_run.root, "--set", order[0], "--set", order[1]), "option 'finetune' is a section", "finetune.FIELD=VALUE")
+
+
 def test_export_to_a_folder_or_below_a_file_is_refused(tmp_path, tiny_run):
     assert_user_error(cli("export", "--run", tiny_run.root, "--out", tmp_path), "is a folder; pass a file name", "report.html")
+    assert_user_error(cli("export", "--run", tiny_run.root, "--out", tiny_run.root), "is a folder; pass a file name", "report.html")  # not "a file of the run"
     (tmp_path / "f").write_text("x")
     assert_user_error(cli("export", "--run", tiny_run.root, "--out", tmp_path / "f" / "r.html"), "a file is in the way")
     assert (tmp_path / "f").read_text() == "x"
@@ -708,6 +731,8 @@ def _split_hash_is_a_number(m):
         ("saes/finetuned/layer_2/metrics.json", lambda d: {**d, "loss_curve": {**d["loss_curve"], "step": "1, 2"}}, ["export", "--out", "{run}/../r.html"], "('loss_curve.step' is a string, not a list)", "`python -m core saes --run {run} --force`"),
         ("saes/pretrained/layer_1/metrics.json", lambda d: {**d, "rare_tokens": {**d["rare_tokens"], "token_share": "29%"}}, ["report"], "('rare_tokens.token_share' is a string, not a number)", "`python -m core saes --run {run} --force`"),
         ("saes/pretrained/layer_1/metrics.json", lambda d: {**d, "accuracy_spliced": [0.9]}, ["report"], "('accuracy_spliced' is a list, not a number)", "`python -m core saes --run {run} --force`"),
+        ("saes/pretrained/layer_2/metrics.json", lambda d: {**d, "accuracy_original": "x"}, ["report"], "('accuracy_original' is a string, not a number)", "`python -m core saes --run {run} --force`"),
+        ("saes/pretrained/layer_2/metrics.json", lambda d: {**d, "training": {**d["training"], "lr": "4e-3"}}, ["export", "--out", "{run}/../r.html"], "('training.lr' is a string, not a number)", "`python -m core saes --run {run} --force`"),
         ("manifest.json", _step_record_is_a_number, ["build"], "('steps.data' is a whole number, not an object)", "delete that manifest.json"),
         ("manifest.json", _split_hash_is_a_number, ["features", "--force"], "('steps.data.result.hashes.test' is a whole number, not a string)", "delete that manifest.json"),
         ("manifest.json", lambda m: {**m, "steps": {**m["steps"], "data": {**m["steps"]["data"], "seconds": "fast"}}}, ["report"], "('steps.data.seconds' is a string, not a number)", "delete that manifest.json"),
