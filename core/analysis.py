@@ -16,7 +16,7 @@ import torch
 
 from core.data import DataConfig, clean_text
 from core.errors import LayerscopeError, StatsUnreadable
-from core.models import encode, kept_span, load_classifier, load_tokenizer, quiet_transformers
+from core.models import encode, kept_span, load_classifier, load_tokenizer, quiet_transformers, run_labels
 from core.runfolder import MODEL_NAMES, MODELS, OTHER_MODEL, RunFolder, core_command, match_similarity
 from core.sae import topk_rows
 from core.saes import load_sae
@@ -66,6 +66,10 @@ class SentenceState:
     unknown_tokens: int = 0  # tokens the vocabulary does not cover ([UNK])
 
 
+def _layers(n: int) -> str:
+    return f"{n} layer{'s' * (n != 1)}"
+
+
 def load_bundle(run: RunFolder) -> Bundle:
     run.require("finetune", "the analyze command")
     quiet_transformers()
@@ -73,14 +77,21 @@ def load_bundle(run: RunFolder) -> Bundle:
     tok = load_tokenizer(str(run.model_dir("finetuned")))
     models = {name: load_classifier(str(run.model_dir(name))).eval() for name in MODELS}
     hidden_size = models["finetuned"].config.hidden_size
-    labels = run.labels()
-    if len(labels) != models["finetuned"].config.num_labels:  # a prediction would drop or invent classes
+    labels = run_labels(run, models["finetuned"].config.num_labels)
+    depths = {name: model.config.num_hidden_layers for name, model in models.items()}
+    redo = f"restore it, or rebuild the run with `{core_command('build', run.root, '--force')}`"
+    if len(set(depths.values())) > 1:  # one config.json edited since the build: hidden states would not pair up
         raise LayerscopeError(
-            f"{run.labels_path} names {len(labels)} classes but the fine-tuned model has {models['finetuned'].config.num_labels}; "
-            f"the two come from different builds: rebuild the run with `{core_command('build', run.root, '--force')}`"
+            " and ".join(f"{run.model_config_path(m)} gives the {m} model {_layers(n)}" for m, n in depths.items())
+            + f"; one config.json was edited since the build: {redo}"
         )
     saes = {}
     for model, layer, _ in run.sae_dirs():
+        if layer > depths[model]:  # the weights still match (the SAE checks those), the config does not
+            raise LayerscopeError(
+                f"{run.model_config_path(model)} gives the {model} model {_layers(depths[model])}, but its SAE at layer {layer} "
+                f"was trained on hidden state {layer}; the config.json was edited since the build: {redo}"
+            )
         saes[(model, layer)] = load_sae(run, model, layer, hidden_size).eval()
     return Bundle(run=run, tokenizer=tok, models=models, saes=saes, labels=labels, config=m["config"])
 

@@ -34,7 +34,7 @@ from core.activations import ActivationStore
 from core.data import load_split, stratified_sample
 from core.errors import LayerscopeError, OptionCheck, StatsUnreadable
 from core.features import FeatureStats, FeatureStatsAccumulator, match_features, rank_features
-from core.models import encode, hidden_state_module, load_classifier, load_tokenizer, pad_batch
+from core.models import encode, hidden_state_module, load_classifier, load_model_config, load_tokenizer, pad_batch, run_labels
 from core.progress import progress_bar
 from core.files import atomic_path, refuse_unreadable, write_json
 from core.runfolder import MATCHING_FIELDS, MODELS, NO_SIMILARITY, OTHER_MODEL, RunFolder, core_command, match_similarity, read_json
@@ -183,7 +183,7 @@ def run_features(run: RunFolder, cfg: FeaturesConfig, progress: bool = True) -> 
     store = ActivationStore(run, "test")
     test = load_split(run, "test")
     labels_by_id = dict(zip(test["id"].astype(int), test["label"].astype(int)))
-    num_classes = len(run.labels())
+    num_classes = len(run_labels(run, load_model_config(str(run.model_dir("finetuned"))).num_labels))
     saes = run.sae_dirs()
     if not saes:
         raise LayerscopeError(f"no SAEs in {run.root}; run `{core_command('build', run.root, '--until', 'saes')}` first")

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 
 from core.errors import LayerscopeError, OptionCheck, user_path
-from core.runfolder import redo_hint
+from core.runfolder import RunFolder, core_command, redo_hint
 
 EMBEDDED_ALIASES = ("all-MiniLM-L6-v2", "minilm", "sentence-transformers/all-MiniLM-L6-v2")
 
@@ -98,15 +98,21 @@ def _load(loader, name: str, **kwargs):
         raise LayerscopeError(f"{path} is a file, not a model folder; pass the folder that holds its config.json (written by save_pretrained) or a hub id")
     if not _looks_local(path) and _hub_unresolvable(path):
         raise LayerscopeError(_unreachable_hub(name))
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return loader.from_pretrained(str(user_path(path)) if _looks_local(path) else path, **kwargs)
-    except (OSError, ValueError, SafetensorError, AttributeError, TypeError, KeyError) as e:
-        # ValueError: no model_type; SafetensorError: damaged weights; the last three: a config.json
-        # edited by hand (e.g. "dtype": "x" fails as torch.x), so only a local folder's are the user's
+    except (OSError, ValueError, SafetensorError, AttributeError, TypeError, KeyError, RuntimeError, StrictDataclassError) as e:
+        # ValueError: no model_type; SafetensorError: damaged weights; the rest: a config.json
+        # edited by hand ("dtype": "x" fails as torch.x, "num_hidden_layers": "six" fails the
+        # config's type checks, "vocab_size": 10 no longer fits the weights: RuntimeError), so
+        # only a local folder's are the user's
         local = user_path(path).is_dir()
-        if not local and isinstance(e, (AttributeError, TypeError, KeyError)):
+        if not local and isinstance(e, (AttributeError, TypeError, KeyError, RuntimeError, StrictDataclassError)):
             raise
         first_line = (str(e).splitlines() or [type(e).__name__])[0]
+        if isinstance(e, RuntimeError) and "ignore_mismatched_sizes" in first_line:  # its "report above" is a log line we silence
+            first_line = "its weights do not have the shapes its config.json gives"
         if local:
             raise LayerscopeError(f"{path} is not a loadable model folder ({first_line}); {redo_hint(user_path(path), 'check it has config.json and weights')}") from None
         if not isinstance(e, OSError):
@@ -126,6 +132,19 @@ def check_max_length(max_length: int, model_config, name: str) -> None:
     positions = getattr(model_config, "max_position_embeddings", None)
     if positions and max_length > positions:
         raise LayerscopeError(f"model.max_length={max_length} is longer than '{name}' can read ({positions} positions); set --set model.max_length={positions} or less")
+
+
+def run_labels(run: RunFolder, num_labels: int) -> list[str]:
+    """The run's class names (``data/labels.json``), checked against the fine-tuned classifier's
+    ``num_labels``: a prediction, a per-class statistic or a logit effect would otherwise drop or
+    invent classes (labels.json replaced since the build)."""
+    labels = run.labels()
+    if len(labels) != num_labels:
+        raise LayerscopeError(
+            f"{run.labels_path} names {len(labels)} classes but the fine-tuned model has {num_labels}; "
+            f"the two come from different builds: rebuild the run with `{core_command('build', run.root, '--force')}`"
+        )
+    return labels
 
 
 def load_tokenizer(name: str):

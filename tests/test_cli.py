@@ -511,6 +511,26 @@ def test_labels_that_disagree_with_the_model_are_refused_not_a_class_dropped(tin
     labels = json.loads((run / "data" / "labels.json").read_text())
     (run / "data" / "labels.json").write_text(json.dumps({**labels, "names": labels["names"][:1]}))
     assert_user_error(cli("analyze", "--run", run, "--text", "a film"), "labels.json names 1 classes but the fine-tuned model has 2", "build --run")
+    # the features step says the same before it works (it suggested itself, `features --force`, again and again)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert_user_error(cli("features", "--run", run, "--force"), "labels.json names 1 classes but the fine-tuned model has 2", "build --run")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_model_config_edited_since_the_build_is_one_line_not_an_index_error(tiny_run, tmp_path):
+    """The weights are unchanged (the SAEs' fingerprint check passes), but config.json now gives a
+    model fewer layers than its SAEs read, or the two models different depths."""
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    depth = json.loads((run / "models" / "finetuned" / "config.json").read_text())["num_hidden_layers"]
+    top = max(layer for _, layer, _ in tiny_run.sae_dirs())
+    assert top == depth  # the tiny run has an SAE on the last layer
+    for model in ("pretrained", "finetuned"):
+        path = run / "models" / model / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "num_hidden_layers": depth - 1}))
+        if model == "pretrained":
+            assert_user_error(cli("analyze", "--run", run, "--text", "a film"), f"gives the pretrained model {depth - 1} layer", f"gives the finetuned model {depth} layers", "was edited since the build")
+    assert_user_error(cli("analyze", "--run", run, "--text", "a film"), f"gives the pretrained model {depth - 1} layer, but its SAE at layer {top}", "was edited since the build")
 
 def test_an_sae_folder_gone_since_the_step_is_named_not_left_out(tiny_run, tmp_path):
     run = tmp_path / "copy"

@@ -90,6 +90,31 @@ def test_a_config_json_edited_into_nonsense_is_one_clear_error(tmp_path, tiny_mo
             load(str(edited))
 
 
+
+@pytest.mark.parametrize(
+    "edit, said",
+    [
+        ({"num_hidden_layers": "six"}, "num_hidden_layers"),  # the config's own type checks (huggingface_hub)
+        ({"vocab_size": 10}, "its weights do not have the shapes its config.json gives"),  # RuntimeError
+        ({"max_position_embeddings": 8}, "its weights do not have the shapes its config.json gives"),
+    ],
+)
+def test_config_json_values_the_weights_or_types_refuse_are_one_clear_error(tmp_path, tiny_model, edit, said):
+    import json
+    import shutil
+
+    from core.errors import LayerscopeError
+    from core.models import load_classifier
+
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_model, edited)
+    cfg = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**cfg, **edit}))
+    with pytest.raises(LayerscopeError, match=r"edited is not a loadable model folder \(") as e:
+        load_classifier(str(edited))
+    assert said in str(e.value)
+
+
 def test_a_file_passed_as_the_model_is_named_a_file(tmp_path):
     from core.errors import LayerscopeError
     from core.models import load_classifier
