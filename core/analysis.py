@@ -335,7 +335,9 @@ def analyze_text(
         features = _all_top_features(bundle, state, top, rank_by)
     else:
         features = {k: top_features(bundle, state, k[0], k[1], top, rank_by) for k in keys}
-    ranked = all(feature_order(bundle, m, l, rank_by) is not None for m, l in keys)
+    ranked = {key: feature_order(bundle, *key, rank_by) is not None for key in keys}
+    uniform = len(set(ranked.values())) <= 1  # else one SAE's statistics are missing: say which, SAE by SAE
+    label = ranking_label(rank_by, all(ranked.values())) if uniform else f"{rank_by}, or variance over this sentence for an SAE without statistics (see each SAE's ranking)"
     return {
         "text": state.text,
         "tokens": state.tokens,
@@ -348,20 +350,26 @@ def analyze_text(
         "truncation": state.truncation,
         "cleaning": state.cleaning,
         "unknown_tokens": state.unknown_tokens,
-        "ranking": ranking_label(rank_by, ranked),
-        "saes": [{"model": m, "layer": l, "features": features[(m, l)]} for m, l in sorted(keys, key=lambda k: (MODELS.index(k[0]), k[1]))],
+        "ranking": label,
+        "saes": [
+            {"model": m, "layer": l, "ranking": ranking_label(rank_by, ranked[(m, l)], this_sae=not uniform), "features": features[(m, l)]}
+            for m, l in sorted(keys, key=lambda k: (MODELS.index(k[0]), k[1]))
+        ],
     }
 
 
-def ranking_label(rank_by: str, ranked: bool) -> str:
+def ranking_label(rank_by: str, ranked: bool, this_sae: bool = False) -> str:
     """What the top features were ranked by, as ``analyze`` reports it: the dataset-level ranking
-    asked for, or the variance over this sentence (asked for, or the fallback before the features step)."""
+    asked for, or the variance over this sentence (asked for, or the fallback before the features
+    step; ``this_sae``: the fallback of one SAE whose statistics are missing while others have theirs)."""
     if rank_by == SENTENCE_RANKING:
         return SENTENCE_LABEL
     if rank_by == SENTENCE_CHANGE_RANKING:
         return SENTENCE_CHANGE_LABEL
     if ranked:
         return rank_by
+    if this_sae:
+        return SENTENCE_LABEL + f" (this SAE has no dataset-level {rank_by}: its statistics file is missing; re-run the features step with --force)"
     return SENTENCE_LABEL + ("" if rank_by == "variance" else f" (this run has no dataset-level {rank_by} yet: run the features step, or re-run it with --force)")
 
 
@@ -445,7 +453,7 @@ def format_analysis(result: dict) -> str:
         # ranked by sentence-change, the table shows what the ranking measured: fine-tuned - pre-trained
         shown = "difference" if sae["features"] and "difference" in sae["features"][0] else "activations"
         values = "; values: fine-tuned − pre-trained activation" if shown == "difference" else ""
-        lines.append(f"\nSAE {sae['model']} layer {sae['layer']} (top features by {result['ranking']}{values})")
+        lines.append(f"\nSAE {sae['model']} layer {sae['layer']} (top features by {sae.get('ranking', result['ranking'])}{values})")
         lines.append(" " * (width + 2) + " ".join(f"{'f' + str(f['feature']):>7}" for f in sae["features"]))
         for t, tok in enumerate(result["tokens"]):
             lines.append(f"{tok:<{width}}  " + " ".join(f"{f[shown][t]:7.3f}" for f in sae["features"]))

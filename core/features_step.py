@@ -217,7 +217,7 @@ def run_features(run: RunFolder, cfg: FeaturesConfig, progress: bool = True) -> 
         twins = dict(progress_bar(jobs, total=len(layers), desc="seed baselines", unit="sae", show=progress))
     for layer in layers:
         pre, ft = load_sae(run, "pretrained", layer), load_sae(run, "finetuned", layer)
-        alive = [load_stats(run, m, layer)["density"] > 0 for m in MODELS]
+        alive = [_stats_of(run, m, layer)["density"] > 0 for m in MODELS]
         res = match_features(pre.W_dec.detach(), ft.W_dec.detach(), kept_threshold=cfg.kept_threshold, shifted_threshold=cfg.shifted_threshold, alive_a=alive[0], alive_b=alive[1])
         summary = {"layer": layer, "kept": res.kept, "shifted": res.shifted, "new": res.new, "lost": res.lost, "counts": res.counts, "kept_threshold": cfg.kept_threshold, "shifted_threshold": cfg.shifted_threshold}
         if cfg.seed_baseline:
@@ -253,10 +253,17 @@ def seed_twin(run: RunFolder, layer: int) -> SparseAutoencoder:
 
 # ------------------------------------------------------------------ reading back (dashboard, analyze)
 def load_stats(run: RunFolder, model: str, layer: int) -> dict[str, torch.Tensor]:
-    """The features step's tensors for one SAE (cached in memory until the file changes)."""
+    """The features step's tensors for one SAE (cached in memory until the file changes), once
+    that step has finished: the files of a step marked not done describe SAEs retrained since
+    (``saes --force`` marks it not done) or a redo cut short."""
+    run.require("features", "reading feature statistics")
+    return _stats_of(run, model, layer)
+
+
+def _stats_of(run: RunFolder, model: str, layer: int) -> dict[str, torch.Tensor]:
+    """``load_stats`` without the check that the step has finished (the step itself reads them)."""
     path = run.feature_stats_path(model, layer)
     if not path.is_file():
-        run.require("features", "the feature browser")
         raise LayerscopeError(f"no feature statistics for {model} layer {layer}; re-run `{core_command('features', run.root, '--force')}`")
     return _load_stats_file(str(path), path.stat().st_mtime_ns, len(run.labels()), core_command("features", run.root, "--force"))
 

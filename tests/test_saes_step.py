@@ -249,6 +249,43 @@ def test_change_on_statistics_written_before_it_existed_says_how_to_fix(run_copy
 
 
 
+def test_one_missing_statistics_file_relabels_that_sae_only(run_copy):
+    """One SAE's statistics file gone: that SAE ranks by the sentence and says why; the others keep
+    the dataset ranking and say so (all were labelled "variance over this sentence")."""
+    from core.analysis import analyze_text, format_analysis, load_bundle
+    from core.runfolder import RunFolder
+
+    (run_copy / "features" / "finetuned" / "layer_1" / "stats.safetensors").unlink()
+    result = analyze_text(load_bundle(RunFolder(run_copy)), "the plot was fine", top=2, rank_by="selectivity", clean=False)
+    labels = {(e["model"], e["layer"]): e["ranking"] for e in result["saes"]}
+    assert labels.pop(("finetuned", 1)).startswith("variance over this sentence (this SAE has no dataset-level selectivity")
+    assert labels and set(labels.values()) == {"selectivity"}
+    assert result["ranking"].startswith("selectivity, or variance over this sentence for an SAE without statistics")
+    text = format_analysis(result)
+    assert "SAE finetuned layer 1 (top features by variance over this sentence (this SAE has no" in text
+    assert "SAE pretrained layer 1 (top features by selectivity)" in text
+
+
+def test_statistics_of_saes_retrained_since_are_not_used(run_copy):
+    """``saes --force --layers 1`` retrains layer 1 and marks the features step not done; the old
+    statistics files stay on disk but describe the old SAEs, so nothing ranks by them (analyze
+    ranked the new SAE by the old one's variance) and the feature browser asks for the step."""
+    from core.analysis import analyze_text, load_bundle
+    from core.config import load_config
+    from core.pipeline import run_step
+    from core.runfolder import RunFolder
+    import core.features_step as fs
+
+    run = RunFolder(run_copy)
+    cfg = load_config(base=run.manifest()["config"], overrides={"saes.layers": [1], "saes.training.seed": 5})
+    run_step(run, "saes", cfg, force=True, redo=True, log=lambda *_: None)
+    assert not run.is_done("features") and run.feature_stats_path("pretrained", 1).is_file()
+    result = analyze_text(load_bundle(run), "the plot was fine", top=2, clean=False)
+    assert result["ranking"] == "variance over this sentence" and {e["ranking"] for e in result["saes"]} == {"variance over this sentence"}
+    with pytest.raises(LayerscopeError, match="needs step 'features', which has not run"):
+        fs.feature_table(run, "pretrained", 1)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "field missing", "wrong shape"])
 def test_damaged_feature_statistics_give_one_message_naming_the_fix(run_copy, damage):
     """A statistics file cut short, lacking a field, or with a field of the wrong shape: one
