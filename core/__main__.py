@@ -165,7 +165,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished steps are kept; run the command again (without --force) to resume", file=sys.stderr)
+        print("interrupted: finished steps are kept; run the command again without --force or --from to resume", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader left (`... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush does not fail again

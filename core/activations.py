@@ -326,6 +326,18 @@ def run_activations(run: RunFolder, cfg: ActivationsConfig, model_cfg: ModelConf
 
 
 # ------------------------------------------------------------------ reading back
+def _index_problem(index: dict) -> str | None:
+    """What an index.json says that no extraction writes (a file edited by hand), or None."""
+    if index["num_shards"] < 1 or index["num_tokens"] < 1 or index["num_examples"] < 1:
+        return f"num_shards {index['num_shards']}, num_tokens {index['num_tokens']}, num_examples {index['num_examples']}; an extraction writes at least one of each"
+    if index["d_model"] < 1 or index["num_hidden_states"] < 2:
+        return f"d_model {index['d_model']}, num_hidden_states {index['num_hidden_states']}; a model has a width and at least two hidden states"
+    sizes = index.get("shard_tokens")
+    if sizes is not None and (len(sizes) != index["num_shards"] or sum(sizes) != index["num_tokens"]):
+        return f"shard_tokens lists {len(sizes)} shards of {sum(sizes)} tokens, but num_shards is {index['num_shards']} and num_tokens {index['num_tokens']}"
+    return None
+
+
 class ActivationStore:
     """Read access to one split's shards."""
 
@@ -336,6 +348,9 @@ class ActivationStore:
             run.require("activations", "reading activations")
             raise LayerscopeError(f"{path} is missing; re-run `{core_command('activations', run.root, '--force')}`")
         self.index = read_json(path, ACTIVATION_INDEX_FIELDS)
+        problem = _index_problem(self.index)
+        if problem:
+            raise LayerscopeError(f"{path} is damaged ({problem}); re-run `{core_command('activations', run.root, '--force')}`")
 
     @property
     def num_layers(self) -> int:
@@ -385,8 +400,15 @@ class ActivationStore:
                 self.require_layers([layer])
                 raise LayerscopeError(f"shard has no {key}; layers are 0..{self.num_layers - 1}")
             t = f.get_tensor(key)
+        redo = f"re-run `{core_command('activations', self.run.root, '--force')}`"
         if t.shape[0] == 0:
-            raise LayerscopeError(f"activation shard {shard} of {self.split}/{model} is empty; re-run `{core_command('activations', self.run.root, '--force')}`")
+            raise LayerscopeError(f"activation shard {shard} of {self.split}/{model} is empty; {redo}")
+        path = self.run.hidden_shard(self.split, model, shard)
+        if t.ndim != 2 or t.shape[1] != self.d_model:
+            raise LayerscopeError(f"activation shard {path} holds {key} of shape {tuple(t.shape)}, not [tokens, {self.d_model}] as its index.json says; {redo}")
+        expected = self.index.get("shard_tokens", [None] * (shard + 1))[shard]  # absent in runs built before it was recorded
+        if expected is not None and t.shape[0] != expected:  # a shard of another split or run copied over this one
+            raise LayerscopeError(f"activation shard {path} holds {t.shape[0]} tokens, but its index.json says {expected}: it was replaced since the step wrote it; {redo}")
         return t
 
     def all_meta(self) -> dict[str, torch.Tensor]:

@@ -220,6 +220,11 @@ def preflight(run: RunFolder, cfg: RunConfig, redo_from: str | None = None) -> N
     missing = sorted(set(resolve_layers(cfg.saes, blocks)) - set(kept))
     if missing:
         raise LayerscopeError(f"saes.layers asks for hidden states {missing}, which activations.train_layers={cfg.activations.train_layers} does not keep; add them there or drop them from saes.layers")
+    if cfg.similarity.split == "train" and cfg.activations.train_layers and kept != list(range(blocks + 1)):
+        raise LayerscopeError(
+            f"similarity.split=train compares every hidden state, but activations.train_layers={cfg.activations.train_layers} "
+            "keeps only those in the train split; use similarity.split=test (the default) or leave activations.train_layers empty (all)"
+        )
     d_sae = cfg.saes.d_sae or cfg.saes.expansion_factor * model_config.hidden_size
     if cfg.saes.architecture == "topk" and cfg.saes.k > d_sae:
         raise LayerscopeError(
@@ -250,11 +255,17 @@ def build(run: RunFolder, cfg: RunConfig, *, force: bool = False, redo_from: str
 
 
 def describe_config(cfg: RunConfig) -> str:
-    lines = []
-    for section in dataclasses.fields(cfg):
-        for f in dataclasses.fields(getattr(cfg, section.name)):
-            lines.append(f"{section.name}.{f.name} = {getattr(getattr(cfg, section.name), f.name)!r}")
-    return "\n".join(lines)
+    """One ``section.field = value`` line per option, nested sections spelt out (``saes.training.lr``),
+    so every line names an option ``--set`` takes."""
+
+    def lines(prefix: str, obj) -> list[str]:
+        out = []
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            out += lines(f"{prefix}{f.name}.", value) if dataclasses.is_dataclass(value) else [f"{prefix}{f.name} = {value!r}"]
+        return out
+
+    return "\n".join(lines("", cfg))
 
 
 if __name__ == "__main__":  # pragma: no cover

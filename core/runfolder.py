@@ -111,7 +111,7 @@ LABELS_FIELDS = {"names": [str]}
 CLASS_SCORES = {"precision": NUMBER, "recall": NUMBER, "f1-score": NUMBER, "support": NUMBER}
 CLASSIFIER_METRICS = {"accuracy": NUMBER, "macro_f1": NUMBER, "per_class": {"*": CLASS_SCORES}}
 FINETUNE_METRICS_FIELDS = {"pretrained": CLASSIFIER_METRICS, "finetuned": CLASSIFIER_METRICS, "test_examples": int, "train_examples": int, "train_seconds": NUMBER}
-ACTIVATION_INDEX_FIELDS = {"num_shards": int, "num_tokens": int, "num_examples": int, "num_hidden_states": int, "d_model": int, "layers?": [int]}
+ACTIVATION_INDEX_FIELDS = {"num_shards": int, "num_tokens": int, "num_examples": int, "num_hidden_states": int, "d_model": int, "layers?": [int], "shard_tokens?": [int]}
 SIMILARITY_FIELDS = {
     "layers": [{"layer": int, "cosine_of_means": NUMBER, "mean_cosine": NUMBER, "token_cosine": NUMBER, "cka": NUMBER}],
     "cka_matrix": [[NUMBER]],

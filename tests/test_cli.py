@@ -140,6 +140,17 @@ def test_report_json_from_cli(tiny_run):
 def test_config_verb_shows_resolved_settings(tiny_run):
     out = cli("config", "--run", tiny_run.root, check=True).stdout
     assert "finetune.epochs = 10.0" in out and "data.seed = 0" in out
+    assert "saes.training.lr = " in out and "Config(" not in out  # nested sections spelt out, one option a line
+    from core.config import RunConfig, load_config
+
+    for line in out.splitlines():  # every line names an option: --set accepts the name (a misspelt one is refused)
+        name = line.split(" = ", 1)[0]
+        section, *path = name.split(".")
+        obj = getattr(RunConfig(), section)
+        for part in path:
+            obj = getattr(obj, part)  # AttributeError: not an option
+        assert not hasattr(obj, "__dataclass_fields__"), line
+    assert load_config(overrides={"saes.training.lr": 1e-4}).saes.training.lr == 1e-4
 
 
 @pytest.mark.parametrize(
@@ -269,6 +280,7 @@ def test_impossible_setting_stops_build_before_anything_is_written(tmp_path):
         (["--set", "activations.train_layers=1,2", "--layers", "2,3"], ["saes.layers asks for hidden states [3]", "activations.train_layers=[1, 2]"]),
         (["--set", "model.max_length=1000"], ["model.max_length=1000", "(512 positions)"]),
         (["--sae-k", "5000"], ["saes.k=5000 is larger than the dictionary (1536 latents", "expansion_factor 4 x hidden size 384"]),
+        (["--set", "activations.train_layers=3,6", "--layers", "3,6", "--set", "similarity.split=train"], ["similarity.split=train compares every hidden state", "use similarity.split=test"]),
     ],
 )
 def test_build_checks_layers_and_length_against_the_model_before_any_step(tmp_path, args, fragments):
@@ -515,6 +527,31 @@ def test_labels_that_disagree_with_the_model_are_refused_not_a_class_dropped(tin
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert_user_error(cli("features", "--run", run, "--force"), "labels.json names 1 classes but the fine-tuned model has 2", "build --run")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        (lambda run: _edit_json(run / "activations/test/index.json", num_shards=0), "num_shards 0"),
+        (lambda run: _edit_json(run / "activations/test/index.json", d_model=100), "not [tokens, 100] as its index.json says"),
+        (lambda run: shutil.copy(run / "activations/train/pretrained_00000.safetensors", run / "activations/test/pretrained_00000.safetensors"), "it was replaced since the step wrote it"),
+    ],
+    ids=["no shards", "another width", "a train shard over a test one"],
+)
+def test_activation_files_edited_or_swapped_by_hand_are_one_line(tiny_run, tmp_path, damage, said):
+    """index.json edited, or a shard of another split copied over one: the similarity step (and
+    every reader of the shards) names the file and the fix instead of a torch shape error, and
+    leaves the run as it was."""
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    damage(run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert_user_error(cli("similarity", "--run", run, "--force"), said, f"python -m core activations --run {run} --force")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def _edit_json(path, **fields) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
 
 
 def test_a_model_config_edited_since_the_build_is_one_line_not_an_index_error(tiny_run, tmp_path):
