@@ -61,6 +61,8 @@ def write_text(path: Path, text: str | bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except FileNotFoundError as e:  # a pseudo file system such as /proc refuses new files
         raise LayerscopeError(f"cannot create a file in {path.parent} ({e.strerror}); pass a path on a file system you can write to") from None
+    except OSError as e:  # permission, a full disk...: named by the file asked for, not our temporary name
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     try:
         binary = isinstance(text, bytes)
         with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:

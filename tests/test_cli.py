@@ -651,13 +651,13 @@ def test_file_system_errors_are_one_line_and_keep_the_old_file(tmp_path, tiny_ru
     out = tmp_path / "report.html"
     out.write_text("earlier report")
 
-    def refuse(*args, **kwargs):
-        raise (PermissionError if err == errno.EACCES else OSError)(err, os.strerror(err), str(out))
+    def refuse(*args, dir, prefix, suffix, **kwargs):  # as mkstemp does: the error names the temporary file
+        raise (PermissionError if err == errno.EACCES else OSError)(err, os.strerror(err), os.path.join(dir, f"{prefix}x1y2z3{suffix}"))
 
     monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
     assert main(["export", "--run", str(tiny_run.root), "--out", str(out)]) == 2
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1
+    assert len(lines) == 1 and ".tmp" not in lines[0], lines  # the file asked for, not our temporary name
     for f in fragments:
         assert f in lines[0], lines[0]
     assert out.read_text() == "earlier report" and sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
