@@ -44,7 +44,8 @@ class Bundle:
     saes: dict  # (model, layer) -> SparseAutoencoder
     labels: list[str]
     config: dict  # the run's resolved config
-    rankings: dict = field(default_factory=dict)  # (model, layer, by) -> LongTensor, filled lazily
+    rankings: dict = field(default_factory=dict)  # (model, layer, by) -> LongTensor, or None when unavailable; filled lazily
+    ranking_problems: dict = field(default_factory=dict)  # (model, layer, by) -> why that ranking is unavailable
     stacks: list = field(default_factory=list, repr=False)  # SAE weights stacked for one batched encode (``_stacks``), filled lazily
     stacks_of: list = field(default_factory=list, repr=False)  # the (key, id(sae)) pairs ``stacks`` was built from
 
@@ -195,8 +196,9 @@ def feature_order(bundle: Bundle, model: str, layer: int, by: str = "variance") 
             bundle.rankings[key] = ranking(bundle.run, model, layer, by)
         except StatsUnreadable:
             raise
-        except LayerscopeError:
+        except LayerscopeError as e:  # the step has not finished, a file is missing, or it predates this ranking
             bundle.rankings[key] = None
+            bundle.ranking_problems[key] = str(e)
     return bundle.rankings[key]
 
 
@@ -336,8 +338,10 @@ def analyze_text(
     else:
         features = {k: top_features(bundle, state, k[0], k[1], top, rank_by) for k in keys}
     ranked = {key: feature_order(bundle, *key, rank_by) is not None for key in keys}
-    uniform = len(set(ranked.values())) <= 1  # else one SAE's statistics are missing: say which, SAE by SAE
-    label = ranking_label(rank_by, all(ranked.values())) if uniform else f"{rank_by}, or variance over this sentence for an SAE without statistics (see each SAE's ranking)"
+    step_done = bundle.run.is_done("features")  # then a missing ranking is one SAE's problem, named in its label
+    labels = {key: ranking_label(rank_by, r, bundle.ranking_problems.get((*key, rank_by)) if step_done else None) for key, r in ranked.items()}
+    uniform = len(set(labels.values())) <= 1
+    label = (next(iter(labels.values())) if labels else ranking_label(rank_by, True)) if uniform else f"{rank_by}, or variance over this sentence for an SAE without statistics (see each SAE's ranking)"
     return {
         "text": state.text,
         "tokens": state.tokens,
@@ -352,24 +356,25 @@ def analyze_text(
         "unknown_tokens": state.unknown_tokens,
         "ranking": label,
         "saes": [
-            {"model": m, "layer": l, "ranking": ranking_label(rank_by, ranked[(m, l)], this_sae=not uniform), "features": features[(m, l)]}
+            {"model": m, "layer": l, "ranking": labels[(m, l)], "features": features[(m, l)]}
             for m, l in sorted(keys, key=lambda k: (MODELS.index(k[0]), k[1]))
         ],
     }
 
 
-def ranking_label(rank_by: str, ranked: bool, this_sae: bool = False) -> str:
+def ranking_label(rank_by: str, ranked: bool, problem: str | None = None) -> str:
     """What the top features were ranked by, as ``analyze`` reports it: the dataset-level ranking
     asked for, or the variance over this sentence (asked for, or the fallback before the features
-    step; ``this_sae``: the fallback of one SAE whose statistics are missing while others have theirs)."""
+    step; ``problem``: why this SAE's ranking is missing although the features step has finished,
+    e.g. its statistics file is gone)."""
     if rank_by == SENTENCE_RANKING:
         return SENTENCE_LABEL
     if rank_by == SENTENCE_CHANGE_RANKING:
         return SENTENCE_CHANGE_LABEL
     if ranked:
         return rank_by
-    if this_sae:
-        return SENTENCE_LABEL + f" (this SAE has no dataset-level {rank_by}: its statistics file is missing; re-run the features step with --force)"
+    if problem:
+        return SENTENCE_LABEL + f" (no dataset-level {rank_by} for this SAE: {problem})"
     return SENTENCE_LABEL + ("" if rank_by == "variance" else f" (this run has no dataset-level {rank_by} yet: run the features step, or re-run it with --force)")
 
 

@@ -22,13 +22,32 @@ def discover_runs(base: Path | None = None) -> list[str]:
     found: list[str] = []
     if not base.is_dir():
         return found
-    for child in sorted(base.iterdir()):
-        if not child.is_dir() or child.name.startswith("."):
+    seen: set[Path] = set()  # a run reached twice (a symlink beside its target) is listed once
+
+    def add(folder: Path) -> bool:
+        try:
+            if not RunFolder(folder).exists():
+                return False
+            real = folder.resolve()
+        except OSError:  # a folder this user may not enter: not listed (typing its path says why)
+            return False
+        if real not in seen:
+            seen.add(real)
+            found.append(str(folder))
+        return True
+
+    try:
+        children = sorted(base.iterdir())
+    except OSError:
+        return found
+    for child in children:
+        if child.name.startswith(".") or add(child):
             continue
-        if RunFolder(child).exists():
-            found.append(str(child))
-            continue
-        found += [str(g) for g in sorted(child.iterdir()) if g.is_dir() and not g.name.startswith(".") and RunFolder(g).exists()]
+        with contextlib.suppress(OSError):
+            if child.is_dir():
+                for g in sorted(child.iterdir()):
+                    if not g.name.startswith("."):
+                        add(g)
     return found
 
 
@@ -118,10 +137,19 @@ def _select_from_text() -> None:
         st.session_state[keys.KEY_RUN_MESSAGE] = f"{text} is not a Layerscope run (no manifest.json there)"
 
 
+def same_folder(a: str, b: str) -> bool:
+    """True when the two paths reach one folder (a symlink and its target, a relative and an absolute path)."""
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):
+        return a == b
+
+
 def run_picker() -> None:
     """Sidebar: a select box of runs under checkpoints/ plus a text box for any other run folder."""
     runs = discover_runs()
     current = selected_run_path()
+    current = next((r for r in runs if same_folder(r, current)), current) if current else current  # a symlink to a listed run
     options = runs + ([current] if current and current not in runs else [])
     with st.sidebar:
         st.subheader("Run")
@@ -142,8 +170,9 @@ def steps_line(path: str) -> str:
     try:
         run = RunFolder(path)
         done = run.manifest().get("steps", {})
-    except LayerscopeError:
+        held = run.held_elsewhere()
+    except (LayerscopeError, OSError):  # OSError: a folder or manifest this user may not read
         return "not a readable run"
     missing = [s for s in STEPS if s not in done]
     line = "Steps done: " + (", ".join(s for s in STEPS if s in done) or "none") + (f". Missing: {', '.join(missing)}" if missing else "")
-    return line + (". A build is running in this run now: reload the page to see the steps it finishes" if run.held_elsewhere() else "")
+    return line + (". A build is running in this run now: reload the page to see the steps it finishes" if held else "")

@@ -104,6 +104,10 @@ def show_error(exc: BaseException) -> None:
     if isinstance(exc, LayerscopeError):
         st.error(safe_message(exc), icon=":material/error:")
         return
+    if isinstance(exc, PermissionError):  # a folder or file of the run this user may not read: a setting to change, not a bug
+        where = exc.filename or "a file of the run"
+        st.error(safe_message(f"cannot read {where}: permission denied; give your user read access to it (`chmod u+rx` for a folder, `u+r` for a file), or run the dashboard as its owner"), icon=":material/lock:")
+        return
     st.error(f"Something went wrong while drawing this part of the page ({type(exc).__name__}). The rest of the dashboard still works.", icon=":material/bug_report:")
     with st.expander("Details for a bug report"):
         st.code("".join(traceback.format_exception(exc)), language="text")

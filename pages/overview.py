@@ -33,13 +33,19 @@ def header(run, rep: dict) -> None:
         st.title("Overview")
         st.caption(shared.safe_text(f"run {selection.run_label(str(run.root))} · base model {rep['base_model']} · dataset {rep['dataset']}"))
     with right:
+        problems = rep.get("problems", {})
         st.download_button(
             "HTML report",
+            disabled=bool(problems),  # export_html reads strictly: the click would fail with no word on the page
             data=cached.html_report(run, st.session_state.get(keys.KEY_CLAIM_THRESHOLD, HIGH_SIMILARITY)),  # the claims slider below, as last set
             file_name=f"layerscope-{run.name}.html",
             mime="text/html",
             icon=":material/download:",
-            help="one self-contained file with the tables and figures of this run (works offline)",
+            help=(
+                "one self-contained file with the tables and figures of this run (works offline)"
+                if not problems
+                else "needs every file of the run readable; fix the files named on this page (python -m core export names the first)"
+            ),
             on_click="ignore",
         )
 

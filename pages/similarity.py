@@ -19,7 +19,7 @@ from pages import _shared as shared
 
 def controls(run) -> tuple[list[str], list[str], bool]:
     """Measures, runs to overlay, depth normalisation."""
-    others = [p for p in selection.discover_runs() if p != str(run.root)]
+    others = [p for p in selection.discover_runs() if not selection.same_folder(p, str(run.root))]
     # choices kept for the session, across pages (persist_state); overlays kept only while they exist
     if keys.KEY_SIM_OVERLAY in st.session_state:
         st.session_state[keys.KEY_SIM_OVERLAY] = [p for p in st.session_state[keys.KEY_SIM_OVERLAY] if p in others]

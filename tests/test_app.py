@@ -34,6 +34,7 @@ from core.runfolder import RunFolder, read_json
 from pages import _background as background
 from pages import _cached as cached
 from pages import _keys as keys
+from pages import _selection as selection
 from pages import _shared as shared
 from tests.conftest import ROOT, tiny_overrides
 
@@ -224,6 +225,8 @@ def test_a_damaged_file_costs_only_the_sections_that_read_it(app, sae_run, tmp_p
     assert ("Early layers stay general" in page) == (damaged != "similarity/similarity.json")
     assert any("fine-tuned: scores per class" in title(f) for f in charts(at)) == (damaged != "finetune/metrics.json")
     assert any({"model", "layer", "fvu"} <= set(d.value.columns) for d in at.dataframe) != damaged.startswith("saes/")
+    (button,) = [d for d in at.get("download_button") if d.proto.label == "HTML report"]
+    assert button.proto.disabled and "needs every file of the run readable" in button.proto.help  # a click would fail with no word
     at.switch_page(SIMILARITY).run()
     if damaged == "similarity/similarity.json":
         assert len(at.error) == 1 and not charts(at)
@@ -233,6 +236,40 @@ def test_a_damaged_file_costs_only_the_sections_that_read_it(app, sae_run, tmp_p
     (run / damaged).write_bytes((sae_run.root / damaged).read_bytes())  # put right by hand: the next rerun has it all
     at = app(run=run).run()
     assert_clean(at)
+    assert not [d for d in at.get("download_button") if d.proto.label == "HTML report"][0].proto.disabled
+
+
+def test_a_part_of_the_run_the_user_may_not_read_is_a_message_not_a_bug_box(app, monkeypatch):
+    """PermissionError from any reader (a folder of the run with mode 000) names the path and the
+    fix in the section that failed; the sidebar's step line and the run list skip what they cannot read."""
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/runs/r/similarity")
+
+    monkeypatch.setattr(cached, "report", denied)
+    at = app().run()
+    assert not at.exception and not at.expander  # no "Something went wrong" box with a traceback
+    assert any("cannot read /runs/r/similarity: permission denied" in unescaped(e.value) and "chmod u+rx" in e.value for e in at.error)
+
+
+def test_the_run_list_skips_folders_it_cannot_read_and_lists_a_symlinked_run_once(runs, tmp_path, monkeypatch):
+    base = tmp_path / "checkpoints"
+    base.mkdir()
+    (base / "real").symlink_to(runs["tiny"], target_is_directory=True)
+    (base / "link").symlink_to(runs["tiny"], target_is_directory=True)
+    (base / "locked").mkdir()
+    real_exists = RunFolder.exists
+
+    def exists(self):
+        if self.root.name == "locked" or self.root.parent.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self.root / "manifest.json"))
+        return real_exists(self)
+
+    monkeypatch.setattr(RunFolder, "exists", exists)
+    found = selection.discover_runs(base)
+    assert found == [str(base / "link")]  # "real" reaches the same folder: listed once
+    monkeypatch.setattr(RunFolder, "manifest", lambda self: exists(self))  # the manifest of a folder we may not enter
+    assert selection.steps_line(str(base / "locked")) == "not a readable run"
+    assert selection.same_folder(str(base / "real"), str(runs["tiny"]))
 
 
 

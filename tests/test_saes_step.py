@@ -245,7 +245,7 @@ def test_change_on_statistics_written_before_it_existed_says_how_to_fix(run_copy
         fs.ranking(run, "pretrained", 1, "change")
     assert "change" not in fs.feature_table(run, "pretrained", 1).columns and fs.feature_card(run, "pretrained", 1, 0)["change"] is None
     result = analyze_text(load_bundle(run), "the plot", top=2, rank_by="change", clean=False, saes=[("pretrained", 1)])
-    assert result["ranking"].startswith("variance over this sentence (this run has no dataset-level change yet")
+    assert result["ranking"].startswith("variance over this sentence (no dataset-level change for this SAE: ") and "predate the change ranking" in result["ranking"]
 
 
 
@@ -258,11 +258,13 @@ def test_one_missing_statistics_file_relabels_that_sae_only(run_copy):
     (run_copy / "features" / "finetuned" / "layer_1" / "stats.safetensors").unlink()
     result = analyze_text(load_bundle(RunFolder(run_copy)), "the plot was fine", top=2, rank_by="selectivity", clean=False)
     labels = {(e["model"], e["layer"]): e["ranking"] for e in result["saes"]}
-    assert labels.pop(("finetuned", 1)).startswith("variance over this sentence (this SAE has no dataset-level selectivity")
+    assert labels.pop(("finetuned", 1)).startswith("variance over this sentence (no dataset-level selectivity for this SAE: no feature statistics for finetuned layer 1; re-run `python -m core features")
     assert labels and set(labels.values()) == {"selectivity"}
     assert result["ranking"].startswith("selectivity, or variance over this sentence for an SAE without statistics")
     text = format_analysis(result)
-    assert "SAE finetuned layer 1 (top features by variance over this sentence (this SAE has no" in text
+    assert "SAE finetuned layer 1 (top features by variance over this sentence (no dataset-level selectivity for this SAE: no feature statistics" in text
+    one = analyze_text(load_bundle(RunFolder(run_copy)), "the plot was fine", top=2, clean=False, saes=[("finetuned", 1)])
+    assert one["ranking"].startswith("variance over this sentence (no dataset-level variance for this SAE: no feature statistics for finetuned layer 1")
     assert "SAE pretrained layer 1 (top features by selectivity)" in text
 
 
