@@ -396,6 +396,8 @@ def matched_features(bundle: Bundle, state: SentenceState, layer: int, feature: 
 
     match = load_matching(bundle.run, layer)
     if match is None:
+        if bundle.run.is_done("features"):  # the step ran: its file of this layer is gone
+            raise LayerscopeError(f"no feature matching for layer {layer} ({bundle.run.matching_path(layer)} is missing); re-run `{core_command('features', bundle.run.root, '--force')}`")
         raise LayerscopeError(f"no feature matching in this run yet; run `{core_command('build', bundle.run.root, '--until', 'features')}` first")
     other = OTHER_MODEL[sae_model]
     n = len(match[f"partner_of_{sae_model}"])

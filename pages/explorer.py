@@ -64,7 +64,8 @@ def sae_controls(bundle) -> tuple[SaeChoice, list]:
     at a 1280 px window)."""
     layers = bundle.sae_layers
     if not layers:
-        st.info(f"This run has no SAEs yet, so only the per-token similarity and the prediction are shown. Train them with `{core_command('build', shared.display_path(bundle.run.root), '--until', 'saes')}`.")
+        command = core_command("saes", shared.display_path(bundle.run.root), "--force") if bundle.run.is_done("saes") else core_command("build", shared.display_path(bundle.run.root), "--until", "saes")
+        st.info(f"This run has no SAEs, so only the per-token similarity and the prediction are shown. Train them with `{command}`.")
         return SaeChoice("pretrained", None, "variance", 5), []
     c1, c2, c3 = st.columns([1, 1.6, 1.6], vertical_alignment="bottom")
     # Every choice is kept for the session (persist_state), through an empty sentence and a visit

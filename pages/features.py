@@ -12,7 +12,7 @@ import streamlit as st
 
 from core import plots
 from core.features_step import CLASS_PREFERENCE
-from core.runfolder import OTHER_MODEL
+from core.runfolder import OTHER_MODEL, core_command
 from pages import _cached as cached
 from pages import _keys as keys
 from pages import _selection as selection
@@ -201,8 +201,9 @@ def body() -> None:
     if not shared.need_step(run, "features", "The feature browser"):
         return
     model, layer, ranking = pickers(run)
-    if layer is None:
-        st.info("This run has no trained SAEs.")
+    if layer is None:  # the saes step ran (need_step above), but its folders are gone
+        st.info("This run has no trained SAEs left (its `saes` folder is empty). Train them again with:")
+        st.code(core_command("saes", shared.display_path(run.root), "--force"), language="bash")
         return
     table = cached.feature_table(run, model, layer, ranking)
     left, right = st.columns([2, 3])

@@ -774,6 +774,17 @@ def test_the_explorer_shows_what_the_models_read(app, sae_run):
     assert not any("The models read it" in c.value for c in at.caption)  # read as typed: the warning says so
 
 
+def test_saes_removed_after_their_step_point_to_the_step_that_trains_them_again(app, sae_run, tmp_path):
+    """`saes` gone by hand while the manifest says the step ran: `build --until saes` would only say
+    "already done", so both pages name `saes --force`."""
+    run = _copy_run(sae_run.root, tmp_path / "saes_gone")
+    shutil.rmtree(run / "saes")
+    at = explorer(app, run=run)
+    assert any("no SAEs" in i.value and f"saes --run {run}" in unescaped(i.value) and "--force" in i.value for i in at.info), [i.value for i in at.info]
+    at.switch_page(FEATURES).run()
+    assert any(f"python -m core saes --run {run} --force" in c.value for c in at.code)
+
+
 def _drop_saes(m: dict, root: Path) -> None:
     shutil.rmtree(root / "saes")
     for step in ("saes", "features"):
@@ -782,7 +793,7 @@ def _drop_saes(m: dict, root: Path) -> None:
 
 def test_explorer_without_saes_shows_the_cosine_map_beside_the_prediction(app, sae_run, tmp_path):
     at = explorer(app, run=_copy_run(sae_run.root, tmp_path / "no_saes", _drop_saes))
-    assert any("no SAEs yet" in i.value for i in at.info)
+    assert any("no SAEs" in i.value and "build --run" in i.value and "--until saes" in i.value for i in at.info)
     (fig,) = charts(at)
     assert title(fig).startswith("Cosine, pre-trained vs fine-tuned") and len(fig["data"]) == 1
     assert array(fig["data"][0]["z"]).shape[0] == sae_run_num_layers(sae_run) + 1

@@ -268,6 +268,18 @@ def test_one_missing_statistics_file_relabels_that_sae_only(run_copy):
     assert "SAE pretrained layer 1 (top features by selectivity)" in text
 
 
+def test_a_matching_file_gone_after_the_step_points_to_features_force(run_copy):
+    """`build --until features` would only say "already done": the message names `features --force`."""
+    from core.analysis import load_bundle, matched_features, sentence_state
+    from core.runfolder import RunFolder
+
+    run = RunFolder(run_copy)
+    run.matching_path(1).unlink()
+    bundle = load_bundle(run)
+    with pytest.raises(LayerscopeError, match=rf"no feature matching for layer 1 \(.*layer_1.json is missing\); re-run `python -m core features --run {run_copy} --force`"):
+        matched_features(bundle, sentence_state(bundle, "the plot"), 1, 0)
+
+
 def test_statistics_of_saes_retrained_since_are_not_used(run_copy):
     """``saes --force --layers 1`` retrains layer 1 and marks the features step not done; the old
     statistics files stay on disk but describe the old SAEs, so nothing ranks by them (analyze
