@@ -338,7 +338,7 @@ def analyze_text(
     else:
         features = {k: top_features(bundle, state, k[0], k[1], top, rank_by) for k in keys}
     ranked = {key: feature_order(bundle, *key, rank_by) is not None for key in keys}
-    step_done = bundle.run.is_done("features")  # then a missing ranking is one SAE's problem, named in its label
+    step_done = not all(ranked.values()) and bundle.run.is_done("features")  # then a missing ranking is one SAE's problem, named in its label
     labels = {key: ranking_label(rank_by, r, bundle.ranking_problems.get((*key, rank_by)) if step_done else None) for key, r in ranked.items()}
     uniform = len(set(labels.values())) <= 1
     label = (next(iter(labels.values())) if labels else ranking_label(rank_by, True)) if uniform else f"{rank_by}, or variance over this sentence for an SAE without statistics (see each SAE's ranking)"
