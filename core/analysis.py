@@ -21,7 +21,7 @@ from core.runfolder import MODEL_NAMES, MODELS, OTHER_MODEL, RunFolder, core_com
 from core.sae import topk_rows
 from core.saes import load_sae
 
-MAX_TEXT_CHARS = 5000
+MAX_TEXT_CHARS = 50_000  # twice the longest text of the shipped datasets (a BBC article of 25,484); the models read max_length tokens of it
 # Dataset-level rankings come from the features step ("change": mean |z_ft - z_pre| over the test
 # tokens, the SAE applied to both models). Two rank the features of each SAE on the sentence
 # analysed instead: "sentence" by their variance over its tokens (the paper's measure, on one
@@ -48,6 +48,8 @@ class Bundle:
     ranking_problems: dict = field(default_factory=dict)  # (model, layer, by) -> why that ranking is unavailable
     stacks: list = field(default_factory=list, repr=False)  # SAE weights stacked for one batched encode (``_stacks``), filled lazily
     stacks_of: list = field(default_factory=list, repr=False)  # the (key, id(sae)) pairs ``stacks`` was built from
+    sae_problems: dict = field(default_factory=dict)  # (model, layer) -> why that SAE was left out (``load_bundle(lenient=True)``)
+    labels_problem: str | None = None  # why the run's class names could not be used (lenient: the model's own names instead)
 
     @property
     def sae_layers(self) -> list[int]:
@@ -71,14 +73,25 @@ def _layers(n: int) -> str:
     return f"{n} layer{'s' * (n != 1)}"
 
 
-def load_bundle(run: RunFolder) -> Bundle:
+def load_bundle(run: RunFolder, lenient: bool = False) -> Bundle:
+    """Tokenizer, both classifiers and every SAE of ``run``. ``lenient`` (the dashboard): an SAE
+    that cannot be loaded, or a class-name file that does not fit the model, is left out with its
+    message in ``sae_problems`` / ``labels_problem``, so one damaged file costs only what reads it;
+    otherwise (``analyze``) it raises."""
     run.require("finetune", "the analyze command")
     quiet_transformers()
     m = run.manifest()
     tok = load_tokenizer(str(run.model_dir("finetuned")))
     models = {name: load_classifier(str(run.model_dir(name))).eval() for name in MODELS}
     hidden_size = models["finetuned"].config.hidden_size
-    labels = run_labels(run, models["finetuned"].config.num_labels)
+    labels_problem = None
+    try:
+        labels = run_labels(run, models["finetuned"].config.num_labels)
+    except LayerscopeError as e:
+        if not lenient:
+            raise
+        config = models["finetuned"].config
+        labels, labels_problem = [str(config.id2label.get(i, f"class {i}")) for i in range(config.num_labels)], str(e)
     depths = {name: model.config.num_hidden_layers for name, model in models.items()}
     redo = f"restore it, or rebuild the run with `{core_command('build', run.root, '--force')}`"
     if len(set(depths.values())) > 1:  # one config.json edited since the build: hidden states would not pair up
@@ -86,15 +99,20 @@ def load_bundle(run: RunFolder) -> Bundle:
             " and ".join(f"{run.model_config_path(m)} gives the {m} model {_layers(n)}" for m, n in depths.items())
             + f"; one config.json was edited since the build: {redo}"
         )
-    saes = {}
+    saes, problems = {}, {}
     for model, layer, _ in run.sae_dirs():
-        if layer > depths[model]:  # the weights still match (the SAE checks those), the config does not
-            raise LayerscopeError(
-                f"{run.model_config_path(model)} gives the {model} model {_layers(depths[model])}, but its SAE at layer {layer} "
-                f"was trained on hidden state {layer}; the config.json was edited since the build: {redo}"
-            )
-        saes[(model, layer)] = load_sae(run, model, layer, hidden_size).eval()
-    return Bundle(run=run, tokenizer=tok, models=models, saes=saes, labels=labels, config=m["config"])
+        try:
+            if layer > depths[model]:  # the weights still match (the SAE checks those), the config does not
+                raise LayerscopeError(
+                    f"{run.model_config_path(model)} gives the {model} model {_layers(depths[model])}, but its SAE at layer {layer} "
+                    f"was trained on hidden state {layer}; the config.json was edited since the build: {redo}"
+                )
+            saes[(model, layer)] = load_sae(run, model, layer, hidden_size).eval()
+        except (LayerscopeError, OSError) as e:
+            if not lenient:
+                raise
+            problems[(model, layer)] = str(e) if isinstance(e, LayerscopeError) else f"cannot read {e.filename or run.sae_dir(model, layer)}: {e.strerror or e}"
+    return Bundle(run=run, tokenizer=tok, models=models, saes=saes, labels=labels, config=m["config"], sae_problems=problems, labels_problem=labels_problem)
 
 
 @cache
@@ -117,7 +135,7 @@ def sentence_state(bundle: Bundle, text: str, clean: bool = True) -> SentenceSta
     if not text or not text.strip():
         raise LayerscopeError("the sentence is empty; type some text to analyse")
     if len(text) > MAX_TEXT_CHARS:
-        raise LayerscopeError(f"the text has {len(text)} characters; analyse at most {MAX_TEXT_CHARS} at a time")
+        raise LayerscopeError(f"the text has {len(text):,} characters; analyse at most {MAX_TEXT_CHARS:,} at a time")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate: bytes that were not UTF-8 on the command line (Python's surrogateescape)

@@ -265,7 +265,13 @@ def _stats_of(run: RunFolder, model: str, layer: int) -> dict[str, torch.Tensor]
     path = run.feature_stats_path(model, layer)
     if not path.is_file():
         raise LayerscopeError(f"no feature statistics for {model} layer {layer}; re-run `{core_command('features', run.root, '--force')}`")
-    return _load_stats_file(str(path), path.stat().st_mtime_ns, len(run.labels()), core_command("features", run.root, "--force"))
+    try:
+        return _load_stats_file(str(path), path.stat().st_mtime_ns, len(run.labels()), core_command("features", run.root, "--force"))
+    except StatsUnreadable:
+        # a class count that disagrees may be labels.json's fault (replaced since the build), not
+        # the statistics file's: then that file is named, with its own fix
+        run_labels(run, load_model_config(str(run.model_dir("finetuned"))).num_labels)
+        raise
 
 
 @lru_cache(maxsize=64)
@@ -312,11 +318,31 @@ def load_matching(run: RunFolder, layer: int) -> dict | None:
     return read_json(path, MATCHING_FIELDS) if path.is_file() else None
 
 
+def _matching_of(run: RunFolder, model: str, layer: int, num_features: int, lenient: bool) -> tuple[dict | None, str | None]:
+    """The layer's matching (None when the run has none), checked against the ``num_features`` of
+    ``model``'s SAE, and why it cannot be used: ``lenient`` (the dashboard) returns that message
+    with no matching, so a damaged matching file costs only the match columns; otherwise it raises."""
+    try:
+        match = load_matching(run, layer)
+        for name in ("partner_of_" + model, "similarity_of_" + model, "status_of_" + model):
+            if match is not None and len(match[name]) != num_features:
+                raise LayerscopeError(
+                    f"{run.matching_path(layer)} lists {len(match[name])} {model} features under {name!r}, but the SAE "
+                    f"has {num_features}; the file comes from another build: re-run `{core_command('features', run.root, '--force')}`"
+                )
+        return match, None
+    except LayerscopeError as e:
+        if not lenient:
+            raise
+        return None, str(e)
+
+
 CLASS_PREFERENCE = 0.05  # a feature's best class is named only when its AUROC is at least 0.5 + this
 
 
-def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance") -> pd.DataFrame:
-    """One row per feature, in ranking order."""
+def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance", lenient: bool = False) -> pd.DataFrame:
+    """One row per feature, in ranking order. ``lenient``: a matching file that cannot be used
+    leaves out the match columns, its message in ``df.attrs["matching_problem"]``."""
     s = load_stats(run, model, layer)
     names = run.labels()
     auc = s["selectivity_auroc"].double()  # [d_sae, C] one class vs the rest
@@ -335,7 +361,9 @@ def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance") 
     if "logit_effect" in s:
         for c, name in enumerate(names):
             df[f"logit_effect[{name}]"] = s["logit_effect"][:, c].numpy()
-    match = load_matching(run, layer)
+    match, problem = _matching_of(run, model, layer, len(df), lenient)
+    if problem:
+        df.attrs["matching_problem"] = problem
     if match:
         other = OTHER_MODEL[model]
         df[f"partner_in_{other}"] = match[f"partner_of_{model}"]
@@ -350,9 +378,10 @@ def _tokenizer(path: str):
     return load_tokenizer(path)
 
 
-def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int | None = None) -> dict:
+def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int | None = None, lenient: bool = False) -> dict:
     """Everything the feature browser shows about one feature; ``top``: at most that many top
-    examples (None: all that the features step kept, ``features.top_k``)."""
+    examples (None: all that the features step kept, ``features.top_k``). ``lenient``: a matching
+    file that cannot be used gives ``match`` None and its message in ``match_problem``."""
     s = load_stats(run, model, layer)
     m = len(s["variance"])
     if not 0 <= feature < m:
@@ -383,7 +412,7 @@ def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int 
                 "value": value,
             }
         )
-    match = load_matching(run, layer)
+    match, match_problem = _matching_of(run, model, layer, m, lenient)
     match_info = None
     if match:
         match_info = {"partner": match[f"partner_of_{model}"][feature], "similarity": match_similarity(match[f"similarity_of_{model}"][feature]), "status": match[f"status_of_{model}"][feature], "other_model": OTHER_MODEL[model]}
@@ -399,5 +428,6 @@ def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int 
         "mean_per_class": {n: float(s["mean_per_class"][feature, c]) for c, n in enumerate(names)},
         "selectivity_auroc": {n: float(s["selectivity_auroc"][feature, c]) for c, n in enumerate(names)},
         "match": match_info,
+        "match_problem": match_problem,
         "logit_effect": {n: float(s["logit_effect"][feature, c]) for c, n in enumerate(names)} if "logit_effect" in s else None,
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shlex
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -108,6 +109,9 @@ def _load(loader, name: str, **kwargs):
         # config's type checks, "vocab_size": 10 no longer fits the weights: RuntimeError), so
         # only a local folder's are the user's
         local = user_path(path).is_dir()
+        if isinstance(e, PermissionError):  # a folder or file this user may not read: a setting to change, not a damaged model
+            where = e.filename or path
+            raise LayerscopeError(f"cannot read {where}: permission denied; give your user read access (`chmod -R u+rX {shlex.quote(str(path))}`), or run as its owner") from None
         if not local and isinstance(e, (AttributeError, TypeError, KeyError, RuntimeError, StrictDataclassError)):
             raise
         first_line = (str(e).splitlines() or [type(e).__name__])[0]

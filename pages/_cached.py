@@ -62,11 +62,13 @@ def html_report(run: RunFolder, threshold: float) -> Callable[[], str]:
 def _bundle(path: str, stamp: int):
     from core.analysis import load_bundle
 
-    return load_bundle(RunFolder(path))
+    return load_bundle(RunFolder(path), lenient=True)
 
 
 def bundle(run: RunFolder):
-    """Tokenizer, both models and every SAE of the run (loaded once per run and server)."""
+    """Tokenizer, both models and every SAE of the run (loaded once per run and server); an SAE or
+    class-name file that cannot be used is left out, its message in ``sae_problems`` /
+    ``labels_problem`` (``bundle_warnings``)."""
     return _bundle(str(run.root), shared.run_stamp(str(run.root)))
 
 
@@ -119,11 +121,12 @@ def matched_features(run: RunFolder, text: str, layer: int, feature: int, sae_mo
 def _feature_table(path: str, stamp: int, model: str, layer: int, by: str) -> pd.DataFrame:
     from core.features_step import feature_table
 
-    return feature_table(RunFolder(path), model, layer, by=by)
+    return feature_table(RunFolder(path), model, layer, by=by, lenient=True)
 
 
 def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance") -> pd.DataFrame:
-    """One row per feature of the (model, layer) SAE, best first by ``by``."""
+    """One row per feature of the (model, layer) SAE, best first by ``by``; a matching file that
+    cannot be used leaves out the match columns (its message in ``attrs["matching_problem"]``)."""
     return _feature_table(str(run.root), shared.run_stamp(str(run.root)), model, layer, by)
 
 
@@ -131,7 +134,7 @@ def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance") 
 def _feature_card(path: str, stamp: int, model: str, layer: int, feature: int, top: int | None) -> dict:
     from core.features_step import feature_card
 
-    return feature_card(RunFolder(path), model, layer, feature, top=top)
+    return feature_card(RunFolder(path), model, layer, feature, top=top, lenient=True)
 
 
 def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int | None = None) -> dict:

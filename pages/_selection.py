@@ -119,7 +119,9 @@ def _select_from_box() -> None:
 
 def _select_from_text() -> None:
     text = (st.session_state.get(keys.KEY_RUN_TEXT) or "").strip()
-    if not text:
+    if not text:  # the box emptied (or only spaces): the message about what it held goes with it
+        st.session_state[keys.KEY_RUN_MESSAGE] = None
+        st.session_state[keys.KEY_RUN_TEXT] = ""
         return
     path = resolve_run_arg(text)
     try:

@@ -58,11 +58,24 @@ def sentence_inputs() -> list[str]:
     return texts
 
 
+def bundle_warnings(bundle) -> None:
+    """One warning for what the run holds but the explorer cannot use (a damaged SAE folder, class
+    names that do not fit the model): the rest of the page works without it."""
+    lines = [f"{shared.MODEL_LABELS[m]} SAE, layer {layer}: {problem}" for (m, layer), problem in sorted(bundle.sae_problems.items())]
+    if bundle.labels_problem:
+        lines.append(f"class names: {bundle.labels_problem}; the prediction shows the fine-tuned model's own names")
+    if lines:
+        what = "these parts of the run, which could not be read" if len(lines) > 1 else "this part of the run, which could not be read"
+        st.warning(f"The explorer leaves out {what}:\n" + "\n".join("- " + shared.safe_message(line) for line in lines), icon=":material/warning:")
+
+
 def sae_controls(bundle) -> tuple[SaeChoice, list]:
     """Layer, SAE dictionary and feature ranking in one row; top-N and two empty slots, for the
     feature picker and the matched-feature toggle, in a second (six in one row cut their labels
     at a 1280 px window)."""
     layers = bundle.sae_layers
+    if not layers and bundle.sae_problems:  # every SAE is damaged: the warning above names each
+        return SaeChoice("pretrained", None, "variance", 5), []
     if not layers:
         command = core_command("saes", shared.display_path(bundle.run.root), "--force") if bundle.run.is_done("saes") else core_command("build", shared.display_path(bundle.run.root), "--until", "saes")
         st.info(f"This run has no SAEs, so only the per-token similarity and the prediction are shown. Train them with `{command}`.")
@@ -360,6 +373,7 @@ def body() -> None:
         st.info("Type a sentence and press Enter.")
         return
     bundle = cached.bundle(run)
+    bundle_warnings(bundle)
     choice, slots = sae_controls(bundle)
     sae = (choice.model, choice.layer) if choice.layer is not None else None
     try:
@@ -374,6 +388,8 @@ def body() -> None:
             feature = feature_picker(run, choice, results[0], bundle.saes[sae].cfg.d_sae)
         with slots[1]:
             matched = show_matched(run, choice)
+    if matched and len(texts) > 1 and not shared.guarded(lambda: cached.matched_features(run, texts[0], choice.layer, feature, choice.model)):
+        matched = False  # no usable matching for this layer: its message once, above both sentences
     scales = shared_scales(run, texts, results, choice, feature, matched)
     cols = st.columns(len(texts))
     for i, (col, text, result) in enumerate(zip(cols, texts, results)):

@@ -123,8 +123,12 @@ def _open_partner(run, model: str, layer: int, partner: int) -> None:
     keys.feature_typed(key)  # a fresh table, its partner's row ticked
 
 
-def match_box(run, model: str, layer: int, match: dict | None) -> None:
-    """The matched feature in the other model, its similarity and status."""
+def match_box(run, model: str, layer: int, match: dict | None, problem: str | None = None) -> None:
+    """The matched feature in the other model, its similarity and status (``problem``: why the
+    layer's matching file cannot be read)."""
+    if problem:
+        st.warning(shared.safe_message(f"No match shown: {problem}"), icon=":material/link_off:")
+        return
     if not match:
         st.caption("No matching information for this feature.")
         return
@@ -180,7 +184,7 @@ def card_view(run, model: str, layer: int, feature: int, row: pd.Series | None) 
             st.markdown(f"Fires most for **{shared.safe_text(row['best_class'])}** :gray[({basis} of its per-text maximum)]")
         elif "best_class" in row.index:
             st.markdown(f"Prefers no class :gray[(no one-vs-rest AUROC of its per-text maximum reaches {0.5 + CLASS_PREFERENCE:g})]")
-    match_box(run, model, layer, card.get("match"))
+    match_box(run, model, layer, card.get("match"), card.get("match_problem"))
     st.markdown("**Top activating examples** (darker = stronger; the outlined token is the peak)")
     top_examples(card)
     left, right = st.columns(2)
@@ -206,6 +210,8 @@ def body() -> None:
         st.code(core_command("saes", shared.display_path(run.root), "--force"), language="bash")
         return
     table = cached.feature_table(run, model, layer, ranking)
+    if table.attrs.get("matching_problem"):  # the features and their statistics are still shown
+        st.warning(shared.safe_message(f"The table has no match columns: {table.attrs['matching_problem']}"), icon=":material/link_off:")
     left, right = st.columns([2, 3])
     with left:
         feature = feature_list(run, model, layer, table, ranking)

@@ -227,6 +227,9 @@ def saes(run, rep: dict) -> None:
         shared.chart(plots.sae_training_curves(rep["saes"]), key="sae_curves")
     if rep.get("matching"):
         matching(run, rep["matching"])
+    elif not run.is_done("features"):  # say where the matching will come from, rather than leave it out
+        st.subheader("Feature matching, pre-trained to fine-tuned")
+        shared.need_step(run, "features", "Feature matching")
 
 
 def matching(run, rows: list[dict]) -> None:

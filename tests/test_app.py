@@ -362,6 +362,21 @@ def test_overview_draws_sae_training_curves_and_matching_against_the_seed_twin(a
     assert sae_table(at).proto.placeholder == "—"
 
 
+def test_overview_says_which_step_brings_the_matching_when_it_has_not_run(app, sae_run, tmp_path):
+    def drop_features(m: dict, root: Path) -> None:
+        m["steps"].pop("features")
+        shutil.rmtree(root / "features")
+
+    run = _copy_run(sae_run.root, tmp_path / "no_features", drop_features)
+    at = app(run=run).run()
+    assert_clean(at)
+    assert "Feature matching, pre-trained to fine-tuned" in [h.value for h in at.subheader]
+    assert any("Feature matching needs the 'features' step" in i.value for i in at.info)
+    assert any(c.value == f"python -m core build --run {run} --until features" for c in at.code)
+    assert not any(t.get("name") == "lost (no similar partner)" for f in charts(at) for t in f["data"])
+    sae_table(at)  # the SAE table is still there
+
+
 def chart_with_trace(at: AppTest, name: str) -> dict:
     found = [f for f in charts(at) if any(t.get("name") == name for t in f["data"])]
     assert found, f"no chart with a trace named {name!r}"
@@ -530,6 +545,9 @@ def test_a_typed_path_in_a_message_is_shown_as_typed(app, runs, tmp_path):
     at = app().run()
     at.sidebar.text_input(key=keys.KEY_RUN_TEXT).input(str(tmp_path / MARKDOWN_PATH)).run()
     assert r"\$HOME/\*not italic\*/\[link\]\(x\) is not a Layerscope run" in at.sidebar.warning[0].value
+    at.sidebar.text_input(key=keys.KEY_RUN_TEXT).input("   ").run()  # the box emptied: its message goes too
+    assert not at.sidebar.warning and at.sidebar.text_input(key=keys.KEY_RUN_TEXT).value == ""
+    assert_clean(at)
 
 
 def test_the_command_for_a_missing_step_quotes_a_path_with_spaces(app, sae_run, tmp_path):
@@ -821,6 +839,47 @@ def test_explorer_offers_only_the_dictionaries_trained_at_the_layer(app, sae_run
 
 
 
+def test_a_damaged_sae_costs_the_explorer_that_sae_only(app, sae_run, tmp_path):
+    """A truncated weights file and class names that do not fit the model: one warning naming each
+    file, and the explorer goes on with the other SAEs and the model's own class names."""
+    run = _copy_run(sae_run.root, tmp_path / "damaged_sae")
+    layers = sorted({layer for _, layer, _ in sae_run.sae_dirs()})
+    weights = run / "saes" / "finetuned" / f"layer_{layers[-1]}" / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    labels = read_json(sae_run.labels_path)["names"]
+    (run / "data" / "labels.json").write_text('{"names": ["one", "two", "three"]}')
+    at = explorer(app, run=run)
+    (box,) = at.warning  # the statistics, checked against the class names, are not blamed for them
+    message = unescaped(box.value)
+    assert f"fine-tuned SAE, layer {layers[-1]}: {weights} is truncated" in message
+    assert "class names:" in message and "names 3 classes but the fine-tuned model has 2" in message
+    control = at.segmented_control(key=keys.KEY_EX_MODEL)
+    assert control.options == ["pre-trained"] and at.selectbox(key=keys.KEY_EX_LAYER).value == layers[-1]
+    (fig,) = charts(at)
+    assert [t["name"] for t in fig["data"]] == ["cosine", "feature", "difference", "top features"]
+    assert [b.text.rsplit(":", 1)[0] for b in at.get("progress")] == labels
+    at.selectbox(key=keys.KEY_EX_LAYER).set_value(layers[0]).run()
+    assert_clean(at)
+    assert at.segmented_control(key=keys.KEY_EX_MODEL).options == ["pre-trained", "fine-tuned"]
+
+
+def test_a_damaged_matching_file_costs_the_feature_browser_its_match_only(app, features_run, tmp_path):
+    run = _copy_run(features_run.root, tmp_path / "damaged_match")
+    layer = max(layer for _, layer, _ in features_run.sae_dirs())  # the layer the browser opens
+    path = run / "features" / "matching" / f"layer_{layer}.json"
+    assert path.is_file()
+    path.write_text("{")
+    at = open_page(app(run=run), FEATURES)
+    assert not at.exception and not at.error
+    table_box, card_box = (unescaped(w.value) for w in at.warning)
+    assert table_box.startswith(f"The table has no match columns: {path} is not valid JSON")
+    assert card_box.startswith(f"No match shown: {path} is not valid JSON")
+    (table,) = [d.value for d in at.dataframe if "variance" in d.value.columns]
+    assert len(table) > 0 and "status" not in table.columns
+    assert at.subheader and at.subheader[0].value.startswith("Feature ")  # the card is drawn
+    assert any("Top activating examples" in m.value for m in at.markdown)
+
+
 def test_explorer_on_a_damaged_statistics_file_says_so_and_ranks_by_the_sentence(app, sae_run, tmp_path):
     run = _copy_run(sae_run.root, tmp_path / "damaged_stats")
     layer = max(layer for _, layer, _ in sae_run.sae_dirs())  # what the explorer shows first: the last layer's pre-trained SAE
@@ -1001,7 +1060,8 @@ def test_explorer_choices_survive_an_empty_sentence_and_a_page_switch(app, sae_r
 
 def test_a_long_text_shows_where_it_was_cut(app, sae_run):
     at = explorer(app)
-    at.text_input(key=keys.KEY_TEXT).input(" ".join(["the acting was brilliant but the plot was dull"] * 20)).run()
+    # 14,000 characters, as long as IMDb's longest review: analysed, with its cut shown
+    at.text_input(key=keys.KEY_TEXT).input(" ".join(["the acting was brilliant but the plot was dull"] * 300)).run()
     assert_clean(at)
     (note,) = [c.value for c in at.caption if "tokens; as in training" in c.value]
     assert "in between left out" in note and "dashed line" in note
@@ -1029,6 +1089,20 @@ def test_matched_feature_panel(app, sae_run, features_run):
     largest = [np.nanmax(np.concatenate([np.abs(array(f["data"][i]["z"])).ravel() for f in pairs])) for i in (0, 1)]
     for i, end in enumerate((largest[0], max(largest))):  # the difference's end: at least the activations'
         assert pairs[0]["data"][i]["zmax"] == pairs[1]["data"][i]["zmax"] == pytest.approx(end, rel=1e-6), i
+
+
+def test_a_missing_matching_file_is_one_message_for_two_compared_sentences(app, features_run, tmp_path):
+    run = _copy_run(features_run.root, tmp_path / "no_match")
+    layer = max(layer for _, layer, _ in features_run.sae_dirs())
+    (run / "features" / "matching" / f"layer_{layer}.json").unlink()
+    at = explorer(app, run=run)
+    at.toggle(key=keys.KEY_EX_MATCHED).set_value(True).run()
+    (box,) = at.error
+    assert f"no feature matching for layer {layer}" in unescaped(box.value) and "--force" in box.value
+    at.toggle(key=keys.KEY_COMPARE).set_value(True).run()
+    (box,) = at.error  # once, not once per sentence
+    assert f"no feature matching for layer {layer}" in unescaped(box.value)
+    assert len([f for f in charts(at) if SENTENCE in title(f)]) == 2 and not [f for f in charts(at) if "its match" in title(f)]
 
 
 def test_the_match_panel_works_from_the_fine_tuned_dictionary_too(app, features_run):
@@ -1238,8 +1312,8 @@ def test_feature_card_tokens_are_escaped(app, features_run, monkeypatch):
 
     real = core.features_step.feature_card
 
-    def evil_card(run, model, layer, feature, top=10):
-        card = real(run, model, layer, feature, top=top)
+    def evil_card(run, model, layer, feature, top=10, **kwargs):
+        card = real(run, model, layer, feature, top=top, **kwargs)
         card["top_examples"] = [{"example_id": 1, "label": "<i>neg</i>", "tokens": ["[CLS]", "<script>alert(1)</script>", "<b>x</b>", "##y"], "activations": [0.0, 2.0, 1.0, 0.5], "center": 1}]
         return card
 

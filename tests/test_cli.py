@@ -328,7 +328,7 @@ def test_analyze_ranks_by_the_sentence_from_the_cli(tiny_run, capsys):
     "text, message",
     [
         ("  ", "the sentence is empty"),
-        ("film " * 1001, "the text has 5005 characters; analyse at most 5000 at a time"),
+        ("film " * 10001, "the text has 50,005 characters; analyse at most 50,000 at a time"),
         (os.fsdecode(b"a \xff film"), "--text holds bytes that are not valid UTF-8 (a \\udcff film); pass UTF-8 text"),  # argv bytes that are not UTF-8
     ],
 )

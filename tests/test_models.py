@@ -53,6 +53,24 @@ def test_a_folder_that_is_not_a_model_is_one_clear_error(tmp_path, tiny_model):
         load_classifier(str(broken))
 
 
+def test_a_model_folder_the_user_may_not_read_names_chmod_not_a_rebuild(tmp_path, tiny_model, monkeypatch):
+    """``chmod 000`` on a model folder (simulated: the tests may run as root, whom modes do not
+    stop): the message is the permission and its fix, not "not a loadable model folder"."""
+    from transformers import AutoConfig
+
+    from core.errors import LayerscopeError
+
+    denied = str(tiny_model / "config.json")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", denied)
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", refuse)
+    with pytest.raises(LayerscopeError) as e:
+        models.load_model_config(str(tiny_model))
+    assert str(e.value) == f"cannot read {denied}: permission denied; give your user read access (`chmod -R u+rX {tiny_model}`), or run as its owner"
+
+
 @pytest.mark.parametrize("damage", ["truncated weights", "folder removed"])
 def test_a_damaged_model_of_a_run_names_the_step_that_writes_it_again(tiny_run, tmp_path, damage):
     import shutil

@@ -2,6 +2,7 @@
 
 import collections
 import json
+import re
 import shutil
 
 import numpy as np
@@ -12,7 +13,8 @@ import torch
 from core.activations import ActivationStore
 from core.errors import LayerscopeError
 from core.report import build_report
-from core.runfolder import MODELS, RunFolder
+from core.files import write_json
+from core.runfolder import MODELS, RunFolder, read_json
 from core.sae import SparseAutoencoder
 from tests.test_cli import assert_user_error, cli
 
@@ -336,6 +338,84 @@ def test_damaged_feature_statistics_give_one_message_naming_the_fix(run_copy, da
     result = analyze_text(bundle, "the plot", top=2, rank_by="sentence", clean=False, saes=[("pretrained", 1)])
     assert result["ranking"] == "variance over this sentence" and len(result["saes"][0]["features"]) == 2
     fs.load_stats(run, "finetuned", 1)  # the other files still load
+
+def test_the_dashboard_bundle_leaves_out_a_damaged_sae_and_keeps_the_rest(run_copy):
+    """``analyze`` refuses a run with a damaged SAE file; the dashboard's lenient bundle leaves that
+    SAE out with the same message and analyses the sentence with the others, which give the
+    numbers the strict bundle gives on the undamaged run."""
+    from core.analysis import analyze_text, load_bundle
+    from core.runfolder import RunFolder
+
+    run = RunFolder(run_copy)
+    good = analyze_text(load_bundle(run), "the plot was fine", top=2, clean=False)
+    weights = run.sae_dir("finetuned", 1) / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    with pytest.raises(LayerscopeError, match="truncated") as strict:
+        load_bundle(run)
+    bundle = load_bundle(run, lenient=True)
+    assert list(bundle.sae_problems) == [("finetuned", 1)] and bundle.sae_problems[("finetuned", 1)] == str(strict.value)
+    assert str(weights) in bundle.sae_problems[("finetuned", 1)]
+    assert ("finetuned", 1) not in bundle.saes and set(bundle.saes) == {(m, l) for m, l, _ in run.sae_dirs()} - {("finetuned", 1)}
+    result = analyze_text(bundle, "the plot was fine", top=2, clean=False)
+    assert [(e["model"], e["layer"]) for e in result["saes"]] == [(e["model"], e["layer"]) for e in good["saes"] if (e["model"], e["layer"]) != ("finetuned", 1)]
+    kept = {(e["model"], e["layer"]): e["features"] for e in good["saes"]}
+    for entry in result["saes"]:
+        assert entry["features"] == kept[(entry["model"], entry["layer"])]
+    assert result["cosine"] == good["cosine"] and result["prediction"] == good["prediction"]
+
+
+def test_the_dashboard_bundle_names_the_classes_from_the_model_when_labels_json_is_damaged(run_copy):
+    from core.analysis import analyze_text, load_bundle
+    from core.runfolder import RunFolder
+
+    run = RunFolder(run_copy)
+    names = run.labels()
+    run.labels_path.write_text('{"names": ["only one"]}')
+    with pytest.raises(LayerscopeError, match="names 1 classes but the fine-tuned model has 2"):
+        load_bundle(run)
+    bundle = load_bundle(run, lenient=True)
+    assert "names 1 classes but the fine-tuned model has 2" in bundle.labels_problem and not bundle.sae_problems
+    # the fine-tuned model's config keeps the class names it was trained with
+    assert bundle.labels == names
+    assert list(analyze_text(bundle, "the plot", top=1, clean=False)["prediction"]["probabilities"]) == names
+    # the statistics files hold two classes: labels.json is named as the cause, not each of them
+    import core.features_step as fs
+
+    with pytest.raises(LayerscopeError, match=r"labels.json names 1 classes but the fine-tuned model has 2; .* rebuild the run") as e:
+        fs.feature_table(run, "pretrained", 1)
+    assert "stats.safetensors" not in str(e.value)
+
+
+def test_a_damaged_matching_file_costs_the_feature_browser_only_its_match_columns(run_copy):
+    """``feature_table`` / ``feature_card`` raise on a matching file that is damaged or from another
+    build (its lists do not fit the SAE); ``lenient`` (the dashboard) leaves the match out and says why."""
+    import core.features_step as fs
+    from core.runfolder import RunFolder
+
+    run = RunFolder(run_copy)
+    good, good_card = fs.feature_table(run, "pretrained", 1), fs.feature_card(run, "pretrained", 1, 0)
+    assert {"status", "match_similarity"} <= set(good.columns) and "matching_problem" not in good.attrs
+    assert good_card["match"] is not None and good_card["match_problem"] is None
+    path = run.matching_path(1)
+    match = read_json(path)
+    cases = {"not json": ("{", "is not valid JSON"), "short": (None, f"lists 3 pretrained features under 'partner_of_pretrained', but the SAE has {len(good)}")}
+    for damage, (text, expected) in cases.items():
+        if text is None:
+            match["partner_of_pretrained"] = match["partner_of_pretrained"][:3]
+            write_json(path, match)
+        else:
+            path.write_text(text)
+        for call in (lambda: fs.feature_table(run, "pretrained", 1), lambda: fs.feature_card(run, "pretrained", 1, 0)):
+            with pytest.raises(LayerscopeError, match=re.escape(expected)):
+                call()
+        table = fs.feature_table(run, "pretrained", 1, lenient=True)
+        assert expected in table.attrs["matching_problem"] and str(path) in table.attrs["matching_problem"], damage
+        assert not {"status", "match_similarity", "partner_in_finetuned"} & set(table.columns)
+        pd.testing.assert_frame_equal(table, good[table.columns])  # every other column as before
+        card = fs.feature_card(run, "pretrained", 1, 0, lenient=True)
+        assert card["match"] is None and expected in card["match_problem"]
+        assert {k: v for k, v in card.items() if not k.startswith("match")} == {k: v for k, v in good_card.items() if not k.startswith("match")}
+
 
 def test_feature_statistics_equal_a_direct_computation(tiny_run):
     """The features step's per-latent mean and variance (population) over the test tokens, density
