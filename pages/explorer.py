@@ -14,7 +14,7 @@ import streamlit as st
 from core import plots
 from core.analysis import SENTENCE_CHANGE_RANKING, SENTENCE_RANKING, reading_notes, truncation_note
 from core.errors import StatsUnreadable
-from core.runfolder import core_command
+from core.runfolder import OTHER_MODEL, core_command
 from pages import _cached as cached
 from pages import _keys as keys
 from pages import _selection as selection
@@ -99,7 +99,7 @@ def sae_controls(bundle) -> tuple[SaeChoice, list]:
         key=keys.KEY_EX_MODEL,
         required=True,
         persist_state="session",
-        help=f"this run has no {missing[0]} SAE at layer {layer}" if missing else None,
+        help=(f"the {missing[0]} SAE at layer {layer} could not be read (see the warning above)" if bundle.sae_problems.get((OTHER_MODEL[models[0]], layer)) else f"this run has no {missing[0]} SAE at layer {layer}") if missing else None,
     ) or models[0]
     rank_by = c3.selectbox(
         "Rank features by",

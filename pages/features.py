@@ -126,8 +126,8 @@ def _open_partner(run, model: str, layer: int, partner: int) -> None:
 def match_box(run, model: str, layer: int, match: dict | None, problem: str | None = None) -> None:
     """The matched feature in the other model, its similarity and status (``problem``: why the
     layer's matching file cannot be read)."""
-    if problem:
-        st.warning(shared.safe_message(f"No match shown: {problem}"), icon=":material/link_off:")
+    if problem:  # its message is above the table
+        st.caption("No match shown: this layer's matching file cannot be read (see the message above the table).")
         return
     if not match:
         st.caption("No matching information for this feature.")

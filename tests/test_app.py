@@ -855,6 +855,7 @@ def test_a_damaged_sae_costs_the_explorer_that_sae_only(app, sae_run, tmp_path):
     assert "class names:" in message and "names 3 classes but the fine-tuned model has 2" in message
     control = at.segmented_control(key=keys.KEY_EX_MODEL)
     assert control.options == ["pre-trained"] and at.selectbox(key=keys.KEY_EX_LAYER).value == layers[-1]
+    assert control.help == f"the fine-tuned SAE at layer {layers[-1]} could not be read (see the warning above)"
     (fig,) = charts(at)
     assert [t["name"] for t in fig["data"]] == ["cosine", "feature", "difference", "top features"]
     assert [b.text.rsplit(":", 1)[0] for b in at.get("progress")] == labels
@@ -871,9 +872,9 @@ def test_a_damaged_matching_file_costs_the_feature_browser_its_match_only(app, f
     path.write_text("{")
     at = open_page(app(run=run), FEATURES)
     assert not at.exception and not at.error
-    table_box, card_box = (unescaped(w.value) for w in at.warning)
-    assert table_box.startswith(f"The table has no match columns: {path} is not valid JSON")
-    assert card_box.startswith(f"No match shown: {path} is not valid JSON")
+    (box,) = at.warning  # once, above the table; the card's match box points to it
+    assert unescaped(box.value).startswith(f"The table has no match columns: {path} is not valid JSON")
+    assert any(c.value.startswith("No match shown: this layer's matching file cannot be read") for c in at.caption)
     (table,) = [d.value for d in at.dataframe if "variance" in d.value.columns]
     assert len(table) > 0 and "status" not in table.columns
     assert at.subheader and at.subheader[0].value.startswith("Feature ")  # the card is drawn
