@@ -47,6 +47,44 @@ class SaeChoice:
     top: int
 
 
+LINK_PARAMS = ("text", "text_b", "layer", "sae", "feature")  # the explorer's view in its URL (``?text=...&layer=6``)
+
+
+def apply_link() -> None:
+    """A link to the explorer (its URL, copied from another browser) opens on the view it names:
+    the sentence(s), layer, SAE dictionary and feature. Applied once per link, before the widgets
+    are drawn, so what the viewer then changes wins; values that do not fit the run fall back to
+    the defaults (the layer and dictionary) or are dropped (a feature out of range)."""
+    link = {k: st.query_params.get(k) for k in LINK_PARAMS}
+    if not link["text"] or link == st.session_state.get(keys.KEY_EX_LINK):
+        return
+    st.session_state[keys.KEY_EX_LINK] = link
+    st.session_state[keys.KEY_TEXT] = link["text"]
+    st.session_state[keys.KEY_COMPARE] = bool(link["text_b"])
+    if link["text_b"]:
+        st.session_state[keys.KEY_TEXT_B] = link["text_b"]
+    layer = int(link["layer"]) if (link["layer"] or "").isdigit() else None
+    if layer is not None:
+        st.session_state[keys.KEY_EX_LAYER] = layer
+    if link["sae"] in shared.MODEL_LABELS:
+        st.session_state[keys.KEY_EX_MODEL] = link["sae"]
+    if layer is not None and link["sae"] in shared.MODEL_LABELS and (link["feature"] or "").isdigit():
+        st.session_state[keys.KEY_EX_LINK_FEATURE] = (link["sae"], layer, int(link["feature"]))
+
+
+def write_link(texts: list[str], choice: SaeChoice, feature: int | None) -> None:
+    """Mirror the view in the URL (see ``apply_link``), so the address bar holds a link to it."""
+    view = {"text": texts[0] or None, "text_b": texts[1] if len(texts) > 1 else None, "layer": None, "sae": None, "feature": None}
+    if choice.layer is not None:
+        view.update(layer=str(choice.layer), sae=choice.model, feature=None if feature is None else str(feature))
+    for key, value in view.items():
+        if value is None:
+            st.query_params.pop(key, None)
+        elif st.query_params.get(key) != value:
+            st.query_params[key] = value
+    st.session_state[keys.KEY_EX_LINK] = {k: st.query_params.get(k) for k in LINK_PARAMS}  # our own link: not applied again
+
+
 def sentence_inputs() -> list[str]:
     """One sentence, or two when comparing; Enter (or leaving the box) commits the text."""
     compare = bool(st.session_state.get(keys.KEY_COMPARE))
@@ -154,6 +192,9 @@ def feature_picker(run, choice: SaeChoice, result: dict, d_sae: int) -> int | No
     # until a feature is picked by hand (the value is still the default last set), the picker
     # follows each new sentence to its own default
     follow = key + "_default"
+    linked = st.session_state.pop(keys.KEY_EX_LINK_FEATURE, None)
+    if linked and linked[:2] == (choice.model, choice.layer) and 0 <= linked[2] < d_sae:  # a link's feature: picked as if by hand
+        st.session_state[key], st.session_state[follow] = linked[2], None
     if st.session_state.get(key) in (None, st.session_state.get(follow)):
         st.session_state[key] = st.session_state[follow] = default
     feature = st.number_input(
@@ -368,9 +409,11 @@ def body() -> None:
     st.title("Sentence explorer")
     if not shared.need_step(run, "finetune", "The sentence explorer"):
         return
+    apply_link()
     texts = [t for t in sentence_inputs()]
     if not all(t.strip() for t in texts):
         st.info("Type a sentence and press Enter.")
+        write_link([""], SaeChoice("pretrained", None, "variance", 5), None)  # no sentence in the link either
         return
     bundle = cached.bundle(run)
     bundle_warnings(bundle)
@@ -390,6 +433,7 @@ def body() -> None:
             matched = show_matched(run, choice)
     if matched and len(texts) > 1 and not shared.guarded(lambda: cached.matched_features(run, texts[0], choice.layer, feature, choice.model)):
         matched = False  # no usable matching for this layer: its message once, above both sentences
+    write_link(texts, choice, feature)
     scales = shared_scales(run, texts, results, choice, feature, matched)
     cols = st.columns(len(texts))
     for i, (col, text, result) in enumerate(zip(cols, texts, results)):

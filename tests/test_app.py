@@ -1059,6 +1059,39 @@ def test_explorer_choices_survive_an_empty_sentence_and_a_page_switch(app, sae_r
     assert "dull" in chart(at, SENTENCE)["layout"]["xaxis"]["ticktext"]
 
 
+def test_the_explorer_url_is_a_link_to_the_view(app, sae_run, runs):
+    """The address bar holds the sentence, layer, dictionary and feature shown; opening that link
+    in a new session shows the same view; values that do not fit the run fall back, no error."""
+    layers = sorted({layer for _, layer, _ in sae_run.sae_dirs()})
+    at = explorer(app)
+    at.text_input(key=keys.KEY_TEXT).input("the music was awful").run()
+    at.selectbox(key=keys.KEY_EX_LAYER).set_value(layers[0]).run()
+    at.segmented_control(key=keys.KEY_EX_MODEL).set_value("finetuned").run()
+    at.number_input(key=keys.explorer_feature_key(RunFolder(runs["tiny"]), "finetuned", layers[0], "variance")).set_value(3).run()
+    assert_clean(at)
+    link = {k: at.query_params[k] for k in ("text", "layer", "sae", "feature")}
+    assert [v[0] if isinstance(v, list) else v for v in link.values()] == ["the music was awful", str(layers[0]), "finetuned", "3"]
+    assert "text_b" not in at.query_params
+    fresh = app()
+    for k, v in link.items():
+        fresh.query_params[k] = v
+    fresh = open_page(fresh, EXPLORER)
+    assert_clean(fresh)
+    assert fresh.text_input(key=keys.KEY_TEXT).value == "the music was awful"
+    assert (fresh.selectbox(key=keys.KEY_EX_LAYER).value, fresh.segmented_control(key=keys.KEY_EX_MODEL).value) == (layers[0], "finetuned")
+    assert f"feature 3 (fine-tuned SAE, layer {layers[0]})" in title(chart(fresh, SENTENCE))
+    fresh.text_input(key=keys.KEY_TEXT).input("the plot was dull").run()  # the viewer's own changes win over the link
+    assert fresh.text_input(key=keys.KEY_TEXT).value == "the plot was dull" and "plot" in chart(fresh, SENTENCE)["layout"]["xaxis"]["ticktext"]
+    # a compared pair, and values this run does not have
+    odd = app()
+    for k, v in {"text": "the acting was great", "text_b": "the acting was poor", "layer": "99", "sae": "nonsense", "feature": "100000"}.items():
+        odd.query_params[k] = v
+    odd = open_page(odd, EXPLORER)
+    assert_clean(odd)
+    assert odd.toggle(key=keys.KEY_COMPARE).value and odd.text_input(key=keys.KEY_TEXT_B).value == "the acting was poor"
+    assert odd.selectbox(key=keys.KEY_EX_LAYER).value == layers[-1] and len([f for f in charts(odd) if SENTENCE in title(f)]) == 2
+
+
 def test_a_long_text_shows_where_it_was_cut(app, sae_run):
     at = explorer(app)
     # 14,000 characters, as long as IMDb's longest review: analysed, with its cut shown
