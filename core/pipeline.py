@@ -171,7 +171,7 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
 
 def _refuse_changes_to_finished_steps(run: RunFolder, step: str, cfg: RunConfig) -> None:
     """Options that change the settings of a step before ``step`` (``features --set
-    model.max_length=128``) are refused: that step's files were made with the saved settings, and
+    model.max_length=256`` on a run built at 128) are refused: that step's files were made with the saved settings, and
     recording the new ones as the run's config would misdescribe them (``analyze`` would tokenise
     with them, and ``build`` would then refuse the run for a change nobody asks it to make)."""
     for earlier in STEPS[: STEPS.index(step)]:
