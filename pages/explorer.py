@@ -370,6 +370,20 @@ def show_matched(run, choice: SaeChoice) -> bool:
     return st.toggle("Show match", key=keys.KEY_EX_MATCHED, persist_state="session")
 
 
+def open_in_browser(run, choice: SaeChoice, feature: int | None) -> None:
+    """A button that opens the chosen feature's card (top examples, histogram, classes, match) in
+    the feature browser, once the features step has written the cards."""
+    if feature is None or not run.is_done("features"):
+        return
+    if st.button("Feature card", icon=":material/open_in_new:", key=keys.KEY_EX_OPEN_CARD, help=f"open feature {feature} of the {shared.MODEL_LABELS[choice.model]} SAE at layer {choice.layer} in the feature browser: its top examples in context, histogram, classes and match"):
+        st.session_state[keys.KEY_FB_MODEL] = choice.model
+        st.session_state[keys.KEY_FB_LAYER] = choice.layer
+        key = keys.browser_feature_key(run, choice.model, choice.layer, st.session_state.get(keys.KEY_FB_RANK, shared.RANKINGS[0]))
+        st.session_state[key] = feature
+        keys.feature_typed(key)  # a fresh table, the feature's row ticked
+        st.switch_page("pages/features.py")
+
+
 def lowest_cosine(results: list[dict]) -> float:
     """Shared lower end of the cosine colour scale, so compared sentences read alike."""
     values = [v for r in results for row in r["cosine"] for v in row if v is not None]
@@ -429,8 +443,9 @@ def body() -> None:
     if slots:
         with slots[0]:
             feature = feature_picker(run, choice, results[0], bundle.saes[sae].cfg.d_sae)
-        with slots[1]:
+        with slots[1], st.container(horizontal=True, vertical_alignment="center", wrap=True):
             matched = show_matched(run, choice)
+            open_in_browser(run, choice, feature)
     if matched and len(texts) > 1 and not shared.guarded(lambda: cached.matched_features(run, texts[0], choice.layer, feature, choice.model)):
         matched = False  # no usable matching for this layer: its message once, above both sentences
     write_link(texts, choice, feature)

@@ -1139,6 +1139,19 @@ def test_a_missing_matching_file_is_one_message_for_two_compared_sentences(app, 
     assert len([f for f in charts(at) if SENTENCE in title(f)]) == 2 and not [f for f in charts(at) if "its match" in title(f)]
 
 
+def test_the_feature_card_button_opens_the_chosen_feature_in_the_browser(app, features_run, runs):
+    layers = sorted({layer for _, layer, _ in features_run.sae_dirs()})
+    at = explorer(app)
+    at.selectbox(key=keys.KEY_EX_LAYER).set_value(layers[0]).run()
+    at.segmented_control(key=keys.KEY_EX_MODEL).set_value("finetuned").run()
+    at.number_input(key=keys.explorer_feature_key(RunFolder(runs["tiny"]), "finetuned", layers[0], "variance")).set_value(5).run()
+    at.button(key=keys.KEY_EX_OPEN_CARD).click().run()
+    assert_clean(at)
+    assert at.title[0].value == "Feature browser"
+    assert card_title(at) == f"Feature 5 · fine-tuned SAE · layer {layers[0]}"
+    assert at.segmented_control(key=keys.KEY_FB_MODEL).value == "finetuned" and at.selectbox(key=keys.KEY_FB_LAYER).value == layers[0]
+
+
 def test_the_match_panel_works_from_the_fine_tuned_dictionary_too(app, features_run):
     """With the fine-tuned SAE chosen, the toggle stays and the panel shows the chosen feature's
     pre-trained partner: the same numbers the core computes from that side."""
