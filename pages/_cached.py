@@ -139,3 +139,16 @@ def _feature_card(path: str, stamp: int, model: str, layer: int, feature: int, t
 
 def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int | None = None) -> dict:
     return _feature_card(str(run.root), shared.run_stamp(str(run.root)), model, layer, feature, top)
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _test_texts(path: str, stamp: int) -> dict:
+    from core.data import load_split
+
+    frame = load_split(RunFolder(path), "test")
+    return dict(zip(frame["id"].tolist(), frame["text"].tolist()))
+
+
+def example_text(run: RunFolder, example_id: int) -> str:
+    """The text of one test example (the features step's top examples name them by id)."""
+    return _test_texts(str(run.root), shared.run_stamp(str(run.root)))[example_id]

@@ -33,10 +33,11 @@ KEY_EX_TOP = "ls_ex_top"
 KEY_EX_MATCHED = "ls_ex_matched"
 KEY_EX_OPEN_CARD = "ls_ex_open_card"  # the explorer's button that opens the chosen feature in the feature browser
 KEY_EX_LINK = "ls_ex_link"  # the explorer link (?text=...) last applied, so each is applied once
-KEY_EX_LINK_FEATURE = "ls_ex_link_feature"  # (model, layer, feature) a link asks for, until the picker takes it
+KEY_EX_LINK_FEATURE = "ls_ex_link_feature"  # (model, layer, feature) a link or the feature browser asks for, until the picker takes it
 KEY_FB_MODEL = "ls_fb_model"
 KEY_FB_LAYER = "ls_fb_layer"
 KEY_FB_RANK = "ls_fb_rank"
+KEY_FB_OPEN_EXAMPLE = "ls_fb_open_example"  # prefix of the buttons that open a top example in the explorer
 KEY_FB_TABLE = "ls_fb_table"  # prefix of the feature table's key (see ``browser_table_key``)
 
 

@@ -168,6 +168,21 @@ def top_examples(card: dict) -> None:
     st.markdown("<div>" + "".join(lines) + "</div>", unsafe_allow_html=True)
 
 
+def explorer_buttons(run, model: str, layer: int, feature: int, examples: list[dict]) -> None:
+    """One button per top example: the whole text in the sentence explorer, this feature chosen."""
+    if not examples:
+        return
+    with st.container(horizontal=True, wrap=True, vertical_alignment="center"):
+        st.caption("Open in the sentence explorer:")
+        for ex in examples:
+            if st.button(f"#{ex['example_id']}", key=f"{keys.KEY_FB_OPEN_EXAMPLE}_{ex['example_id']}", help="the whole text, with this feature chosen", type="tertiary"):
+                st.session_state[keys.KEY_TEXT] = cached.example_text(run, int(ex["example_id"]))
+                st.session_state[keys.KEY_COMPARE] = False
+                st.session_state[keys.KEY_EX_LAYER], st.session_state[keys.KEY_EX_MODEL] = layer, model
+                st.session_state[keys.KEY_EX_LINK_FEATURE] = (model, layer, feature)
+                st.switch_page("pages/explorer.py")
+
+
 def card_view(run, model: str, layer: int, feature: int, row: pd.Series | None) -> None:
     card = cached.feature_card(run, model, layer, feature)
     st.subheader(f"Feature {feature} · {shared.MODEL_LABELS[model]} SAE · layer {layer}")
@@ -187,6 +202,7 @@ def card_view(run, model: str, layer: int, feature: int, row: pd.Series | None) 
     match_box(run, model, layer, card.get("match"), card.get("match_problem"))
     st.markdown("**Top activating examples** (darker = stronger; the outlined token is the peak)")
     top_examples(card)
+    explorer_buttons(run, model, layer, feature, card.get("top_examples") or [])
     left, right = st.columns(2)
     with left:
         hist = card.get("histogram") or {}

@@ -1152,6 +1152,30 @@ def test_the_feature_card_button_opens_the_chosen_feature_in_the_browser(app, fe
     assert at.segmented_control(key=keys.KEY_FB_MODEL).value == "finetuned" and at.selectbox(key=keys.KEY_FB_LAYER).value == layers[0]
 
 
+def test_a_top_example_opens_in_the_explorer_with_its_feature(app, features_run):
+    """From a feature card, a top example's button puts that whole test text in the explorer with
+    the same SAE and feature chosen; the feature fires there, at least as strongly as the card says."""
+    from core.data import load_split
+
+    at = browser(app)
+    title_ = card_title(at)
+    feature, layer = map(int, re.match(r"Feature (\d+) · pre-trained SAE · layer (\d+)", title_).groups())
+    buttons = [b for b in at.button if str(b.key).startswith(keys.KEY_FB_OPEN_EXAMPLE)]
+    assert buttons
+    example = int(buttons[0].label.lstrip("#"))
+    buttons[0].click().run()
+    assert_clean(at)
+    assert at.title[0].value == "Sentence explorer" and not at.toggle(key=keys.KEY_COMPARE).value
+    text = load_split(features_run, "test").set_index("id").loc[example, "text"]
+    assert at.text_input(key=keys.KEY_TEXT).value == text
+    fig = chart(at, SENTENCE)
+    assert f"feature {feature} (pre-trained SAE, layer {layer})" in title(fig)
+    from core.features_step import feature_card
+
+    peak = max(feature_card(features_run, "pretrained", layer, feature)["top_examples"][0]["activations"])
+    assert np.nanmax(array(trace(fig, "feature")["z"])[0]) == pytest.approx(peak, rel=0.02)  # row 0: on the pre-trained model, as the card measured it
+
+
 def test_the_match_panel_works_from_the_fine_tuned_dictionary_too(app, features_run):
     """With the fine-tuned SAE chosen, the toggle stays and the panel shows the chosen feature's
     pre-trained partner: the same numbers the core computes from that side."""
