@@ -655,7 +655,7 @@ def matching_bars(matching: Sequence[Mapping], title: str = "") -> go.Figure:
             )
         )
     fig.update_layout(barmode="stack", bargap=0.15, legend={"traceorder": "normal"})
-    fig.update_xaxes(tickangle=0, title="pre-trained SAE matched with")
+    fig.update_xaxes(title="pre-trained SAE matched with")  # labels turn when a narrow window crowds them
     fig.update_yaxes(title="share of the pre-trained SAE's live latents", range=[0, 1])  # dead latents are left out of the matching
     return _layout(fig, esc(title))
 

@@ -50,45 +50,59 @@ class SaeChoice:
 LINK_PARAMS = ("text", "text_b", "layer", "sae", "feature")  # the explorer's view in its URL (``?text=...&layer=6``)
 
 
+def _number(value: str | None) -> int | None:
+    """A link's whole number, or None for anything else ("abc", "-1", "3.0", a superscript "³")."""
+    try:
+        n = int(value or "")
+    except ValueError:
+        return None
+    return n if n >= 0 else None
+
+
 def apply_link() -> None:
     """A link to the explorer (its URL, copied from another browser) opens on the view it names:
     the sentence(s), layer, SAE dictionary and feature. Applied once per link, before the widgets
     are drawn, so what the viewer then changes wins; values that do not fit the run fall back to
-    the defaults (the layer and dictionary) or are dropped (a feature out of range)."""
+    the defaults (the layer, the dictionary: pre-trained) or are dropped (a feature out of range);
+    a link without a sentence keeps the sentence shown."""
     link = {k: st.query_params.get(k) for k in LINK_PARAMS}
-    if not link["text"] or link == st.session_state.get(keys.KEY_EX_LINK):
+    if not any(link.values()) or link == st.session_state.get(keys.KEY_EX_LINK):
         return
     st.session_state[keys.KEY_EX_LINK] = link
-    st.session_state[keys.KEY_TEXT] = link["text"]
-    st.session_state[keys.KEY_COMPARE] = bool(link["text_b"])
+    if link["text"]:
+        st.session_state[keys.KEY_TEXT] = link["text"]
+        st.session_state[keys.KEY_COMPARE] = bool(link["text_b"])
     if link["text_b"]:
         st.session_state[keys.KEY_TEXT_B] = link["text_b"]
-    layer = int(link["layer"]) if (link["layer"] or "").isdigit() else None
+    layer = _number(link["layer"])
     if layer is not None:
         st.session_state[keys.KEY_EX_LAYER] = layer
-    if link["sae"] in shared.MODEL_LABELS:
-        st.session_state[keys.KEY_EX_MODEL] = link["sae"]
-    if layer is not None and link["sae"] in shared.MODEL_LABELS and (link["feature"] or "").isdigit():
-        st.session_state[keys.KEY_EX_LINK_FEATURE] = (link["sae"], layer, int(link["feature"]))
+    sae = (link["sae"] or "pretrained").lower().replace("-", "")  # "Fine-tuned" as well as "finetuned"
+    if sae in shared.MODEL_LABELS:
+        st.session_state[keys.KEY_EX_MODEL] = sae
+    feature = _number(link["feature"])
+    if layer is not None and sae in shared.MODEL_LABELS and feature is not None:
+        st.session_state[keys.KEY_EX_LINK_FEATURE] = (sae, layer, feature)
 
 
 def write_link(texts: list[str], choice: SaeChoice, feature: int | None) -> None:
-    """Mirror the view in the URL (see ``apply_link``), so the address bar holds a link to it."""
+    """Mirror the view in the URL (see ``apply_link``), so the address bar holds a link to it: in
+    one update, which the browser records as one history entry (one per parameter set separately
+    made the Back button seem dead)."""
     view = {"text": texts[0] or None, "text_b": texts[1] if len(texts) > 1 else None, "layer": None, "sae": None, "feature": None}
     if choice.layer is not None:
         view.update(layer=str(choice.layer), sae=choice.model, feature=None if feature is None else str(feature))
-    for key, value in view.items():
-        if value is None:
-            st.query_params.pop(key, None)
-        elif st.query_params.get(key) != value:
-            st.query_params[key] = value
+    now = st.query_params.to_dict()
+    wanted = {k: v for k, v in now.items() if k not in view} | {k: v for k, v in view.items() if v is not None}
+    if wanted != now or any(len(st.query_params.get_all(k)) > 1 for k in now):  # also a repeated parameter (?text=a&text=b)
+        st.query_params.from_dict(wanted)
     st.session_state[keys.KEY_EX_LINK] = {k: st.query_params.get(k) for k in LINK_PARAMS}  # our own link: not applied again
 
 
 def sentence_inputs() -> list[str]:
     """One sentence, or two when comparing; Enter (or leaving the box) commits the text."""
     compare = bool(st.session_state.get(keys.KEY_COMPARE))
-    cols = st.columns([4, 4, 1.8] if compare else [8, 1.8], vertical_alignment="bottom")  # the toggle's label whole from 1,024 px
+    cols = st.columns([4, 4, 2.3] if compare else [8, 1.8], vertical_alignment="bottom")  # the toggle's label whole from 1,024 px
     texts = [cols[0].text_input("Sentence (press Enter)", DEFAULT_TEXT, key=keys.KEY_TEXT, persist_state="session")]
     if compare:
         texts.append(cols[1].text_input("Second sentence (press Enter)", DEFAULT_TEXT_B, key=keys.KEY_TEXT_B, persist_state="session"))
@@ -265,7 +279,8 @@ def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int
     """
     acts = cached.sentence_features(run, text, choice.layer, feature, choice.model)
     ranked, shown = top_rows(result, choice)
-    top = ([f"feature {f['feature']}" + (" · silent" if silent(f) else "") for f in ranked], [f[shown] for f in ranked]) if ranked else None
+    name = "feature " if wrap == plots.WIDE_TITLE_CHARS else "#"  # side by side, a shorter row label leaves the heatmap more width
+    top = ([f"{name}{f['feature']}" + (" · silent" if silent(f) else "") for f in ranked], [f[shown] for f in ranked]) if ranked else None
     if not ranked:
         below = ""
     elif shown == "difference":
@@ -346,7 +361,7 @@ def sentence_panels(run, text: str, result: dict, choice: SaeChoice, feature: in
     """The prediction and the charts of one sentence (see ``sentence_column``)."""
     # token labels that fit (see plots.MAX_TOKEN_LABELS): fewer in the cosine map beside the
     # prediction, fewer still in charts of two sentences side by side
-    full, narrow = (plots.MAX_TOKEN_LABELS, 32) if wide else (24, 24)
+    full, narrow = (plots.MAX_TOKEN_LABELS, 32) if wide else (12, 12)  # side by side: ~180 px of plot at 1,366 px
     wrap = plots.WIDE_TITLE_CHARS if wide else plots.NARROW_TITLE_CHARS
     low = scales.cosine_low
     if feature is None:

@@ -207,10 +207,10 @@ def card_view(run, model: str, layer: int, feature: int, row: pd.Series | None) 
     with left:
         hist = card.get("histogram") or {}
         if hist.get("counts"):
-            shared.chart(plots.histogram(hist["edges"], hist["counts"], title="Activations where it fires", log_y=True), key="fb_hist")
+            shared.chart(plots.histogram(hist["edges"], hist["counts"], title="Activation when firing", log_y=True), key="fb_hist")
     with right:
         if card.get("mean_per_class"):
-            shared.chart(plots.feature_bars(card["mean_per_class"], title="Mean activation per token, by class", x_title="class", y_title="mean activation per token"), key="fb_classes")
+            shared.chart(plots.feature_bars(card["mean_per_class"], title="Mean per token, by class", x_title="class", y_title="mean activation"), key="fb_classes")
     if card.get("logit_effect"):
         shared.chart(plots.feature_bars(card["logit_effect"], title="Contribution to the class logits", x_title="class", y_title="logit contribution (drop if ablated)"), key="fb_logits")
 

@@ -987,7 +987,7 @@ def test_explorer_ranks_top_features_by_this_sentence(app, sae_run):
     for fig, text in zip(figs, texts_shown):
         assert f"top {top} features of this SAE by variance over this sentence" in subtitle(fig)
         (entry,) = analyze_text(bundle, text, top=top, rank_by="sentence", saes=[("pretrained", layer)])["saes"]
-        assert fig["layout"]["yaxis"]["ticktext"] == [f"feature {f['feature']}" for f in entry["features"]]
+        assert fig["layout"]["yaxis"]["ticktext"] == [f"#{f['feature']}" for f in entry["features"]]  # side by side: short row labels
     assert figs[0]["layout"]["yaxis"]["ticktext"] != figs[1]["layout"]["yaxis"]["ticktext"]
     at.selectbox(key=keys.KEY_EX_RANK).set_value("sentence-change").run()  # the features fine-tuning moved most on each sentence
     assert_clean(at)
@@ -995,7 +995,7 @@ def test_explorer_ranks_top_features_by_this_sentence(app, sae_run):
     for fig, text in zip(figs, texts_shown):
         assert f"the {top} features fine-tuning changed most on this sentence (fine-tuned − pre-trained)" in subtitle(fig)
         (entry,) = analyze_text(bundle, text, top=top, rank_by="sentence-change", saes=[("pretrained", layer)])["saes"]
-        assert fig["layout"]["yaxis"]["ticktext"] == [f"feature {f['feature']}" for f in entry["features"]]
+        assert fig["layout"]["yaxis"]["ticktext"] == [f"#{f['feature']}" for f in entry["features"]]  # side by side: short row labels
         panel = trace(fig, "top features")  # what the ranking measured: the difference, diverging around 0
         np.testing.assert_allclose(array(panel["z"]), np.array([f["difference"] for f in entry["features"]]), atol=1e-6)
         assert panel["zmid"] == 0 and panel["zmin"] == -panel["zmax"]
@@ -1090,6 +1090,23 @@ def test_the_explorer_url_is_a_link_to_the_view(app, sae_run, runs):
     assert_clean(odd)
     assert odd.toggle(key=keys.KEY_COMPARE).value and odd.text_input(key=keys.KEY_TEXT_B).value == "the acting was poor"
     assert odd.selectbox(key=keys.KEY_EX_LAYER).value == layers[-1] and len([f for f in charts(odd) if SENTENCE in title(f)]) == 2
+    # digits int() does not read (a superscript), and a link that names no dictionary or sentence:
+    # the pre-trained one, the sentence shown, the rest of the link applied
+    for params, want in (({"text": "a fine film", "layer": "\u00b3", "feature": "\u00b2"}, (layers[-1], "pretrained", None)), ({"layer": str(layers[0]), "feature": "4"}, (layers[0], "pretrained", 4)), ({"text": "", "layer": str(layers[0]), "sae": "Fine-tuned", "feature": "2"}, (layers[0], "finetuned", 2))):
+        at = app()
+        for k, v in params.items():
+            at.query_params[k] = v
+        at = open_page(at, EXPLORER)
+        assert_clean(at)
+        assert (at.selectbox(key=keys.KEY_EX_LAYER).value, at.segmented_control(key=keys.KEY_EX_MODEL).value) == want[:2], params
+        assert at.text_input(key=keys.KEY_TEXT).value == (params.get("text") or "the acting was brilliant but the plot was dull")
+        if want[2] is not None:
+            assert f"feature {want[2]} (" in title(chart(at, SENTENCE)), params
+    # a repeated parameter is written back once
+    at = app()
+    at.query_params["text"] = ["one", "two"]
+    at = open_page(at, EXPLORER)
+    assert at.query_params["text"] in ("two", ["two"]) and at.text_input(key=keys.KEY_TEXT).value == "two"
 
 
 def test_a_long_text_shows_where_it_was_cut(app, sae_run):
@@ -1246,8 +1263,8 @@ def test_feature_browser_table_and_card(app, features_run):
     assert per_class and all(label == f"mean, {col[5:-1]}" for col, label in per_class.items())
     top = int(table["feature"].iloc[0])
     assert card_title(at).startswith(f"Feature {top} · pre-trained SAE")
-    assert title(chart(at, "Mean activation per token, by class"))
-    hist = chart(at, "Activations where it fires")["data"][0]
+    assert title(chart(at, "Mean per token, by class"))
+    hist = chart(at, "Activation when firing")["data"][0]
     assert hist["type"] == "bar"
     # the tokens where the feature fires, and only those: their count is its density x the test tokens
     tokens = build_report(features_run)["activations"]["test"]["tokens"]
