@@ -47,7 +47,8 @@ class SaeChoice:
     top: int
 
 
-LINK_PARAMS = ("text", "text_b", "layer", "sae", "feature")  # the explorer's view in its URL (``?text=...&layer=6``)
+LINK_PARAMS = ("text", "text_b", "layer", "sae", "feature", "rank", "top", "match")  # the explorer's view in its URL (``?text=...&layer=6``)
+TOP_RANGE = (3, 20)  # the "Top features" slider's ends
 
 
 def _number(value: str | None) -> int | None:
@@ -83,15 +84,22 @@ def apply_link() -> None:
     feature = _number(link["feature"])
     if layer is not None and sae in shared.MODEL_LABELS and feature is not None:
         st.session_state[keys.KEY_EX_LINK_FEATURE] = (sae, layer, feature)
+    if link["rank"] in shared.EXPLORER_RANKINGS:
+        st.session_state[keys.KEY_EX_RANK] = link["rank"]
+    top = _number(link["top"])
+    if top is not None and TOP_RANGE[0] <= top <= TOP_RANGE[1]:
+        st.session_state[keys.KEY_EX_TOP] = top
+    if link["match"] in ("0", "1"):
+        st.session_state[keys.KEY_EX_MATCHED] = link["match"] == "1"
 
 
-def write_link(texts: list[str], choice: SaeChoice, feature: int | None) -> None:
+def write_link(texts: list[str], choice: SaeChoice, feature: int | None, matched: bool = False) -> None:
     """Mirror the view in the URL (see ``apply_link``), so the address bar holds a link to it: in
     one update, which the browser records as one history entry (one per parameter set separately
     made the Back button seem dead)."""
-    view = {"text": texts[0] or None, "text_b": texts[1] if len(texts) > 1 else None, "layer": None, "sae": None, "feature": None}
+    view = dict.fromkeys(LINK_PARAMS) | {"text": texts[0] or None, "text_b": texts[1] if len(texts) > 1 else None}
     if choice.layer is not None:
-        view.update(layer=str(choice.layer), sae=choice.model, feature=None if feature is None else str(feature))
+        view.update(layer=str(choice.layer), sae=choice.model, feature=None if feature is None else str(feature), rank=choice.rank_by, top=str(choice.top), match="1" if matched else None)
     now = st.query_params.to_dict()
     wanted = {k: v for k, v in now.items() if k not in view} | {k: v for k, v in view.items() if v is not None}
     if wanted != now or any(len(st.query_params.get_all(k)) > 1 for k in now):  # also a repeated parameter (?text=a&text=b)
@@ -162,7 +170,7 @@ def sae_controls(bundle) -> tuple[SaeChoice, list]:
         help="variance, selectivity, density, change: over the dataset (the features step; change: mean |fine-tuned − pre-trained| activation, this SAE applied to both models). Sentence variance: over this sentence's tokens, so the features that vary most along it come first. Sentence change: |fine-tuned − pre-trained| summed over its tokens, so the features fine-tuning moved most on it come first (the panel then shows that difference)",
     )
     c4, c5, c6 = st.columns([1.6, 1, 1.6], vertical_alignment="bottom")
-    top = c4.slider("Top features", 3, 20, 8, key=keys.KEY_EX_TOP, persist_state="session")
+    top = c4.slider("Top features", *TOP_RANGE, 8, key=keys.KEY_EX_TOP, persist_state="session")
     return SaeChoice(model, layer, rank_by, top), [c5, c6]
 
 
@@ -463,7 +471,7 @@ def body() -> None:
             open_in_browser(run, choice, feature)
     if matched and len(texts) > 1 and not shared.guarded(lambda: cached.matched_features(run, texts[0], choice.layer, feature, choice.model)):
         matched = False  # no usable matching for this layer: its message once, above both sentences
-    write_link(texts, choice, feature)
+    write_link(texts, choice, feature, matched)
     scales = shared_scales(run, texts, results, choice, feature, matched)
     cols = st.columns(len(texts))
     for i, (col, text, result) in enumerate(zip(cols, texts, results)):

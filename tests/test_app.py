@@ -1068,9 +1068,11 @@ def test_the_explorer_url_is_a_link_to_the_view(app, sae_run, runs):
     at.selectbox(key=keys.KEY_EX_LAYER).set_value(layers[0]).run()
     at.segmented_control(key=keys.KEY_EX_MODEL).set_value("finetuned").run()
     at.number_input(key=keys.explorer_feature_key(RunFolder(runs["tiny"]), "finetuned", layers[0], "variance")).set_value(3).run()
+    at.slider(key=keys.KEY_EX_TOP).set_value(5).run()
+    at.toggle(key=keys.KEY_EX_MATCHED).set_value(True).run()
     assert_clean(at)
-    link = {k: at.query_params[k] for k in ("text", "layer", "sae", "feature")}
-    assert [v[0] if isinstance(v, list) else v for v in link.values()] == ["the music was awful", str(layers[0]), "finetuned", "3"]
+    link = {k: at.query_params[k] for k in ("text", "layer", "sae", "feature", "rank", "top", "match")}
+    assert [v[0] if isinstance(v, list) else v for v in link.values()] == ["the music was awful", str(layers[0]), "finetuned", "3", "variance", "5", "1"]
     assert "text_b" not in at.query_params
     fresh = app()
     for k, v in link.items():
@@ -1080,6 +1082,12 @@ def test_the_explorer_url_is_a_link_to_the_view(app, sae_run, runs):
     assert fresh.text_input(key=keys.KEY_TEXT).value == "the music was awful"
     assert (fresh.selectbox(key=keys.KEY_EX_LAYER).value, fresh.segmented_control(key=keys.KEY_EX_MODEL).value) == (layers[0], "finetuned")
     assert f"feature 3 (fine-tuned SAE, layer {layers[0]})" in title(chart(fresh, SENTENCE))
+    assert fresh.slider(key=keys.KEY_EX_TOP).value == 5 and fresh.toggle(key=keys.KEY_EX_MATCHED).value and chart(fresh, "its match")
+    ranked = app()
+    ranked.query_params.update(text="the music was awful", rank="density", top="50")  # 50: beyond the slider, left at its default
+    ranked = open_page(ranked, EXPLORER)
+    assert_clean(ranked)
+    assert ranked.selectbox(key=keys.KEY_EX_RANK).value == "density" and ranked.slider(key=keys.KEY_EX_TOP).value == 8
     fresh.text_input(key=keys.KEY_TEXT).input("the plot was dull").run()  # the viewer's own changes win over the link
     assert fresh.text_input(key=keys.KEY_TEXT).value == "the plot was dull" and "plot" in chart(fresh, SENTENCE)["layout"]["xaxis"]["ticktext"]
     # a compared pair, and values this run does not have
