@@ -88,6 +88,18 @@ def test_sentence_explorer_in_a_browser(server, page, tmp_path, tiny_run):
     assert "emb" in rows and "pre-trained" in rows and "fine-tuned −pre-trained" in rows, rows  # the difference row: two lines
     assert page.get_by_text("Prediction:").count() >= 1
     assert_no_errors(page)
+    # the address bar now links to this view: opened afresh, it shows the same sentence, escaped
+    from urllib.parse import parse_qs, urlparse
+
+    link = page.url
+    assert parse_qs(urlparse(link).query)["text"] == [EVIL_TEXT]
+    page.goto("about:blank")
+    page.goto(link, timeout=90_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.js-plotly-plot .xtick text')].some(e => e.textContent === 'terrible')",
+        timeout=90_000,
+    )
+    assert page.get_by_label("Sentence (press Enter)").input_value() == EVIL_TEXT and not page.dialogs
     page.screenshot(path=str(tmp_path / "explorer.png"))
     assert (tmp_path / "explorer.png").stat().st_size > 10_000
     # two sentences side by side: each chart's title and subtitle fit its half of the page (Plotly
