@@ -414,9 +414,10 @@ def matched_features(bundle: Bundle, state: SentenceState, layer: int, feature: 
     """A feature of one model's SAE on that model next to its matched partner in the other model's
     SAE on the other model (``partner < 0``: none, shown as zeros). ``feature_pretrained`` and
     ``feature_finetuned`` name the pair; ``similarity`` and ``status`` are the chosen feature's."""
-    from core.features_step import load_matching
+    from core.features_step import checked_matching
 
-    match = load_matching(bundle.run, layer)
+    d_sae = latents(bundle, state, sae_model, layer).shape[1]  # (an SAE the run lacks: its own message)
+    match, _ = checked_matching(bundle.run, sae_model, layer, d_sae, lenient=False)  # a file from another build: named
     if match is None:
         if bundle.run.is_done("features"):  # the step ran: its file of this layer is gone
             raise LayerscopeError(f"no feature matching for layer {layer} ({bundle.run.matching_path(layer)} is missing); re-run `{core_command('features', bundle.run.root, '--force')}`")
@@ -427,7 +428,15 @@ def matched_features(bundle: Bundle, state: SentenceState, layer: int, feature: 
         raise LayerscopeError(f"no feature {feature} in the {MODEL_NAMES[sae_model]} SAE of layer {layer}: its features are 0..{n - 1}")
     partner = int(match[f"partner_of_{sae_model}"][feature])
     mine = latents(bundle, state, sae_model, layer)[:, feature]  # [tokens] on its own model
-    theirs = latents(bundle, state, other, layer)[:, partner] if partner >= 0 else torch.zeros_like(mine)
+    theirs = torch.zeros_like(mine)
+    if partner >= 0:
+        z = latents(bundle, state, other, layer)  # [tokens, d_sae of the other SAE]
+        if partner >= z.shape[1]:
+            raise LayerscopeError(
+                f"{bundle.run.matching_path(layer)} pairs feature {feature} with feature {partner} of the {MODEL_NAMES[other]} SAE, "
+                f"which has {z.shape[1]}; the file comes from another build: re-run `{core_command('features', bundle.run.root, '--force')}`"
+            )
+        theirs = z[:, partner]
     ids = {sae_model: feature, other: partner}
     pre, ft = (mine, theirs) if sae_model == "pretrained" else (theirs, mine)
     return {

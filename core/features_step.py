@@ -318,7 +318,7 @@ def load_matching(run: RunFolder, layer: int) -> dict | None:
     return read_json(path, MATCHING_FIELDS) if path.is_file() else None
 
 
-def _matching_of(run: RunFolder, model: str, layer: int, num_features: int, lenient: bool) -> tuple[dict | None, str | None]:
+def checked_matching(run: RunFolder, model: str, layer: int, num_features: int, lenient: bool) -> tuple[dict | None, str | None]:
     """The layer's matching (None when the run has none), checked against the ``num_features`` of
     ``model``'s SAE, and why it cannot be used: ``lenient`` (the dashboard) returns that message
     with no matching, so a damaged matching file costs only the match columns; otherwise it raises."""
@@ -361,7 +361,7 @@ def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance", 
     if "logit_effect" in s:
         for c, name in enumerate(names):
             df[f"logit_effect[{name}]"] = s["logit_effect"][:, c].numpy()
-    match, problem = _matching_of(run, model, layer, len(df), lenient)
+    match, problem = checked_matching(run, model, layer, len(df), lenient)
     if problem:
         df.attrs["matching_problem"] = problem
     if match:
@@ -412,7 +412,7 @@ def feature_card(run: RunFolder, model: str, layer: int, feature: int, top: int 
                 "value": value,
             }
         )
-    match, match_problem = _matching_of(run, model, layer, m, lenient)
+    match, match_problem = checked_matching(run, model, layer, m, lenient)
     match_info = None
     if match:
         match_info = {"partner": match[f"partner_of_{model}"][feature], "similarity": match_similarity(match[f"similarity_of_{model}"][feature]), "status": match[f"status_of_{model}"][feature], "other_model": OTHER_MODEL[model]}

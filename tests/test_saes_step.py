@@ -282,6 +282,27 @@ def test_a_matching_file_gone_after_the_step_points_to_features_force(run_copy):
         matched_features(bundle, sentence_state(bundle, "the plot"), 1, 0)
 
 
+def test_a_matching_file_from_another_build_is_named_by_the_match_panel(run_copy):
+    """Lists shorter than the SAE, or a partner beyond the other SAE: the file and its fix are
+    named (the first read as "no feature N", the second failed with an IndexError)."""
+    from core.analysis import load_bundle, matched_features, sentence_state
+
+    run = RunFolder(run_copy)
+    bundle = load_bundle(run)
+    state = sentence_state(bundle, "the plot")
+    path = run.matching_path(1)
+    match = read_json(path)
+    d_sae = bundle.saes[("pretrained", 1)].cfg.d_sae
+    short = {**match, "partner_of_pretrained": match["partner_of_pretrained"][:3]}
+    write_json(path, short)
+    with pytest.raises(LayerscopeError, match=rf"lists 3 pretrained features under 'partner_of_pretrained', but the SAE has {d_sae}; .* re-run `python -m core features --run {run_copy} --force`"):
+        matched_features(bundle, state, 1, 0)
+    beyond = {**match, "partner_of_pretrained": [d_sae + 7] * d_sae}
+    write_json(path, beyond)
+    with pytest.raises(LayerscopeError, match=rf"pairs feature 0 with feature {d_sae + 7} of the fine-tuned SAE, which has {bundle.saes[('finetuned', 1)].cfg.d_sae}"):
+        matched_features(bundle, state, 1, 0)
+
+
 def test_statistics_of_saes_retrained_since_are_not_used(run_copy):
     """``saes --force --layers 1`` retrains layer 1 and marks the features step not done; the old
     statistics files stay on disk but describe the old SAEs, so nothing ranks by them (analyze
