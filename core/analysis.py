@@ -416,8 +416,8 @@ def matched_features(bundle: Bundle, state: SentenceState, layer: int, feature: 
     ``feature_finetuned`` name the pair; ``similarity`` and ``status`` are the chosen feature's."""
     from core.features_step import checked_matching
 
-    d_sae = latents(bundle, state, sae_model, layer).shape[1]  # (an SAE the run lacks: its own message)
-    match, _ = checked_matching(bundle.run, sae_model, layer, d_sae, lenient=False)  # a file from another build: named
+    z = latents(bundle, state, sae_model, layer)  # [tokens, d_sae] on its own model (an SAE the run lacks: its own message)
+    match, _ = checked_matching(bundle.run, sae_model, layer, z.shape[1], lenient=False)  # a file from another build: named
     if match is None:
         if bundle.run.is_done("features"):  # the step ran: its file of this layer is gone
             raise LayerscopeError(f"no feature matching for layer {layer} ({bundle.run.matching_path(layer)} is missing); re-run `{core_command('features', bundle.run.root, '--force')}`")
@@ -427,16 +427,16 @@ def matched_features(bundle: Bundle, state: SentenceState, layer: int, feature: 
     if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < n:
         raise LayerscopeError(f"no feature {feature} in the {MODEL_NAMES[sae_model]} SAE of layer {layer}: its features are 0..{n - 1}")
     partner = int(match[f"partner_of_{sae_model}"][feature])
-    mine = latents(bundle, state, sae_model, layer)[:, feature]  # [tokens] on its own model
+    mine = z[:, feature]  # [tokens]
     theirs = torch.zeros_like(mine)
     if partner >= 0:
-        z = latents(bundle, state, other, layer)  # [tokens, d_sae of the other SAE]
-        if partner >= z.shape[1]:
+        z_other = latents(bundle, state, other, layer)  # [tokens, d_sae of the other SAE]
+        if partner >= z_other.shape[1]:
             raise LayerscopeError(
                 f"{bundle.run.matching_path(layer)} pairs feature {feature} with feature {partner} of the {MODEL_NAMES[other]} SAE, "
-                f"which has {z.shape[1]}; the file comes from another build: re-run `{core_command('features', bundle.run.root, '--force')}`"
+                f"which has {z_other.shape[1]}; the file comes from another build: re-run `{core_command('features', bundle.run.root, '--force')}`"
             )
-        theirs = z[:, partner]
+        theirs = z_other[:, partner]
     ids = {sae_model: feature, other: partner}
     pre, ft = (mine, theirs) if sae_model == "pretrained" else (theirs, mine)
     return {

@@ -93,12 +93,12 @@ def apply_link() -> None:
         st.session_state[keys.KEY_EX_MATCHED] = link["match"] == "1"
 
 
-def write_link(texts: list[str], choice: SaeChoice, feature: int | None, matched: bool = False) -> None:
+def write_link(texts: list[str], choice: SaeChoice | None = None, feature: int | None = None, matched: bool = False) -> None:
     """Mirror the view in the URL (see ``apply_link``), so the address bar holds a link to it: in
     one update, which the browser records as one history entry (one per parameter set separately
     made the Back button seem dead)."""
     view = dict.fromkeys(LINK_PARAMS) | {"text": texts[0] or None, "text_b": texts[1] if len(texts) > 1 else None}
-    if choice.layer is not None:
+    if choice is not None and choice.layer is not None:
         view.update(layer=str(choice.layer), sae=choice.model, feature=None if feature is None else str(feature), rank=choice.rank_by, top=str(choice.top), match="1" if matched else None)
     now = st.query_params.to_dict()
     wanted = {k: v for k, v in now.items() if k not in view} | {k: v for k, v in view.items() if v is not None}
@@ -450,7 +450,7 @@ def body() -> None:
     texts = [t for t in sentence_inputs()]
     if not all(t.strip() for t in texts):
         st.info("Type a sentence and press Enter.")
-        write_link([""], SaeChoice("pretrained", None, "variance", 5), None)  # no sentence in the link either
+        write_link([""])  # no sentence in the link either
         return
     bundle = cached.bundle(run)
     bundle_warnings(bundle)
