@@ -386,17 +386,17 @@ def sentence_panels(run, text: str, result: dict, choice: SaeChoice, feature: in
         shared.guarded(lambda: matched_panel(run, text, result, choice, feature, key, scales, full, wrap))
 
 
-def show_matched(run, choice: SaeChoice) -> bool:
+def show_matched(features_done: bool, choice: SaeChoice) -> bool:
     """Toggle for the matched-feature panel (once the features step has matched the two dictionaries)."""
-    if choice.layer is None or not run.is_done("features"):
+    if choice.layer is None or not features_done:
         return False
     return st.toggle("Show match", key=keys.KEY_EX_MATCHED, persist_state="session")
 
 
-def open_in_browser(run, choice: SaeChoice, feature: int | None) -> None:
+def open_in_browser(run, features_done: bool, choice: SaeChoice, feature: int | None) -> None:
     """A button that opens the chosen feature's card (top examples, histogram, classes, match) in
     the feature browser, once the features step has written the cards."""
-    if feature is None or not run.is_done("features"):
+    if feature is None or not features_done:
         return
     if st.button("Feature card", icon=":material/open_in_new:", key=keys.KEY_EX_OPEN_CARD, help=f"open feature {feature} of the {shared.MODEL_LABELS[choice.model]} SAE at layer {choice.layer} in the feature browser: its top examples in context, histogram, classes and match"):
         st.session_state[keys.KEY_FB_MODEL] = choice.model
@@ -467,8 +467,9 @@ def body() -> None:
         with slots[0]:
             feature = feature_picker(run, choice, results[0], bundle.saes[sae].cfg.d_sae)
         with slots[1], st.container(horizontal=True, vertical_alignment="center", wrap=True):
-            matched = show_matched(run, choice)
-            open_in_browser(run, choice, feature)
+            features_done = run.is_done("features")  # one manifest read for both controls
+            matched = show_matched(features_done, choice)
+            open_in_browser(run, features_done, choice, feature)
     if matched and len(texts) > 1 and not shared.guarded(lambda: cached.matched_features(run, texts[0], choice.layer, feature, choice.model)):
         matched = False  # no usable matching for this layer: its message once, above both sentences
     write_link(texts, choice, feature, matched)
