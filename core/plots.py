@@ -109,28 +109,30 @@ def _array_ticks(labels: Sequence[str], **extra) -> dict:
     return {"tickmode": "array", "tickvals": list(range(len(labels))), "ticktext": list(labels), **_TOKEN_AXIS, **extra}
 
 
-# At Plotly's 12 px font, labels rotated by -45 degrees need ~17 px each along the axis: 48 fit
-# the ~800 px of a full-width chart in a 1,400-1,600 px browser window, fewer a narrower chart.
-# Longer texts label every n-th token (hover names every one) instead of piling labels up.
-MAX_TOKEN_LABELS = 48
+HOVER_HINT_TOKENS = 24  # beyond this many tokens a narrow chart labels only some of them: the axis says to hover
 BAR_GAP = 14  # px between stacked colour bars: room for a 12 px tick label at each bar's end
 DIFFERENCE_LINES = ("fine-tuned −", "pre-trained")  # the difference row's label, one line each
 
 
-def _token_ticks(labels: Sequence[str], max_labels: int) -> dict:
-    """The token axis: every token labelled, or every n-th one from the first word (after [CLS])
-    when there are more than ``max_labels``."""
-    step = max(1, -(-len(labels) // max(1, max_labels)))
-    ticks = _array_ticks(labels, tickangle=-45)
-    if step > 1:
-        ticks.update(tickvals=ticks["tickvals"][1::step], ticktext=ticks["ticktext"][1::step])
-        ticks["title"] = {"text": f"one token in {step} labelled; hover for every token", "font": {"size": 11}}
+def _token_ticks(labels: Sequence[str]) -> dict:
+    """The token axis: a category axis over the token positions 0..T-1, each position shown as its
+    token (``labelalias``; a repeated token keeps its own column).
+
+    Plotly labels a category axis at every n-th category with n chosen from the width it draws
+    (a label per ~14 px at the 12 px font), so every token is labelled in a wide chart and every
+    n-th one in a narrow chart, a 1,024 px window or two sentences side by side, instead of a
+    fixed number of labels piling up where the chart is narrow: the server cannot know the
+    width. Hover names every token.
+    """
+    ticks = {"type": "category", "labelalias": {str(i): t for i, t in enumerate(labels)}, "tickangle": -45, **_TOKEN_AXIS}
+    if len(labels) > HOVER_HINT_TOKENS:
+        ticks["title"] = {"text": "hover for every token", "font": {"size": 11}}
     return ticks
 
 
 def _token_margins(rows: Sequence[str], top: int, xaxis: dict) -> dict:
     """``_token_axis_margins`` for the tokens ``xaxis`` labels, plus room for its title, if any."""
-    margin = _token_axis_margins(xaxis["ticktext"], rows, top)
+    margin = _token_axis_margins(list(xaxis["labelalias"].values()), rows, top)
     if "title" in xaxis:
         margin["b"] += 24
     return margin
@@ -310,13 +312,17 @@ def cka_heatmap(matrix: Sequence[Sequence[float]], title: str = "Linear CKA, eve
             zmin=0,
             zmax=1,
             colorscale="Viridis",
-            colorbar={"title": {"text": "CKA"}},
+            # below the square, as wide as the chart: a bar beside it took a third of a half-width
+            # chart (1,024 px window), and the square shrank to ~130 px under a bar three times its height
+            colorbar={"title": {"text": "CKA", "side": "right"}, "orientation": "h", "y": -0.28, "yanchor": "top", "len": 1, "thickness": 12},
             hovertemplate="pre-trained layer %{y}<br>fine-tuned layer %{x}<br>CKA %{z:.4f}<extra></extra>",
         )
     )
     fig.update_xaxes(title="fine-tuned hidden state", dtick=1, constrain="domain")
     fig.update_yaxes(title="pre-trained hidden state", dtick=1, autorange="reversed", scaleanchor="x", constrain="domain")  # a narrow chart shrinks the square, never pads its range
-    return _layout(fig, esc(title))
+    fig = _layout(fig, esc(title))
+    fig.update_layout(margin={"b": 90})  # room for the colour bar below the axis title
+    return fig
 
 
 # ----------------------------------------------------------------------------- classification
@@ -343,7 +349,10 @@ def classification_bars(per_class: Mapping[str, Mapping[str, float]], title: str
     fig.update_layout(barmode="group")
     fig.update_yaxes(range=[0, 1.2 if upright else 1.1], title="score")
     fig.update_xaxes(title="class", type="category")
-    return _layout(fig, esc(title))
+    fig = _layout(fig, esc(title))
+    if title:  # pinned to the top, with room below it for a legend that wraps onto two or three rows in a half-width chart
+        fig.update_layout(title={"y": 1, "yref": "container", "yanchor": "top", "pad": {"t": 12}}, margin={"t": 110})
+    return fig
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -369,15 +378,14 @@ def token_heatmap(
     value_name: str = "value",
     zrange: tuple[float, float] | None = None,
     cut_after: int | None = None,
-    max_labels: int = MAX_TOKEN_LABELS,
     wrap: int | None = None,
 ) -> go.Figure:
     """Rows x tokens heatmap; x positions are indices so repeated tokens stay separate columns.
 
     Hover shows the token, the row label and the exact value. ``diverging=True`` centres a
     red-blue scale at zero (for signed values such as differences). ``cut_after`` marks where a
-    truncated text lost tokens (``analyze_text``'s ``truncation``); at most ``max_labels`` tokens
-    are labelled; ``wrap`` breaks a long title into lines (``_wrapped_title``).
+    truncated text lost tokens (``analyze_text``'s ``truncation``); as many tokens are labelled
+    as the drawn width fits (``_token_ticks``); ``wrap`` breaks a long title into lines (``_wrapped_title``).
     """
     values = np.asarray(z, dtype=float)
     if values.ndim == 1:
@@ -394,7 +402,7 @@ def token_heatmap(
         trace["colorscale"] = _VIRIDIS
         if zrange is not None:
             trace.update(zmin=zrange[0], zmax=zrange[1])
-    xaxis = _token_ticks(tokens, max_labels)
+    xaxis = _token_ticks(tokens)
     head, extra = _wrapped_title(title, wrap=wrap)
     layout = {
         "title": head,
@@ -489,7 +497,6 @@ def feature_comparison(
     top: tuple[Sequence[str], Sequence[Sequence[float]]] | None = None,
     subtitle: str = "",
     cut_after: int | None = None,
-    max_labels: int = MAX_TOKEN_LABELS,
     cosine: tuple[Sequence[str], Sequence[Sequence[float]]] | None = None,
     cosine_low: float = 0.0,
     feature_max: float | None = None,
@@ -509,7 +516,7 @@ def feature_comparison(
     instead of two or three is the cheapest update (``bench/dashboard.py``). The labelled token
     axis is always ``xaxis``, at the bottom; the panels above follow it. Traces are named
     ("cosine", "feature", "difference", "top features") and ordered top to bottom.
-    ``cut_after``, ``max_labels`` and ``wrap`` as in ``token_heatmap``.
+    ``cut_after`` and ``wrap`` as in ``token_heatmap``.
 
     The feature rows and the top features (activations of the same SAE's latents) share one
     colour scale, from 0 to the largest activation of either, and the difference runs from -b to
@@ -528,7 +535,7 @@ def feature_comparison(
     domains = _stacked_domains(sizes)
     # axis n (1-based, top panel first): the last one is "x"/"y" and carries the token labels
     names = [f"{i + 2}" for i in range(len(panels) - 1)] + [""]
-    xaxis = _token_ticks(labels, max_labels)
+    xaxis = _token_ticks(labels)
     # the difference row says which way round it is, on two lines so it is no wider than the rows
     # above; its colour bar's ends carry signs (blue: higher on the fine-tuned model)
     y_rows = [[esc(r) for r in p.rows] if p.name != "difference" else ["<br>".join(DIFFERENCE_LINES)] for p in panels]
@@ -556,7 +563,7 @@ def feature_comparison(
     }
     for name, domain, ticks in zip(names, domains, y_rows):
         labelled = name == ""
-        layout[f"xaxis{name}"] = {"anchor": f"y{name}", "domain": [0.0, 1.0], **(xaxis if labelled else {"matches": "x", "showticklabels": False, "ticks": "", **_TOKEN_AXIS})}
+        layout[f"xaxis{name}"] = {"anchor": f"y{name}", "domain": [0.0, 1.0], **(xaxis if labelled else {"type": "category", "matches": "x", "showticklabels": False, "ticks": "", **_TOKEN_AXIS})}
         layout[f"yaxis{name}"] = {"anchor": f"x{name}", "domain": domain, **_array_ticks(ticks, autorange="reversed")}
     return _spec_figure(traces, layout)
 
@@ -704,6 +711,9 @@ def feature_bars(
     return _layout(fig, esc(title), height=max(220, 80 + 30 * len(names)) if horizontal else None)
 
 
+LOG_SPAN = 100  # a histogram's largest count over its smallest from which ``log_y`` draws a log axis
+
+
 def histogram(edges: Sequence[float], counts: Sequence[int], title: str = "", x_title: str = "activation", log_y: bool = False) -> go.Figure:
     """Bars of precomputed bin ``counts`` between consecutive ``edges`` (len(edges) == len(counts) + 1);
     empty bins after the last filled one are left out."""
@@ -729,8 +739,12 @@ def histogram(edges: Sequence[float], counts: Sequence[int], title: str = "", x_
     )
     fig.update_layout(bargap=0.02)
     fig.update_xaxes(title=esc(x_title))
-    # a log axis labelled at powers of ten only (its default also labels 2 and 5 of each decade)
-    fig.update_yaxes(title="tokens", **({"type": "log", "dtick": 1} if log_y else {"type": "linear"}))
+    # ``log_y``: a log axis labelled at powers of ten only (its default also labels 2 and 5 of each
+    # decade), when the counts span two decades or more; a narrower span would get one label or
+    # none (counts of 3 to 30: "10"), so it stays linear
+    filled_counts = c[c > 0]
+    span = filled_counts.max() / filled_counts.min() if len(filled_counts) else 1.0
+    fig.update_yaxes(title="tokens", **({"type": "log", "dtick": 1} if log_y and span >= LOG_SPAN else {"type": "linear"}))
     return _layout(fig, esc(title))
 
 

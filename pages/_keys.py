@@ -31,6 +31,7 @@ KEY_EX_LAYER = "ls_ex_layer"
 KEY_EX_RANK = "ls_ex_rank"
 KEY_EX_TOP = "ls_ex_top"
 KEY_EX_MATCHED = "ls_ex_matched"
+KEY_EX_STACK = "ls_ex_stack"  # compared sentences one above the other instead of side by side
 KEY_EX_OPEN_CARD = "ls_ex_open_card"  # the explorer's button that opens the chosen feature in the feature browser
 KEY_EX_LINK = "ls_ex_link"  # the explorer link (?text=...) last applied, so each is applied once
 KEY_EX_LINK_FEATURE = "ls_ex_link_feature"  # (model, layer, feature) a link or the feature browser asks for, until the picker takes it

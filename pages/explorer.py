@@ -47,7 +47,7 @@ class SaeChoice:
     top: int
 
 
-LINK_PARAMS = ("text", "text_b", "layer", "sae", "feature", "rank", "top", "match")  # the explorer's view in its URL (``?text=...&layer=6``)
+LINK_PARAMS = ("text", "text_b", "layer", "sae", "feature", "rank", "top", "match", "stack")  # the explorer's view in its URL (``?text=...&layer=6``)
 TOP_RANGE = (3, 20)  # the "Top features" slider's ends
 
 
@@ -91,13 +91,15 @@ def apply_link() -> None:
         st.session_state[keys.KEY_EX_TOP] = top
     if link["match"] in ("0", "1"):
         st.session_state[keys.KEY_EX_MATCHED] = link["match"] == "1"
+    if link["stack"] in ("0", "1"):
+        st.session_state[keys.KEY_EX_STACK] = link["stack"] == "1"
 
 
-def write_link(texts: list[str], choice: SaeChoice | None = None, feature: int | None = None, matched: bool = False) -> None:
+def write_link(texts: list[str], choice: SaeChoice | None = None, feature: int | None = None, matched: bool = False, stacked: bool = False) -> None:
     """Mirror the view in the URL (see ``apply_link``), so the address bar holds a link to it: in
     one update, which the browser records as one history entry (one per parameter set separately
     made the Back button seem dead)."""
-    view = dict.fromkeys(LINK_PARAMS) | {"text": texts[0] or None, "text_b": texts[1] if len(texts) > 1 else None}
+    view = dict.fromkeys(LINK_PARAMS) | {"text": texts[0] or None, "text_b": texts[1] if len(texts) > 1 else None, "stack": "1" if stacked and len(texts) > 1 else None}
     if choice is not None and choice.layer is not None:
         view.update(layer=str(choice.layer), sae=choice.model, feature=None if feature is None else str(feature), rank=choice.rank_by, top=str(choice.top), match="1" if matched else None)
     now = st.query_params.to_dict()
@@ -244,7 +246,11 @@ def prediction(result: dict, columns: bool = False) -> None:
     (``bench/dashboard.py``, interleaved runs).
     """
     pred = result["prediction"]
-    st.markdown(f"**Prediction: {shared.safe_text(pred['label'])}**")
+    words = sum(not s for s in result["special"]) + result.get("unknown_tokens", 0)  # [UNK] counts as special
+    if words and result.get("unknown_tokens", 0) == words:  # nothing but [UNK]: the classifier read no word
+        st.markdown(f"**Prediction: {shared.safe_text(pred['label'])}** :gray[(from unknown tokens only: not a reading of this text)]")
+    else:
+        st.markdown(f"**Prediction: {shared.safe_text(pred['label'])}**")
     probs = list(pred["probabilities"].items())
     if columns and len(probs) > 1:
         per_row = min(len(probs), 5)
@@ -260,7 +266,7 @@ def cut_after(result: dict) -> int | None:
     return (result.get("truncation") or {}).get("cut_after")
 
 
-def cosine_panel(result: dict, key: str, low: float, labels: int, wrap: int | None) -> None:
+def cosine_panel(result: dict, key: str, low: float, wrap: int | None) -> None:
     """The cosine map alone: for a run without SAEs, or when the SAE panels fail."""
     fig = plots.token_heatmap(
         result["cosine"],
@@ -270,13 +276,12 @@ def cosine_panel(result: dict, key: str, low: float, labels: int, wrap: int | No
         value_name="cosine",
         zrange=(low, 1.0),
         cut_after=cut_after(result),
-        max_labels=labels,
         wrap=wrap,
     )
     shared.chart(fig, key=f"{key}_cosine")
 
 
-def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str, scales: Scales, labels: int, wrap: int | None) -> None:
+def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str, scales: Scales, wrap: int | None) -> None:
     """Everything about one sentence in one chart, every panel on the same token columns: the
     cosine map of the two models' hidden states at every layer, the chosen feature on each
     model and their difference, and the top-N features of the same SAE.
@@ -310,15 +315,25 @@ def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int
         top_max=scales.top_max,
         top_difference=shown == "difference",
         cut_after=cut_after(result),
-        max_labels=labels,
         wrap=wrap,
     )
+    if not any(acts["pretrained"]) and not any(acts["finetuned"]):  # above the chart, whose rows would otherwise look broken
+        st.info(silent_hint(feature, choice.rank_by, ranked), icon=":material/visibility_off:")
     shared.chart(fig, key=f"{key}_sentence")
-    if not any(acts["pretrained"]) and not any(acts["finetuned"]):
-        st.caption(f"Feature {feature} does not fire on this sentence in either model: pick one of the top features not marked silent, or rank by sentence variance.")
 
 
-def matched_panel(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str, scales: Scales, labels: int, wrap: int | None) -> None:
+def silent_hint(feature: int, rank_by: str, ranked: list[dict]) -> str:
+    """What to do when the chosen feature does not fire on the sentence, worded for the ranking
+    shown (the sentence rankings already list this sentence's own features)."""
+    head = f"Feature {feature} does not fire on this sentence in either model"
+    if rank_by in (SENTENCE_RANKING, SENTENCE_CHANGE_RANKING):
+        return f"{head}: pick one of the top features below, ranked on this sentence."
+    if ranked and all(silent(f) for f in ranked):
+        return f"{head}, nor do the top {len(ranked)} features by {rank_by} over the dataset: rank by sentence variance to list the features that fire here."
+    return f"{head}: pick one of the top features not marked silent, or rank by sentence variance."
+
+
+def matched_panel(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str, scales: Scales, wrap: int | None) -> None:
     """A feature on its own model next to its matched partner (the other model's SAE) on the other model."""
     m = cached.matched_features(run, text, choice.layer, feature, choice.model)
     rows = tuple(f"{shared.MODEL_LABELS[model]} f{m[f'feature_{model}']}" if m[f"feature_{model}"] >= 0 else f"{shared.MODEL_LABELS[model]} (none)" for model in ("pretrained", "finetuned"))
@@ -332,7 +347,6 @@ def matched_panel(run, text: str, result: dict, choice: SaeChoice, feature: int,
         feature_max=scales.matched_max,
         difference_bound=scales.matched_bound,
         cut_after=cut_after(result),
-        max_labels=labels,
         wrap=wrap,
     )
     shared.chart(fig, key=f"{key}_matched")
@@ -354,7 +368,7 @@ def sentence_column(run, text: str, result: dict, choice: SaeChoice, feature: in
 
     With an SAE feature: the prediction, then one full-width chart of the cosine map and the SAE
     panels (``sentence_chart``). Without SAEs: the cosine map with the prediction beside it
-    (``wide``, one sentence) or below it. ``wide`` also labels more tokens per chart. The notes
+    (``wide``, one sentence) or below it. The notes
     on what the models read go above one sentence and below two compared ones, whose charts then
     start level whichever of them has notes.
     """
@@ -367,23 +381,20 @@ def sentence_column(run, text: str, result: dict, choice: SaeChoice, feature: in
 
 def sentence_panels(run, text: str, result: dict, choice: SaeChoice, feature: int | None, key: str, scales: Scales, matched: bool, wide: bool) -> None:
     """The prediction and the charts of one sentence (see ``sentence_column``)."""
-    # token labels that fit (see plots.MAX_TOKEN_LABELS): fewer in the cosine map beside the
-    # prediction, fewer still in charts of two sentences side by side
-    full, narrow = (plots.MAX_TOKEN_LABELS, 32) if wide else (12, 12)  # side by side: ~180 px of plot at 1,366 px
     wrap = plots.WIDE_TITLE_CHARS if wide else plots.NARROW_TITLE_CHARS
     low = scales.cosine_low
     if feature is None:
         first = st.columns([3, 1]) if wide else [st.container(), st.container()]
         with first[0]:
-            shared.guarded(lambda: cosine_panel(result, key, low, narrow, wrap))
+            shared.guarded(lambda: cosine_panel(result, key, low, wrap))
         with first[1]:
             shared.guarded(lambda: prediction(result))
         return
     shared.guarded(lambda: prediction(result, columns=wide))
-    if not shared.guarded(lambda: sentence_chart(run, text, result, choice, feature, key, scales, full, wrap)):
-        shared.guarded(lambda: cosine_panel(result, key, low, full, wrap))  # the SAE panels failed; the cosine map needs no SAE
+    if not shared.guarded(lambda: sentence_chart(run, text, result, choice, feature, key, scales, wrap)):
+        shared.guarded(lambda: cosine_panel(result, key, low, wrap))  # the SAE panels failed; the cosine map needs no SAE
     if matched:
-        shared.guarded(lambda: matched_panel(run, text, result, choice, feature, key, scales, full, wrap))
+        shared.guarded(lambda: matched_panel(run, text, result, choice, feature, key, scales, wrap))
 
 
 def show_matched(features_done: bool, choice: SaeChoice) -> bool:
@@ -405,6 +416,15 @@ def open_in_browser(run, features_done: bool, choice: SaeChoice, feature: int | 
         st.session_state[key] = feature
         keys.feature_typed(key)  # a fresh table, the feature's row ticked
         st.switch_page("pages/features.py")
+
+
+def stack_toggle(slots: list) -> bool:
+    """Two compared sentences one above the other, each chart the page's full width: side by side,
+    a 1,024 px window leaves each heatmap ~70 px wide. Beside the match toggle when the SAE
+    controls are shown, else on a line of its own."""
+    where = slots[1] if slots else st.container()
+    with where:
+        return st.toggle("Stack", key=keys.KEY_EX_STACK, persist_state="session", help="compared sentences one above the other, each chart full width (for a narrow window); off: side by side")
 
 
 def lowest_cosine(results: list[dict]) -> float:
@@ -470,16 +490,19 @@ def body() -> None:
             features_done = run.is_done("features")  # one manifest read for both controls
             matched = show_matched(features_done, choice)
             open_in_browser(run, features_done, choice, feature)
+    stacked = len(texts) > 1 and stack_toggle(slots)
     if matched and len(texts) > 1 and not shared.guarded(lambda: cached.matched_features(run, texts[0], choice.layer, feature, choice.model)):
         matched = False  # no usable matching for this layer: its message once, above both sentences
-    write_link(texts, choice, feature, matched)
+    write_link(texts, choice, feature, matched, stacked)
     scales = shared_scales(run, texts, results, choice, feature, matched)
-    cols = st.columns(len(texts))
+    cols = [st.container() for _ in texts] if stacked else st.columns(len(texts))
     for i, (col, text, result) in enumerate(zip(cols, texts, results)):
         with col:
-            if len(texts) > 1:  # one line each, even in a 1,024 px window, so the two charts start level (the boxes above hold the whole text)
+            if stacked:
+                st.subheader(shared.safe_text(textwrap.shorten(text, width=90, placeholder=" …")), divider="gray", anchor=False)
+            elif len(texts) > 1:  # one line each, even in a 1,024 px window, so the two charts start level (the boxes above hold the whole text)
                 st.text(textwrap.shorten(text, width=32, placeholder=" …"))
-            sentence_column(run, text, result, choice, feature, "ab"[i], scales, matched, wide=len(texts) == 1)
+            sentence_column(run, text, result, choice, feature, "ab"[i], scales, matched, wide=len(texts) == 1 or stacked)
 
 
 shared.page_main(body)

@@ -93,10 +93,13 @@ def feature_list(run, model: str, layer: int, table: pd.DataFrame, ranking: str)
         on_change=keys.feature_typed,
         args=(key,),
         persist_state="session",
-        help=f"starts at the top feature by {ranking}; or tick a row's box in the table",
+        help=f"0 to {max(0, len(table) - 1):,}; starts at the top feature by {ranking}; or tick a row's box in the table",
     )
     table_key = keys.browser_table_key(key)
     shown = [i for i, f in enumerate(table["feature"]) if f == feature][:1]  # the row's position
+    # where the feature sits in the ranking: the table does not scroll to a row ticked from
+    # elsewhere ("Feature card", a partner), and the line keeps the table's toolbar off the input
+    st.caption(f"Row {shown[0] + 1:,} of {len(table):,} by {ranking}" if shown else f"Not in this table ({len(table):,} features)")
     st.dataframe(
         table,
         hide_index=True,

@@ -196,7 +196,7 @@ def saes(run, rep: dict) -> None:
         shared.need_step(run, "saes", "The SAE quality table")
         return
     table = sae_frame(rep["saes"])
-    st.caption("Held-out tokens. L0: active latents per token; FVU: fraction of variance unexplained; dead: latents that never fired; acc spliced: the fine-tuned classifier's accuracy with that layer's hidden state replaced by the SAE reconstruction (a pre-trained SAE reads the fine-tuned model's hidden state, so its figure includes drift); KL spliced: the mean KL divergence of those class probabilities from the unspliced ones, finer than accuracy on a few hundred texts.")
+    st.caption("Held-out tokens. L0: active latents per token; FVU: fraction of variance unexplained; dead: latents that never fired; acc spliced: the fine-tuned classifier's accuracy with that layer's hidden state replaced by the SAE reconstruction (a pre-trained SAE reads the fine-tuned model's hidden state, so its figure includes drift); KL spliced: the mean KL divergence of those class probabilities from the unspliced ones, finer than accuracy on a few hundred texts; FVU on fine-tuned (pre-trained SAEs only): the SAE's FVU on the fine-tuned model's hidden state at the same layer, how far fine-tuning moved that layer away from what the SAE learnt.")
     every = st.toggle(
         "Every column",
         key=keys.KEY_SAE_EVERY_COLUMN,
@@ -238,7 +238,7 @@ def matching(run, rows: list[dict]) -> None:
     first = rows[0]
     baseline = first.get("baseline_kept") is not None
     st.caption(
-        f"Each pre-trained latent is paired one-to-one with a fine-tuned one (Hungarian assignment on decoder cosine similarity): kept if the pair's similarity is at least {first['kept_threshold']:.2f}, shifted if at least {first['shifted_threshold']:.2f}, lost otherwise; 'new' counts the fine-tuned latents left without a partner."
+        f"Each pre-trained latent is paired one-to-one with a fine-tuned one (Hungarian assignment on decoder cosine similarity): kept if the pair's similarity is at least {first['kept_threshold']:.2f}, shifted if at least {first['shifted_threshold']:.2f}, lost otherwise; 'new' counts the fine-tuned latents left without a similar partner. Every pair that is not similar counts once as lost and once as new, so the two shares are equal unless the SAEs have different numbers of live latents (dead ones are left out)."
         + (" The seed twin is a second pre-trained SAE trained on the same activations with another seed: matching it gives the noise floor, so only a share beyond the twin's says fine-tuning changed the features." if baseline else " This run has no seed baseline, so the noise floor of these shares is unknown.")
     )
     shared.chart(plots.matching_bars(rows), key="matching_bars")

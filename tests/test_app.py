@@ -181,6 +181,12 @@ def texts(at: AppTest) -> str:
     return unescaped("\n".join(str(p) for p in parts))
 
 
+def xlabels(fig: dict) -> list[str]:
+    """The tokens on a chart's token axis, in order (``labelalias`` of positions 0..T-1)."""
+    alias = fig["layout"]["xaxis"]["labelalias"]
+    return [alias[str(i)] for i in range(len(alias))]
+
+
 def open_page(at: AppTest, page: str) -> AppTest:
     at.run()
     return at.switch_page(page).run()
@@ -711,7 +717,7 @@ def test_explorer_shows_cosine_prediction_feature_and_top_features(app, sae_run)
     assert [t["name"] for t in fig["data"]] == ["cosine", "feature", "difference", "top features"]  # top to bottom
     cosine = trace(fig, "cosine")
     assert array(cosine["z"]).shape[0] == sae_run_num_layers(sae_run) + 1
-    assert "[CLS]" in fig["layout"]["xaxis"]["ticktext"] and "brilliant" in fig["layout"]["xaxis"]["ticktext"]
+    assert "[CLS]" in xlabels(fig) and "brilliant" in xlabels(fig)
     assert "customdata[0]" in cosine["hovertemplate"] and "cosine %{z" in cosine["hovertemplate"]
     assert cosine["zmax"] == 1 and cosine["colorbar"]["title"]["text"] == "cosine"
     # the page shows what core computes for the sentence, on the same token columns as the SAE panels
@@ -737,6 +743,25 @@ def test_explorer_shows_cosine_prediction_feature_and_top_features(app, sae_run)
     assert picker.min == 0 and picker.max == d_sae - 1  # no feature beyond the dictionary can be asked for
 
 
+def test_a_silent_feature_under_a_sentence_ranking_points_to_the_rows_below(app, sae_run):
+    """Ranked on the sentence, the top rows are the sentence's own: the hint for a silent feature
+    says to pick one of them, not to rank by sentence variance (already the ranking)."""
+    from core.analysis import latents, load_bundle, sentence_state
+
+    at = explorer(app)
+    at.selectbox(key=keys.KEY_EX_RANK).set_value("sentence").run()
+    layer = int(at.selectbox(key=keys.KEY_EX_LAYER).value)
+    bundle = load_bundle(sae_run)
+    state = sentence_state(bundle, at.text_input(key=keys.KEY_TEXT).value)
+    fired = sum(latents(bundle, state, "pretrained", layer, on).abs().sum(0) for on in ("pretrained", "finetuned"))  # [d_sae]
+    quiet = int((fired == 0).nonzero()[0, 0])  # a feature silent on this sentence in both models
+    at.number_input[0].set_value(quiet).run()
+    assert_clean(at)
+    (hint,) = [i.value for i in at.info if "does not fire" in i.value]
+    assert hint.startswith(f"Feature {quiet} does not fire on this sentence") and "pick one of the top features below, ranked on this sentence" in hint
+    assert "rank by sentence variance" not in hint
+
+
 def test_the_explorer_starts_at_a_feature_that_fires_and_marks_silent_rows(app, sae_run):
     """The dataset's top-variance features are often silent on one sentence: the picker starts at
     the first ranked one that fires, and the top rows that do not fire say so."""
@@ -758,8 +783,10 @@ def test_the_explorer_starts_at_a_feature_that_fires_and_marks_silent_rows(app, 
         labels = chart(at, SENTENCE)["layout"]["yaxis"]["ticktext"]
         assert labels == [f"feature {r['feature']}" + ("" if f else " · silent") for r, f in zip(rows, fires)]
         first_silent += not fires[0] and any(fires)
-        said = any(f"Feature {picker.value} does not fire on this sentence" in c.value for c in at.caption)
-        assert said == (not any(fires))
+        said = [i.value for i in at.info if f"Feature {picker.value} does not fire on this sentence" in i.value]
+        assert bool(said) == (not any(fires))
+        if said:  # every top row silent too: the way out is a ranking on this sentence
+            assert "nor do the top 8 features by variance" in said[0] and "rank by sentence variance" in said[0]
     assert first_silent, "some sentence's top-variance feature is silent while another fires: the case this is about"
     # not picked by hand: the picker follows each new sentence to its own first firing feature
     def default_of(text):
@@ -790,6 +817,11 @@ def test_the_explorer_shows_what_the_models_read(app, sae_run):
     said = [unescaped(w.value) for w in at.warning]
     assert len(said) == 2 and "leaves nothing of this text" in said[0] and "tokens are unknown to the model's vocabulary" in said[1]
     assert not any("The models read it" in c.value for c in at.caption)  # read as typed: the warning says so
+    (pred,) = [m.value for m in at.markdown if m.value.startswith("**Prediction:")]
+    assert "from unknown tokens only" in pred  # the classifier read no word of it
+    at.text_input(key=keys.KEY_TEXT).input("a great film 😍").run()
+    (pred,) = [m.value for m in at.markdown if m.value.startswith("**Prediction:")]
+    assert "unknown tokens" not in pred  # some words read: a reading of the text
 
 
 def test_saes_removed_after_their_step_point_to_the_step_that_trains_them_again(app, sae_run, tmp_path):
@@ -907,7 +939,7 @@ def test_a_failing_sae_panel_leaves_the_cosine_map_and_the_prediction(app, sae_r
     at = open_page(app(), EXPLORER)
     assert any("feature store unreadable" in e.value for e in at.error) and not at.exception
     (fig,) = charts(at)
-    assert title(fig).startswith("Cosine, pre-trained vs fine-tuned") and "brilliant" in fig["layout"]["xaxis"]["ticktext"]
+    assert title(fig).startswith("Cosine, pre-trained vs fine-tuned") and "brilliant" in xlabels(fig)
     assert len(at.get("progress")) == len(read_json(sae_run.labels_path)["names"])
 
 
@@ -924,7 +956,7 @@ def test_typing_a_sentence_changes_the_heatmaps(app, sae_run):
     for name in ("cosine", "feature", "difference", "top features"):
         a, b = array(trace(before, name)["z"]), array(trace(after, name)["z"])
         assert a.shape != b.shape or not np.allclose(a, b, equal_nan=True), name
-    assert "awful" in after["layout"]["xaxis"]["ticktext"]
+    assert "awful" in xlabels(after)
 
 
 def test_script_tags_typed_as_a_sentence_stay_text(app, sae_run, runs):
@@ -935,8 +967,8 @@ def test_script_tags_typed_as_a_sentence_stay_text(app, sae_run, runs):
         specs = json.dumps(charts(at), ensure_ascii=False)
         assert "<script>" not in specs and "<b>" not in specs and "</b>" not in specs
         assert "<script>" not in texts(at)
-        assert "alert" in chart(at, SENTENCE)["layout"]["xaxis"]["ticktext"]
-    assert "&lt;" in chart(at, SENTENCE)["layout"]["xaxis"]["ticktext"]  # the uncleaned run keeps '<' as a token
+        assert "alert" in xlabels(chart(at, SENTENCE))
+    assert "&lt;" in xlabels(chart(at, SENTENCE))  # the uncleaned run keeps '<' as a token
 
 
 def test_layer_and_feature_pickers(app, sae_run, runs):
@@ -1056,7 +1088,7 @@ def test_explorer_choices_survive_an_empty_sentence_and_a_page_switch(app, sae_r
     assert_clean(at)
     at.switch_page(EXPLORER).run()
     assert_kept(at)
-    assert "dull" in chart(at, SENTENCE)["layout"]["xaxis"]["ticktext"]
+    assert "dull" in xlabels(chart(at, SENTENCE))
 
 
 def test_the_explorer_url_is_a_link_to_the_view(app, sae_run, runs):
@@ -1089,14 +1121,15 @@ def test_the_explorer_url_is_a_link_to_the_view(app, sae_run, runs):
     assert_clean(ranked)
     assert ranked.selectbox(key=keys.KEY_EX_RANK).value == "density" and ranked.slider(key=keys.KEY_EX_TOP).value == 8
     fresh.text_input(key=keys.KEY_TEXT).input("the plot was dull").run()  # the viewer's own changes win over the link
-    assert fresh.text_input(key=keys.KEY_TEXT).value == "the plot was dull" and "plot" in chart(fresh, SENTENCE)["layout"]["xaxis"]["ticktext"]
+    assert fresh.text_input(key=keys.KEY_TEXT).value == "the plot was dull" and "plot" in xlabels(chart(fresh, SENTENCE))
     # a compared pair, and values this run does not have
     odd = app()
-    for k, v in {"text": "the acting was great", "text_b": "the acting was poor", "layer": "99", "sae": "nonsense", "feature": "100000"}.items():
+    for k, v in {"text": "the acting was great", "text_b": "the acting was poor", "layer": "99", "sae": "nonsense", "feature": "100000", "stack": "1"}.items():
         odd.query_params[k] = v
     odd = open_page(odd, EXPLORER)
     assert_clean(odd)
     assert odd.toggle(key=keys.KEY_COMPARE).value and odd.text_input(key=keys.KEY_TEXT_B).value == "the acting was poor"
+    assert odd.toggle(key=keys.KEY_EX_STACK).value and [h.value for h in odd.subheader][:2] == ["the acting was great", "the acting was poor"]
     assert odd.selectbox(key=keys.KEY_EX_LAYER).value == layers[-1] and len([f for f in charts(odd) if SENTENCE in title(f)]) == 2
     # digits int() does not read (a superscript), and a link that names no dictionary or sentence:
     # the pre-trained one, the sentence shown, the rest of the link applied
@@ -1129,8 +1162,9 @@ def test_a_long_text_shows_where_it_was_cut(app, sae_run):
     assert cut == int(cut) + 0.5 and fig["layout"]["shapes"][0]["yref"] == "paper"
     tokens = len(trace(fig, "cosine")["customdata"][0])
     assert tokens == sae_run.manifest()["config"]["model"]["max_length"]
-    at.toggle(key=keys.KEY_COMPARE).set_value(True).run()  # half-width charts: labels thinned, not piled up
-    assert len(chart(at, SENTENCE)["layout"]["xaxis"]["ticktext"]) <= 24 < tokens
+    at.toggle(key=keys.KEY_COMPARE).set_value(True).run()  # half-width charts: the browser thins the labels (test_plots)
+    axis = chart(at, SENTENCE)["layout"]["xaxis"]
+    assert axis["type"] == "category" and len(axis["labelalias"]) == tokens and "hover for every token" in axis["title"]["text"]
     at.toggle(key=keys.KEY_COMPARE).set_value(False).run()
     at.text_input(key=keys.KEY_TEXT).input("the plot was dull").run()
     assert not [c for c in at.caption if "as in training" in c.value] and "shapes" not in chart(at, SENTENCE)["layout"]
@@ -1175,6 +1209,10 @@ def test_the_feature_card_button_opens_the_chosen_feature_in_the_browser(app, fe
     assert at.title[0].value == "Feature browser"
     assert card_title(at) == f"Feature 5 · fine-tuned SAE · layer {layers[0]}"
     assert at.segmented_control(key=keys.KEY_FB_MODEL).value == "finetuned" and at.selectbox(key=keys.KEY_FB_LAYER).value == layers[0]
+    # the table does not scroll to the ticked row: a line says where it is in the ranking
+    table = at.dataframe[0].value
+    row = int((table["feature"] == 5).to_numpy().nonzero()[0][0])
+    assert f"Row {row + 1:,} of {len(table):,} by variance" in [c.value for c in at.caption]
 
 
 def test_a_top_example_opens_in_the_explorer_with_its_feature(app, features_run):
@@ -1226,7 +1264,7 @@ def test_compare_toggle_shows_a_second_sentence(app, sae_run):
     assert_clean(at)
     assert len(charts(at)) == 2 * n
     figs = [f for f in charts(at) if SENTENCE in title(f)]
-    ticks = [f["layout"]["xaxis"]["ticktext"] for f in figs]
+    ticks = [xlabels(f) for f in figs]
     assert "brilliant" in ticks[0] and "terrible" in ticks[1]
     assert trace(figs[0], "cosine")["zmin"] == trace(figs[1], "cosine")["zmin"] <= 0  # one colour scale for both sentences
     # every panel's colour scale is shared too, and ends at the largest value of either sentence;
@@ -1244,8 +1282,22 @@ def test_compare_toggle_shows_a_second_sentence(app, sae_run):
         assert len(lines) > 2 and max(len(html.unescape(line)) for line in lines) <= 1.3 * plots.NARROW_TITLE_CHARS
         assert f["layout"]["margin"]["t"] > 80  # room for the extra lines
     at.text_input(key=keys.KEY_TEXT_B).input("the plot was dull").run()
-    ticks = [f["layout"]["xaxis"]["ticktext"] for f in charts(at) if SENTENCE in title(f)]
+    ticks = [xlabels(f) for f in charts(at) if SENTENCE in title(f)]
     assert "terrible" not in ticks[1] and "dull" in ticks[1]
+    # stacked: one sentence above the other, each chart full width (wide titles and row labels),
+    # the colour scales still shared; a link keeps the layout
+    at.toggle(key=keys.KEY_EX_STACK).set_value(True).run()
+    assert_clean(at)
+    stacked = [f for f in charts(at) if SENTENCE in title(f)]
+    assert len(stacked) == 2 and "plot" in xlabels(stacked[1])
+    assert [h.value for h in at.subheader][:2] == [shared.safe_text(at.text_input(key=keys.KEY_TEXT).value), "the plot was dull"]
+    for f in stacked:
+        assert trace(f, "top features")["zmax"] == trace(stacked[0], "top features")["zmax"]
+        assert not f["layout"]["yaxis"]["ticktext"][0].startswith("#")  # "feature N": the full width has room
+        assert max(len(html.unescape(line)) for line in f["layout"]["title"]["text"].split("<br>")) > plots.NARROW_TITLE_CHARS
+    assert at.query_params["stack"] in ("1", ["1"])
+    at.toggle(key=keys.KEY_COMPARE).set_value(False).run()
+    assert "stack" not in at.query_params  # one sentence: nothing to stack
 
 
 # ----------------------------------------------------------------------------- feature browser

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 
 import plotly.graph_objects as go
 import numpy as np
@@ -29,6 +30,12 @@ def paper_like(num_layers: int = 12) -> list[dict]:
 def spec(fig: go.Figure) -> str:
     """The figure JSON with Plotly's \\u003c-style escapes decoded, i.e. the strings the browser gets."""
     return json.dumps(json.loads(fig.to_json()), ensure_ascii=False)
+
+
+def token_labels(axis) -> list[str]:
+    """The tokens a token axis names its positions 0..T-1 by (``labelalias``), in order."""
+    alias = dict(axis.labelalias)
+    return [alias[str(i)] for i in range(len(alias))]
 
 
 def validated(fig: go.Figure) -> go.Figure:
@@ -108,6 +115,8 @@ def test_cka_heatmap_axes():
     # square cells: the y axis follows x, and both shrink their domain in a narrow chart (the
     # default, "range", padded a 7 x 7 matrix with rows -6 to 12 at 1,024 pixels)
     assert fig.layout.yaxis.scaleanchor == "x" and fig.layout.xaxis.constrain == fig.layout.yaxis.constrain == "domain"
+    # the colour bar lies below the square, not beside it, where it took a third of a half-width chart
+    assert trace.colorbar.orientation == "h" and trace.colorbar.y < 0 and fig.layout.margin.b >= 80
 
 
 def test_highlight_layers_adds_a_shaded_span():
@@ -133,6 +142,11 @@ def test_classification_bars_grouped_precision_recall_f1():
     assert [t.marker.color for t in fig.data] == list(plots.METRIC_COLOURS.values())  # the same colours in the dashboard and the report
     five = plots.classification_bars({f"c{i}": {"precision": 0.8, "recall": 0.85, "f1-score": 0.82} for i in range(5)})
     assert all(t.textangle == -90 for t in five.data) and five.layout.yaxis.range[1] > 1.1  # fifteen bars: upright labels, with room
+    # a titled chart pins its title to the top, and the legend (above the plot, growing upwards
+    # when it wraps in a narrow chart) has room below it: at 1,024 px it ran into the title
+    titled = plots.classification_bars(per_class, title="fine-tuned: scores per class")
+    assert titled.layout.title.yref == "container" and titled.layout.title.y == 1 and titled.layout.margin.t >= 100
+    assert titled.layout.legend.yanchor == "bottom" and titled.layout.legend.y == 1.0
 
 
 def test_classification_frame_one_row_per_class_and_model():
@@ -148,14 +162,14 @@ def test_token_heatmap_escapes_labels_and_keeps_repeated_tokens_apart():
     fig = validated(plots.token_heatmap(z, EVIL, ["emb", "<i>layer</i>"], title="<b>t</b>"))
     (trace,) = fig.data
     assert list(trace.x) == list(range(len(EVIL)))
-    ticks = list(fig.layout.xaxis.ticktext)
+    ticks = token_labels(fig.layout.xaxis)
     assert ticks[1] == "&lt;script&gt;alert(1)&lt;/script&gt;" and ticks[2] == "&lt;b&gt;x&lt;/b&gt;"
     assert list(fig.layout.yaxis.ticktext) == ["emb", "&lt;i&gt;layer&lt;/i&gt;"]
     assert trace.customdata[1][2] == ["&lt;b&gt;x&lt;/b&gt;", "&lt;i&gt;layer&lt;/i&gt;"]
     assert "customdata[0]" in trace.hovertemplate and "customdata[1]" in trace.hovertemplate and "%{z:.4f}" in trace.hovertemplate
     assert_escaped(spec(fig))
     fig2 = plots.token_heatmap([[1, 2, 3]], ["the", "the", "the"], ["r"])
-    assert len(fig2.data[0].x) == 3 and list(fig2.layout.xaxis.ticktext) == ["the"] * 3
+    assert len(fig2.data[0].x) == 3 and token_labels(fig2.layout.xaxis) == ["the"] * 3
 
 
 def test_token_heatmap_diverging_is_centred_at_zero():
@@ -178,7 +192,7 @@ def test_feature_comparison_shares_the_token_axis_and_centres_the_difference():
     # the labelled token axis is "x", at the bottom (the difference); the panel above follows it
     assert (sequential.xaxis, sequential.yaxis, diverging.xaxis, diverging.yaxis) == ("x2", "y2", "x", "y")
     assert fig.layout.xaxis2.matches == "x" and fig.layout.xaxis2.showticklabels is False
-    assert list(fig.layout.xaxis.ticktext) == [plots.esc(t) for t in EVIL]
+    assert token_labels(fig.layout.xaxis) == [plots.esc(t) for t in EVIL]
     assert fig.layout.yaxis2.domain[0] > fig.layout.yaxis.domain[1]  # the difference row sits below, apart
     # the difference row says which way round, on two lines no wider than "pre-trained"; its short
     # colour bar is signed at both ends, the high (blue) end being "fine-tuned higher"
@@ -262,7 +276,8 @@ def test_feature_comparison_with_the_cosine_map_on_top():
     fig = validated(raw)
     assert [t.name for t in fig.data] == ["cosine", "feature", "difference", "top features"]
     assert [(t.xaxis, t.yaxis) for t in fig.data] == [("x2", "y2"), ("x3", "y3"), ("x4", "y4"), ("x", "y")]
-    assert all(fig.layout[f"xaxis{i}"].matches == "x" for i in (2, 3, 4)) and list(fig.layout.xaxis.ticktext) == [plots.esc(t) for t in EVIL]
+    assert all(fig.layout[f"xaxis{i}"].matches == "x" for i in (2, 3, 4)) and token_labels(fig.layout.xaxis) == [plots.esc(t) for t in EVIL]
+    assert {fig.layout[f"xaxis{i}"].type for i in ("", 2, 3, 4)} == {"category"}  # matched axes share the type
     c = fig.data[0]
     z = np.asarray(raw.data[0].z, dtype=float)
     assert np.isnan(z[0, 1]) and z[1, 5] == -0.1 and z[0, 2] == 1.0  # None drawn as a gap, values as given
@@ -313,8 +328,12 @@ def test_histogram_leaves_out_empty_bins_after_the_last_filled_one():
     assert [list(c) for c in bar.customdata][-1] == [3, 4]
     (empty,) = plots.histogram([0, 1, 2], [0, 0]).data
     assert list(empty.y) == [0, 0]  # nothing filled: drawn as given
-    log = validated(plots.histogram(edges, [4, 0, 2, 1, 0, 0, 0, 0], log_y=True))
+    log = validated(plots.histogram(edges, [400, 0, 2, 1, 0, 0, 0, 0], log_y=True))
     assert log.layout.yaxis.type == "log" and log.layout.yaxis.dtick == 1  # labels at powers of ten only
+    narrow = validated(plots.histogram(edges, [30, 0, 12, 3, 0, 0, 0, 0], log_y=True))
+    assert narrow.layout.yaxis.type == "linear"  # 3 to 30: a log axis would be labelled at 10 alone
+    assert validated(plots.histogram(edges[:5], [99, 0, 1, 1], log_y=True)).layout.yaxis.type == "linear"
+    assert validated(plots.histogram(edges[:5], [100, 0, 1, 1], log_y=True)).layout.yaxis.type == "log"
     assert validated(plots.histogram(edges, [1] * 8)).layout.yaxis.type == "linear"
 
 
@@ -582,18 +601,45 @@ def test_stacked_colour_bars_never_touch_and_titles_fit(n_top, tokens, n_cosine)
     assert all(len(t.colorbar.tickvals) == 2 for t in short)  # a short bar is labelled at its two ends only
 
 
-def test_long_texts_label_every_nth_token_and_hover_names_each():
+def test_every_token_is_on_the_axis_and_long_texts_say_to_hover():
+    """The token axis names every position by its token; plotly.js labels as many as the drawn
+    width fits (``test_the_browser_labels_as_many_tokens_as_the_width_fits``)."""
     tokens = [f"t{i}" for i in range(200)]
     z = [[float(i) for i in range(200)]]
-    fig = validated(plots.token_heatmap(z, tokens, ["layer 1"], max_labels=60))
-    assert list(fig.layout.xaxis.tickvals) == list(range(1, 200, 4)) and list(fig.layout.xaxis.ticktext) == tokens[1::4]  # from the first word
-    assert "one token in 4" in fig.layout.xaxis.title.text
-    assert [c[0] for c in fig.data[0].customdata[0]] == tokens  # every token still has its hover
-    comparison = validated(plots.feature_comparison(tokens, z[0], z[0], max_labels=30))
-    assert len(comparison.layout.xaxis.ticktext) == 29 and comparison.layout.xaxis.ticktext[1] == "t8"
-    assert comparison.layout.margin.b > plots.feature_comparison(tokens, z[0], z[0], max_labels=200).layout.margin.b  # room for the axis title
-    few = validated(plots.token_heatmap(z, tokens, ["layer 1"], max_labels=200))
-    assert list(few.layout.xaxis.ticktext) == tokens and not few.layout.xaxis.title.text
+    fig = validated(plots.token_heatmap(z, tokens, ["layer 1"]))
+    assert fig.layout.xaxis.type == "category" and fig.layout.xaxis.tickmode in (None, "auto")
+    assert token_labels(fig.layout.xaxis) == tokens and list(fig.data[0].x) == list(range(200))
+    assert "hover for every token" in fig.layout.xaxis.title.text
+    assert [c[0] for c in fig.data[0].customdata[0]] == tokens  # every token has its hover
+    comparison = validated(plots.feature_comparison(tokens, z[0], z[0]))
+    assert token_labels(comparison.layout.xaxis) == tokens and comparison.layout.xaxis2.type == "category"
+    short = tokens[: plots.HOVER_HINT_TOKENS]
+    few = validated(plots.feature_comparison(short, z[0][: len(short)], z[0][: len(short)]))
+    assert not few.layout.xaxis.title.text  # a short text: every token fits, no hint
+    assert comparison.layout.margin.b > few.layout.margin.b  # room for the axis title
+
+
+def svg_tick_positions(fig: go.Figure, width: int) -> list[tuple[float, str]]:
+    """(x in px, text) of the token axis's labels as plotly.js (through kaleido) draws ``fig`` ``width`` px wide."""
+    svg = fig.to_image(format="svg", width=width, height=fig.layout.height).decode()
+    ticks = re.findall(r'<g class="xtick"><text[^>]*transform="translate\(([-\d.]+),[^"]*"[^>]*>([^<]*)</text>', svg)
+    return [(float(x), html.unescape(t)) for x, t in ticks]
+
+
+def test_the_browser_labels_as_many_tokens_as_the_width_fits():
+    """A category axis is labelled at every n-th token, n from the drawn width: all 60 tokens in a
+    wide chart, fewer and never crowded in a narrow one (the explorer at 1,024 px, two sentences
+    side by side), where a fixed count of labels overlapped."""
+    pytest.importorskip("kaleido")
+    tokens = ["[CLS]", *[f"w{i}" for i in range(58)], "[SEP]"]
+    fig = plots.feature_comparison(tokens, [0.0] * 60, [1.0] * 60, title="f")
+    wide, narrow = svg_tick_positions(fig, 2000), svg_tick_positions(fig, 450)
+    assert [t for _, t in wide] == tokens  # each position shown as its own token
+    assert 5 <= len(narrow) < 30 and all(t in tokens for _, t in narrow)
+    gaps = [b[0] - a[0] for a, b in zip(narrow, narrow[1:])]
+    assert min(gaps) >= 13, gaps  # a 12 px label rotated by 45 degrees: no overlap
+    step = tokens.index(narrow[1][1]) - tokens.index(narrow[0][1])
+    assert [t for _, t in narrow] == tokens[::step]  # every n-th token
 
 
 def test_the_cut_in_a_truncated_text_is_marked_on_every_token_chart():
