@@ -223,6 +223,19 @@ def _safetensors_hint(e: Exception) -> str | None:
     )
 
 
+def _emit(text: str) -> None:
+    """Print a command's result on standard output, flushed here, so that a full disk or another
+    failure behind a redirection (``> /dev/full``) is named as the output's, not as a run file's."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left: main stops quietly
+        raise
+    except OSError as e:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is still buffered goes nowhere at exit, not into a second error
+        raise LayerscopeError(f"could not write the output ({e.strerror}); check where standard output goes (a full disk behind a redirection?) and run the command again (no run file was changed)") from None
+
+
 def _dispatch(args) -> int:
     from core import pipeline
 
@@ -234,7 +247,7 @@ def _dispatch(args) -> int:
         from core.report import build_report, format_report
 
         rep = build_report(run)
-        print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+        _emit(json.dumps(rep, indent=2) if args.json else format_report(rep))
         if run.held_elsewhere():  # on stderr: the JSON on stdout stays as documented
             print(f"note: a build is running in {run.root} now; steps it has not finished are missing or from before it", file=sys.stderr)
         return 0
@@ -244,7 +257,7 @@ def _dispatch(args) -> int:
         from core.report import missing_saes
 
         result = analyze_text(load_bundle(run), args.text, top=args.top, rank_by=args.rank_by, clean=not args.raw)
-        print(json.dumps(result, indent=2) if args.json else format_analysis(result))
+        _emit(json.dumps(result, indent=2) if args.json else format_analysis(result))
         missing = missing_saes(run)
         if missing:  # on stderr: the JSON on stdout stays as documented
             print(f"note: {missing}; the SAEs above are the others", file=sys.stderr)
@@ -265,11 +278,14 @@ def _dispatch(args) -> int:
     if args.verb == "figures":
         from core.export import write_figures
 
+        if not str(args.out).strip():  # "" would mean the working directory
+            raise LayerscopeError('--out is empty; pass a folder for the PNG files, e.g. --out figs/ (nothing was written)')
+
         print("\n".join(f"wrote {p}" for p in write_figures(run, user_path(args.out), compare=[RunFolder(r) for r in args.compare])))
         return 0
     cfg = pipeline.resolve_run_config(run, args.preset, args.config, _overrides(args))
     if args.verb == "config":
-        print(pipeline.describe_config(cfg))
+        _emit(pipeline.describe_config(cfg))
         return 0
     # one writing process per run folder (under torchrun, rank 0 holds it for all ranks)
     with run.writing() if pipeline.is_main_process() else contextlib.nullcontext():

@@ -7,6 +7,7 @@ A message names the problem *and* the fix, e.g.
 """
 
 import math
+import os
 from pathlib import Path
 
 
@@ -26,6 +27,9 @@ def user_path(path) -> Path:
         return Path(path).expanduser()
     except RuntimeError:
         raise LayerscopeError(f"cannot expand '{str(path).split('/')[0]}' in {path}: no such user, or no home folder; pass the path without it") from None
+
+
+MAX_THREADS = 1024  # the most torch threads a config may ask for
 
 
 class OptionCheck:
@@ -76,6 +80,13 @@ class OptionCheck:
             value = getattr(self.cfg, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
                 self.fail(name, "a whole number from 0 to 2147483647 (2**31 - 1)")
+
+    def threads(self, name: str) -> None:
+        """A torch thread count: 0 (torch's default) or a whole number up to 1,024. More threads
+        than that only wait on each other, and a huge count exhausts memory starting them."""
+        value = getattr(self.cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_THREADS:
+            self.fail(name, f"a whole number from 0 (torch's default) to {MAX_THREADS:,}; this machine has {os.cpu_count() or 1} CPU cores")
 
     def choice(self, name: str, *options: str) -> None:
         if getattr(self.cfg, name) not in options:

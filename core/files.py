@@ -158,7 +158,7 @@ def _kind(value) -> str:
 @contextlib.contextmanager
 def atomic_path(final: Path):
     """Yield a temporary sibling path (file or folder); on success it replaces ``final``."""
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(final.parent)  # a file in the way is one clear message, not a traceback
     tmp = final.parent / f".{final.name}.{os.getpid()}.tmp"
     _remove(tmp)
     try:

@@ -43,14 +43,15 @@ class FinetuneConfig:
     attention_dropout: float = 0.0  # dropout on attention probabilities (BERT: 0.1); 0 saves ~15% of CPU step time
     attention: str = field(default="auto", metadata={"hash_when_set": True})  # attention kernel while training: "eager", "sdpa", or "auto" = eager on CPU (its backward is faster there: README, "The pipeline"; docs/build-history.md), sdpa on GPUs
     seed: int = 0  # seeds the head initialisation, shuffling and dropout
-    threads: int = 0  # torch CPU threads (0 = torch's default)
+    threads: int = 0  # torch CPU threads (0 = torch's default; at most 1,024)
 
     def validate(self) -> None:
         check = OptionCheck("finetune", self)
         check.seed("seed")
         check.positive("epochs", "learning_rate")
         check.at_least(1, "batch_size", "eval_batch_size")
-        check.at_least(0, "weight_decay", "max_train_examples", "threads")
+        check.at_least(0, "weight_decay", "max_train_examples")
+        check.threads("threads")
         check.fraction("warmup_ratio", below_one=True)  # transformers reads warmup_steps >= 1 as a count of steps
         check.fraction("attention_dropout", below_one=True)
         check.choice("attention", "auto", "eager", "sdpa")

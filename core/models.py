@@ -99,6 +99,10 @@ def _load(loader, name: str, **kwargs):
         raise LayerscopeError(f"{path} is a file, not a model folder; pass the folder that holds its config.json (written by save_pretrained) or a hub id")
     if not _looks_local(path) and _hub_unresolvable(path):
         raise LayerscopeError(_unreachable_hub(name))
+    if _looks_local(path):  # transformers reports a weights file it may not read as missing
+        unreadable = [p for p in sorted(user_path(path).iterdir()) if p.is_file() and not os.access(p, os.R_OK)] if os.access(user_path(path), os.R_OK | os.X_OK) else [user_path(path)]
+        if unreadable:
+            raise LayerscopeError(f"cannot read {unreadable[0]}: permission denied; give your user read access (`chmod -R u+rX {shlex.quote(str(path))}`), or run as its owner")
     from huggingface_hub.errors import StrictDataclassError
 
     try:

@@ -123,6 +123,7 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
         run.require(previous, step)  # before anything is created: a refused step leaves no run behind
         _refuse_changes_to_finished_steps(run, step, cfg)
     created = not run.exists()
+    found = _file_state(run) if created and run.root.is_dir() else None  # a folder of the user's files that --force builds in
     if created and is_main_process():
         run.init_manifest(cfg.to_dict(), package_versions(), over_files=force or redo)
     _sync()  # the other ranks read the manifest rank 0 may just have made
@@ -152,7 +153,7 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
         result = _step_fn(step)(run, cfg, redo)
     except LayerscopeError:
         if created and is_main_process():
-            _drop_empty_run(run)  # e.g. an unknown dataset: leave no run folder that holds nothing
+            _drop_empty_run(run, found)  # e.g. an unknown dataset: leave no run folder that holds nothing
         elif snapshot and _file_state(run) == snapshot[1]:
             run.write_manifest(snapshot[0])  # refused before it wrote anything: the run is as it was
         raise
@@ -195,8 +196,14 @@ def _file_state(run: RunFolder) -> dict:
     return {p: (st.st_mtime_ns, st.st_size) for p in run.root.rglob("*") if p != run.manifest_path and p.is_file() for st in [p.stat()]}
 
 
-def _drop_empty_run(run: RunFolder) -> None:
-    """Remove a run folder this process created if it holds nothing but its manifest."""
+def _drop_empty_run(run: RunFolder, found: dict | None = None) -> None:
+    """Undo a refused first step: remove the run folder this process created if it holds nothing
+    but its manifest; in a folder that was already there (``found``: its files then), only the
+    manifest, when the step changed none of its files."""
+    if found is not None:
+        if _file_state(run) == found:
+            run.manifest_path.unlink(missing_ok=True)
+        return
     files = [p for p in run.root.rglob("*") if p.is_file()]
     if files == [run.manifest_path]:
         shutil.rmtree(run.root, ignore_errors=True)

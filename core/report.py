@@ -163,7 +163,7 @@ def sae_bars_headline(saes: list[dict], misses: list[BarMiss]) -> str:
 
 def _table(rows: list[list], header: list[str]) -> str:
     cells = [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(header)]  # also with no rows
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in cells)])
 

@@ -74,6 +74,10 @@ def read_json(path: Path, fields: dict | None = None) -> dict:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LayerscopeError(f"{path} is missing; {redo_hint(path)}") from None
+    except IsADirectoryError:
+        raise LayerscopeError(f"{path} is a folder, not the file a build writes; move it away, then {redo_hint(path)}") from None
+    except NotADirectoryError:  # a folder of the run replaced by a file
+        raise LayerscopeError(f"{path} cannot be read: a file stands where one of its folders should be; move it away, then {redo_hint(path)}") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise LayerscopeError(f"{path} is not valid JSON (damaged?); {redo_hint(path)}") from None
     if not isinstance(obj, dict):
@@ -251,6 +255,11 @@ class RunFolder:
         for model in MODELS:
             base = self.root / "saes" / model
             if base.is_dir():
+                # a folder this user may not list or enter would look empty: SAEs "missing", and
+                # the fix offered would be to train them again rather than to change a permission
+                for d in (base, *sorted(p for p in base.glob("layer_*") if p.is_dir())):
+                    if not os.access(d, os.R_OK | os.X_OK):
+                        raise LayerscopeError(f"cannot read the SAE folder {d}: permission denied; give your user access to it (`chmod -R u+rX {shlex.quote(str(d))}`), or run as its owner")
                 for d in base.glob("layer_*"):
                     if (d / SAE_CFG_FILE).is_file() and d.name[6:].isdigit():
                         out.append((model, int(d.name[6:]), d))
@@ -412,6 +421,8 @@ class RunFolder:
         """Raise a clear error when ``step`` has not run yet; ``for_step`` is the step (or the
         command or reader, e.g. "the feature browser") that needs it."""
         self.refuse_file()
+        if not self.exists() and self.root.is_dir() and any(self.root.iterdir()):  # someone's folder, or a run's subfolder
+            self.manifest()  # "is not a Layerscope run (no manifest.json)": building here would be the wrong fix
         if not self.exists() or not self.is_done(step):
             who = f"step '{for_step}'" if for_step in STEPS else for_step
             raise LayerscopeError(
@@ -441,7 +452,11 @@ class RunFolder:
         self.write_manifest(m)
 
     def labels(self) -> list[str]:
-        return read_json(self.labels_path, LABELS_FIELDS)["names"]
+        names = read_json(self.labels_path, LABELS_FIELDS)["names"]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:  # two classes under one name: a prediction or a per-class table would merge them
+            raise LayerscopeError(f"{self.labels_path} is damaged (the class name {repeated[0]!r} appears more than once); {redo_hint(self.labels_path)}")
+        return names
 
 
 def now() -> str:

@@ -427,8 +427,8 @@ def _read_cfg(folder: Path) -> SAEConfig:
         raise LayerscopeError(f"{path} lacks {', '.join(missing)}; {RETRAIN_HINT}")
     try:
         return SAEConfig(**{key: value for key, value in meta.items() if key in names})
-    except LayerscopeError as e:
-        raise LayerscopeError(f"{path}: {e}") from None
+    except LayerscopeError as e:  # the check names the field; its fix (a CLI option) is for a new SAE, not this file
+        raise LayerscopeError(f"{path} is damaged: {str(e).split('; ')[0]}; {RETRAIN_HINT}") from None
     except TypeError as e:
         raise LayerscopeError(f"{path} has a malformed field ({e}); {RETRAIN_HINT}") from None
 

@@ -5,6 +5,7 @@ import errno
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import stat
@@ -585,25 +586,28 @@ _WITHOUT_ROOTS_READ = ["setpriv", "--bounding-set=-dac_override,-dac_read_search
 
 @pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="running as root without setpriv: every file is readable")
 @pytest.mark.parametrize(
-    "unreadable, verb",
+    "unreadable, verb, fix",
     [
-        ("saes/finetuned/layer_2/sae_weights.safetensors", ["analyze", "--text", "a film"]),
-        ("saes/finetuned/layer_2/cfg.json", ["analyze", "--text", "a film"]),
-        ("features/pretrained/layer_2/stats.safetensors", ["analyze", "--text", "a film"]),  # not a silent fallback to the sentence's ranking
-        ("activations/test/finetuned_00000.safetensors", ["similarity", "--force"]),
-        ("finetune/metrics.json", ["report"]),
+        ("saes/finetuned/layer_2/sae_weights.safetensors", ["analyze", "--text", "a film"], "chmod u+r"),
+        ("saes/finetuned/layer_2/cfg.json", ["analyze", "--text", "a film"], "chmod u+r"),
+        ("features/pretrained/layer_2/stats.safetensors", ["analyze", "--text", "a film"], "chmod u+r"),  # not a silent fallback to the sentence's ranking
+        ("activations/test/finetuned_00000.safetensors", ["similarity", "--force"], "chmod u+r"),
+        ("finetune/metrics.json", ["report"], "chmod u+r"),
+        ("models/finetuned/model.safetensors", ["analyze", "--text", "a film"], "chmod -R u+rX"),  # transformers called it missing: "redo finetune"
+        ("saes/finetuned", ["report"], "chmod -R u+rX"),  # a folder that cannot be listed looked empty: "SAEs missing, train them again"
     ],
 )
-def test_a_file_the_user_may_not_read_is_a_permission_to_change_not_damage(tiny_run, tmp_path, unreadable, verb):
+def test_a_file_the_user_may_not_read_is_a_permission_to_change_not_damage(tiny_run, tmp_path, unreadable, verb, fix):
     run = tmp_path / "copy"
     shutil.copytree(tiny_run.root, run)
     path = run / unreadable
-    assert path.is_file(), sorted(p.name for p in path.parent.iterdir())
+    assert path.exists(), sorted(p.name for p in path.parent.iterdir())
     path.chmod(0)
     prefix = _WITHOUT_ROOTS_READ if os.geteuid() == 0 else []
     out = subprocess.run([*prefix, sys.executable, "-m", "core", verb[0], "--run", str(run), *verb[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
-    assert_user_error(out, f"cannot read {path}: permission denied", "chmod u+r")
-    path.chmod(0o644)
+    path.chmod(0o755 if path.is_dir() else 0o644)
+    assert_user_error(out, f"cannot read {'the SAE folder ' if path.is_dir() else ''}{path}: permission denied", fix)
+
 
 @pytest.mark.parametrize(
     "version, said",
@@ -839,3 +843,57 @@ def test_a_run_saved_by_another_version_names_its_manifest_and_a_fix_that_works(
     assert main(["saes", "--run", str(run)]) == 2
     (line,) = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert "model.max_length=2 must be a number >= 4." in line and "does not accept" in line and "--set" not in line, line
+
+
+def test_more_mistakes_get_one_line_and_change_nothing(tiny_run, tmp_path, monkeypatch):
+    """Mistakes found by trying the CLI on a damaged copy of a run: each is one line, exit 2, and
+    leaves every file as it was."""
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    # an empty --out for figures would have meant the working directory
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(cli("figures", "--run", run, "--out", ""), "--out is empty", "--out figs/")
+    assert not list(tmp_path.glob("*.png"))
+    # a run file replaced by a folder, a run folder replaced by a file
+    sim = run / "similarity" / "similarity.json"
+    sim.rename(tmp_path / "sim.json")
+    sim.mkdir()
+    assert_user_error(cli("report", "--run", run), f"{sim} is a folder, not the file a build writes", f"similarity --run {run} --force")
+    sim.rmdir()
+    (tmp_path / "sim.json").rename(sim)
+    metrics = run / "finetune"
+    metrics.rename(tmp_path / "finetune")
+    metrics.write_text("x")
+    assert_user_error(cli("report", "--run", run), "a file stands where one of its folders should be", f"finetune --run {run} --force")
+    metrics.unlink()
+    (tmp_path / "finetune").rename(metrics)
+    # a class named twice: a prediction would merge two classes
+    labels = run / "data" / "labels.json"
+    kept = labels.read_text()
+    names = json.loads(kept)["names"]
+    labels.write_text(json.dumps({**json.loads(kept), "names": [names[0]] * len(names)}))
+    assert_user_error(cli("analyze", "--run", run, "--text", "a film"), "appears more than once", f"data --run {run} --force")
+    labels.write_text(kept)
+    # a folder that is not a run (here a run's own subfolder): not "build a run in it"
+    assert_user_error(cli("analyze", "--run", run / "saes", "--text", "a film"), "is not a Layerscope run (no manifest.json)")
+    assert not (run / "saes" / "manifest.json").exists()
+    # a thread count torch cannot start
+    assert_user_error(cli("finetune", "--run", run, "--force", "--set", "finetune.threads=100000"), "finetune.threads=100000 must be a whole number from 0", "CPU cores")
+    assert cli("report", "--run", run, check=True).returncode == 0  # nothing was marked not done
+    # a per-class table with no rows still prints
+    m = json.loads((metrics / "metrics.json").read_text())
+    m["finetuned"]["per_class"] = {}
+    (metrics / "metrics.json").write_text(json.dumps(m))
+    assert "base model" in cli("report", "--run", run, check=True).stdout
+    # --force in someone's folder whose file is in the way of the step's folder: their folder as it was
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "data").write_text("my notes")
+    assert_user_error(cli("data", "--run", theirs, "--force", "--preset", "tiny"), f"cannot create the folder {theirs / 'data'}: a file is in the way")
+    assert sorted(p.name for p in theirs.iterdir()) == ["data"] and (theirs / "data").read_text() == "my notes"
+
+
+def test_a_full_disk_behind_standard_output_is_named_as_the_output(tiny_run):
+    out = subprocess.run(f"{shlex.quote(sys.executable)} -m core report --run {shlex.quote(str(tiny_run.root))} > /dev/full", shell=True, cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
+    assert_user_error(out, "could not write the output (No space left on device)", "standard output")
+    assert "activations take" not in out.stderr  # not the hint for a run file

@@ -163,8 +163,14 @@ def test_load_errors_name_the_problem(tmp_path):
     with pytest.raises(LayerscopeError, match=r"W_enc has shape \(8, 32\) but cfg.json \(d_in=8, d_sae=64\)"):
         SparseAutoencoder.load(tmp_path)
     cfg_path.write_text(json.dumps({**meta, "architecture": "gated"}))
-    with pytest.raises(LayerscopeError, match="unknown SAE architecture 'gated'"):
+    with pytest.raises(LayerscopeError, match="is damaged: unknown SAE architecture 'gated'") as e:
         SparseAutoencoder.load(tmp_path)
+    assert "saes --run" in str(e.value) and "use one of" not in str(e.value)  # the fix is to train it again
+    for field, value in (("k", "32"), ("k", 10**9), ("hidden_state_index", "3")):  # a field a hand edit broke
+        cfg_path.write_text(json.dumps({**meta, field: value}))
+        with pytest.raises(LayerscopeError, match=f"cfg.json is damaged: {field}=") as e:
+            SparseAutoencoder.load(tmp_path)
+        assert "--sae-k" not in str(e.value) and "expansion factor" not in str(e.value) and "--force` to train it again" in str(e.value)
     cfg_path.write_text("{")
     with pytest.raises(LayerscopeError, match="not valid JSON"):
         SparseAutoencoder.load(tmp_path)
