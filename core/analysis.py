@@ -462,14 +462,25 @@ def truncation_note(cut: dict) -> str:
     return f"the text has {cut['text_tokens']} tokens; as in training, the models read {read}"
 
 
+def _unknown_and_words(result: dict) -> tuple[int, int]:
+    """([UNK] tokens, tokens that are not [CLS]/[SEP]/padding) of an analysed text."""
+    unknown = result.get("unknown_tokens", 0)
+    return unknown, sum(not s for s in result["special"]) + unknown  # [UNK] is one of the tokenizer's special tokens
+
+
+def reads_no_word(result: dict) -> bool:
+    """Every token of the text is [UNK]: the models read nothing of it."""
+    unknown, words = _unknown_and_words(result)
+    return bool(words) and unknown == words
+
+
 def reading_notes(result: dict) -> list[str]:
     """What the models could not read of a text: all of it lost to the run's cleaning, or many
     tokens outside the vocabulary (emoji, scripts the model was not trained on)."""
     notes = []
     if result.get("cleaning") == "emptied":
         notes.append("the run's cleaning (the one its training texts went through) leaves nothing of this text, so the models read it as typed, unlike any training text")
-    unknown = result.get("unknown_tokens", 0)
-    words = sum(not s for s in result["special"]) + unknown  # [UNK] is one of the tokenizer's special tokens
+    unknown, words = _unknown_and_words(result)
     if unknown and unknown * 3 >= words:
         if unknown == words:
             share = "its only token is" if words == 1 else "both its tokens are" if words == 2 else f"all {words} of its tokens are"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import streamlit as st
 
 from core import plots
-from core.analysis import SENTENCE_CHANGE_RANKING, SENTENCE_RANKING, reading_notes, truncation_note
+from core.analysis import SENTENCE_CHANGE_RANKING, SENTENCE_RANKING, reading_notes, reads_no_word, truncation_note
 from core.errors import StatsUnreadable
 from core.runfolder import OTHER_MODEL, core_command
 from pages import _cached as cached
@@ -246,8 +246,7 @@ def prediction(result: dict, columns: bool = False) -> None:
     (``bench/dashboard.py``, interleaved runs).
     """
     pred = result["prediction"]
-    words = sum(not s for s in result["special"]) + result.get("unknown_tokens", 0)  # [UNK] counts as special
-    if words and result.get("unknown_tokens", 0) == words:  # nothing but [UNK]: the classifier read no word
+    if reads_no_word(result):  # nothing but [UNK]: the classifier read no word
         st.markdown(f"**Prediction: {shared.safe_text(pred['label'])}** :gray[(from unknown tokens only: not a reading of this text)]")
     else:
         st.markdown(f"**Prediction: {shared.safe_text(pred['label'])}**")
