@@ -14,6 +14,7 @@ from functools import cache
 
 import torch
 
+from core.config import saved_config
 from core.data import DataConfig, clean_text
 from core.errors import LayerscopeError, StatsUnreadable
 from core.models import encode, kept_span, load_classifier, load_tokenizer, quiet_transformers, run_labels
@@ -81,9 +82,16 @@ def load_bundle(run: RunFolder, lenient: bool = False) -> Bundle:
     run.require("finetune", "the analyze command")
     quiet_transformers()
     m = run.manifest()
+    saved = saved_config(run, m)  # before the models load: a damaged saved config costs no wait
     tok = load_tokenizer(str(run.model_dir("finetuned")))
     models = {name: load_classifier(str(run.model_dir(name))).eval() for name in MODELS}
     hidden_size = models["finetuned"].config.hidden_size
+    positions = getattr(models["finetuned"].config, "max_position_embeddings", None)
+    if positions and saved.model.max_length > positions:  # the build checks this: only a hand edit gets here
+        raise LayerscopeError(
+            f"{run.manifest_path} saves model.max_length={saved.model.max_length}, more than the {positions} positions the models read; "
+            f"its saved config was edited since the build: put back the value it was built with (at most {positions})"
+        )
     labels_problem = None
     try:
         labels = run_labels(run, models["finetuned"].config.num_labels)
@@ -112,7 +120,7 @@ def load_bundle(run: RunFolder, lenient: bool = False) -> Bundle:
             if not lenient:
                 raise
             problems[(model, layer)] = str(e) if isinstance(e, LayerscopeError) else f"cannot read {e.filename or run.sae_dir(model, layer)}: {e.strerror or e}"
-    return Bundle(run=run, tokenizer=tok, models=models, saes=saes, labels=labels, config=m["config"], sae_problems=problems, labels_problem=labels_problem)
+    return Bundle(run=run, tokenizer=tok, models=models, saes=saes, labels=labels, config=saved.to_dict(), sae_problems=problems, labels_problem=labels_problem)
 
 
 @cache

@@ -181,6 +181,11 @@ def load_config(
     cfg = RunConfig()
     if base:
         try:
+            # Every build saves every section; a field missing from one takes its default (a run
+            # saved before that field existed), a whole section missing is no run's.
+            missing = [f.name for f in dataclasses.fields(RunConfig) if f.name not in base]
+            if missing:
+                raise LayerscopeError(f"the section{'s' * (len(missing) > 1)} {', '.join(missing)} {'are' if len(missing) > 1 else 'is'} missing")
             _apply(cfg, base, "")
             cfg.validate()  # as saved: a value edited by hand is the manifest's, not the user's --set
         except LayerscopeError as e:
@@ -190,8 +195,8 @@ def load_config(
             problem = str(e).split("; change it in your --config file")[0]  # OptionCheck's fix is for options typed now
             raise LayerscopeError(
                 f"{where} holds a setting this version of Layerscope does not accept: {problem}. The run was "
-                "built by another version; open it with that version, or build it again with this one "
-                f"(`python -m core build --run {run} --preset default --force`, or the preset and options it was built with)"
+                "built by another version, or its saved config was edited: put back the value it was built with, open it with that version, "
+                f"or build it again with this one (`python -m core build --run {run} --preset default --force`, or the preset and options it was built with)"
             ) from None
     elif not preset:
         preset = "default"
@@ -208,9 +213,12 @@ def load_config(
     return cfg
 
 
-def saved_config(run) -> RunConfig:
-    """The config an existing run (a ``RunFolder``) was built with, read from its manifest."""
-    return load_config(base=run.manifest()["config"], base_source=str(run.manifest_path))
+def saved_config(run, manifest: dict | None = None) -> RunConfig:
+    """The config an existing run (a ``RunFolder``) was built with, read from its manifest
+    (``manifest``, when the caller has read it already) and checked like options typed now:
+    readers use this, never the manifest's raw dict, so a hand-edited value is one message."""
+    m = manifest if manifest is not None else run.manifest()
+    return load_config(base=m["config"], base_source=str(run.manifest_path))
 
 
 def parse_set_flags(items: list[str]) -> dict[str, str]:

@@ -12,6 +12,7 @@ import datetime as dt
 import html
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import PurePath
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -183,9 +184,19 @@ def matching_frame(matching: Sequence[Mapping]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summary_rows(rep: Mapping) -> list[tuple[str, str]]:
-    """(label, value) pairs describing the run at a glance."""
-    out = [("run", rep["run"]), ("base model", rep["base_model"]), ("dataset", rep["dataset"])]
+def _last_part(name: str) -> str:
+    """A local path's last part (``/home/ana/models/bert`` -> ``bert``); hub ids and names as they are."""
+    return PurePath(name).name or name if name.startswith(("/", "~", ".")) else name
+
+
+def summary_rows(rep: Mapping, shared: bool = False) -> list[tuple[str, str]]:
+    """(label, value) pairs describing the run at a glance. ``shared`` (a report sent to others):
+    the run, and a model or dataset read from a local folder, by their last part only, so the
+    report does not carry the author's folders."""
+    names = [rep["run"], rep["base_model"], rep["dataset"]]
+    if shared:
+        names = [_last_part(n) for n in names]
+    out = list(zip(("run", "base model", "dataset"), names))
     if "labels" in rep:
         out.append(("classes", ", ".join(map(str, rep["labels"]))))
     if "rows" in rep:
@@ -268,7 +279,7 @@ def export_html(run: RunFolder, threshold: float = HIGH_SIMILARITY) -> str:
         f"<h1>Layerscope report: {_e(name)}</h1>",
         f"<p class='muted'>exported {_e(dt.datetime.now().strftime('%Y-%m-%d %H:%M'))}</p>",
         "<h2>Summary</h2>",
-        _table(pd.DataFrame(summary_rows(rep), columns=["", "value"])),
+        _table(pd.DataFrame(summary_rows(rep, shared=True), columns=["", "value"])),
     ]
     if "finetune" in rep:
         per_class = rep["finetune"]["per_class"]

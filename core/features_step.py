@@ -179,7 +179,9 @@ def logit_effects(run: RunFolder, saes: dict[int, SparseAutoencoder], n_examples
 
 
 def run_features(run: RunFolder, cfg: FeaturesConfig, progress: bool = True) -> dict:
-    model_cfg = run.manifest()["config"]["model"]
+    from core.config import saved_config  # core.config imports this module
+
+    model_cfg = saved_config(run).to_dict()["model"]
     store = ActivationStore(run, "test")
     test = load_split(run, "test")
     labels_by_id = dict(zip(test["id"].astype(int), test["label"].astype(int)))

@@ -23,6 +23,12 @@ def _sae_metrics(m: dict) -> dict:
     return {**kept, "accuracy_spliced": m["accuracy_spliced_into_finetuned"], "kl_spliced": m.get("kl_spliced_into_finetuned"), "spliced_into": "finetuned"}
 
 
+def _saved_name(cfg: dict, section: str, name: str) -> str:
+    """A name from the saved config, or "unknown" where a hand edit removed it or made it no name."""
+    value = cfg.get(section, {}).get(name) if isinstance(cfg.get(section), dict) else None
+    return value if isinstance(value, str) and value else "unknown (not in the saved config)"
+
+
 def build_report(run: RunFolder, lenient: bool = False) -> dict:
     """Everything a run found, as one JSON-ready object (``python -m core report --json``).
 
@@ -32,13 +38,13 @@ def build_report(run: RunFolder, lenient: bool = False) -> dict:
     "saes", "saes_missing"), so one bad file costs only the sections that read it.
     """
     m = run.manifest()
-    cfg = m["config"]
+    cfg = m["config"]  # as saved, unchecked: a report also describes a run whose settings this version would refuse
     steps = m.get("steps", {})
     rep: dict = {
         "run": str(run.root.resolve()),
         "format_version": m["format_version"],
-        "base_model": cfg["model"]["base"],
-        "dataset": cfg["data"]["dataset"],
+        "base_model": _saved_name(cfg, "model", "base"),
+        "dataset": _saved_name(cfg, "data", "dataset"),
         "steps": {s: {"seconds": r.get("seconds"), "peak_rss_mb": r.get("peak_rss_mb"), "finished": r.get("finished")} for s, r in steps.items()},
     }
     if "data" in steps:

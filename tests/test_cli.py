@@ -845,6 +845,45 @@ def test_a_run_saved_by_another_version_names_its_manifest_and_a_fix_that_works(
     assert "model.max_length=2 must be a number >= 4." in line and "does not accept" in line and "--set" not in line, line
 
 
+def _set_max_length(value):
+    def f(config):
+        config["model"]["max_length"] = value
+
+    return f
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (lambda c: c.pop("model"), "the section model is missing"),
+        (lambda c: c.update(data="x"), "option 'data' is a section"),
+        (_set_max_length("x"), "option model.max_length expects an integer, got 'x'"),
+        (_set_max_length(10**6), "saves model.max_length=1000000, more than the 64 positions the models read"),
+    ],
+)
+def test_a_saved_config_edited_by_hand_is_one_line_for_the_readers_that_need_it(tiny_run, tmp_path, edit, problem, capsys):
+    """``analyze`` tokenises with the saved model and data settings: a value edited into the
+    manifest is named (it was a KeyError, a TypeError, or a forward pass over more positions than
+    the model has). ``report`` describes the run whatever its settings, naming what it cannot."""
+    from core.__main__ import main
+    from core.report import build_report
+
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    m = json.loads((run / "manifest.json").read_text())
+    edit(m["config"])
+    (run / "manifest.json").write_text(json.dumps(m))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["analyze", "--run", str(run), "--text", " ".join(["a fine film"] * 40)]) == 2
+    (line,) = [l for l in capsys.readouterr().err.splitlines() if "error:" in l]
+    assert problem in line and str(run / "manifest.json") in line and "put back the value it was built with" in line, line
+    assert main(["report", "--run", str(run), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["base_model"] == ("unknown (not in the saved config)" if "model" not in m["config"] else m["config"]["model"]["base"])
+    assert rep["saes"] == build_report(tiny_run)["saes"]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_more_mistakes_get_one_line_and_change_nothing(tiny_run, tmp_path, monkeypatch):
     """Mistakes found by trying the CLI on a damaged copy of a run: each is one line, exit 2, and
     leaves every file as it was."""

@@ -500,15 +500,15 @@ def test_export_html_is_self_contained_and_escaped(tiny_run, tmp_path):
     from core.files import write_json
     from core.runfolder import RunFolder, read_json
 
-    run = RunFolder(tmp_path / "<b>x</b>")
+    run = RunFolder(tmp_path / "<b>x<i>")
     shutil.copytree(tiny_run.root, run.root)
     m = read_json(run.manifest_path)
     m["config"]["data"]["dataset"] = "<script>alert(1)</script>.csv"
     write_json(run.manifest_path, m)
     out = export_html(run)
     assert out.startswith("<!DOCTYPE html>") and out.rstrip().endswith("</html>")
-    assert "<script>alert(1)</script>" not in out and "<b>x</b>" not in out
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;.csv" in out and "&lt;b&gt;x&lt;/b&gt;" in out
+    assert "<script>alert(1)</script>" not in out and "<b>x<i>" not in out
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;.csv" in out and "&lt;b&gt;x&lt;i&gt;" in out
     assert "<script src=" not in out  # plotly.js inlined, not fetched
     assert out.count("Plotly.newPlot") >= 5
     assert "Classification report" in out and "Layer similarity" in out and "claims" in out
@@ -521,6 +521,30 @@ def test_export_html_is_self_contained_and_escaped(tiny_run, tmp_path):
     assert "against a seed twin" in out
     assert out.count('<div class="wide"><table') == out.count("<table")  # wide tables scroll, not overflow
     json.dumps(out)  # a plain string
+
+
+def test_export_html_names_local_folders_by_their_last_part_only(tiny_run, tmp_path):
+    """A report is sent to others: it names the run, and a model or dataset read from a local
+    folder, without the author's folders; hub ids stay whole. The overview shows the full paths."""
+    import shutil
+
+    from core.export import summary_rows
+    from core.files import write_json
+    from core.report import build_report
+    from core.runfolder import RunFolder, read_json
+
+    run = RunFolder(tmp_path / "home_of_ana" / "my_run")
+    shutil.copytree(tiny_run.root, run.root)
+    m = read_json(run.manifest_path)
+    m["config"]["model"]["base"] = "google/bert_uncased_L-2_H-128_A-2"
+    m["config"]["data"]["dataset"] = str(tmp_path / "home_of_ana" / "reviews.csv")
+    write_json(run.manifest_path, m)
+    out = export_html(run)
+    assert "home_of_ana" not in out and str(tmp_path) not in out
+    for name in ("my_run", "reviews.csv", "google/bert_uncased_L-2_H-128_A-2"):
+        assert f"<td>{name}</td>" in out, name
+    local = dict(summary_rows(build_report(run)))
+    assert local["run"] == str(run.root.resolve()) and local["dataset"] == m["config"]["data"]["dataset"]
 
 
 def test_export_html_judges_claim_one_at_the_threshold_given(tiny_run):
