@@ -33,6 +33,8 @@ SENTENCE_RANKING, SENTENCE_CHANGE_RANKING = "sentence", "sentence-change"
 RANKINGS = (*DATASET_RANKINGS, SENTENCE_RANKING, SENTENCE_CHANGE_RANKING)
 SENTENCE_LABEL = "variance over this sentence"
 SENTENCE_CHANGE_LABEL = "|fine-tuned − pre-trained| over this sentence"
+# Compared sentences are ranked on their tokens together, so that their charts list the same features.
+JOINT_LABELS = {SENTENCE_RANKING: "variance over the compared sentences", SENTENCE_CHANGE_RANKING: "|fine-tuned − pre-trained| over the compared sentences"}
 
 
 @dataclass
@@ -232,18 +234,38 @@ def feature_order(bundle: Bundle, model: str, layer: int, by: str = "variance") 
     return bundle.rankings[key]
 
 
-def top_features(bundle: Bundle, state: SentenceState, model: str, layer: int, top: int = 5, by: str = "variance") -> list[dict]:
+def _change(bundle: Bundle, state: SentenceState, model: str, layer: int) -> torch.Tensor:
+    """[T, d_sae] fine-tuned - pre-trained activations of one SAE, applied to both models' hidden states."""
+    z, z_other = latents(bundle, state, model, layer), latents(bundle, state, model, layer, OTHER_MODEL[model])
+    return z_other - z if model == "pretrained" else z - z_other
+
+
+def sentence_order(bundle: Bundle, states: list[SentenceState], model: str, layer: int, by: str) -> torch.Tensor:
+    """The features of the (``model``, ``layer``) SAE ranked over the tokens of every sentence in
+    ``states`` together, by a per-sentence ranking: "sentence", their variance over all those
+    tokens; "sentence-change", |fine-tuned - pre-trained| summed over them. One sentence: its own
+    ranking. Compared sentences ranked this way list the same features, on one scale."""
+    if by == SENTENCE_CHANGE_RANKING:
+        return torch.argsort(sum(_change(bundle, s, model, layer).abs().sum(0) for s in states), descending=True, stable=True)
+    if by != SENTENCE_RANKING:
+        raise LayerscopeError(f"{by!r} is not a per-sentence ranking; use {SENTENCE_RANKING} or {SENTENCE_CHANGE_RANKING}")
+    z = torch.cat([latents(bundle, s, model, layer) for s in states])  # [T_1 + T_2 + ..., d_sae]
+    return torch.argsort(z.var(0), descending=True, stable=True)
+
+
+def top_features(bundle: Bundle, state: SentenceState, model: str, layer: int, top: int = 5, by: str = "variance", order: torch.Tensor | None = None) -> list[dict]:
     """The ``top`` features of the SAE of (``model``, ``layer``) by ``by`` (see ``RANKINGS``), each
     with its activation per token on that SAE's own model; ranked by sentence-change, also its
-    ``difference`` per token (fine-tuned - pre-trained, the SAE applied to both models)."""
+    ``difference`` per token (fine-tuned - pre-trained, the SAE applied to both models).
+    ``order``: a ranking made already (``sentence_order`` over compared sentences)."""
     z = latents(bundle, state, model, layer)  # [T, d_sae]
     if by == SENTENCE_CHANGE_RANKING:  # the same dictionary on both models' hidden states: |ft - pre| summed over tokens
-        other = OTHER_MODEL[model]
-        z_other = latents(bundle, state, model, layer, other)
-        diff = z_other - z if model == "pretrained" else z - z_other  # [T, d_sae] fine-tuned - pre-trained
-        order = torch.argsort(diff.abs().sum(0), descending=True, stable=True)
+        diff = _change(bundle, state, model, layer)  # [T, d_sae] fine-tuned - pre-trained
+        if order is None:
+            order = torch.argsort(diff.abs().sum(0), descending=True, stable=True)
         return [{**entry, "difference": diff[:, entry["feature"]].tolist()} for entry in _ranked(z, order, top)]
-    order = feature_order(bundle, model, layer, by)
+    if order is None:
+        order = feature_order(bundle, model, layer, by)
     if order is None:  # "sentence", or no dataset statistics yet: rank by variance over this sentence
         order = torch.argsort(z.var(0), descending=True, stable=True)
     return _ranked(z, order, top)
@@ -351,11 +373,15 @@ def analyze_text(
     clean: bool = True,
     state: SentenceState | None = None,
     saes: list[tuple[str, int]] | None = None,
+    compared: list[SentenceState] | None = None,
 ) -> dict:
     """The full per-sentence analysis (``python -m core analyze --json``).
 
     ``saes`` limits the top features to those (model, layer) SAEs (the dashboard shows one at a
     time); by default every SAE of the run is encoded, in one batched matmul per shape.
+    ``compared``: the states of every sentence compared with this one (this one included); a
+    per-sentence ranking then ranks over all their tokens together (``sentence_order``), so each
+    sentence's analysis lists the same features.
     """
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise LayerscopeError(f"top={top!r}: ask for at least 1 feature per SAE (--top N, default 5)")
@@ -363,15 +389,20 @@ def analyze_text(
         raise LayerscopeError(f"unknown ranking {rank_by!r}; use one of {', '.join(RANKINGS)} (--rank-by)")
     state = state or sentence_state(bundle, text, clean)
     keys = list(bundle.saes) if saes is None else [(m, int(l)) for m, l in saes]
-    if saes is None and rank_by != SENTENCE_CHANGE_RANKING:  # every SAE in one batched encode per shape
+    joint = compared is not None and len(compared) > 1 and rank_by in JOINT_LABELS
+    if joint:
+        features = {k: top_features(bundle, state, *k, top, rank_by, order=sentence_order(bundle, compared, *k, rank_by)) for k in keys}
+    elif saes is None and rank_by != SENTENCE_CHANGE_RANKING:  # every SAE in one batched encode per shape
         features = _all_top_features(bundle, state, top, rank_by)
     else:
         features = {k: top_features(bundle, state, k[0], k[1], top, rank_by) for k in keys}
     ranked = {key: feature_order(bundle, *key, rank_by) is not None for key in keys}
     step_done = not all(ranked.values()) and bundle.run.is_done("features")  # then a missing ranking is one SAE's problem, named in its label
     labels = {key: ranking_label(rank_by, r, bundle.ranking_problems.get((*key, rank_by)) if step_done else None) for key, r in ranked.items()}
+    if joint:
+        labels = {key: JOINT_LABELS[rank_by] for key in keys}
     uniform = len(set(labels.values())) <= 1
-    label = (next(iter(labels.values())) if labels else ranking_label(rank_by, True)) if uniform else f"{rank_by}, or variance over this sentence for an SAE without statistics (see each SAE's ranking)"
+    label = (next(iter(labels.values())) if labels else JOINT_LABELS[rank_by] if joint else ranking_label(rank_by, True)) if uniform else f"{rank_by}, or variance over this sentence for an SAE without statistics (see each SAE's ranking)"
     return {
         "text": state.text,
         "tokens": state.tokens,

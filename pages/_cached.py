@@ -81,16 +81,18 @@ def _sentence_state(path: str, stamp: int, text: str):
 
 
 @st.cache_data(show_spinner="Analysing the sentence ...", max_entries=64)
-def _analysis(path: str, stamp: int, text: str, top: int, rank_by: str, sae: tuple[str, int] | None) -> dict:
+def _analysis(path: str, stamp: int, text: str, top: int, rank_by: str, sae: tuple[str, int] | None, compared: tuple[str, ...]) -> dict:
     from core.analysis import analyze_text
 
-    return analyze_text(_bundle(path, stamp), text, top=top, rank_by=rank_by, state=_sentence_state(path, stamp, text), saes=[sae] if sae else [])
+    states = [_sentence_state(path, stamp, t) for t in compared] if len(compared) > 1 else None
+    return analyze_text(_bundle(path, stamp), text, top=top, rank_by=rank_by, state=_sentence_state(path, stamp, text), saes=[sae] if sae else [], compared=states)
 
 
-def analysis(run: RunFolder, text: str, top: int, rank_by: str, sae: tuple[str, int] | None) -> dict:
+def analysis(run: RunFolder, text: str, top: int, rank_by: str, sae: tuple[str, int] | None, compared: tuple[str, ...] = ()) -> dict:
     """``analyze_text`` for one sentence, cached by text, with the top features of one (model, layer)
-    SAE only (``None``: none); the forward passes are shared by every SAE choice."""
-    return _analysis(str(run.root), shared.run_stamp(str(run.root)), text, top, rank_by, sae)
+    SAE only (``None``: none); the forward passes are shared by every SAE choice. ``compared``:
+    every sentence shown beside it (it included), which a per-sentence ranking ranks together."""
+    return _analysis(str(run.root), shared.run_stamp(str(run.root)), text, top, rank_by, sae, compared)
 
 
 @st.cache_data(show_spinner=False, max_entries=128)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import streamlit as st
 
 from core import plots
-from core.analysis import SENTENCE_CHANGE_RANKING, SENTENCE_RANKING, reading_notes, reads_no_word, truncation_note
+from core.analysis import JOINT_LABELS, SENTENCE_CHANGE_RANKING, SENTENCE_RANKING, reading_notes, reads_no_word, truncation_note
 from core.errors import StatsUnreadable
 from core.runfolder import OTHER_MODEL, core_command
 from pages import _cached as cached
@@ -169,7 +169,7 @@ def sae_controls(bundle) -> tuple[SaeChoice, list]:
         format_func=lambda r: shared.RANKING_LABELS.get(r, r),
         key=keys.KEY_EX_RANK,
         persist_state="session",
-        help="variance, selectivity, density, change: over the dataset (the features step; change: mean |fine-tuned − pre-trained| activation, this SAE applied to both models). Sentence variance: over this sentence's tokens, so the features that vary most along it come first. Sentence change: |fine-tuned − pre-trained| summed over its tokens, so the features fine-tuning moved most on it come first (the panel then shows that difference)",
+        help="variance, selectivity, density, change: over the dataset (the features step; change: mean |fine-tuned − pre-trained| activation, this SAE applied to both models). Sentence variance: over this sentence's tokens, so the features that vary most along it come first (two compared sentences: over both, so both list the same features). Sentence change: |fine-tuned − pre-trained| summed over its tokens, so the features fine-tuning moved most on it come first (the panel then shows that difference)",
     )
     c4, c5, c6 = st.columns([1.6, 1, 1.6], vertical_alignment="bottom")
     top = c4.slider("Top features", *TOP_RANGE, 8, key=keys.KEY_EX_TOP, persist_state="session")
@@ -191,6 +191,11 @@ def top_rows(result: dict, choice: SaeChoice) -> tuple[list[dict], str]:
     entry = top_entry(result, choice)
     ranked = entry["features"] if entry else []
     return ranked, "difference" if ranked and "difference" in ranked[0] else "activations"
+
+
+def ranked_together(result: dict) -> bool:
+    """Whether the top features were ranked over the compared sentences together (``analyses``)."""
+    return result["ranking"] in JOINT_LABELS.values()
 
 
 def silent(row: dict) -> bool:
@@ -296,7 +301,7 @@ def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int
     if not ranked:
         below = ""
     elif shown == "difference":
-        below = f"; below: the {len(ranked)} features fine-tuning changed most on this sentence (fine-tuned − pre-trained)"
+        below = f"; below: the {len(ranked)} features fine-tuning changed most on {'the compared sentences' if ranked_together(result) else 'this sentence'} (fine-tuned − pre-trained)"
     else:
         below = f"; below the feature: the top {len(ranked)} features of this SAE by {result['ranking']}"
     fig = plots.feature_comparison(
@@ -317,16 +322,16 @@ def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int
         wrap=wrap,
     )
     if not any(acts["pretrained"]) and not any(acts["finetuned"]):  # above the chart, whose rows would otherwise look broken
-        st.info(silent_hint(feature, choice.rank_by, ranked), icon=":material/visibility_off:")
+        st.info(silent_hint(feature, choice.rank_by, ranked, compared=ranked_together(result)), icon=":material/visibility_off:")
     shared.chart(fig, key=f"{key}_sentence")
 
 
-def silent_hint(feature: int, rank_by: str, ranked: list[dict]) -> str:
+def silent_hint(feature: int, rank_by: str, ranked: list[dict], compared: bool = False) -> str:
     """What to do when the chosen feature does not fire on the sentence, worded for the ranking
     shown (the sentence rankings already list this sentence's own features)."""
     head = f"Feature {feature} does not fire on this sentence in either model"
     if rank_by in (SENTENCE_RANKING, SENTENCE_CHANGE_RANKING):
-        return f"{head}: pick one of the top features below, ranked on this sentence."
+        return f"{head}: pick one of the top features below, ranked on {'the compared sentences' if compared else 'this sentence'}."
     if ranked and all(silent(f) for f in ranked):
         return f"{head}, nor do the top {len(ranked)} features by {rank_by} over the dataset: rank by sentence variance to list the features that fire here."
     return f"{head}: pick one of the top features not marked silent, or rank by sentence variance."
@@ -460,6 +465,13 @@ def shared_scales(run, texts: list[str], results: list[dict], choice: SaeChoice,
     return scales
 
 
+def analyses(run, texts: list[str], choice: SaeChoice, sae: tuple[str, int] | None) -> list[dict]:
+    """Each sentence's analysis. Compared sentences under a per-sentence ranking are ranked on
+    their tokens together, so their charts list the same features in the same order."""
+    together = tuple(texts) if len(texts) > 1 and choice.rank_by in (SENTENCE_RANKING, SENTENCE_CHANGE_RANKING) else ()
+    return [cached.analysis(run, t, choice.top, choice.rank_by, sae, together) for t in texts]
+
+
 def body() -> None:
     run = selection.current_run()
     st.title("Sentence explorer")
@@ -476,11 +488,11 @@ def body() -> None:
     choice, slots = sae_controls(bundle)
     sae = (choice.model, choice.layer) if choice.layer is not None else None
     try:
-        results = [cached.analysis(run, t, choice.top, choice.rank_by, sae) for t in texts]
+        results = analyses(run, texts, choice, sae)
     except StatsUnreadable as e:  # the dataset-level ranking cannot be read: this sentence's, saying why
-        st.warning(shared.safe_message(f"{e}. Until then the features are ranked by their variance over this sentence."))
+        st.warning(shared.safe_message(f"{e}. Until then the features are ranked by their variance over {'the compared sentences' if len(texts) > 1 else 'this sentence'}."))
         choice = dataclasses.replace(choice, rank_by=SENTENCE_RANKING)
-        results = [cached.analysis(run, t, choice.top, choice.rank_by, sae) for t in texts]
+        results = analyses(run, texts, choice, sae)
     feature, matched = None, False
     if slots:
         with slots[0]:

@@ -1003,34 +1003,44 @@ def test_layer_and_feature_pickers(app, sae_run, runs):
 
 def test_explorer_ranks_top_features_by_this_sentence(app, sae_run):
     """The per-sentence rankings (variance over the sentence's tokens; change by fine-tuning on
-    it): the top-features panel lists core's ranking, for each sentence of a comparison its own."""
-    from core.analysis import analyze_text, load_bundle
+    it): the top-features panel lists core's ranking; two compared sentences are ranked on their
+    tokens together, so both charts list the same features (each sentence alone lists others)."""
+    from core.analysis import analyze_text, load_bundle, sentence_state
 
     at = explorer(app)
     assert at.selectbox(key=keys.KEY_EX_RANK).options == ["variance", "selectivity", "density", "change", "sentence variance", "sentence change"]
-    at.toggle(key=keys.KEY_COMPARE).set_value(True).run()
     at.selectbox(key=keys.KEY_EX_RANK).set_value("sentence").run()
     assert_clean(at)
     bundle = load_bundle(sae_run)
     layer, top = int(at.selectbox(key=keys.KEY_EX_LAYER).value), int(at.slider(key=keys.KEY_EX_TOP).value)
-    figs = [f for f in charts(at) if SENTENCE in title(f)]
+    (fig,) = [f for f in charts(at) if SENTENCE in title(f)]
+    at.toggle(key=keys.KEY_COMPARE).set_value(True).run()
+    at.text_input(key=keys.KEY_TEXT_B).set_value("a dull boring film").run()
     texts_shown = [at.text_input(key=k).value for k in (keys.KEY_TEXT, keys.KEY_TEXT_B)]
-    assert len(figs) == 2
-    for fig, text in zip(figs, texts_shown):
-        assert f"top {top} features of this SAE by variance over this sentence" in subtitle(fig)
-        (entry,) = analyze_text(bundle, text, top=top, rank_by="sentence", saes=[("pretrained", layer)])["saes"]
-        assert fig["layout"]["yaxis"]["ticktext"] == [f"#{f['feature']}" for f in entry["features"]]  # side by side: short row labels
-    assert figs[0]["layout"]["yaxis"]["ticktext"] != figs[1]["layout"]["yaxis"]["ticktext"]
-    at.selectbox(key=keys.KEY_EX_RANK).set_value("sentence-change").run()  # the features fine-tuning moved most on each sentence
-    assert_clean(at)
-    figs = [f for f in charts(at) if SENTENCE in title(f)]
-    for fig, text in zip(figs, texts_shown):
-        assert f"the {top} features fine-tuning changed most on this sentence (fine-tuned − pre-trained)" in subtitle(fig)
-        (entry,) = analyze_text(bundle, text, top=top, rank_by="sentence-change", saes=[("pretrained", layer)])["saes"]
-        assert fig["layout"]["yaxis"]["ticktext"] == [f"#{f['feature']}" for f in entry["features"]]  # side by side: short row labels
-        panel = trace(fig, "top features")  # what the ranking measured: the difference, diverging around 0
-        np.testing.assert_allclose(array(panel["z"]), np.array([f["difference"] for f in entry["features"]]), atol=1e-6)
-        assert panel["zmid"] == 0 and panel["zmin"] == -panel["zmax"]
+    alone = {}
+    for rank_by in ("sentence", "sentence-change"):
+        for text in texts_shown:
+            (entry,) = analyze_text(bundle, text, top=top, rank_by=rank_by, saes=[("pretrained", layer)])["saes"]
+            alone[rank_by, text] = [f"#{f['feature']}" for f in entry["features"]]
+    assert f"top {top} features of this SAE by variance over this sentence" in subtitle(fig)
+    assert fig["layout"]["yaxis"]["ticktext"] == [label.replace("#", "feature ") for label in alone["sentence", texts_shown[0]]]
+    states = [sentence_state(bundle, t) for t in texts_shown]
+    for rank_by, words in (("sentence", f"top {top} features of this SAE by variance over the compared sentences"), ("sentence-change", f"the {top} features fine-tuning changed most on the compared sentences (fine-tuned − pre-trained)")):
+        at.selectbox(key=keys.KEY_EX_RANK).set_value(rank_by).run()
+        assert_clean(at)
+        figs = [f for f in charts(at) if SENTENCE in title(f)]
+        assert len(figs) == 2
+        for fig, text, state in zip(figs, texts_shown, states):
+            assert words in subtitle(fig)
+            (entry,) = analyze_text(bundle, text, top=top, rank_by=rank_by, saes=[("pretrained", layer)], state=state, compared=states)["saes"]
+            marks = [" · silent" * (not any(f["activations"]) and not any(f.get("difference") or [])) for f in entry["features"]]  # top over both: silent on one of them
+            assert fig["layout"]["yaxis"]["ticktext"] == [f"#{f['feature']}{m}" for f, m in zip(entry["features"], marks)]  # side by side: short row labels
+            if rank_by == "sentence-change":
+                panel = trace(fig, "top features")  # what the ranking measured: the difference, diverging around 0
+                np.testing.assert_allclose(array(panel["z"]), np.array([f["difference"] for f in entry["features"]]), atol=1e-6)
+                assert panel["zmid"] == 0 and panel["zmin"] == -panel["zmax"]
+        assert [t.removesuffix(" · silent") for t in figs[0]["layout"]["yaxis"]["ticktext"]] == [t.removesuffix(" · silent") for t in figs[1]["layout"]["yaxis"]["ticktext"]]
+    assert any(alone[r, texts_shown[0]] != alone[r, texts_shown[1]] for r in ("sentence", "sentence-change"))  # alone they differ: the pair is what makes one list
 
 
 def test_with_a_sentence_ranking_each_sentence_starts_at_its_own_top_feature(app, sae_run):

@@ -742,6 +742,44 @@ def test_rank_by_sentence_change_orders_features_by_how_much_fine_tuning_moved_t
     assert [e["features"] for e in sentence["saes"]] != [e["features"] for e in result["saes"]]
 
 
+@pytest.mark.parametrize("rank_by", ["sentence", "sentence-change"])
+def test_compared_sentences_are_ranked_on_their_tokens_together(tiny_run, rank_by):
+    """Two sentences compared under a per-sentence ranking: both analyses list the same features,
+    the top ones over the two sentences' tokens together (variance over the concatenated tokens,
+    or |z_ft - z_pre| summed over both), from a hand encode; each keeps its own activations."""
+    from core.analysis import JOINT_LABELS, analyze_text, load_bundle, sentence_state
+
+    bundle = load_bundle(tiny_run)
+    texts = ["the plot was brilliant but the acting was dull", "a dull boring film"]
+    states = [sentence_state(bundle, t, clean=False) for t in texts]
+    hidden = [direct_hidden_states(tiny_run, list(s.token_ids)) for s in states]
+    results = [analyze_text(bundle, t, top=4, rank_by=rank_by, clean=False, state=s, compared=states) for t, s in zip(texts, states)]
+    alone = [analyze_text(bundle, t, top=4, rank_by=rank_by, clean=False, state=s) for t, s in zip(texts, states)]
+    assert all(r["ranking"] == JOINT_LABELS[rank_by] for r in results)
+    differ = 0
+    for i, key in enumerate(bundle.saes):
+        sae = bundle.saes[key]
+        z = [{m: _encode_numpy(sae, h[m][key[1]]) for m in MODELS} for h in hidden]  # per sentence: [T_i, d_sae] per model
+        if rank_by == "sentence":
+            score = np.concatenate([zs[key[0]] for zs in z]).var(0, ddof=1)
+        else:
+            score = sum(np.abs(zs["finetuned"] - zs["pretrained"]).sum(0) for zs in z)
+        entries = [next(e for e in r["saes"] if (e["model"], e["layer"]) == key) for r in results]
+        got = [[f["feature"] for f in e["features"]] for e in entries]
+        assert got[0] == got[1], key
+        np.testing.assert_allclose(score[got[0]], np.sort(score)[::-1][:4], rtol=1e-4, atol=1e-9)  # the 4 largest, in order
+        for zs, e in zip(z, entries):
+            for f in e["features"]:
+                np.testing.assert_allclose(f["activations"], zs[key[0]][:, f["feature"]], atol=1e-4)
+        own = [[f["feature"] for f in next(e for e in r["saes"] if (e["model"], e["layer"]) == key)["features"]] for r in alone]
+        differ += own[0] != own[1]
+    assert differ  # alone, the two sentences list different features somewhere: the joint ranking is what makes them one list
+    one = analyze_text(bundle, texts[0], top=4, rank_by=rank_by, clean=False, state=states[0], compared=states[:1])
+    assert one["saes"] == alone[0]["saes"] and one["ranking"] == alone[0]["ranking"]  # one sentence: its own ranking
+    dataset = analyze_text(bundle, texts[0], top=4, rank_by="variance", clean=False, state=states[0], compared=states)
+    assert dataset == analyze_text(bundle, texts[0], top=4, rank_by="variance", clean=False, state=states[0])  # dataset rankings are one list already
+
+
 def test_unknown_ranking_is_refused(tiny_run):
     from core.analysis import analyze_text, load_bundle
 
