@@ -471,6 +471,22 @@ def _comparison_panels(pre, ft, diff, n_tokens: int, row_labels, top, cosine, co
     return panels
 
 
+BAR_ROOM = 100  # px right of the heatmaps of token charts drawn one above the other: their colour bars, tick labels and titles (57-95 px measured)
+
+
+def align_token_charts(figs: Sequence[go.Figure]) -> None:
+    """Make token charts drawn one above the other (the explorer's chart and its match chart)
+    share their plot area's edges, so their token columns line up: each takes the widest left
+    margin (row labels) of them all, and ``BAR_ROOM`` on the right. Left alone, each sized its
+    own margins: the match chart's columns started ~35 px left of the main chart's and ended
+    ~26 px right of them (the browser grows the right margin to each chart's colour bars)."""
+    if len(figs) < 2:
+        return
+    left = max(f.layout.margin.l for f in figs)
+    for f in figs:
+        f.layout.margin.l, f.layout.margin.r = left, max(f.layout.margin.r, BAR_ROOM)
+
+
 def _colour_bar(domain: Sequence[float], plot_px: float, name: str, low: float, high: float | None) -> dict:
     """A colour bar beside the panel at ``domain`` (paper fraction of ``plot_px``), in pixels,
     BAR_GAP short of the panel so the end labels of stacked bars never touch. Titled at its side

@@ -285,10 +285,11 @@ def cosine_panel(result: dict, key: str, low: float, wrap: int | None) -> None:
     shared.chart(fig, key=f"{key}_cosine")
 
 
-def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str, scales: Scales, wrap: int | None) -> None:
+def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int, scales: Scales, wrap: int | None):
     """Everything about one sentence in one chart, every panel on the same token columns: the
     cosine map of the two models' hidden states at every layer, the chosen feature on each
-    model and their difference, and the top-N features of the same SAE.
+    model and their difference, and the top-N features of the same SAE. Returns the figure,
+    drawn by ``sentence_panels`` (after a note when the chosen feature is silent).
 
     One chart rather than a cosine chart beside a feature chart: the browser rebuilds every Plotly
     chart from scratch on each Enter, and one chart instead of two took 30-50 ms off an update
@@ -323,7 +324,7 @@ def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int
     )
     if not any(acts["pretrained"]) and not any(acts["finetuned"]):  # above the chart, whose rows would otherwise look broken
         st.info(silent_hint(feature, choice.rank_by, ranked, compared=ranked_together(result)), icon=":material/visibility_off:")
-    shared.chart(fig, key=f"{key}_sentence")
+    return fig
 
 
 def silent_hint(feature: int, rank_by: str, ranked: list[dict], compared: bool = False) -> str:
@@ -337,7 +338,7 @@ def silent_hint(feature: int, rank_by: str, ranked: list[dict], compared: bool =
     return f"{head}: pick one of the top features not marked silent, or rank by sentence variance."
 
 
-def matched_panel(run, text: str, result: dict, choice: SaeChoice, feature: int, key: str, scales: Scales, wrap: int | None) -> None:
+def matched_chart(run, text: str, result: dict, choice: SaeChoice, feature: int, scales: Scales, wrap: int | None):
     """A feature on its own model next to its matched partner (the other model's SAE) on the other model."""
     m = cached.matched_features(run, text, choice.layer, feature, choice.model)
     rows = tuple(f"{shared.MODEL_LABELS[model]} f{m[f'feature_{model}']}" if m[f"feature_{model}"] >= 0 else f"{shared.MODEL_LABELS[model]} (none)" for model in ("pretrained", "finetuned"))
@@ -353,7 +354,7 @@ def matched_panel(run, text: str, result: dict, choice: SaeChoice, feature: int,
         cut_after=cut_after(result),
         wrap=wrap,
     )
-    shared.chart(fig, key=f"{key}_matched")
+    return fig
 
 
 def reading_captions(result: dict) -> None:
@@ -395,10 +396,18 @@ def sentence_panels(run, text: str, result: dict, choice: SaeChoice, feature: in
             shared.guarded(lambda: prediction(result))
         return
     shared.guarded(lambda: prediction(result, columns=wide))
-    if not shared.guarded(lambda: sentence_chart(run, text, result, choice, feature, key, scales, wrap)):
-        shared.guarded(lambda: cosine_panel(result, key, low, wrap))  # the SAE panels failed; the cosine map needs no SAE
+    # built first, drawn after: the match chart's token columns are aligned with the main chart's
+    figs, places = {}, {"sentence": st.container(), "matched": st.container()}
+    with places["sentence"]:
+        if not shared.guarded(lambda: figs.update(sentence=sentence_chart(run, text, result, choice, feature, scales, wrap))):
+            shared.guarded(lambda: cosine_panel(result, key, low, wrap))  # the SAE panels failed; the cosine map needs no SAE
     if matched:
-        shared.guarded(lambda: matched_panel(run, text, result, choice, feature, key, scales, wrap))
+        with places["matched"]:
+            shared.guarded(lambda: figs.update(matched=matched_chart(run, text, result, choice, feature, scales, wrap)))
+    plots.align_token_charts(list(figs.values()))
+    for name, fig in figs.items():
+        with places[name]:
+            shared.chart(fig, key=f"{key}_{name}")
 
 
 def show_matched(features_done: bool, choice: SaeChoice) -> bool:

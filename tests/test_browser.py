@@ -102,6 +102,20 @@ def test_sentence_explorer_in_a_browser(server, page, tmp_path, tiny_run):
     assert page.get_by_label("Sentence (press Enter)").input_value() == EVIL_TEXT and not page.dialogs
     page.screenshot(path=str(tmp_path / "explorer.png"))
     assert (tmp_path / "explorer.png").stat().st_size > 10_000
+    # the match chart below: its token columns line up with the main chart's (each sized its own
+    # margins before: its heatmap started ~35 px left of the main one's and ended ~26 px right)
+    page.get_by_text("Show match").click()
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length === 2", timeout=90_000)
+    page.wait_for_timeout(1500)
+    edges = page.evaluate(
+        """() => [...document.querySelectorAll('.js-plotly-plot')].map(p => {
+             const box = p.querySelector('.nsewdrag').getBoundingClientRect();
+             return [Math.round(box.left), Math.round(box.right)];
+           })"""
+    )
+    assert len(edges) == 2 and edges[0] == edges[1] and edges[0][1] - edges[0][0] > 300, edges
+    page.get_by_text("Show match").click()
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length === 1", timeout=90_000)
     # two sentences side by side: each chart's title and subtitle fit its half of the page (Plotly
     # cuts a title at the chart's edge; it was cut after "on eac" here before titles wrapped)
     page.get_by_text("Compare").click()

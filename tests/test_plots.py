@@ -687,3 +687,22 @@ def test_export_uses_plotlys_own_template_whatever_the_process_default(tiny_run,
     out = export_html(tiny_run)
     assert "#000001" not in out
     assert "#636efa" in out  # plotly's first colour
+
+
+def test_token_charts_drawn_one_above_the_other_share_their_plot_edges():
+    """The explorer's chart and its match chart: the widest row-label margin of the two, and the
+    same room for colour bars on the right, so their token columns line up (checked in a real
+    browser by tests/test_browser.py); one chart alone keeps its own margins."""
+    from core.plots import BAR_ROOM, align_token_charts
+
+    main = plots.feature_comparison(["a", "b"], [0, 1], [1, 0], title="x", top=(["feature 1234 · silent"], [[1, 2]]))
+    match = plots.feature_comparison(["a", "b"], [0, 1], [1, 0], title="y", row_labels=("pre-trained f1", "fine-tuned f2"))
+    lefts = [main.layout.margin.l, match.layout.margin.l]
+    assert lefts[0] > lefts[1]  # the longer row label needs more room
+    alone = plots.feature_comparison(["a", "b"], [0, 1], [1, 0], title="y")
+    align_token_charts([alone])
+    assert (alone.layout.margin.l, alone.layout.margin.r) == (plots.feature_comparison(["a", "b"], [0, 1], [1, 0], title="y").layout.margin.l, 10)
+    align_token_charts([main, match])
+    assert main.layout.margin.l == match.layout.margin.l == max(lefts)
+    assert main.layout.margin.r == match.layout.margin.r == BAR_ROOM
+    go.Figure(main.to_dict())  # still a valid figure
