@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 from core import plots
 from core.report import build_report, sae_bar_misses, sae_bars_headline
 from core.files import make_folder, write_text
-from core.runfolder import RunFolder, core_command
+from core.runfolder import MODEL_NAMES, RunFolder, core_command
 
 CLAIM_MEASURES = plots.CLAIM_MEASURES  # the claims' figure draws the same two
 HIGH_SIMILARITY = 0.9
@@ -174,6 +174,20 @@ def sae_frame(saes: Sequence[Mapping]) -> pd.DataFrame:
     return df[first + rest]
 
 
+# What a reader sees first of the SAE table: the quality bars and drift. The rest (MSE, dense
+# fraction, the rare-token split, k, token counts, hashes) made it scroll sideways at 1,024 px.
+SAE_COMPACT = ("model", "layer", "architecture", "d_sae", "l0", "fvu", "dead_fraction", "accuracy_spliced", "kl_spliced", "fvu_on_finetuned")
+
+
+def shown(df: pd.DataFrame) -> pd.DataFrame:
+    """A table as people read it: its ``model`` column says "pre-trained" / "fine-tuned", as the
+    figures do. Saved tables (CSV) keep the ids ``pretrained`` / ``finetuned`` that
+    ``report --json`` and the run folder use."""
+    if "model" not in df.columns:
+        return df
+    return df.assign(model=df["model"].map(lambda m: MODEL_NAMES.get(m, m)))
+
+
 def matching_frame(matching: Sequence[Mapping]) -> pd.DataFrame:
     """Feature matching per layer: shares kept / shifted / new / lost, then the counts behind them."""
     rows = []
@@ -283,7 +297,7 @@ def export_html(run: RunFolder, threshold: float = HIGH_SIMILARITY) -> str:
     ]
     if "finetune" in rep:
         per_class = rep["finetune"]["per_class"]
-        parts += ["<h2>Classification report (test split)</h2>", _table(classification_frame(per_class))]
+        parts += ["<h2>Classification report (test split)</h2>", _table(shown(classification_frame(per_class)))]
         for model in ("pretrained", "finetuned"):
             if model in per_class:
                 name = "pre-trained + untrained head (chance)" if model == "pretrained" else "fine-tuned"
@@ -298,7 +312,12 @@ def export_html(run: RunFolder, threshold: float = HIGH_SIMILARITY) -> str:
             fig(plots.cka_heatmap(rep["cka_matrix"]).update_layout(width=640)),  # square cells: full width would strand the colour bar
         ]
     if rep.get("saes"):
-        parts += ["<h2>Sparse autoencoders (held-out tokens)</h2>", _table(sae_frame(rep["saes"]))]
+        table = shown(sae_frame(rep["saes"]))
+        parts += [
+            "<h2>Sparse autoencoders (held-out tokens)</h2>",
+            _table(table[[c for c in SAE_COMPACT if c in table.columns]]),
+            f"<details><summary>Every column</summary>{_table(table)}</details>",
+        ]
         misses = sae_bar_misses(rep["saes"])
         parts.append(f"<p>{_e(sae_bars_headline(rep['saes'], misses))}.</p>" + ("<ul>" + "".join(f"<li>{_e(m.line)}</li>" for m in misses) + "</ul>" if misses else ""))
         if any(s.get("loss_curve") for s in rep["saes"]):

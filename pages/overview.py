@@ -10,6 +10,7 @@ from core import plots
 from core.export import (
     HIGH_SIMILARITY,
     NOT_SUPPORTED,
+    SAE_COMPACT,
     SUPPORTED,
     classification_frame,
     layer_groups,
@@ -17,6 +18,7 @@ from core.export import (
     paper_claims,
     quantity_label,
     sae_frame,
+    shown,
     summary_rows,
 )
 from core.report import BARS_TEXT, sae_bar_misses
@@ -98,7 +100,7 @@ def finetuning(run, rep: dict) -> None:
     per_class = rep["finetune"]["per_class"]
     table = classification_frame(per_class)
     st.caption(f"Test split, {rep['finetune']['test_examples']:,} examples; trained on {rep['finetune']['train_examples']:,}. The pre-trained rows are the pre-trained encoder with an untrained, randomly initialised head: chance level, the starting point of fine-tuning.")
-    st.dataframe(table, hide_index=True, width="stretch", height="content", column_config={k: st.column_config.NumberColumn(format="%.3f") for k in ("precision", "recall", "f1")})
+    st.dataframe(shown(table), hide_index=True, width="stretch", height="content", column_config={k: st.column_config.NumberColumn(format="%.3f") for k in ("precision", "recall", "f1")})
     shared.download_csv(table, f"{run.name}-classification.csv", key="dl_classification")
     cols = st.columns(2)
     for col, model in zip(cols, ("pretrained", "finetuned")):
@@ -173,9 +175,6 @@ SAE_COLUMNS = _numbers({
     "fvu_rare_tokens": ("FVU, rare tokens", "%.3f"),
     "fvu_other_tokens": ("FVU, other tokens", "%.3f"),
 })
-# What the SAE table shows unless "every column" is on: the quality bars and drift; the rest (MSE,
-# dense fraction, the rare-token split, k, token counts, hashes) made the table scroll sideways.
-SAE_COMPACT = ("model", "layer", "architecture", "d_sae", "l0", "fvu", "dead_fraction", "accuracy_spliced", "kl_spliced", "fvu_on_finetuned")
 MATCHING_COLUMNS = _numbers({
     **{k: (k, "%.3f") for k in ("kept", "shifted", "new", "lost")},
     **{f"baseline_{k}": (f"{k}, seed twin", "%.3f") for k in ("kept", "shifted", "new", "lost")},
@@ -204,7 +203,7 @@ def saes(run, rep: dict) -> None:
         help="add MSE, the dense fraction, the split of the error between rare and other tokens, and the settings behind each figure (the CSV always has every column)",
     )
     order = None if every else [c for c in SAE_COMPACT if c in table.columns]
-    st.dataframe(table, hide_index=True, width="stretch", height="content", column_config=SAE_COLUMNS, column_order=order, placeholder="—")
+    st.dataframe(shown(table), hide_index=True, width="stretch", height="content", column_config=SAE_COLUMNS, column_order=order, placeholder="—")
     shared.download_csv(table, f"{run.name}-saes.csv", key="dl_saes")
     misses = sae_bar_misses(rep["saes"])
     if misses:

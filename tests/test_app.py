@@ -400,6 +400,10 @@ def test_overview_sae_table_fits_until_every_column_is_asked_for(app, sae_run):
     at = app().run()
     table = sae_table(at)
     assert list(table.proto.column_order) == ["model", "layer", "architecture", "d_sae", "l0", "fvu", "dead_fraction", "accuracy_spliced", "kl_spliced", "fvu_on_finetuned"]
+    # the models named as the charts name them; the CSV keeps the ids report --json uses
+    assert set(table.value["model"]) == {"pre-trained", "fine-tuned"}
+    (classes,) = [d.value for d in at.dataframe if {"class", "model", "f1"} <= set(d.value.columns)]
+    assert set(classes["model"]) == {"pre-trained", "fine-tuned"}
     assert {"mse", "dense_fraction", "rare_error_share"} <= set(table.value.columns)
     at.toggle(key=keys.KEY_SAE_EVERY_COLUMN).set_value(True).run()
     assert_clean(at)

@@ -520,6 +520,12 @@ def test_export_html_is_self_contained_and_escaped(tiny_run, tmp_path):
     assert misses and all(f"<li>{html.escape(m.line)}</li>" in out for m in misses)
     assert "against a seed twin" in out
     assert out.count('<div class="wide"><table') == out.count("<table")  # wide tables scroll, not overflow
+    # the SAE table shows the quality figures, every column one click away; models named as in the charts
+    sae_part = out[out.index("Sparse autoencoders (held-out tokens)") :]
+    compact, every = sae_part.split("<details><summary>Every column</summary>", 1)
+    assert "<th>fvu</th>" in compact and "<th>mse</th>" not in compact.split("</table>")[0]
+    assert "<th>mse</th>" in every.split("</details>")[0]
+    assert "<td>pre-trained</td>" in compact and "<td>pretrained</td>" not in out
     json.dumps(out)  # a plain string
 
 
