@@ -211,6 +211,8 @@ def summary_rows(rep: Mapping, shared: bool = False) -> list[tuple[str, str]]:
     if shared:
         names = [_last_part(n) for n in names]
     out = list(zip(("run", "base model", "dataset"), names))
+    if rep.get("stale_steps"):  # see core.report.stale_note
+        out.append(("built by an earlier method", ", ".join(rep["stale_steps"]) + " (this version may compute other figures)"))
     if "labels" in rep:
         out.append(("classes", ", ".join(map(str, rep["labels"]))))
     if "rows" in rep:

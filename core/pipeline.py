@@ -131,7 +131,10 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
     record = run.step_record(step)
     if record and not redo:
         if record.get("config_hash") == config_hash:
-            log(f"[{step}] already done in {run.root} (pass --force to redo it)")
+            if step in run.stale_steps():
+                log(f"[{step}] already done in {run.root}, by an earlier version of its method than this Layerscope's: `{core_command('build', run.root, '--from', step)}` redoes it")
+            else:
+                log(f"[{step}] already done in {run.root} (pass --force to redo it)")
             return "skipped"
         if not force:
             raise LayerscopeError(

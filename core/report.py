@@ -46,6 +46,7 @@ def build_report(run: RunFolder, lenient: bool = False) -> dict:
         "base_model": _saved_name(cfg, "model", "base"),
         "dataset": _saved_name(cfg, "data", "dataset"),
         "steps": {s: {"seconds": r.get("seconds"), "peak_rss_mb": r.get("peak_rss_mb"), "finished": r.get("finished")} for s, r in steps.items()},
+        "stale_steps": run.stale_steps(),
     }
     if "data" in steps:
         rep["labels"] = steps["data"]["result"]["labels"]
@@ -178,8 +179,19 @@ def _rare(r: dict | None) -> str:
     return "" if not r else f"{r['token_share']:.0%} -> {r['error_share']:.0%}"
 
 
+def stale_note(run: str, stale: list[str]) -> str:
+    """What to say about steps built by an earlier version of their method (``RunFolder.stale_steps``)."""
+    one = len(stale) == 1
+    return (
+        f"step{'' if one else 's'} {', '.join(stale)} {'was' if one else 'were'} built by an earlier version of {'its method' if one else 'their methods'} than this Layerscope's, "
+        f"so {'its' if one else 'their'} figures may differ from what this version computes: `{core_command('build', run, '--from', stale[0])}` redoes {'it' if one else 'them'}"
+    )
+
+
 def format_report(rep: dict) -> str:
     out = [f"run        {rep['run']}", f"base model {rep['base_model']}", f"dataset    {rep['dataset']}"]
+    if rep.get("stale_steps"):
+        out.append(f"note       {stale_note(rep['run'], rep['stale_steps'])}")
     if "rows" in rep:
         out.append("rows       " + ", ".join(f"{k} {v:,}" for k, v in rep["rows"].items()))
     if "finetune" in rep:

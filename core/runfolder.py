@@ -40,6 +40,11 @@ MODEL_NAMES = {"pretrained": "pre-trained", "finetuned": "fine-tuned"}  # in mes
 OTHER_MODEL = {"pretrained": "finetuned", "finetuned": "pretrained"}
 SPLITS = ("train", "val", "test")
 STEPS = ("data", "finetune", "activations", "similarity", "saes", "features")
+# The version of the method each step's code implements, recorded with the step. Bump a step's
+# number when a change to its code changes what it writes for the same settings: runs built
+# before are then named as built by an earlier method (report, build, the dashboard), with the
+# command that redoes them, instead of showing old figures as this code's.
+STEP_METHODS = {step: 1 for step in STEPS}
 
 
 # ---------------------------------------------------------------- reading what a step wrote
@@ -144,7 +149,7 @@ MATCHING_FIELDS = {
 }
 # manifest.json: the resolved config and one record per finished step (its "result" is what the
 # step's entry function returned; the report reads those of data, activations and features).
-_STEP_RECORD = {"finished": str, "seconds?": NUMBER, "peak_rss_mb?": NUMBER, "result": {}}
+_STEP_RECORD = {"finished": str, "seconds?": NUMBER, "peak_rss_mb?": NUMBER, "method?": int, "result": {}}
 _MATCHING_SUMMARY = {  # one layer of the features step's matching (report "matching", the overview's bars)
     "layer": int, "kept": NUMBER, "shifted": NUMBER, "new": NUMBER, "lost": NUMBER, "counts": {"*": int},
     "kept_threshold": NUMBER, "shifted_threshold": NUMBER, **{f"baseline_{k}?": NUMBER for k in ("kept", "shifted", "new", "lost")},
@@ -441,6 +446,12 @@ class RunFolder:
                 del steps[s]
             self.write_manifest(m)
 
+    def stale_steps(self) -> list[str]:
+        """Steps done by an earlier version of their method than this code's (``STEP_METHODS``;
+        a record without one predates the numbering: version 1)."""
+        steps = self.manifest().get("steps", {})
+        return [s for s in STEPS if s in steps and steps[s].get("method", 1) < STEP_METHODS[s]]
+
     def record_step(self, step: str, record: dict) -> None:
         """Mark a step done, and forget every later step (their inputs just changed)."""
         m = self.manifest()
@@ -448,7 +459,7 @@ class RunFolder:
         later = STEPS[STEPS.index(step) + 1 :] if step in STEPS else ()
         for s in later:
             steps.pop(s, None)
-        steps[step] = {"finished": now(), **record}
+        steps[step] = {"finished": now(), "method": STEP_METHODS.get(step, 1), **record}
         self.write_manifest(m)
 
     def labels(self) -> list[str]:

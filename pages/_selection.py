@@ -10,6 +10,7 @@ from pathlib import Path
 import streamlit as st
 
 from core.errors import LayerscopeError
+from core.report import stale_note
 from core.runfolder import STEPS, RunFolder
 from pages import _background as background
 from pages import _keys as keys
@@ -164,6 +165,19 @@ def run_picker() -> None:
             st.warning(shared.safe_message(message))
         if current:
             st.caption(steps_line(current))
+            stale = stale_steps(current)
+            if stale:
+                note = stale_note(current, stale)
+                st.warning(shared.safe_message(note[:1].upper() + note[1:] + "."), icon=":material/update:")
+
+
+def stale_steps(path: str) -> list[str]:
+    """Steps of the run built by an earlier version of their method (none when it cannot be read:
+    ``steps_line`` says so)."""
+    try:
+        return RunFolder(path).stale_steps()
+    except (LayerscopeError, OSError):
+        return []
 
 
 def steps_line(path: str) -> str:

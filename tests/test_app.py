@@ -475,6 +475,21 @@ def test_an_overlaid_run_of_the_same_name_gets_its_path_not_the_current_runs_pla
 
 
 # ----------------------------------------------------------------------------- run selection
+def test_sidebar_names_steps_built_by_an_earlier_version_of_their_method(app, sae_run, tmp_path, monkeypatch):
+    """A run whose step this code would compute differently (``STEP_METHODS``): every page's
+    sidebar names the step and the command that redoes it; an up-to-date run shows no note."""
+    from core.runfolder import STEP_METHODS
+
+    run = _copy_run(sae_run.root, tmp_path / "older")
+    at = app(run=run).run()
+    assert not [w for w in at.sidebar.warning if "earlier version" in w.value]
+    monkeypatch.setitem(STEP_METHODS, "saes", 2)
+    at = app(run=run).run()
+    (note,) = [unescaped(w.value) for w in at.sidebar.warning if "earlier version" in w.value]
+    assert note.startswith("Step saes was built by an earlier version of its method") and f"`python -m core build --run {run} --from saes`" in note
+    assert_clean(at)
+
+
 def test_sidebar_switches_run_and_remembers_it(app, runs):
     at = app().run()
     at.sidebar.selectbox(key=keys.KEY_RUN_SELECT).select(str(runs["other"])).run()

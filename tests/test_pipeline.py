@@ -79,6 +79,37 @@ def test_report_json_has_documented_fields(tiny_run):
         assert f"{r['token_share']:.0%} -> {r['error_share']:.0%}" in text
 
 
+def test_a_step_built_by_an_earlier_version_of_its_method_is_named_with_the_command_that_redoes_it(tmp_path, tiny_run, monkeypatch):
+    """Each step records the version of its method; once this code's version is higher (its step
+    now computes other figures for the same settings), report and build name the step and how to
+    redo it, and redoing it clears the note. Records from before the numbering count as version 1."""
+    import shutil
+
+    from core.config import saved_config
+    from core.runfolder import STEP_METHODS
+
+    run = RunFolder(tmp_path / "copy")
+    shutil.copytree(tiny_run.root, run.root)
+    assert {r["method"] for r in run.manifest()["steps"].values()} == {1} and run.stale_steps() == []
+    m = run.manifest()
+    del m["steps"]["data"]["method"]  # a run built before steps recorded their method
+    run.write_manifest(m)
+    assert run.stale_steps() == [] and build_report(run)["stale_steps"] == []
+    monkeypatch.setitem(STEP_METHODS, "similarity", 2)
+    assert run.stale_steps() == ["similarity"]
+    rep = build_report(run)
+    assert rep["stale_steps"] == ["similarity"]
+    assert f"step similarity was built by an earlier version of its method than this Layerscope's, so its figures may differ from what this version computes: `python -m core build --run {run.root} --from similarity` redoes it" in format_report(rep)
+    from core.export import export_html
+
+    assert "<td>built by an earlier method</td>\n      <td>similarity (this version may compute other figures)</td>" in export_html(run)
+    lines = []
+    build(run, saved_config(run), log=lines.append)  # every step done: skipped, the stale one named
+    assert [l for l in lines if "earlier version" in l] == [f"[similarity] already done in {run.root}, by an earlier version of its method than this Layerscope's: `python -m core build --run {run.root} --from similarity` redoes it"]
+    assert run_step(run, "similarity", saved_config(run), redo=True, log=lambda *_: None) == "done"
+    assert run.manifest()["steps"]["similarity"]["method"] == 2 and run.stale_steps() == []
+
+
 def test_finished_steps_are_skipped_and_changed_settings_need_force(tmp_path, tiny_model, tiny_csv):
     run = RunFolder(tmp_path / "r")
     cfg = _cfg(tiny_model, tiny_csv)
