@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from core.errors import LayerscopeError, user_path
+from core.files import json_safe
 from core.runfolder import STEPS, RunFolder
 
 DEFAULT_RUN = Path(__file__).resolve().parent.parent / "checkpoints" / "default"
@@ -247,7 +248,7 @@ def _dispatch(args) -> int:
         from core.report import build_report, format_report
 
         rep = build_report(run)
-        _emit(json.dumps(rep, indent=2) if args.json else format_report(rep))
+        _emit(json.dumps(json_safe(rep), indent=2) if args.json else format_report(rep))
         if run.held_elsewhere():  # on stderr: the JSON on stdout stays as documented
             print(f"note: a build is running in {run.root} now; steps it has not finished are missing or from before it", file=sys.stderr)
         return 0
@@ -257,7 +258,7 @@ def _dispatch(args) -> int:
         from core.report import missing_saes
 
         result = analyze_text(load_bundle(run), args.text, top=args.top, rank_by=args.rank_by, clean=not args.raw)
-        _emit(json.dumps(result, indent=2) if args.json else format_analysis(result))
+        _emit(json.dumps(json_safe(result), indent=2) if args.json else format_analysis(result))
         missing = missing_saes(run)
         if missing:  # on stderr: the JSON on stdout stays as documented
             print(f"note: {missing}; the SAEs above are the others", file=sys.stderr)

@@ -303,6 +303,12 @@ def run_activations(run: RunFolder, cfg: ActivationsConfig, model_cfg: ModelConf
 
     quiet_transformers()
     cfg.validate()  # dtypes among others (a config built in code skipped load_config's checks)
+    classes = len(run.labels())
+    if 0 < cfg.eval_examples < classes:  # every AUROC would be undefined, and the selectivity ranking silently the feature order
+        raise LayerscopeError(
+            f"activations.eval_examples={cfg.eval_examples} is fewer than the {classes} classes: the test sample needs texts of every class "
+            f"for the features' selectivity and per-class means; use at least {classes} (default 400), or 0 for the whole test split"
+        )
     state = PartialState()
     device = state.device
     tokenizer = load_tokenizer(str(run.model_dir("finetuned")))

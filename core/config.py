@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import shlex
 import tomllib
 import typing
@@ -108,6 +109,8 @@ def _coerce(value, typ, where: str):
     if origin is list:
         (item,) = typing.get_args(typ)
         if isinstance(value, str):  # --set x=1,2 or, as in TOML, x=[1,2]
+            if re.search(r"[^\s,\[]\s+[^\s,\]]", value):  # "3 6" read as 36 would be a valid, other layer
+                raise LayerscopeError(f"option {where} expects a comma-separated list such as 3,6, got {value!r}; separate the items with commas")
             value = [v for v in value.replace(" ", "").removeprefix("[").removesuffix("]").split(",") if v]
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]  # `layers = 3` in a TOML file means [3]

@@ -52,6 +52,8 @@ class DataConfig:
         check.fraction("val_fraction", "test_fraction", below_one=True, above_zero=True)
         if self.val_fraction + self.test_fraction >= 1:
             check.fail("test_fraction", f"less than 1 - data.val_fraction ({1 - self.val_fraction:g}): the train split needs rows")
+        if self.text_column == self.label_column:
+            check.fail("label_column", f"another column than data.text_column ({self.text_column!r}): one column cannot be both the text and its class")
 
 
 # ------------------------------------------------------------------ cleaning
@@ -187,6 +189,8 @@ def _encode_labels(df: pd.DataFrame, names: list[str] | None, where: str) -> tup
         raise LayerscopeError(f"{where}: {int(bad.sum())} rows have an empty or NaN label (CSV lines {rows}...); fill or drop them")
     if names is not None:
         return df.assign(label=df["label"].astype(int)), names
+    if df["label"].map(lambda v: isinstance(v, str)).any():  # " positive", "positive\r": one class, not two
+        df = df.assign(label=df["label"].map(lambda v: v.strip() if isinstance(v, str) else v))
     values = sorted(df["label"].unique(), key=lambda v: (isinstance(v, str), v))
     mapping = {v: i for i, v in enumerate(values)}
     return df.assign(label=df["label"].map(mapping).astype(int)), [str(v) for v in values]

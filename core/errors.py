@@ -60,6 +60,13 @@ class OptionCheck:
             if value is None or value < low:
                 self.fail(name, f"a number >= {low}")
 
+    def at_most(self, high: int, *names: str, why: str = "") -> None:
+        """An upper bound where a huge count would overflow or exhaust memory minutes in."""
+        for name in names:
+            value = self._number(name)
+            if value is None or value > high:
+                self.fail(name, f"a number <= {high:,}" + (f" ({why})" if why else ""))
+
     def positive(self, *names: str) -> None:
         for name in names:
             value = self._number(name)

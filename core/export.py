@@ -18,7 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from core import plots
-from core.report import build_report, sae_bar_misses, sae_bars_headline
+from core.report import build_report, collapse_note, sae_bar_misses, sae_bars_headline
 from core.files import make_folder, write_text
 from core.runfolder import MODEL_NAMES, RunFolder, core_command
 
@@ -300,6 +300,9 @@ def export_html(run: RunFolder, threshold: float = HIGH_SIMILARITY) -> str:
     if "finetune" in rep:
         per_class = rep["finetune"]["per_class"]
         parts += ["<h2>Classification report (test split)</h2>", _table(shown(classification_frame(per_class)))]
+        collapsed = collapse_note(per_class.get("finetuned", {}))
+        if collapsed:
+            parts.append(f"<p><b>Note:</b> {_e(collapsed)}.</p>")
         for model in ("pretrained", "finetuned"):
             if model in per_class:
                 name = "pre-trained + untrained head (chance)" if model == "pretrained" else "fine-tuned"
@@ -315,6 +318,7 @@ def export_html(run: RunFolder, threshold: float = HIGH_SIMILARITY) -> str:
         ]
     if rep.get("saes"):
         table = shown(sae_frame(rep["saes"]))
+        table["l0"] = table["l0"].map(lambda v: f"{v:.1f}")  # active latents per token: 32.0, not 32.0000
         parts += [
             "<h2>Sparse autoencoders (held-out tokens)</h2>",
             _table(table[[c for c in SAE_COMPACT if c in table.columns]]),

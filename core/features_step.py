@@ -43,6 +43,7 @@ from core.sae_metrics import EVAL_CHUNK_ROWS, feature_density
 from core.saes import load_sae
 from core.threads import run_side_by_side
 
+MAX_CONTEXT_TOKENS = 5_000  # features.top_k x (2 x window + 1): ~1 GB for 24,576 latents, where 10 x 17 takes 34 MB
 STAT_FIELDS = ("mean", "variance", "density", "mean_per_class", "class_token_counts", "top_values", "top_example_ids", "top_token_index", "hist_edges", "hist_counts", "selectivity_auroc")
 
 
@@ -60,6 +61,11 @@ class FeaturesConfig:
         check = OptionCheck("features", self)
         check.at_least(1, "top_k", "workers")
         check.at_least(0, "window", "effect_examples")
+        check.at_most(1000, "top_k", why="top examples kept per feature")
+        check.at_most(512, "window", why="tokens of context on each side: no more than a text holds")
+        check.at_most(10**6, "effect_examples")
+        if self.top_k * (2 * self.window + 1) > MAX_CONTEXT_TOKENS:  # kept for every feature: ~8 bytes each
+            check.fail("top_k", f"at most {MAX_CONTEXT_TOKENS // (2 * self.window + 1):,} with features.window={self.window}: top_k x (2 x window + 1) context tokens are kept for every feature (at most {MAX_CONTEXT_TOKENS:,}; default {10 * 17})")
         check.fraction("kept_threshold", "shifted_threshold")
         if self.shifted_threshold > self.kept_threshold:
             check.fail("shifted_threshold", f"at most features.kept_threshold ({self.kept_threshold})")
@@ -340,6 +346,21 @@ def checked_matching(run: RunFolder, model: str, layer: int, num_features: int, 
 
 
 CLASS_PREFERENCE = 0.05  # a feature's best class is named only when its AUROC is at least 0.5 + this
+
+
+def selectivity_source(aurocs: dict[str, float]) -> tuple[str, float] | None:
+    """(class, AUROC) when a feature's selectivity, max |AUROC_c - 0.5| over the classes, comes from
+    an AUROC below 0.5 farther from 0.5 than its highest one: the feature fires *less* on that class,
+    and the class it fires most for does not explain its score. None otherwise, and always with two
+    classes, whose one-vs-rest AUROCs are equally far from 0.5. ``aurocs``: class -> AUROC (NaN:
+    undefined, left out)."""
+    known = {name: a for name, a in aurocs.items() if a == a}
+    if not known:
+        return None
+    lowest = min(known, key=known.get)
+    if 0.5 - known[lowest] > max(known.values()) - 0.5 + 1e-9:
+        return lowest, known[lowest]
+    return None
 
 
 def feature_table(run: RunFolder, model: str, layer: int, by: str = "variance", lenient: bool = False) -> pd.DataFrame:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -77,6 +78,18 @@ def write_text(path: Path, text: str | bytes) -> None:
 
 def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def json_safe(obj):
+    """``obj`` with every NaN or infinite float replaced by None: ``json.dumps`` would write them
+    as the bare words NaN and Infinity, which JSON readers refuse."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _json_default(o):

@@ -23,7 +23,7 @@ from sklearn.metrics import accuracy_score, classification_report, f1_score
 
 from core.data import load_split
 from core.errors import LayerscopeError, OptionCheck
-from core.models import ModelConfig, check_max_length, encode, load_classifier, load_tokenizer, predict_proba, quiet_transformers
+from core.models import ModelConfig, check_max_length, check_tokenizer, encode, load_classifier, load_tokenizer, predict_proba, quiet_transformers
 from core.progress import bars_off
 from core.files import atomic_path, write_json
 from core.runfolder import RunFolder
@@ -50,6 +50,7 @@ class FinetuneConfig:
         check.seed("seed")
         check.positive("epochs", "learning_rate")
         check.at_least(1, "batch_size", "eval_batch_size")
+        check.at_most(2**16, "batch_size", "eval_batch_size", why="texts per batch")
         check.at_least(0, "weight_decay", "max_train_examples")
         check.threads("threads")
         check.fraction("warmup_ratio", below_one=True)  # transformers reads warmup_steps >= 1 as a count of steps
@@ -154,6 +155,7 @@ def run_finetune(run: RunFolder, cfg: FinetuneConfig, model_cfg: ModelConfig) ->
     if tokenizer.pad_token_id is None:
         raise LayerscopeError(f"tokenizer of '{model_cfg.base}' has no padding token; pick a BERT-family model")
     check_max_length(model_cfg.max_length, model.config, model_cfg.base)
+    check_tokenizer(tokenizer, model.config, model_cfg.base)
 
     train_ids = encode(tokenizer, train["text"].tolist(), model_cfg.max_length, model_cfg.truncation)
     use_bf16 = cfg.bf16 and bf16_supported()
@@ -171,6 +173,13 @@ def run_finetune(run: RunFolder, cfg: FinetuneConfig, model_cfg: ModelConfig) ->
         return {}
 
     model = trained_model(trainer)
+    broken = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if broken:  # diverged: saved, it would pass for a classifier and every later step would read NaN
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        raise LayerscopeError(
+            f"fine-tuning diverged: {len(broken)} weight tensors of the fine-tuned model hold NaN or inf (last training loss {losses[-1] if losses else 'not logged'}); "
+            f"lower finetune.learning_rate (now {cfg.learning_rate:g}, default {FinetuneConfig.learning_rate:g}) and run the step again (nothing was saved)"
+        )
     model.eval()
     model.set_attn_implementation(pretrained.config._attn_implementation)  # saved and used for inference like the pre-trained model
     for name, m in (("pretrained", pretrained), ("finetuned", model)):

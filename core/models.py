@@ -142,6 +142,18 @@ def check_max_length(max_length: int, model_config, name: str) -> None:
         raise LayerscopeError(f"model.max_length={max_length} is longer than '{name}' can read ({positions} positions); set --set model.max_length={positions} or less")
 
 
+def check_tokenizer(tokenizer, model_config, name: str) -> None:
+    """LayerscopeError when the tokenizer knows far fewer tokens than the model's vocabulary: a
+    model folder without its tokenizer files (tokenizer.json, vocab.txt) loads one with only
+    the special tokens, and every word would then read as [UNK], with no error anywhere."""
+    vocab = getattr(model_config, "vocab_size", None)
+    if vocab and len(tokenizer) < min(1000, vocab // 2):
+        raise LayerscopeError(
+            f"'{name}' has a tokenizer of {len(tokenizer)} tokens for a model whose vocabulary has {vocab:,}: its tokenizer files "
+            "(tokenizer.json or vocab.txt) are missing, so every word would read as [UNK]; copy them into that folder from the model it comes from"
+        )
+
+
 def run_labels(run: RunFolder, num_labels: int) -> list[str]:
     """The run's class names (``data/labels.json``), checked against the fine-tuned classifier's
     ``num_labels``: a prediction, a per-class statistic or a logit effect would otherwise drop or

@@ -5,6 +5,7 @@ The JSON layout is documented in README.md ("Report JSON"); the dashboard reads 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 from core.errors import LayerscopeError
@@ -79,6 +80,27 @@ def build_report(run: RunFolder, lenient: bool = False) -> dict:
     return rep
 
 
+def collapse_note(per_class: Mapping) -> str | None:
+    """A line when the fine-tuned classifier answers (nearly) one class for every test text: it
+    recalls one class whole and no other at all (a class that never appears is not counted).
+    Its accuracy is then that class's share of the test split, and every SAE's spliced accuracy
+    meets its bar whatever the SAE does, so both say little. None otherwise."""
+    recall = {name: v["recall"] for name, v in per_class.items() if isinstance(v, dict) and v.get("support")}
+    whole = [name for name, r in recall.items() if r >= 0.99]
+    if len(recall) < 2 or len(whole) != 1 or any(r > 0 for name, r in recall.items() if name != whole[0]):
+        return None
+    return (
+        f"the fine-tuned classifier recognises one class only: it recalls every test text of '{whole[0]}' and no test text of any "
+        "other class, so its accuracy is about that class's share of the test split, and the SAEs' spliced accuracy, measured against it, "
+        "says little; train longer (finetune.epochs), on more rows (data.max_rows), or on classes in better balance"
+    )
+
+
+def _whole_supports(per_class: dict) -> dict:
+    """scikit-learn's report gives each class's ``support`` (a count of texts) as a float: 29.0."""
+    return {k: {**v, "support": int(v["support"])} if isinstance(v, dict) and isinstance(v.get("support"), float) and v["support"].is_integer() else v for k, v in per_class.items()}
+
+
 def _finetune_part(run: RunFolder) -> dict:
     fm = read_json(run.finetune_metrics_path, FINETUNE_METRICS_FIELDS)
     return {
@@ -88,7 +110,7 @@ def _finetune_part(run: RunFolder) -> dict:
             "accuracy_finetuned": fm["finetuned"]["accuracy"],
             "macro_f1_pretrained": fm["pretrained"]["macro_f1"],
             "macro_f1_finetuned": fm["finetuned"]["macro_f1"],
-            "per_class": {name: fm[name]["per_class"] for name in MODELS},
+            "per_class": {name: _whole_supports(fm[name]["per_class"]) for name in MODELS},
             "test_examples": fm["test_examples"],
             "train_examples": fm["train_examples"],
             "train_seconds": fm["train_seconds"],
@@ -202,11 +224,14 @@ def format_report(rep: dict) -> str:
         )]
         rows = [[name, *(ft["per_class"]["finetuned"][name][k] for k in ("precision", "recall", "f1-score")), int(ft["per_class"]["finetuned"][name]["support"])] for name in ft["per_class"]["finetuned"]]
         out += ["", "Classification report (fine-tuned)", _table(rows, ["class", "precision", "recall", "f1", "support"])]
+        collapsed = collapse_note(ft["per_class"]["finetuned"])
+        if collapsed:
+            out.append(f"note: {collapsed}")
     if "similarity" in rep:
         rows = [[r["layer"], r["cosine_of_means"], r["mean_cosine"], r["token_cosine"], r["cka"]] for r in rep["similarity"]]
         out += ["", f"Layer similarity, pre-trained vs fine-tuned ({rep['similarity_tokens']:,} test tokens)", _table(rows, ["layer", "cos(means)", "mean cos", "token cos", "CKA"])]
     if rep.get("saes"):
-        rows = [[s["model"], s["layer"], s["architecture"], s["d_sae"], s["l0"], s["fvu"], s["dead_fraction"], s.get("accuracy_spliced", float("nan")), s.get("fvu_on_finetuned", ""), _rare(s.get("rare_tokens"))] for s in rep["saes"]]
+        rows = [[s["model"], s["layer"], s["architecture"], s["d_sae"], f"{s['l0']:.1f}", s["fvu"], s["dead_fraction"], s.get("accuracy_spliced", float("nan")), s.get("fvu_on_finetuned", ""), _rare(s.get("rare_tokens"))] for s in rep["saes"]]
         rare = next((s["rare_tokens"]["seen_fewer_than"] for s in rep["saes"] if "seen_fewer_than" in (s.get("rare_tokens") or {})), None)
         rare_words = f"tokens seen < {rare} times in training" if rare else "tokens seldom seen in training"
         out += ["", f"Sparse autoencoders (held-out tokens; rare: {rare_words}, share of tokens -> share of error)",

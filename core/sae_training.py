@@ -80,6 +80,8 @@ class SAETrainingConfig:
             if getattr(self, name) is not None:
                 check.at_least(1, name)
         check.at_least(1, "batch_size", "epochs", "dead_steps_threshold", "log_every")
+        check.at_most(2**24, "batch_size", why="tokens per step")
+        check.at_most(10**9, "epochs", "dead_steps_threshold", "log_every")
         check.at_least(0, "aux_coefficient", "lr_warmup_steps")
         check.fraction("lr_decay")
         if self.dead_backoff is not None:

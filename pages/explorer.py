@@ -113,9 +113,13 @@ def sentence_inputs() -> list[str]:
     """One sentence, or two when comparing; Enter (or leaving the box) commits the text."""
     compare = bool(st.session_state.get(keys.KEY_COMPARE))
     cols = st.columns([4, 4, 2.3] if compare else [8, 1.8], vertical_alignment="bottom")  # the toggle's label whole from 1,024 px
-    texts = [cols[0].text_input("Sentence (press Enter)", DEFAULT_TEXT, key=keys.KEY_TEXT, persist_state="session")]
+    # defaults through the session state, not the widgets: a link (``apply_link``) or the feature
+    # browser sets these keys too, and a widget given both logs Streamlit's warning on every visit
+    st.session_state.setdefault(keys.KEY_TEXT, DEFAULT_TEXT)
+    texts = [cols[0].text_input("Sentence (press Enter)", key=keys.KEY_TEXT, persist_state="session")]
     if compare:
-        texts.append(cols[1].text_input("Second sentence (press Enter)", DEFAULT_TEXT_B, key=keys.KEY_TEXT_B, persist_state="session"))
+        st.session_state.setdefault(keys.KEY_TEXT_B, DEFAULT_TEXT_B)
+        texts.append(cols[1].text_input("Second sentence (press Enter)", key=keys.KEY_TEXT_B, persist_state="session"))
     cols[-1].toggle("Compare", key=keys.KEY_COMPARE, persist_state="session")
     return texts
 

@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from core import plots
-from core.features_step import CLASS_PREFERENCE
+from core.features_step import CLASS_PREFERENCE, selectivity_source
 from core.runfolder import OTHER_MODEL, core_command
 from pages import _cached as cached
 from pages import _keys as keys
@@ -48,7 +48,7 @@ def pickers(run) -> tuple[str, int | None, str]:
         shared.RANKINGS,
         key=keys.KEY_FB_RANK,
         persist_state="session",
-        help="over the test tokens: variance (the paper's ranking), selectivity (how far the best one-vs-rest AUROC is from 0.5), density (share of tokens it fires on), change (mean |fine-tuned − pre-trained| activation, this SAE applied to both models: the features fine-tuning moved most)",
+        help="over the test tokens: variance (the paper's ranking), selectivity (the largest distance of a one-vs-rest AUROC from 0.5: a feature that fires more, or less, on one class), density (share of tokens it fires on), change (mean |fine-tuned − pre-trained| activation, this SAE applied to both models: the features fine-tuning moved most)",
     )
     return model, layer, ranking
 
@@ -186,6 +186,12 @@ def explorer_buttons(run, model: str, layer: int, feature: int, examples: list[d
                 st.switch_page("pages/explorer.py")
 
 
+NO_LOGIT_EFFECT = (
+    "Zero for every class: on the test texts measured, this feature does not move the logits to first order. "
+    "At the last layer the classifier reads only the [CLS] token, so a feature that does not fire on [CLS] there has no effect."
+)
+
+
 def card_view(run, model: str, layer: int, feature: int, row: pd.Series | None) -> None:
     card = cached.feature_card(run, model, layer, feature)
     st.subheader(f"Feature {feature} · {shared.MODEL_LABELS[model]} SAE · layer {layer}")
@@ -202,20 +208,24 @@ def card_view(run, model: str, layer: int, feature: int, row: pd.Series | None) 
             st.markdown(f"Fires most for **{shared.safe_text(row['best_class'])}** :gray[({basis} of its per-text maximum)]")
         elif "best_class" in row.index:
             st.markdown(f"Prefers no class :gray[(no one-vs-rest AUROC of its per-text maximum reaches {0.5 + CLASS_PREFERENCE:g})]")
+        source = selectivity_source(card.get("selectivity_auroc") or {})
+        if source and "selectivity" in row.index:  # three or more classes: the score may come from firing less on one
+            st.markdown(f"Its selectivity ({float(row['selectivity']):.2f}) comes from firing less on **{shared.safe_text(source[0])}** :gray[(one-vs-rest AUROC {source[1]:.2f})]")
     match_box(run, model, layer, card.get("match"), card.get("match_problem"))
     st.markdown("**Top activating examples** (darker = stronger; the outlined token is the peak)")
     top_examples(card)
     explorer_buttons(run, model, layer, feature, card.get("top_examples") or [])
-    left, right = st.columns(2)
-    with left:
-        hist = card.get("histogram") or {}
-        if hist.get("counts"):
-            shared.chart(plots.histogram(hist["edges"], hist["counts"], title="Activation when firing", log_y=True), key="fb_hist")
-    with right:
-        if card.get("mean_per_class"):
-            shared.chart(plots.feature_bars(card["mean_per_class"], title="Mean per token, by class", x_title="class", y_title="mean activation"), key="fb_classes")
+    # one above the other: side by side in the card's column, a 1,024 px window left each chart
+    # ~150 px, its title cut and five classes' labels unreadable
+    hist = card.get("histogram") or {}
+    if hist.get("counts"):
+        shared.chart(plots.histogram(hist["edges"], hist["counts"], title="Activation when firing", log_y=True), key="fb_hist")
+    if card.get("mean_per_class"):
+        shared.chart(plots.feature_bars(card["mean_per_class"], title="Mean per token, by class", x_title="class", y_title="mean activation"), key="fb_classes")
     if card.get("logit_effect"):
         shared.chart(plots.feature_bars(card["logit_effect"], title="Contribution to the class logits", x_title="class", y_title="logit contribution (drop if ablated)"), key="fb_logits")
+        if not any(card["logit_effect"].values()):
+            st.caption(NO_LOGIT_EFFECT)
 
 
 def body() -> None:

@@ -21,7 +21,7 @@ from core.export import (
     shown,
     summary_rows,
 )
-from core.report import BARS_TEXT, sae_bar_misses
+from core.report import BARS_TEXT, collapse_note, sae_bar_misses
 from pages import _cached as cached
 from pages import _keys as keys
 from pages import _selection as selection
@@ -98,6 +98,9 @@ def finetuning(run, rep: dict) -> None:
         return
     cached.report_problem(rep, "finetune")
     per_class = rep["finetune"]["per_class"]
+    collapsed = collapse_note(per_class.get("finetuned", {}))
+    if collapsed:
+        st.warning(shared.safe_message(collapsed[:1].upper() + collapsed[1:] + "."), icon=":material/warning:")
     table = classification_frame(per_class)
     st.caption(f"Test split, {rep['finetune']['test_examples']:,} examples; trained on {rep['finetune']['train_examples']:,}. The pre-trained rows are the pre-trained encoder with an untrained, randomly initialised head: chance level, the starting point of fine-tuning.")
     st.dataframe(shown(table), hide_index=True, width="stretch", height="content", column_config={k: st.column_config.NumberColumn(format="%.3f") for k in ("precision", "recall", "f1")})

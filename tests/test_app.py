@@ -288,6 +288,25 @@ def test_an_sae_folder_gone_since_the_step_is_a_warning_above_the_others(app, sa
     (table,) = [d.value for d in at.dataframe if {"model", "layer", "fvu"} <= set(d.value.columns)]
     assert len(table) == len(sae_run.sae_dirs()) - 1
 
+def test_overview_warns_when_the_fine_tuned_classifier_recognises_one_class_only(app, sae_run, tmp_path):
+    """A collapsed classifier (as on a small, imbalanced star-rating run): a warning above its
+    report; the tiny run's own classifier gets none."""
+    from sklearn.metrics import classification_report
+
+    at = app().run()
+    assert not [w for w in at.warning if "one class only" in w.value]
+    run = _copy_run(sae_run.root, tmp_path / "collapsed")
+    metrics = read_json(run / "finetune" / "metrics.json")
+    names = list(read_json(run / "data" / "labels.json")["names"])
+    collapsed = classification_report([0, 1, 1, 0], [1, 1, 1, 1], labels=[0, 1], target_names=names, output_dict=True, zero_division=0)
+    metrics["finetuned"]["per_class"] = {n: collapsed[n] for n in names}  # what the finetune step keeps of it
+    write_json(run / "finetune" / "metrics.json", metrics)
+    at = app(run=run).run()
+    assert_clean(at)
+    (warning,) = [unescaped(w.value) for w in at.warning if "one class only" in w.value]
+    assert f"recalls every test text of '{names[1]}' and no test text of any other class" in warning
+
+
 def test_overview_claim_threshold_is_used(app):
     at = app().run()
     at.slider(key=keys.KEY_CLAIM_THRESHOLD).set_value(0.5).run()
@@ -1179,6 +1198,24 @@ def test_the_explorer_url_is_a_link_to_the_view(app, sae_run, runs):
     assert at.query_params["text"] in ("two", ["two"]) and at.text_input(key=keys.KEY_TEXT).value == "two"
 
 
+def test_a_link_with_sentences_sets_the_boxes_without_streamlits_default_value_warning(app, sae_run, monkeypatch, caplog):
+    """A link's sentences reach the boxes through the session state; boxes also given a default
+    made Streamlit log its warning, with a stack, on every visit by link (see the feature
+    browser's test of the same warning)."""
+    from streamlit.elements.lib import policies
+
+    monkeypatch.setattr(policies.runtime, "exists", lambda: True)
+    monkeypatch.setattr(policies, "_shown_default_value_warning", False)
+    at = app()
+    at.query_params["text"], at.query_params["text_b"] = "a fine film", "a dull film"
+    at = open_page(at, EXPLORER)
+    assert_clean(at)
+    assert [at.text_input(key=k).value for k in (keys.KEY_TEXT, keys.KEY_TEXT_B)] == ["a fine film", "a dull film"]
+    assert "Session State API" not in caplog.text
+    fresh = explorer(app)  # no link: the defaults
+    assert fresh.text_input(key=keys.KEY_TEXT).value == "the acting was brilliant but the plot was dull"
+
+
 def test_a_long_text_shows_where_it_was_cut(app, sae_run):
     at = explorer(app)
     # 14,000 characters, as long as IMDb's longest review: analysed, with its cut shown
@@ -1338,6 +1375,66 @@ def browser(app, **kw) -> AppTest:
 
 def card_title(at: AppTest) -> str:
     return [s.value for s in at.subheader if s.value.startswith("Feature ")][0]
+
+
+def test_the_card_names_the_class_a_feature_fires_less_on_when_that_sets_its_selectivity(app, tmp_path, tiny_model):
+    """Three classes: a feature's selectivity, max |AUROC_c - 0.5|, can come from an AUROC below
+    0.5 (it fires less on that class), which "fires most for" does not explain. The card names
+    that class, checked against the statistics file; the core helper against hand values."""
+    import random
+
+    import pandas as pd
+
+    from core.config import load_config
+    from core.features_step import feature_card, feature_table, selectivity_source
+    from core.pipeline import build
+    from tests.conftest import make_sentence
+
+    assert selectivity_source({"1 star": 0.13, "2": 0.47, "3": 0.53, "4": 0.50, "5 stars": 0.56}) == ("1 star", 0.13)
+    assert selectivity_source({"a": 0.13, "b": float("nan"), "c": 0.9}) is None  # the highest is farther
+    assert selectivity_source({"negative": 0.3, "positive": 0.7}) is None  # two classes: equally far, never
+    rng = random.Random(0)
+    rows = [(make_sentence(rng, i % 2), "positive" if i % 2 else "negative") for i in range(240)]
+    rows += [(make_sentence(rng, 1).replace(" and ", f" but {rng.choice(['dull', 'boring', 'weak', 'messy'])} and "), "mixed") for _ in range(120)]
+    csv = tmp_path / "three.csv"
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(csv, index=False)
+    run = RunFolder(tmp_path / "three")
+    build(run, load_config(preset="tiny", overrides=tiny_overrides(tiny_model, csv)), log=lambda *_: None)
+    layer = max(l for m, l, _ in run.sae_dirs() if m == "pretrained")
+    table = feature_table(run, "pretrained", layer, by="selectivity")
+    found = [(int(f), selectivity_source(feature_card(run, "pretrained", layer, int(f))["selectivity_auroc"])) for f in table["feature"][:40]]
+    found = [(f, src) for f, src in found if src]
+    assert found, "some of the 40 most selective features fire less on one class"
+    feature, (name, auc) = found[0]
+    row = table.set_index("feature").loc[feature]
+    assert row["selectivity"] == pytest.approx(0.5 - auc, abs=1e-6)  # the class named is the one that sets the score
+    at = browser(app, run=run.root)
+    at.selectbox(key=keys.KEY_FB_RANK).select("selectivity").run()
+    at.selectbox(key=keys.KEY_FB_LAYER).select(layer).run()
+    at.number_input(key=keys.browser_feature_key(run, "pretrained", layer, "selectivity")).set_value(feature).run()
+    assert_clean(at)
+    assert card_title(at).startswith(f"Feature {feature} ")
+    lines = [unescaped(m.value) for m in at.markdown if "comes from firing less on" in m.value]
+    assert lines == [f"Its selectivity ({row['selectivity']:.2f}) comes from firing less on **{name}** :gray[(one-vs-rest AUROC {auc:.2f})]"]
+
+
+def test_a_card_whose_logit_contributions_are_all_zero_says_why(app, features_run):
+    """A fine-tuned last-layer feature that never fires on [CLS] has no logit effect: the card's
+    empty bar chart gets a line saying so; a feature with an effect gets none."""
+    from pages.features import NO_LOGIT_EFFECT
+
+    layer = max(l for m, l, _ in features_run.sae_dirs() if m == "finetuned")
+    effect = load_stats(features_run, "finetuned", layer)["logit_effect"]  # [d_sae, C]
+    zero, moving = int((effect == 0).all(1).nonzero()[0, 0]), int((effect != 0).any(1).nonzero()[0, 0])
+    at = browser(app, run=features_run.root)
+    at.segmented_control(key=keys.KEY_FB_MODEL).set_value("finetuned").run()
+    at.selectbox(key=keys.KEY_FB_LAYER).select(layer).run()
+    for feature, said in ((zero, True), (moving, False)):
+        at.number_input(key=keys.browser_feature_key(features_run, "finetuned", layer, "variance")).set_value(feature).run()
+        assert_clean(at)
+        assert card_title(at).startswith(f"Feature {feature} ")
+        assert any("Contribution to the class logits" in title(f) for f in charts(at))
+        assert (NO_LOGIT_EFFECT in [c.value for c in at.caption]) == said, feature
 
 
 def test_feature_browser_table_and_card(app, features_run):

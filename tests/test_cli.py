@@ -884,6 +884,39 @@ def test_a_saved_config_edited_by_hand_is_one_line_for_the_readers_that_need_it(
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+def test_a_fine_tuning_that_diverges_is_refused_before_it_saves_a_model(tiny_run, tmp_path):
+    """A learning rate that drives the weights to NaN: the step stops with one line naming the
+    option, and the models already in the run are left as they were (they were accepted, and every
+    later step read NaN, with report --json printing bare NaN words)."""
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    models = {p: p.read_bytes() for p in (run / "models").rglob("*") if p.is_file()}
+    out = cli("finetune", "--run", run, "--force", "--set", "finetune.learning_rate=1e10")
+    assert_user_error(out, "fine-tuning diverged", "lower finetune.learning_rate (now 1e+10, default 5e-05)")
+    assert {p: p.read_bytes() for p in (run / "models").rglob("*") if p.is_file()} == models
+
+
+def test_a_model_folder_without_its_tokenizer_files_is_refused_before_the_first_step(tiny_model, tiny_csv, tmp_path):
+    """Without tokenizer.json / vocab.txt, transformers loads a tokenizer of the special tokens
+    alone: the build went through with every word read as [UNK] and a chance-level classifier."""
+    bare = tmp_path / "bare_model"
+    bare.mkdir()
+    for f in tiny_model.iterdir():
+        if f.name in ("config.json", "model.safetensors"):
+            shutil.copy(f, bare / f.name)
+    run = tmp_path / "run"
+    out = cli("build", "--run", run, "--preset", "tiny", "--model", bare, "--dataset", tiny_csv)
+    assert_user_error(out, f"'{bare}' has a tokenizer of", "tokenizer files (tokenizer.json or vocab.txt) are missing")
+    assert not run.exists()  # refused before any step: no run folder left
+
+
+def test_json_output_never_holds_bare_nan():
+    from core.files import json_safe
+
+    obj = {"a": [1.0, float("nan"), {"b": float("inf"), "c": "NaN"}], "d": (2, -float("inf"))}
+    assert json.loads(json.dumps(json_safe(obj), allow_nan=False)) == {"a": [1.0, None, {"b": None, "c": "NaN"}], "d": [2, None]}
+
+
 def test_more_mistakes_get_one_line_and_change_nothing(tiny_run, tmp_path, monkeypatch):
     """Mistakes found by trying the CLI on a damaged copy of a run: each is one line, exit 2, and
     leaves every file as it was."""
@@ -936,3 +969,14 @@ def test_a_full_disk_behind_standard_output_is_named_as_the_output(tiny_run):
     out = subprocess.run(f"{shlex.quote(sys.executable)} -m core report --run {shlex.quote(str(tiny_run.root))} > /dev/full", shell=True, cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
     assert_user_error(out, "could not write the output (No space left on device)", "standard output")
     assert "activations take" not in out.stderr  # not the hint for a run file
+
+
+def test_a_test_sample_smaller_than_the_classes_is_refused(tiny_run, tmp_path):
+    """One test text for two classes made every selectivity AUROC undefined, and ``--rank-by
+    selectivity`` then listed features 0, 1, 2 without a word."""
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    out = cli("build", "--run", run, "--from", "activations", "--set", "activations.eval_examples=1")
+    assert_user_error(out, "activations.eval_examples=1 is fewer than the 2 classes", "use at least 2 (default 400), or 0 for the whole test split")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "manifest.json"} == {p: b for p, b in before.items() if p.name != "manifest.json"}

@@ -1,5 +1,7 @@
 import dataclasses
 
+import re
+
 import pytest
 
 from core.config import RunConfig, available_presets, load_config, parse_set_flags
@@ -137,3 +139,32 @@ def test_bad_preset_and_file(tmp_path):
         load_config(config_file=tmp_path / "missing.toml")
     with pytest.raises(LayerscopeError, match="SECTION.FIELD=VALUE"):
         parse_set_flags(["epochs"])
+
+
+@pytest.mark.parametrize("value", ["3 6", "[3 6]", "1 2,3"])
+def test_a_list_option_with_items_separated_by_spaces_is_refused(value):
+    """`--layers "3 6"` became [36], another layer that exists on a 12-layer model."""
+    from core.config import load_config
+
+    with pytest.raises(LayerscopeError, match="expects a comma-separated list such as 3,6"):
+        load_config(overrides={"saes.layers": value})
+    assert load_config(overrides={"saes.layers": "3, 6"}).saes.layers == [3, 6]
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("finetune.batch_size", "99999999999999999999", "finetune.batch_size=99999999999999999999 must be a number <= 65,536"),
+        ("saes.training.dead_steps_threshold", "99999999999999999999", "must be a number <= 1,000,000,000"),
+        ("features.window", "100000000", "features.window=100000000 must be a number <= 512"),
+        ("features.top_k", "1000000", "features.top_k=1000000 must be a number <= 1,000"),
+        ("features.top_k", "300", "features.top_k=300 must be at most 294 with features.window=8"),
+    ],
+)
+def test_counts_too_large_to_run_are_refused_before_any_work(option, value, message):
+    """Each of these was a traceback (an overflow in islice or torch), or a process the kernel
+    killed after taking every byte of memory, minutes into a step."""
+    from core.config import load_config
+
+    with pytest.raises(LayerscopeError, match=re.escape(message)):
+        load_config(overrides={option: value})

@@ -271,3 +271,22 @@ def test_a_stratified_sample_takes_every_class_in_proportion(sizes, n):
     pd.testing.assert_frame_equal(got, stratified_sample(frame, n, seed=3))  # seeded
     assert len(frame) < 100 or not got.equals(stratified_sample(frame, n, seed=4))  # another seed, other rows
     assert stratified_sample(frame, len(frame)) is frame
+
+
+def test_labels_that_differ_only_by_surrounding_spaces_are_one_class(tmp_path):
+    """" positive" and "positive\r" (a header "text, label", CRLF inside quotes) are the class
+    "positive": they made three or four classes of two, silently."""
+    df = make_dataset(120)
+    df.loc[::3, "label"] = " " + df.loc[::3, "label"]
+    df.loc[1::3, "label"] = df.loc[1::3, "label"] + "\r"
+    path = tmp_path / "spaced.csv"
+    df.to_csv(path, index=False)
+    splits, names = prepare(DataConfig(dataset=str(path), max_rows=0))
+    assert names == ["negative", "positive"]
+    labels = pd.concat(splits.values())["label"]
+    assert sorted(labels.unique()) == [0, 1] and labels.value_counts().tolist() == [60, 60]
+
+
+def test_one_column_for_both_the_text_and_the_label_is_refused(tmp_path):
+    with pytest.raises(LayerscopeError, match="data.label_column='text' must be another column than data.text_column .'text'.: one column cannot be both"):
+        DataConfig(dataset="x.csv", label_column="text").validate()

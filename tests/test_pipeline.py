@@ -73,6 +73,10 @@ def test_report_json_has_documented_fields(tiny_run):
         assert {"cosine_of_means", "mean_cosine", "cka"} <= set(row)
     text = format_report(rep)
     assert "Layer similarity" in text and "Classification report" in text
+    supports = [v["support"] for m in rep["finetune"]["per_class"].values() for v in m.values() if isinstance(v, dict) and "support" in v]
+    assert supports and all(type(n) is int for n in supports)  # counts of texts, not scikit-learn's 29.0
+    sae_rows = text[text.index("Sparse autoencoders") :].splitlines()[3 : 3 + len(rep["saes"])]
+    assert all(f" {s['l0']:.1f} " in row and f"{s['l0']:.4f}" not in row for s, row in zip(rep["saes"], sae_rows))
     for s in rep["saes"]:  # the rare-token split, as fractions, and its column in the text
         r = s["rare_tokens"]
         assert 0 <= r["token_share"] <= 1 and 0 <= r["error_share"] <= 1 and r["seen_fewer_than"] == 50
@@ -490,3 +494,26 @@ def test_the_text_report_lists_the_saes_below_the_bars(tiny_run):
     for line, why in zip(listed, expected.values()):
         assert all(w in line for w in why) and line.count("; ") == len(why) - 1, (line, why)
     assert "every SAE meets them" not in text
+
+
+def test_a_classifier_that_recognises_one_class_only_is_named():
+    """From scikit-learn's own report of hand-made predictions: one class recalled whole and no
+    other at all is named (the default run's accuracy bar and the SAEs' spliced accuracy say
+    little then); a classifier that gets any text of a second class right is not."""
+    from sklearn.metrics import classification_report
+
+    from core.report import collapse_note
+
+    names = ["1 star", "3 stars", "5 stars"]
+
+    def report(y_true, y_pred):
+        rep = classification_report(y_true, y_pred, labels=[0, 1, 2], target_names=names, output_dict=True, zero_division=0)
+        return {n: rep[n] for n in names}  # what the finetune step keeps of it: the classes
+
+    y = [0, 0, 1, 1, 2, 2, 2, 2]
+    note = collapse_note(report(y, [2] * 8))
+    assert note and "recalls every test text of '5 stars' and no test text of any other class" in note
+    assert collapse_note(report(y, [1, 1, 0, 0, 2, 2, 2, 2])) is not None  # the other classes swapped: still none of them right
+    assert collapse_note(report(y, [0, 2, 2, 2, 2, 2, 2, 2])) is None  # one '1 star' text right
+    assert collapse_note(report(y, [0, 0, 1, 1, 2, 2, 2, 2])) is None
+    assert collapse_note(report([2, 2, 2], [2, 2, 2])) is None  # a test split of one class: nothing to collapse from

@@ -526,6 +526,8 @@ def test_export_html_is_self_contained_and_escaped(tiny_run, tmp_path):
     assert "<th>fvu</th>" in compact and "<th>mse</th>" not in compact.split("</table>")[0]
     assert "<th>mse</th>" in every.split("</details>")[0]
     assert "<td>pre-trained</td>" in compact and "<td>pretrained</td>" not in out
+    l0 = build_report(run)["saes"][0]["l0"]
+    assert f"<td>{l0:.1f}</td>" in compact and f"<td>{l0:.4f}</td>" not in out  # a count of latents, one decimal
     json.dumps(out)  # a plain string
 
 

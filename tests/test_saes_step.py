@@ -1075,7 +1075,7 @@ def test_k_larger_than_dictionary(run_copy):
 def test_a_batch_larger_than_the_training_tokens_is_refused(run_copy):
     tokens = json.loads((run_copy / "activations" / "train" / "index.json").read_text())["num_tokens"]
     assert_user_error(cli("saes", "--run", run_copy, "--set", f"saes.training.batch_size={tokens + 1}", "--force"), f"is more than the {tokens:,} training rows (tokens)")
-    assert_user_error(cli("saes", "--run", run_copy, "--set", "saes.training.batch_size=99999999999999999999999", "--force"), "training rows")
+    assert_user_error(cli("saes", "--run", run_copy, "--set", "saes.training.batch_size=99999999999999999999999", "--force"), "must be a number <= 16,777,216 (tokens per step)")  # before any run file is read
 
 
 def test_negative_splice_sample_is_refused(run_copy):
