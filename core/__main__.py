@@ -166,7 +166,10 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished steps are kept; run the command again without --force or --from to resume", file=sys.stderr)
+        if args.verb in ("build", *STEPS):  # the verbs that write steps
+            print("interrupted: finished steps are kept; run the command again without --force or --from to resume", file=sys.stderr)
+        else:  # report, analyze, export, figures, config only read the run
+            print("interrupted: the run was not changed", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader left (`... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush does not fail again
@@ -267,12 +270,17 @@ def _dispatch(args) -> int:
         from core.export import export_html
         from core.files import write_text
 
+        if not args.out.strip():  # "" or " ": a file named by blanks, or the working directory
+            raise LayerscopeError("--out is empty; pass a file name for the report, e.g. --out report.html (nothing was written)")
         out = user_path(args.out)
         if args.out.endswith(("/", os.sep)) and not out.is_dir():  # Path() drops the slash: a file named like the folder
             raise LayerscopeError(f"--out {args.out} names a folder; pass a file name for the report, e.g. {out / 'report.html'}")
-        if out.is_file() and out.resolve().is_relative_to(run.root.resolve()):  # a run file (manifest.json, a CSV) would be lost
+        # a file of this run or of another (its manifest.json, a CSV) would be lost; an earlier report may be replaced
+        replaces = out.is_file() and out.suffix.lower() not in (".html", ".htm")
+        owner = next((p for p in out.resolve().parents if (p / "manifest.json").is_file()), None) if replaces else None
+        if owner is not None:
             # (a folder, the run's own included, gets write_text's "is a folder; pass a file name")
-            raise LayerscopeError(f"--out {out} is a file of the run {run.root}; write the report to a new file or outside the run folder (nothing was written)")
+            raise LayerscopeError(f"--out {out} is a file of the run {owner}; write the report to a new file or outside the run folder (nothing was written)")
         write_text(out, export_html(run))
         print(f"wrote {out}")
         return 0

@@ -15,6 +15,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,16 +121,35 @@ def _load_csv(path: Path, cfg: DataConfig) -> tuple[pd.DataFrame, list[str] | No
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
         raise LayerscopeError(f"dataset file {path} {what}; pass an existing CSV path or one of: {', '.join(BUILTIN)}")
+    kind = _not_text(path)
+    if kind:
+        raise LayerscopeError(f"{path} is {kind}, not a CSV text file; {NOT_TEXT_FIX[kind].format(name=shlex.quote(path.name))}")
     try:
         df = pd.read_csv(path, encoding="utf-8", encoding_errors="strict")
-    except UnicodeDecodeError as e:
+    except UnicodeDecodeError:
         raise LayerscopeError(
-            f"{path} is not UTF-8 (bad byte at position {e.start}); re-save it as UTF-8, "
+            f"{path} is not UTF-8 (it holds bytes UTF-8 does not use, as Latin-1 or Windows-1252 files do); re-save it as UTF-8, "
             f"e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed.csv`"
         ) from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise LayerscopeError(f"{path} could not be read as CSV ({str(e).splitlines()[0]}); check its format") from None
+    df.columns = [c.strip() if isinstance(c, str) else c for c in df.columns]  # a header "text, label"
     return _load_csv_frame(df, cfg, str(path)), None
+
+
+# The first bytes of files that are not CSV text, though named .csv, and what to do instead.
+_MAGIC = {b"\x1f\x8b": "gzip-compressed", b"PK\x03\x04": "a zip archive (an .xlsx workbook is one)", b"\xff\xfe": "UTF-16 text", b"\xfe\xff": "UTF-16 text"}
+NOT_TEXT_FIX = {
+    "gzip-compressed": "decompress it first (`gunzip -c {name} > unpacked.csv`) and pass that file",
+    "a zip archive (an .xlsx workbook is one)": "export the sheet as CSV UTF-8 (comma-delimited), or unzip the archive and pass the .csv inside",
+    "UTF-16 text": "re-save it as UTF-8, e.g. `iconv -f utf-16 -t utf-8 {name} > fixed.csv`",
+}
+
+
+def _not_text(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
 
 
 def _load_hf(spec: str, cfg: DataConfig) -> tuple[pd.DataFrame, list[str] | None]:
@@ -158,6 +178,9 @@ def _load_csv_frame(df: pd.DataFrame, cfg: DataConfig, where: str) -> pd.DataFra
     missing = [c for c in (cfg.text_column, cfg.label_column) if c not in df.columns]
     if missing:
         which = " and ".join(f"'{c}'" for c in missing)
+        separator = next((name for sep, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "bars")) if len(df.columns) == 1 and sep in str(df.columns[0])), None)
+        if separator:  # one column whose name holds the real ones: another separator than commas
+            raise LayerscopeError(f"{where} has its columns separated by {separator}, not commas (one column read: {df.columns[0]!r}); save it as a comma-separated CSV")
         raise LayerscopeError(
             f"{where} has no column {which} (columns: {', '.join(map(str, df.columns))}); "
             f"name the right ones with --set data.text_column=... --set data.label_column=..."

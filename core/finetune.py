@@ -23,7 +23,7 @@ from sklearn.metrics import accuracy_score, classification_report, f1_score
 
 from core.data import load_split
 from core.errors import LayerscopeError, OptionCheck
-from core.models import ModelConfig, check_max_length, check_tokenizer, encode, load_classifier, load_tokenizer, predict_proba, quiet_transformers
+from core.models import ModelConfig, check_architecture, check_max_length, check_tokenizer, encode, load_model_config, load_classifier, load_tokenizer, predict_proba, quiet_transformers
 from core.progress import bars_off
 from core.files import atomic_path, write_json
 from core.runfolder import RunFolder
@@ -149,6 +149,7 @@ def run_finetune(run: RunFolder, cfg: FinetuneConfig, model_cfg: ModelConfig) ->
     train, test = load_split(run, "train"), load_split(run, "test")
     if cfg.max_train_examples and len(train) > cfg.max_train_examples:
         train = train.sample(n=cfg.max_train_examples, random_state=cfg.seed).sort_values("id")
+    check_architecture(load_model_config(model_cfg.base), model_cfg.base)
     tokenizer = load_tokenizer(model_cfg.base)
     pretrained = load_classifier(model_cfg.base, num_labels=len(names), label_names=names, seed=cfg.seed)
     model = load_classifier(model_cfg.base, num_labels=len(names), label_names=names, seed=cfg.seed, attention_probs_dropout_prob=cfg.attention_dropout, attn_implementation=training_attention(cfg))

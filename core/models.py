@@ -142,6 +142,19 @@ def check_max_length(max_length: int, model_config, name: str) -> None:
         raise LayerscopeError(f"model.max_length={max_length} is longer than '{name}' can read ({positions} positions); set --set model.max_length={positions} or less")
 
 
+def check_architecture(model_config, name: str) -> None:
+    """LayerscopeError for a model that is not a BERT-family encoder (DistilBERT, GPT-2, T5...):
+    fine-tuning sets BERT's attention dropout and the hidden states are read from its
+    ``encoder.layer`` blocks, so such a model failed at the finetune step with a message about an
+    unexpected keyword argument, after the data step had run."""
+    if not hasattr(model_config, "attention_probs_dropout_prob") or getattr(model_config, "is_encoder_decoder", False):
+        kind = getattr(model_config, "model_type", "") or "unknown"
+        raise LayerscopeError(
+            f"'{name}' is a {kind} model; Layerscope reads BERT-family encoders (bert, roberta, electra and the like: "
+            "a stack of encoder.layer blocks); pass one such as bert-base-uncased or all-MiniLM-L6-v2"
+        )
+
+
 def check_tokenizer(tokenizer, model_config, name: str) -> None:
     """LayerscopeError when the tokenizer knows far fewer tokens than the model's vocabulary: a
     model folder without its tokenizer files (tokenizer.json, vocab.txt) loads one with only

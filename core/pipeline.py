@@ -217,13 +217,15 @@ def preflight(run: RunFolder, cfg: RunConfig, redo_from: str | None = None) -> N
     ``config.json``: SAE layers, kept train layers and text length. Otherwise a layer that does not
     exist would be found only at the ``activations`` or ``saes`` step, minutes later."""
     from core.activations import check_layers
-    from core.models import check_max_length, check_tokenizer, load_model_config, load_tokenizer
+    from core.models import check_architecture, check_max_length, check_tokenizer, load_model_config, load_tokenizer
     from core.saes import check_memory, resolve_layers
 
     record = run.step_record("finetune") if run.exists() else None
     redo = redo_from is not None and STEPS.index(redo_from) <= STEPS.index("finetune")
     kept_model = record and not redo and record.get("config_hash") == cfg.section_hash(*STEP_SECTIONS["finetune"])
     model_config = load_model_config(str(run.model_dir("finetuned")) if kept_model else cfg.model.base)  # same shape
+    if not kept_model:
+        check_architecture(model_config, cfg.model.base)
     blocks = model_config.num_hidden_layers
     check_max_length(cfg.model.max_length, model_config, cfg.model.base)
     if not kept_model:  # the model to fine-tune: a folder without its tokenizer files reads every word as [UNK]

@@ -113,6 +113,14 @@ def test_export_refuses_to_write_over_a_run_file_or_a_device(tmp_path, tiny_run)
     assert_user_error(cli("export", "--run", run, "--out", run / "manifest.json"), "is a file of the run", "nothing was written")
     assert (run / "manifest.json").read_bytes() == manifest
     cli("export", "--run", run, "--out", run / "report.html", check=True)  # a new file inside the run is fine
+    cli("export", "--run", run, "--out", run / "report.html", check=True)  # and so is replacing that report
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run.root, other)
+    for victim in (other / "manifest.json", other / "data" / "train.csv"):  # another run's files are as safe as its own
+        before = victim.read_bytes()
+        assert_user_error(cli("export", "--run", run, "--out", victim), f"is a file of the run {other}", "nothing was written")
+        assert victim.read_bytes() == before
+    assert_user_error(cli("export", "--run", run, "--out", " "), "--out is empty")
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)  # like /dev/null: renaming a file over it would replace it
     assert_user_error(cli("export", "--run", run, "--out", fifo), "is not a regular file")
@@ -461,6 +469,9 @@ def test_a_second_ctrl_c_while_the_first_unwinds_prints_no_traceback(monkeypatch
     assert "torch" in sys.modules  # so main() ends with end_distributed, where the second press lands
     before = signal.getsignal(signal.SIGINT)
     assert cli_main.main(["report", "--run", "somewhere"]) == 130
+    assert "interrupted: the run was not changed" in capsys.readouterr().err  # a verb that only reads: no steps to speak of
+    assert signal.getsignal(signal.SIGINT) is before
+    assert cli_main.main(["similarity", "--run", "somewhere"]) == 130
     assert "interrupted: finished steps are kept" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is before
 
@@ -980,3 +991,17 @@ def test_a_test_sample_smaller_than_the_classes_is_refused(tiny_run, tmp_path):
     out = cli("build", "--run", run, "--from", "activations", "--set", "activations.eval_examples=1")
     assert_user_error(out, "activations.eval_examples=1 is fewer than the 2 classes", "use at least 2 (default 400), or 0 for the whole test split")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "manifest.json"} == {p: b for p, b in before.items() if p.name != "manifest.json"}
+
+
+def test_a_model_that_is_not_a_bert_family_encoder_is_refused_before_the_first_step(tmp_path, tiny_csv):
+    """DistilBERT, GPT-2: refused by name before the data step, where the finetune step failed with
+    "unexpected keyword argument 'attention_probs_dropout_prob'" after the data step had run."""
+    from transformers import DistilBertConfig, DistilBertModel, GPT2Config, GPT2Model
+
+    for name, model in (("distilbert", DistilBertModel(DistilBertConfig(vocab_size=60, dim=32, n_layers=2, n_heads=4, hidden_dim=37))), ("gpt2", GPT2Model(GPT2Config(vocab_size=60, n_embd=32, n_layer=2, n_head=4)))):
+        folder = tmp_path / name
+        model.save_pretrained(folder)
+        run = tmp_path / f"run_{name}"
+        out = cli("build", "--run", run, "--preset", "tiny", "--model", folder, "--dataset", tiny_csv)
+        assert_user_error(out, f"'{folder}' is a {name} model; Layerscope reads BERT-family encoders")
+        assert not run.exists()

@@ -290,3 +290,42 @@ def test_labels_that_differ_only_by_surrounding_spaces_are_one_class(tmp_path):
 def test_one_column_for_both_the_text_and_the_label_is_refused(tmp_path):
     with pytest.raises(LayerscopeError, match="data.label_column='text' must be another column than data.text_column .'text'.: one column cannot be both"):
         DataConfig(dataset="x.csv", label_column="text").validate()
+
+
+def _gzip(path, frame):
+    import gzip
+
+    path.write_bytes(gzip.compress(frame.to_csv(index=False).encode()))
+
+
+def _zip(path, frame):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("sheet.csv", frame.to_csv(index=False))
+
+
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (_gzip, "is gzip-compressed, not a CSV text file; decompress it first (`gunzip -c data.csv > unpacked.csv`)"),
+        (_zip, "is a zip archive (an .xlsx workbook is one), not a CSV text file; export the sheet as CSV UTF-8"),
+        (lambda p, f: p.write_text(f.to_csv(index=False), encoding="utf-16"), "is UTF-16 text, not a CSV text file; re-save it as UTF-8, e.g. `iconv -f utf-16 -t utf-8 data.csv > fixed.csv`"),
+        (lambda p, f: f.to_csv(p, index=False, sep=";"), "has its columns separated by semicolons, not commas (one column read: 'text;label'); save it as a comma-separated CSV"),
+        (lambda p, f: f.to_csv(p, index=False, sep="\t"), "has its columns separated by tabs, not commas"),
+    ],
+)
+def test_a_file_that_is_not_comma_separated_utf8_text_names_what_it_is(tmp_path, write, message):
+    """Each of these got a fix that could not work: "re-save it as UTF-8 with iconv -f latin1"
+    for a compressed or UTF-16 file, "name the right columns" for another separator."""
+    path = tmp_path / "data.csv"
+    write(path, make_dataset(40))
+    with pytest.raises(LayerscopeError, match=re.escape(message)):
+        prepare(DataConfig(dataset=str(path), max_rows=0))
+
+
+def test_a_header_with_spaces_after_its_commas_names_the_columns_without_them(tmp_path):
+    path = tmp_path / "spaced.csv"
+    path.write_text("text, label\n" + "".join(f"{t}, {l}\n" for t, l in make_dataset(120).itertuples(index=False)))
+    splits, names = prepare(DataConfig(dataset=str(path), max_rows=0))
+    assert names == ["negative", "positive"] and sum(len(s) for s in splits.values()) == 120
