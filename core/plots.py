@@ -326,6 +326,11 @@ def cka_heatmap(matrix: Sequence[Sequence[float]], title: str = "Linear CKA, eve
 
 
 # ----------------------------------------------------------------------------- classification
+# Bar value labels too small to read are left out (hover gives every value): plotly.js shrinks a
+# label to fit its bar, and five classes in a half-width chart at 1,024 px drew them 4-5 px tall.
+READABLE_BAR_TEXT = {"minsize": 9, "mode": "hide"}
+
+
 def classification_bars(per_class: Mapping[str, Mapping[str, float]], title: str = "") -> go.Figure:
     """Grouped bars of precision, recall and F1 per class (a sklearn classification report dict)."""
     classes = [c for c in per_class if c not in ("accuracy", "macro avg", "weighted avg")]
@@ -346,7 +351,7 @@ def classification_bars(per_class: Mapping[str, Mapping[str, float]], title: str
                 hovertemplate=f"%{{x}}<br>{label} %{{y:.4f}}<extra></extra>",
             )
         )
-    fig.update_layout(barmode="group")
+    fig.update_layout(barmode="group", uniformtext=READABLE_BAR_TEXT)
     fig.update_yaxes(range=[0, 1.2 if upright else 1.1], title="score")
     fig.update_xaxes(title="class", type="category")
     fig = _layout(fig, esc(title))
@@ -714,7 +719,7 @@ def feature_bars(
         textposition="auto",
         hovertemplate=("%{y}<br>%{x:.4f}" if horizontal else "%{x}<br>%{y:.4f}") + "<extra></extra>",
     )
-    fig = go.Figure(bar)
+    fig = go.Figure(bar, layout={"uniformtext": READABLE_BAR_TEXT})
     cat_axis, val_axis = (fig.update_yaxes, fig.update_xaxes) if horizontal else (fig.update_xaxes, fig.update_yaxes)
     cat_axis(type="category", title=esc(x_title))
     finite = [v for v in nums if math.isfinite(v)]

@@ -142,6 +142,9 @@ def test_classification_bars_grouped_precision_recall_f1():
     assert [t.marker.color for t in fig.data] == list(plots.METRIC_COLOURS.values())  # the same colours in the dashboard and the report
     five = plots.classification_bars({f"c{i}": {"precision": 0.8, "recall": 0.85, "f1-score": 0.82} for i in range(5)})
     assert all(t.textangle == -90 for t in five.data) and five.layout.yaxis.range[1] > 1.1  # fifteen bars: upright labels, with room
+    # a label plotly.js would shrink below 9 px to fit a narrow bar is left out (hover has it)
+    for fig in (five, plots.feature_bars({f"{i} stars": 0.1 * i for i in range(1, 6)})):
+        assert fig.layout.uniformtext.minsize == 9 and fig.layout.uniformtext.mode == "hide"
     # a titled chart pins its title to the top, and the legend (above the plot, growing upwards
     # when it wraps in a narrow chart) has room below it: at 1,024 px it ran into the title
     titled = plots.classification_bars(per_class, title="fine-tuned: scores per class")
