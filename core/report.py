@@ -47,7 +47,7 @@ def build_report(run: RunFolder, lenient: bool = False) -> dict:
         "base_model": _saved_name(cfg, "model", "base"),
         "dataset": _saved_name(cfg, "data", "dataset"),
         "steps": {s: {"seconds": r.get("seconds"), "peak_rss_mb": r.get("peak_rss_mb"), "finished": r.get("finished")} for s, r in steps.items()},
-        "stale_steps": run.stale_steps(),
+        "stale_steps": run.stale_steps(m),
     }
     if "data" in steps:
         rep["labels"] = steps["data"]["result"]["labels"]

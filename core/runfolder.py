@@ -446,10 +446,10 @@ class RunFolder:
                 del steps[s]
             self.write_manifest(m)
 
-    def stale_steps(self) -> list[str]:
+    def stale_steps(self, manifest: dict | None = None) -> list[str]:
         """Steps done by an earlier version of their method than this code's (``STEP_METHODS``;
-        a record without one predates the numbering: version 1)."""
-        steps = self.manifest().get("steps", {})
+        a record without one predates the numbering: version 1). ``manifest``: read already."""
+        steps = (manifest if manifest is not None else self.manifest()).get("steps", {})
         return [s for s in STEPS if s in steps and steps[s].get("method", 1) < STEP_METHODS[s]]
 
     def record_step(self, step: str, record: dict) -> None:

@@ -164,31 +164,29 @@ def run_picker() -> None:
         if message:
             st.warning(shared.safe_message(message))
         if current:
-            st.caption(steps_line(current))
-            stale = stale_steps(current)
+            line, stale = run_status(current)
+            st.caption(line)
             if stale:
                 note = stale_note(current, stale)
                 st.warning(shared.safe_message(note[:1].upper() + note[1:] + "."), icon=":material/update:")
 
 
-def stale_steps(path: str) -> list[str]:
-    """Steps of the run built by an earlier version of their method (none when it cannot be read:
-    ``steps_line`` says so)."""
-    try:
-        return RunFolder(path).stale_steps()
-    except (LayerscopeError, OSError):
-        return []
-
-
 def steps_line(path: str) -> str:
-    """Which pipeline steps the run has finished, for the sidebar, and whether a build is at work
-    in it now (a flock held by another process: a few microseconds to ask)."""
+    """Which pipeline steps the run has finished, for the sidebar (see ``run_status``)."""
+    return run_status(path)[0]
+
+
+def run_status(path: str) -> tuple[str, list[str]]:
+    """Which pipeline steps the run has finished and whether a build is at work in it now (a flock
+    held by another process: a few microseconds to ask), as one line for the sidebar; and the
+    steps built by an earlier version of their method. One manifest read: this runs on every rerun."""
     try:
         run = RunFolder(path)
-        done = run.manifest().get("steps", {})
+        m = run.manifest()
         held = run.held_elsewhere()
     except (LayerscopeError, OSError):  # OSError: a folder or manifest this user may not read
-        return "not a readable run"
+        return "not a readable run", []
+    done = m.get("steps", {})
     missing = [s for s in STEPS if s not in done]
     line = "Steps done: " + (", ".join(s for s in STEPS if s in done) or "none") + (f". Missing: {', '.join(missing)}" if missing else "")
-    return line + (". A build is running in this run now: reload the page to see the steps it finishes" if held else "")
+    return line + (". A build is running in this run now: reload the page to see the steps it finishes" if held else ""), run.stale_steps(m)
