@@ -202,6 +202,11 @@ def ranked_together(result: dict) -> bool:
     return result["ranking"] in JOINT_LABELS.values()
 
 
+def sentences(together: bool) -> str:
+    """What a per-sentence ranking ranked over, in the page's words."""
+    return "the compared sentences" if together else "this sentence"
+
+
 def silent(row: dict) -> bool:
     """A top-features row whose feature does not fire on the sentence (all its values zero)."""
     return not any(row["activations"]) and not any(row.get("difference") or [])
@@ -306,7 +311,7 @@ def sentence_chart(run, text: str, result: dict, choice: SaeChoice, feature: int
     if not ranked:
         below = ""
     elif shown == "difference":
-        below = f"; below: the {len(ranked)} features fine-tuning changed most on {'the compared sentences' if ranked_together(result) else 'this sentence'} (fine-tuned − pre-trained)"
+        below = f"; below: the {len(ranked)} features fine-tuning changed most on {sentences(ranked_together(result))} (fine-tuned − pre-trained)"
     else:
         below = f"; below the feature: the top {len(ranked)} features of this SAE by {result['ranking']}"
     fig = plots.feature_comparison(
@@ -336,7 +341,7 @@ def silent_hint(feature: int, rank_by: str, ranked: list[dict], compared: bool =
     shown (the sentence rankings already list this sentence's own features)."""
     head = f"Feature {feature} does not fire on this sentence in either model"
     if rank_by in (SENTENCE_RANKING, SENTENCE_CHANGE_RANKING):
-        return f"{head}: pick one of the top features below, ranked on {'the compared sentences' if compared else 'this sentence'}."
+        return f"{head}: pick one of the top features below, ranked on {sentences(compared)}."
     if ranked and all(silent(f) for f in ranked):
         return f"{head}, nor do the top {len(ranked)} features by {rank_by} over the dataset: rank by sentence variance to list the features that fire here."
     return f"{head}: pick one of the top features not marked silent, or rank by sentence variance."
@@ -503,7 +508,7 @@ def body() -> None:
     try:
         results = analyses(run, texts, choice, sae)
     except StatsUnreadable as e:  # the dataset-level ranking cannot be read: this sentence's, saying why
-        st.warning(shared.safe_message(f"{e}. Until then the features are ranked by their variance over {'the compared sentences' if len(texts) > 1 else 'this sentence'}."))
+        st.warning(shared.safe_message(f"{e}. Until then the features are ranked by their variance over {sentences(len(texts) > 1)}."))
         choice = dataclasses.replace(choice, rank_by=SENTENCE_RANKING)
         results = analyses(run, texts, choice, sae)
     feature, matched = None, False
