@@ -3,7 +3,7 @@
     python -m core build --run checkpoints/default          every step, skipping finished ones
     python -m core data|finetune|activations|similarity|saes|features --run DIR
     python -m core report --run DIR [--json]
-    python -m core analyze --run DIR --text "the acting was brilliant" [--json]
+    python -m core analyze --run DIR --text "the acting was brilliant" [--text "..."] [--json]
     python -m core export --run DIR --out report.html       one self-contained HTML report
     python -m core figures --run DIR --out DIR [--compare RUN ...]   PNG figures (needs kaleido + Chromium)
     python -m core config --run DIR                         the resolved settings
@@ -73,9 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="print what a run found")
     r.add_argument("--run", default=str(DEFAULT_RUN))
     r.add_argument("--json", action="store_true", help="one JSON object (layout in README)")
-    a = sub.add_parser("analyze", help="per-token analysis of one sentence")
+    a = sub.add_parser("analyze", help="per-token analysis of a sentence, or of several compared")
     a.add_argument("--run", default=str(DEFAULT_RUN))
-    a.add_argument("--text", required=True, help="the sentence to analyse")
+    a.add_argument(
+        "--text",
+        required=True,
+        action="append",
+        help="the sentence to analyse; repeat it to compare sentences (--json then prints a list; the sentence rankings rank over all of them together)",
+    )
     a.add_argument("--top", type=int, default=5, help="top features per SAE (more than an SAE has: all of them)")
     a.add_argument(
         "--rank-by",
@@ -256,12 +261,17 @@ def _dispatch(args) -> int:
             print(f"note: a build is running in {run.root} now; steps it has not finished are missing or from before it", file=sys.stderr)
         return 0
     if args.verb == "analyze":
-        from core.analysis import analyze_text, format_analysis, load_bundle
+        from core.analysis import analyze_text, analyze_texts, format_analysis, load_bundle
 
         from core.report import missing_saes
 
-        result = analyze_text(load_bundle(run), args.text, top=args.top, rank_by=args.rank_by, clean=not args.raw)
-        _emit(json.dumps(json_safe(result), indent=2) if args.json else format_analysis(result))
+        if len(args.text) == 1:  # one object, the layout documented since the first version
+            result = analyze_text(load_bundle(run), args.text[0], top=args.top, rank_by=args.rank_by, clean=not args.raw)
+            _emit(json.dumps(json_safe(result), indent=2) if args.json else format_analysis(result))
+        else:
+            results = analyze_texts(load_bundle(run), args.text, top=args.top, rank_by=args.rank_by, clean=not args.raw)
+            shown = [f"=== sentence {i} of {len(results)} ===\n{format_analysis(r)}" for i, r in enumerate(results, 1)]
+            _emit(json.dumps(json_safe(results), indent=2) if args.json else "\n\n".join(shown))
         missing = missing_saes(run)
         if missing:  # on stderr: the JSON on stdout stays as documented
             print(f"note: {missing}; the SAEs above are the others", file=sys.stderr)

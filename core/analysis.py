@@ -423,6 +423,14 @@ def analyze_text(
     }
 
 
+def analyze_texts(bundle: Bundle, texts: list[str], top: int = 5, rank_by: str = "variance", clean: bool = True) -> list[dict]:
+    """Several sentences compared (``analyze --text A --text B``), as in the explorer's compare
+    mode: each is run through both models once, and a per-sentence ranking ranks over all their
+    tokens together, so every analysis lists the same features in the same order."""
+    states = [sentence_state(bundle, t, clean) for t in texts]
+    return [analyze_text(bundle, t, top=top, rank_by=rank_by, clean=clean, state=s, compared=states) for t, s in zip(texts, states)]
+
+
 def ranking_label(rank_by: str, ranked: bool, problem: str | None = None) -> str:
     """What the top features were ranked by, as ``analyze`` reports it: the dataset-level ranking
     asked for, or the variance over this sentence (asked for, or the fallback before the features

@@ -58,14 +58,29 @@ class RunConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def changed_fields(before: RunConfig, after: RunConfig, sections: tuple[str, ...]) -> list[str]:
-    """``section.field`` names whose values differ between two configs, among those the section
-    hashes cover (what a step's ``config_hash`` sees)."""
+def changed_fields(before: RunConfig, after: RunConfig, sections: tuple[str, ...], *, values: bool = False) -> list[str]:
+    """``section.field`` names (``saes.training.lr`` inside a nested section) whose values differ
+    between two configs, among those the section hashes cover (what a step's ``config_hash``
+    sees). ``values`` adds both values, as TOML spells them: ``saes.k 32 -> 4``."""
     changed = []
     for s in sections:
-        a, b = hashed_fields(getattr(before, s)), hashed_fields(getattr(after, s))
-        changed += [f"{s}.{name}" for name in sorted(a.keys() | b.keys()) if a.get(name) != b.get(name)]
+        a, b = _flat(hashed_fields(getattr(before, s)), s), _flat(hashed_fields(getattr(after, s)), s)
+        full_a, full_b = _flat(dataclasses.asdict(getattr(before, s)), s), _flat(dataclasses.asdict(getattr(after, s)), s)
+        for name in sorted(a.keys() | b.keys()):
+            if a.get(name) != b.get(name):
+                changed.append(f"{name} {json.dumps(full_a.get(name))} -> {json.dumps(full_b.get(name))}" if values else name)
     return changed
+
+
+def _flat(d: dict, prefix: str) -> dict:
+    """{"training": {"lr": 1}} -> {"saes.training.lr": 1}: one entry per option a user can --set."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}.{k}"))
+        else:
+            out[f"{prefix}.{k}"] = v
+    return out
 
 
 def hashed_fields(section) -> dict:
@@ -206,7 +221,7 @@ def load_config(
     if preset:
         path = PRESET_DIR / f"{preset}.toml"
         if not path.is_file():
-            raise LayerscopeError(f"unknown preset '{preset}'; choose one of: {', '.join(available_presets())}")
+            raise LayerscopeError(f"unknown preset '{preset}'; {_preset_fix(preset)}")
         _apply(cfg, read_toml(path), "")
     if config_file:
         _apply(cfg, read_toml(config_file), "")
@@ -214,6 +229,19 @@ def load_config(
         _apply(cfg, _nest(overrides), "")
     cfg.validate()
     return cfg
+
+
+def _preset_fix(preset: str) -> str:
+    """What to pass instead of an unknown ``--preset``: the preset it names as a file
+    (``default.toml``, ``core/presets/quality.toml``), a close name, or a TOML file of one's own."""
+    names = available_presets()
+    stem = Path(preset).stem if preset.endswith(".toml") else preset
+    if stem in names:
+        return f"--preset takes a preset's name: pass --preset {stem}"
+    if preset.endswith(".toml") or "/" in preset:
+        return f"to build from a TOML file of your own pass --config {shlex.quote(preset)}; presets are: {', '.join(names)}"
+    close = difflib.get_close_matches(preset.lower(), names, n=1)
+    return f"did you mean --preset {close[0]}? presets are: {', '.join(names)}" if close else f"choose one of: {', '.join(names)}"
 
 
 def saved_config(run, manifest: dict | None = None) -> RunConfig:

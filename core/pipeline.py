@@ -138,7 +138,7 @@ def run_step(run: RunFolder, step: str, cfg: RunConfig, *, force: bool = False, 
             return "skipped"
         if not force:
             raise LayerscopeError(
-                f"step '{step}' was built with other settings than the ones asked now; rebuild it and the later steps "
+                f"step '{step}' was built with other settings than the ones asked now{_changes(run, step, cfg, record)}; rebuild it and the later steps "
                 f"with `{core_command('build', run.root, '--from', step)}` and the same options (or that step alone with --force), or drop the changed options"
             )
     if distributed and step not in PARALLEL_STEPS and not is_main_process():
@@ -182,7 +182,7 @@ def _refuse_changes_to_finished_steps(run: RunFolder, step: str, cfg: RunConfig)
         record = run.step_record(earlier)
         if record and record.get("config_hash") != cfg.section_hash(*STEP_SECTIONS[earlier]):
             saved = load_config(base=run.manifest()["config"], base_source=str(run.manifest_path))
-            changed = changed_fields(saved, cfg, STEP_SECTIONS[earlier])
+            changed = changed_fields(saved, cfg, STEP_SECTIONS[earlier], values=True)
             rebuild = f"rebuild from there with `{core_command('build', run.root, '--from', earlier)}`"
             if not changed:  # the saved settings themselves (an older version recorded a later step's --set for the whole run)
                 raise LayerscopeError(
@@ -192,6 +192,19 @@ def _refuse_changes_to_finished_steps(run: RunFolder, step: str, cfg: RunConfig)
                 f"{', '.join(changed)} would change the settings this run's '{earlier}' step was built with; "
                 f"{rebuild} and the same options, or drop them to run '{step}' alone (nothing was changed)"
             )
+
+
+def _changes(run: RunFolder, step: str, cfg: RunConfig, record: dict) -> str:
+    """" (saes.k 32 -> 4)": which options differ from those the step was built with, when the
+    run's saved config is known to hold those (its hash is the step's); "" otherwise."""
+    try:
+        saved = load_config(base=run.manifest()["config"], base_source=str(run.manifest_path))
+    except (LayerscopeError, KeyError, TypeError):  # a config edited by hand: say less rather than guess
+        return ""
+    if saved.section_hash(*STEP_SECTIONS[step]) != record.get("config_hash"):
+        return ""
+    changed = changed_fields(saved, cfg, STEP_SECTIONS[step], values=True)
+    return f" ({'; '.join(changed)})" if changed else ""
 
 
 def _file_state(run: RunFolder) -> dict:

@@ -333,6 +333,27 @@ def test_analyze_ranks_by_the_sentence_from_the_cli(tiny_run, capsys):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--rank-by: invalid choice: 'loudest'" in bad.stderr and "'sentence'" in bad.stderr
 
 
+def test_analyze_compares_sentences_given_as_several_texts(tiny_run, capsys):
+    """``--text A --text B``: a JSON list, one analysis per sentence, each as core's compare mode
+    (``analyze_text(..., compared=...)``, tested against a hand encode) makes it."""
+    from core.__main__ import main
+    from core.analysis import analyze_text, load_bundle, sentence_state
+
+    texts = ["the plot was brilliant but the acting was dull", "a dull boring film"]
+    assert main(["analyze", "--run", str(tiny_run.root), "--text", texts[0], "--text", texts[1], "--rank-by", "sentence", "--top", "3", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    bundle = load_bundle(tiny_run)
+    states = [sentence_state(bundle, t) for t in texts]
+    want = [json.loads(json.dumps(analyze_text(bundle, t, top=3, rank_by="sentence", state=s, compared=states))) for t, s in zip(texts, states)]
+    assert isinstance(got, list) and len(got) == 2
+    assert [r["text"] for r in got] == texts
+    assert got == want
+    assert got[0]["ranking"] == "variance over the compared sentences"
+    assert main(["analyze", "--run", str(tiny_run.root), "--text", texts[0], "--text", texts[1]]) == 0
+    shown = capsys.readouterr().out
+    assert shown.index("=== sentence 1 of 2 ===") < shown.index(f"text: {texts[0]}") < shown.index("=== sentence 2 of 2 ===") < shown.index(f"text: {texts[1]}")
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -514,7 +535,7 @@ def test_one_step_with_options_that_change_a_finished_earlier_step_is_refused(tm
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert_user_error(
         cli("features", "--run", run, "--force", "--set", "model.max_length=16"),
-        "model.max_length would change the settings this run's 'finetune' step was built with",
+        f"model.max_length {json.loads((run / 'manifest.json').read_text())['config']['model']['max_length']} -> 16 would change the settings this run's 'finetune' step was built with",
         f"`python -m core build --run {run} --from finetune`",
     )
     assert_user_error(cli("saes", "--run", run, "--force", "--preset", "paper"), "data.dataset", "'data' step")
@@ -633,7 +654,11 @@ def test_incompatible_run_folder_from_cli(tmp_path, version, said):
 def test_changed_settings_point_to_build_from_and_force_from_redoes_only_later_steps(tiny_run, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(tiny_run.root, run)
-    assert_user_error(cli("build", "--run", run, "--set", "saes.k=4"), "step 'saes' was built with other settings", f"`python -m core build --run {run} --from saes` and the same options")
+    k = json.loads((run / "manifest.json").read_text())["config"]["saes"]["k"]
+    assert k != 4
+    assert_user_error(
+        cli("build", "--run", run, "--set", "saes.k=4"), f"step 'saes' was built with other settings than the ones asked now (saes.k {k} -> 4)", f"`python -m core build --run {run} --from saes` and the same options"
+    )
     out = cli("build", "--run", run, "--force", "--from", "features", check=True)
     assert "[finetune] already done" in out.stdout and "[saes] already done" in out.stdout
     assert "[features] running" in out.stdout and "[finetune] running" not in out.stdout

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from core.config import RunConfig, available_presets, load_config, parse_set_flags
+from core.config import RunConfig, available_presets, changed_fields, load_config, parse_set_flags
 from core.errors import LayerscopeError
 
 
@@ -168,3 +168,28 @@ def test_counts_too_large_to_run_are_refused_before_any_work(option, value, mess
 
     with pytest.raises(LayerscopeError, match=re.escape(message)):
         load_config(overrides={option: value})
+
+
+def test_changed_fields_names_each_option_and_both_values():
+    before = load_config()
+    after = load_config(overrides=parse_set_flags(["saes.k=4", "saes.training.lr=0.01", "data.dataset=./x.csv", "finetune.epochs=2"]))
+    assert changed_fields(before, after, ("saes",)) == ["saes.k", "saes.training.lr"]
+    assert changed_fields(before, after, ("saes",), values=True) == [f"saes.k {before.saes.k} -> 4", f"saes.training.lr {before.saes.training.lr} -> 0.01"]
+    assert changed_fields(before, after, ("data",), values=True) == [f'data.dataset "{before.data.dataset}" -> "./x.csv"']
+    assert changed_fields(before, before, ("data", "saes")) == []
+
+
+@pytest.mark.parametrize(
+    "preset, fix",
+    [
+        ("default.toml", "--preset takes a preset's name: pass --preset default"),
+        ("core/presets/quality.toml", "pass --preset quality"),
+        ("mine.toml", "pass --config mine.toml"),
+        ("Qualty", "did you mean --preset quality?"),
+        ("nope", "choose one of: "),
+    ],
+)
+def test_an_unknown_preset_says_what_to_pass_instead(preset, fix):
+    with pytest.raises(LayerscopeError) as e:
+        load_config(preset=preset)
+    assert f"unknown preset '{preset}'" in str(e.value) and fix in str(e.value)

@@ -141,3 +141,17 @@ def test_a_file_passed_as_the_model_is_named_a_file(tmp_path):
     path.write_text("a,b\n")
     with pytest.raises(LayerscopeError, match=r"weights\.csv is a file, not a model folder; pass the folder that holds its config\.json"):
         load_classifier(str(path))
+
+
+@pytest.mark.parametrize("name, alias", [("All-MiniLM-L6-v2", "all-MiniLM-L6-v2"), ("mini-lm", "minilm"), ("bert-base-uncased", None)])
+def test_a_model_name_close_to_the_embedded_one_points_to_it(monkeypatch, name, alias):
+    """Offline, a misspelt embedded name fails as an unknown hub id; the message names the alias meant."""
+    monkeypatch.setattr(models, "_hub_unresolvable", lambda path: True)  # the hub cannot be reached, as here
+    with pytest.raises(models.LayerscopeError) as e:
+        models.load_model_config(name)
+    said = str(e.value)
+    assert f"could not load model '{name}'" in said and "download it where you have a connection" in said
+    if alias:
+        assert f"pass --model {alias} for the embedded model" in said
+    else:
+        assert "embedded" not in said
