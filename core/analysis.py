@@ -135,12 +135,39 @@ def _forward(model, input_ids: torch.Tensor):
         return model(input_ids=input_ids, output_hidden_states=True)
 
 
+def _forward_on_one_thread(model, input_ids: torch.Tensor):
+    """``_forward`` in a pool thread, on one torch thread (the count is per thread; this one keeps it)."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    return _forward(model, input_ids)
+
+
+def _forwards(bundle: Bundle, input_ids: torch.Tensor) -> dict:
+    """{model name: output} of both models on one sentence.
+
+    With one torch thread per model or fewer (the dashboard on 2 cores has one in all), the
+    forwards run side by side in two pool threads, one torch thread each: ~20 ms instead of ~38 ms
+    for 64 tokens. With more, one after the other in this thread: more torch threads in the pool
+    threads would start an OpenMP team in each, and once its teams hold more threads than the
+    machine has cores, libgomp stops spin-waiting in every team of the process, for good. Two
+    forwards side by side on two threads each (the CLI on 2 cores) made every later forward of the
+    process 60% slower (one sentence's two forwards 21 -> 34 ms) and gained nothing.
+    """
+    names = list(bundle.models)
+    threads = torch.get_num_threads()
+    if threads > len(names):
+        return {name: _forward(bundle.models[name], input_ids) for name in names}
+    outputs = dict(zip(names, _forward_pool().map(_forward_on_one_thread, [bundle.models[n] for n in names], [input_ids] * len(names))))
+    if threads != 1:
+        torch.set_num_threads(threads)  # set_num_threads also sets the count later threads start with: put it back
+    return outputs
+
+
 def sentence_state(bundle: Bundle, text: str, clean: bool = True) -> SentenceState:
     """Tokenise (with the run's cleaning and truncation) and run both models once.
 
-    The two forward passes run side by side in two threads (torch releases the GIL inside its
-    kernels): with one torch thread each, as in the dashboard, a 64-token sentence takes ~20 ms
-    instead of ~38 ms on two cores.
+    The two forward passes run side by side in two threads when each has one torch thread
+    (``_forwards``; torch releases the GIL inside its kernels).
     """
     if not text or not text.strip():
         raise LayerscopeError("the sentence is empty; type some text to analyse")
@@ -158,8 +185,7 @@ def sentence_state(bundle: Bundle, text: str, clean: bool = True) -> SentenceSta
     mc = bundle.config["model"]
     ids = encode(bundle.tokenizer, [text], mc["max_length"], mc["truncation"])[0]
     input_ids = torch.tensor([ids])
-    names = list(bundle.models)
-    outputs = dict(zip(names, _forward_pool().map(_forward, [bundle.models[n] for n in names], [input_ids] * len(names))))
+    outputs = _forwards(bundle, input_ids)
     hidden = {name: torch.stack(out.hidden_states)[:, 0].float() for name, out in outputs.items()}  # [L+1, T, d]
     probs = torch.softmax(outputs["finetuned"].logits[0].float(), -1).tolist()
     special_ids = set(bundle.tokenizer.all_special_ids)

@@ -664,6 +664,35 @@ def ranked_on_sentence(run, rank_by: str):
     return bundle, text, state, result, direct_hidden_states(run, list(state.token_ids))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_sentence_state_runs_both_models_alike_on_any_thread_count_and_keeps_the_count(tiny_run, threads):
+    """One torch thread per model or fewer: the two forwards side by side in pool threads, one torch
+    thread each; more: one after the other here. Same hidden states either way (from transformers
+    directly), and this thread's count and the count new threads start with stay as they were."""
+    import threading
+
+    from core import analysis
+    from core.analysis import load_bundle, sentence_state
+    from core.threads import torch_threads
+
+    bundle = load_bundle(tiny_run)
+    analysis._forward_pool().shutdown()
+    analysis._forward_pool.cache_clear()  # pool threads started below, on this count (they keep the count they set)
+    with torch_threads(threads):
+        state = sentence_state(bundle, "the plot was brilliant", clean=False)
+        here = torch.get_num_threads()
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+    assert here == threads and seen == [threads]
+    hidden = direct_hidden_states(tiny_run, list(state.token_ids))
+    for m in MODELS:
+        assert state.hidden[m].shape[0] == len(hidden[m])
+        for layer, h in enumerate(hidden[m]):
+            np.testing.assert_allclose(state.hidden[m][layer].numpy(), h, atol=1e-5)
+
+
 def test_analyze_equals_direct_computation(tiny_run):
     from core.analysis import analyze_text, load_bundle
 
