@@ -209,7 +209,10 @@ def _encode_labels(df: pd.DataFrame, names: list[str] | None, where: str) -> tup
     bad = df["label"].isna() | (df["label"].astype(str).str.strip() == "")
     if bad.any():
         rows = ", ".join(str(i + 2) for i in df.index[bad][:5])  # +2: header line and 1-based rows
-        raise LayerscopeError(f"{where}: {int(bad.sum())} rows have an empty or NaN label (CSV lines {rows}...); fill or drop them")
+        raise LayerscopeError(
+            f"{where}: {int(bad.sum())} rows have an empty or NaN label (CSV lines {rows}...; a CSV reader takes NA, N/A, NaN, null and None "
+            f"for missing too); fill or drop them, or rename a class spelt so"
+        )
     if names is not None:
         return df.assign(label=df["label"].astype(int)), names
     if df["label"].map(lambda v: isinstance(v, str)).any():  # " positive", "positive\r": one class, not two

@@ -329,3 +329,16 @@ def test_a_header_with_spaces_after_its_commas_names_the_columns_without_them(tm
     path.write_text("text, label\n" + "".join(f"{t}, {l}\n" for t, l in make_dataset(120).itertuples(index=False)))
     splits, names = prepare(DataConfig(dataset=str(path), max_rows=0))
     assert names == ["negative", "positive"] and sum(len(s) for s in splits.values()) == 120
+
+
+def test_a_class_named_none_is_read_as_missing_and_the_message_says_so(tmp_path):
+    """pandas reads NA / None / null cells as missing: a class so named gets the missing-label
+    message, which names that cause and its fix, and the right CSV lines."""
+    path = tmp_path / "classes.csv"
+    rows = ["text,label"] + [f"text {i},{['good', 'bad', 'None'][i % 3]}" for i in range(30)]
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(LayerscopeError) as e:
+        prepare(DataConfig(dataset=str(path)))
+    said = str(e.value)
+    assert "10 rows have an empty or NaN label (CSV lines 4, 7, 10, 13, 16...;" in said
+    assert "takes NA, N/A, NaN, null and None for missing too" in said and "rename a class spelt so" in said
