@@ -453,7 +453,12 @@ def analyze_texts(bundle: Bundle, texts: list[str], top: int = 5, rank_by: str =
     """Several sentences compared (``analyze --text A --text B``), as in the explorer's compare
     mode: each is run through both models once, and a per-sentence ranking ranks over all their
     tokens together, so every analysis lists the same features in the same order."""
-    states = [sentence_state(bundle, t, clean) for t in texts]
+    states = []
+    for i, text in enumerate(texts, 1):
+        try:
+            states.append(sentence_state(bundle, text, clean))
+        except LayerscopeError as e:  # which of the texts
+            raise LayerscopeError(f"text {i} of {len(texts)}: {e}") from None
     return [analyze_text(bundle, t, top=top, rank_by=rank_by, clean=clean, state=s, compared=states) for t, s in zip(texts, states)]
 
 

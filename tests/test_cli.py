@@ -352,6 +352,8 @@ def test_analyze_compares_sentences_given_as_several_texts(tiny_run, capsys):
     assert main(["analyze", "--run", str(tiny_run.root), "--text", texts[0], "--text", texts[1]]) == 0
     shown = capsys.readouterr().out
     assert shown.index("=== sentence 1 of 2 ===") < shown.index(f"text: {texts[0]}") < shown.index("=== sentence 2 of 2 ===") < shown.index(f"text: {texts[1]}")
+    assert main(["analyze", "--run", str(tiny_run.root), "--text", texts[0], "--text", "  "]) == 2
+    assert "error: text 2 of 2: the sentence is empty" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
