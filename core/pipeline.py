@@ -195,7 +195,7 @@ def _refuse_changes_to_finished_steps(run: RunFolder, step: str, cfg: RunConfig)
 
 
 def _changes(run: RunFolder, step: str, cfg: RunConfig, record: dict) -> str:
-    """" (saes.k 32 -> 4)": which options differ from those the step was built with, when the
+    """Which options differ from those ``step`` was built with, as ``" (saes.k 32 -> 4)"``, when the
     run's saved config is known to hold those (its hash is the step's); "" otherwise."""
     try:
         saved = load_config(base=run.manifest()["config"], base_source=str(run.manifest_path))
