@@ -16,6 +16,7 @@ import dataclasses
 import importlib.metadata
 import os
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -27,7 +28,7 @@ import torch
 
 from core import __version__
 from core.config import RunConfig, changed_fields, load_config
-from core.errors import LayerscopeError
+from core.errors import LayerscopeError, user_path
 from core.runfolder import STEPS, RunFolder, core_command
 from core.rss import peak_rss_mb, release_free_memory, reset_peak_rss
 
@@ -182,7 +183,7 @@ def _refuse_changes_to_finished_steps(run: RunFolder, step: str, cfg: RunConfig)
         record = run.step_record(earlier)
         if record and record.get("config_hash") != cfg.section_hash(*STEP_SECTIONS[earlier]):
             saved = load_config(base=run.manifest()["config"], base_source=str(run.manifest_path))
-            changed = changed_fields(saved, cfg, STEP_SECTIONS[earlier], values=True)
+            changed = _described_changes(saved, cfg, STEP_SECTIONS[earlier])
             rebuild = f"rebuild from there with `{core_command('build', run.root, '--from', earlier)}`"
             if not changed:  # the saved settings themselves (an older version recorded a later step's --set for the whole run)
                 raise LayerscopeError(
@@ -203,8 +204,22 @@ def _changes(run: RunFolder, step: str, cfg: RunConfig, record: dict) -> str:
         return ""
     if saved.section_hash(*STEP_SECTIONS[step]) != record.get("config_hash"):
         return ""
-    changed = changed_fields(saved, cfg, STEP_SECTIONS[step], values=True)
+    changed = _described_changes(saved, cfg, STEP_SECTIONS[step])
     return f" ({'; '.join(changed)})" if changed else ""
+
+
+def _described_changes(saved: RunConfig, cfg: RunConfig, sections: tuple[str, ...]) -> list[str]:
+    """``changed_fields`` with both values; a dataset path that names the run's own file spelt
+    otherwise (``./x.csv`` for ``x.csv``: the data step's settings hold the path as typed) says so."""
+    changed = changed_fields(saved, cfg, sections, values=True)
+    before, now = saved.data.dataset, cfg.data.dataset
+    try:
+        same = before != now and user_path(before).is_file() and user_path(before).resolve() == user_path(now).resolve()
+    except (LayerscopeError, OSError):
+        same = False
+    if same:
+        changed = [f"{c} (the same file, spelt otherwise: pass it as {shlex.quote(before)})" if c.startswith("data.dataset ") else c for c in changed]
+    return changed
 
 
 def _file_state(run: RunFolder) -> dict:

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import stat
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -664,6 +665,22 @@ def test_changed_settings_point_to_build_from_and_force_from_redoes_only_later_s
     out = cli("build", "--run", run, "--force", "--from", "features", check=True)
     assert "[finetune] already done" in out.stdout and "[saes] already done" in out.stdout
     assert "[features] running" in out.stdout and "[finetune] running" not in out.stdout
+
+
+def test_the_runs_own_dataset_spelt_otherwise_is_named_as_such(tiny_run, tmp_path):
+    """``./x.csv`` for ``x.csv`` is a change of the data step's settings (they hold the path as
+    typed): the message says it is the same file and how to pass it."""
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    built = json.loads((run / "manifest.json").read_text())["config"]["data"]["dataset"]
+    respelt = os.path.join(os.path.dirname(built), ".", os.path.basename(built))
+    assert respelt != built and Path(respelt).resolve() == Path(built).resolve()
+    out = cli("build", "--run", run, "--dataset", respelt)
+    assert_user_error(out, f'step \'data\' was built with other settings than the ones asked now (data.dataset "{built}" -> "{respelt}" (the same file, spelt otherwise: pass it as {built}))')
+    other = tmp_path / "other.csv"
+    shutil.copy(built, other)  # the same rows in another file: a change, and not called the same file
+    out = cli("build", "--run", run, "--dataset", other)
+    assert_user_error(out, f'(data.dataset "{built}" -> "{other}");')
 
 
 def test_tqdm_disable_silences_every_progress_bar(tiny_run, tmp_path):
