@@ -265,13 +265,19 @@ def prediction(result: dict, columns: bool = False) -> None:
     else:
         st.markdown(f"**Prediction: {shared.safe_text(pred['label'])}**")
     probs = list(pred["probabilities"].items())
+    split = False
     if columns and len(probs) > 1:
         per_row = min(len(probs), 5)
         slots = [c for _ in range(0, len(probs), per_row) for c in st.columns(per_row)][: len(probs)]
+        # a column of a 1,024 px window holds about 70 / per_row characters ("entertainment: 0.259"
+        # wrapped in one of five, pushing its bar below the others'): then every value goes on a
+        # line of its own, so the bars stay level
+        split = max(len(f"{label}: {p:.3f}") for label, p in probs) > 70 // per_row
     else:
         slots = [st] * len(probs)
+    gap = "  \n" if split else " "  # Markdown's line break: two spaces, then a newline
     for slot, (label, p) in zip(slots, probs):
-        slot.progress(min(max(float(p), 0.0), 1.0), text=f"{shared.safe_text(label)}: {p:.3f}")
+        slot.progress(min(max(float(p), 0.0), 1.0), text=f"{shared.safe_text(label)}:{gap}{p:.3f}")
 
 
 def cut_after(result: dict) -> int | None:

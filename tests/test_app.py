@@ -1623,3 +1623,28 @@ def test_the_overview_modules_leave_the_model_and_dataset_code_unloaded():
     code = "import sys, pages._shared, pages._keys, pages._selection, pages._cached, pages._background, core.export, core.report, core.plots; print([m for m in ('sklearn', 'transformers', 'core.data', 'core.models') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def _prediction_bars(probabilities: dict) -> list[str]:
+    """The bar texts ``explorer.prediction`` draws above a full-width chart for these probabilities."""
+
+    def script(probabilities):
+        from pages import explorer
+
+        label = max(probabilities, key=probabilities.get)
+        explorer.prediction({"prediction": {"label": label, "probabilities": probabilities}, "tokens": ["[CLS]", "a", "[SEP]"], "special": [True, False, True], "unknown_tokens": 0}, columns=True)
+
+    at = AppTest.from_function(script, args=(probabilities,), default_timeout=30).run()
+    assert not at.exception, at.exception
+    return [b.text for b in at.get("progress")]
+
+
+def test_prediction_bars_put_values_on_their_own_line_when_a_label_would_wrap():
+    """Five to a row, "entertainment: 0.259" wrapped in a 1,024 px window and its bar sat lower
+    than the others': then every value goes on its own line (a Markdown line break), so the bars
+    stay level; short labels keep one line."""
+    long = _prediction_bars({"business": 0.232, "entertainment": 0.259, "politics": 0.192, "sports": 0.157, "tech": 0.160})
+    assert long == ["business:  \n0.232", "entertainment:  \n0.259", "politics:  \n0.192", "sports:  \n0.157", "tech:  \n0.160"]
+    short = _prediction_bars({f"{n} stars": p for n, p in zip(range(1, 6), (0.048, 0.068, 0.117, 0.191, 0.576))})
+    assert short == ["1 stars: 0.048", "2 stars: 0.068", "3 stars: 0.117", "4 stars: 0.191", "5 stars: 0.576"]
+    assert _prediction_bars({"entertainment": 0.7, "politics": 0.3}) == ["entertainment: 0.700", "politics: 0.300"]  # two to a row: room enough
