@@ -168,7 +168,7 @@ def run_picker() -> None:
             st.caption(line)
             if stale:
                 note = stale_note(current, stale)
-                st.warning(shared.safe_message(note[:1].upper() + note[1:] + "."), icon=":material/update:")
+                st.warning(shared.safe_message(shared.as_sentence(note) + "."), icon=":material/update:")
 
 
 def steps_line(path: str) -> str:

@@ -154,6 +154,11 @@ def safe_message(text) -> str:
     return "".join(f"`{part}`" if i % 2 else safe_text(part) for i, part in enumerate(parts))
 
 
+def as_sentence(note: str) -> str:
+    """A note ``core`` words as a clause ("the classifier recalls ...") with its first letter raised, to open a box."""
+    return note[:1].upper() + note[1:]
+
+
 def need_step(run: RunFolder, step: str, what: str) -> bool:
     """True when ``step`` is done; else an info box saying how to build it."""
     if run.is_done(step):

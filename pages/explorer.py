@@ -377,10 +377,10 @@ def reading_captions(result: dict) -> None:
     if result.get("cleaning") == "cleaned":
         st.caption(f"The models read it as the run's training texts were cleaned: “{shared.safe_text(result['text'])}”")
     for note in reading_notes(result):
-        st.warning(shared.safe_text(note[:1].upper() + note[1:]) + ".", icon=":material/translate:")
+        st.warning(shared.safe_text(shared.as_sentence(note)) + ".", icon=":material/translate:")
     if result.get("truncation"):
         note = truncation_note(result["truncation"])
-        st.caption(f":material/content_cut: {shared.safe_text(note[:1].upper() + note[1:])}; the dashed line marks the cut.")
+        st.caption(f":material/content_cut: {shared.safe_text(shared.as_sentence(note))}; the dashed line marks the cut.")
 
 
 def sentence_column(run, text: str, result: dict, choice: SaeChoice, feature: int | None, key: str, scales: Scales, matched: bool, wide: bool) -> None:

@@ -100,7 +100,7 @@ def finetuning(run, rep: dict) -> None:
     per_class = rep["finetune"]["per_class"]
     collapsed = collapse_note(per_class.get("finetuned", {}))
     if collapsed:
-        st.warning(shared.safe_message(collapsed[:1].upper() + collapsed[1:] + "."), icon=":material/warning:")
+        st.warning(shared.safe_message(shared.as_sentence(collapsed) + "."), icon=":material/warning:")
     table = classification_frame(per_class)
     st.caption(f"Test split, {rep['finetune']['test_examples']:,} examples; trained on {rep['finetune']['train_examples']:,}. The pre-trained rows are the pre-trained encoder with an untrained, randomly initialised head: chance level, the starting point of fine-tuning.")
     st.dataframe(shown(table), hide_index=True, width="stretch", height="content", column_config={k: st.column_config.NumberColumn(format="%.3f") for k in ("precision", "recall", "f1")})
