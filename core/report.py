@@ -125,12 +125,16 @@ def missing_saes(run: RunFolder) -> str | None:
     result = (run.step_record("saes") or {}).get("result", {})
     recorded = [(s["model"], s["layer"]) for s in result.get("saes", []) if isinstance(s, dict) and {"model", "layer"} <= set(s)]
     present = {(m, l) for m, l, d in run.sae_dirs() if (d / SAE_METRICS_FILE).is_file()}
-    missing = [f"{m} layer {l}" for m, l in recorded if (m, l) not in present]
-    if not missing:
+    gone = [(m, l) for m, l in recorded if (m, l) not in present]
+    if not gone:
         return None
+    missing = [f"{m} layer {l}" for m, l in gone]
+    # Only those layers: a forced saes step keeps the SAEs of layers it is not asked for.
+    layers = ",".join(str(l) for l in sorted({l for _, l in gone}))
     return (
         f"the saes step trained {len(recorded)} SAEs but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing "
-        f"from {run.root / 'saes'}; train {'it' if len(missing) == 1 else 'them'} again with `{core_command('saes', run.root, '--force')}`"
+        f"from {run.root / 'saes'}; train {'it' if len(missing) == 1 else 'them'} again with `{core_command('saes', run.root, '--layers', layers, '--force')}` "
+        f"(both models' SAEs of {'that layer' if layers.isdigit() else 'those layers'}; the others are kept)"
     )
 
 
@@ -197,6 +201,11 @@ def _table(rows: list[list], header: list[str]) -> str:
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in cells)])
 
 
+def _kl(kl: float | None) -> str:
+    """Two significant digits: the spliced KL runs from about 1e-4 (last layers) to 0.1."""
+    return "" if kl is None else f"{kl:#.2g}"
+
+
 def _rare(r: dict | None) -> str:
     return "" if not r else f"{r['token_share']:.0%} -> {r['error_share']:.0%}"
 
@@ -231,11 +240,11 @@ def format_report(rep: dict) -> str:
         rows = [[r["layer"], r["cosine_of_means"], r["mean_cosine"], r["token_cosine"], r["cka"]] for r in rep["similarity"]]
         out += ["", f"Layer similarity, pre-trained vs fine-tuned ({rep['similarity_tokens']:,} test tokens)", _table(rows, ["layer", "cos(means)", "mean cos", "token cos", "CKA"])]
     if rep.get("saes"):
-        rows = [[s["model"], s["layer"], s["architecture"], s["d_sae"], f"{s['l0']:.1f}", s["fvu"], s["dead_fraction"], s.get("accuracy_spliced", float("nan")), s.get("fvu_on_finetuned", ""), _rare(s.get("rare_tokens"))] for s in rep["saes"]]
+        rows = [[s["model"], s["layer"], s["architecture"], s["d_sae"], f"{s['l0']:.1f}", s["fvu"], s["dead_fraction"], s.get("accuracy_spliced", float("nan")), _kl(s.get("kl_spliced")), s.get("fvu_on_finetuned", ""), _rare(s.get("rare_tokens"))] for s in rep["saes"]]
         rare = next((s["rare_tokens"]["seen_fewer_than"] for s in rep["saes"] if "seen_fewer_than" in (s.get("rare_tokens") or {})), None)
         rare_words = f"tokens seen < {rare} times in training" if rare else "tokens seldom seen in training"
         out += ["", f"Sparse autoencoders (held-out tokens; rare: {rare_words}, share of tokens -> share of error)",
-                _table(rows, ["model", "layer", "arch", "d_sae", "L0", "FVU", "dead", "acc spliced", "FVU on ft", "rare tok -> err"])]
+                _table(rows, ["model", "layer", "arch", "d_sae", "L0", "FVU", "dead", "acc spliced", "KL spliced", "FVU on ft", "rare tok -> err"])]
         misses = sae_bar_misses(rep["saes"])
         out.append(sae_bars_headline(rep["saes"], misses))
         out += [f"  {m.line}" for m in misses]

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from core.errors import LayerscopeError
+from core.runfolder import RunFolder
 from tests.conftest import ROOT
 
 
@@ -609,10 +610,17 @@ def test_an_sae_folder_gone_since_the_step_is_named_not_left_out(tiny_run, tmp_p
     run = tmp_path / "copy"
     shutil.copytree(tiny_run.root, run)
     shutil.rmtree(run / "saes" / "finetuned" / "layer_1")
-    assert_user_error(cli("report", "--run", run), f"the saes step trained {len(tiny_run.sae_dirs())} SAEs but finetuned layer 1 is missing", f"python -m core saes --run {run} --force")
+    fix = f"python -m core saes --run {run} --layers 1 --force"
+    assert_user_error(cli("report", "--run", run), f"the saes step trained {len(tiny_run.sae_dirs())} SAEs but finetuned layer 1 is missing", fix)
     out = cli("analyze", "--run", run, "--text", "a film", "--json", check=True)  # the others are analysed, and the gap is said
     assert {(s["model"], s["layer"]) for s in json.loads(out.stdout)["saes"]} == {(m, l) for m, l, _ in tiny_run.sae_dirs()} - {("finetuned", 1)}
     assert "note: the saes step trained" in out.stderr and "finetuned layer 1 is missing" in out.stderr
+    # the command offered trains that layer's SAEs again and leaves the other layers' files as they were
+    others = {p: p.read_bytes() for p in (run / "saes").rglob("*") if p.is_file() and "layer_1" not in p.parts}
+    assert others and cli(*fix.split()[3:], check=True)
+    assert {p: p.read_bytes() for p in others} == others
+    assert {(m, l) for m, l, _ in RunFolder(run).sae_dirs()} == {(m, l) for m, l, _ in tiny_run.sae_dirs()}
+    assert cli("report", "--run", run).returncode == 0
 
 
 # root reads every file whatever its mode: without the capabilities that let it (setpriv)

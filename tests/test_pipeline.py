@@ -77,6 +77,10 @@ def test_report_json_has_documented_fields(tiny_run):
     assert supports and all(type(n) is int for n in supports)  # counts of texts, not scikit-learn's 29.0
     sae_rows = text[text.index("Sparse autoencoders") :].splitlines()[3 : 3 + len(rep["saes"])]
     assert all(f" {s['l0']:.1f} " in row and f"{s['l0']:.4f}" not in row for s, row in zip(rep["saes"], sae_rows))
+    header = text[text.index("Sparse autoencoders") :].splitlines()[1].split("  ")
+    kl_column = [h.strip() for h in header if h.strip()].index("KL spliced")
+    for s, row in zip(rep["saes"], sae_rows):  # the spliced KL to two significant digits, in its own column
+        assert row.split()[kl_column] == f"{s['kl_spliced']:#.2g}" and float(row.split()[kl_column]) == pytest.approx(s["kl_spliced"], rel=0.05)
     for s in rep["saes"]:  # the rare-token split, as fractions, and its column in the text
         r = s["rare_tokens"]
         assert 0 <= r["token_share"] <= 1 and 0 <= r["error_share"] <= 1 and r["seen_fewer_than"] == 50
