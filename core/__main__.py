@@ -277,7 +277,7 @@ def _dispatch(args) -> int:
             print(f"note: {missing}; the SAEs above are the others", file=sys.stderr)
         return 0
     if args.verb == "export":
-        from core.export import export_html
+        from core.export import export_html, is_report
         from core.files import write_text
 
         if not args.out.strip():  # "" or " ": a file named by blanks, or the working directory
@@ -285,12 +285,13 @@ def _dispatch(args) -> int:
         out = user_path(args.out)
         if args.out.endswith(("/", os.sep)) and not out.is_dir():  # Path() drops the slash: a file named like the folder
             raise LayerscopeError(f"--out {args.out} names a folder; pass a file name for the report, e.g. {out / 'report.html'}")
-        # a file of this run or of another (its manifest.json, a CSV) would be lost; an earlier report may be replaced
-        replaces = out.is_file() and out.suffix.lower() not in (".html", ".htm")
-        owner = next((p for p in out.resolve().parents if (p / "manifest.json").is_file()), None) if replaces else None
-        if owner is not None:
-            # (a folder, the run's own included, gets write_text's "is a folder; pass a file name")
-            raise LayerscopeError(f"--out {out} is a file of the run {owner}; write the report to a new file or outside the run folder (nothing was written)")
+        # an earlier report may be replaced; any other file (a run's manifest.json, a CSV, one's own page) would be lost
+        if out.is_file() and not is_report(out):
+            owner = next((p for p in out.resolve().parents if (p / "manifest.json").is_file()), None)
+            if owner is not None:
+                raise LayerscopeError(f"--out {out} is a file of the run {owner}; write the report to a new file or outside the run folder (nothing was written)")
+            raise LayerscopeError(f"--out {out} is a file that is not a Layerscope report; pass a new file name, or delete that file first (nothing was written)")
+        # (a folder, the run's own included, gets write_text's "is a folder; pass a file name")
         write_text(out, export_html(run))
         print(f"wrote {out}")
         return 0
@@ -299,6 +300,8 @@ def _dispatch(args) -> int:
 
         if not str(args.out).strip():  # "" would mean the working directory
             raise LayerscopeError('--out is empty; pass a folder for the PNG files, e.g. --out figs/ (nothing was written)')
+        if any(not r.strip() for r in args.compare):  # "" would mean the working directory
+            raise LayerscopeError('--compare has an empty entry; pass run folders (is the variable in --compare "$RUN" set?) (nothing was written)')
 
         print("\n".join(f"wrote {p}" for p in write_figures(run, user_path(args.out), compare=[RunFolder(r) for r in args.compare])))
         return 0

@@ -318,6 +318,10 @@ def file_hash(path: Path) -> str:
 
 def run_data(run: RunFolder, cfg: DataConfig) -> dict:
     """Write data/{train,val,test}.csv and data/labels.json. Returns the step record."""
+    ds = cfg.dataset
+    if not ds.startswith("hf:") and ds not in BUILTIN and user_path(ds).resolve().is_relative_to(run.root.resolve()):
+        # one of this run's splits as its source: each rebuild would split the last split again
+        raise LayerscopeError(f"--dataset {ds} is a file in this run's folder, which the data step writes; copy it outside {run.root} and pass that copy")
     splits, names = prepare(cfg)
     for split, frame in splits.items():
         with atomic_path(run.split_csv(split)) as tmp:

@@ -283,6 +283,19 @@ def _claims_html(rows: Sequence[Mapping], fig, threshold: float = HIGH_SIMILARIT
     return out
 
 
+REPORT_MARK = "<title>Layerscope report: "  # in the head of every report ``export_html`` writes
+
+
+def is_report(path) -> bool:
+    """Whether the file at ``path`` is a report ``export_html`` wrote (``export`` may replace those
+    only). An unreadable file is not one: the caller refuses it."""
+    try:
+        with open(path, "rb") as f:
+            return REPORT_MARK.encode() in f.read(4096)
+    except OSError:
+        return False
+
+
 def export_html(run: RunFolder, threshold: float = HIGH_SIMILARITY) -> str:
     """One self-contained HTML report of ``run`` (works offline; all run text escaped);
     ``threshold`` is what counts as high similarity for claim 1 (the overview's slider)."""
@@ -291,7 +304,7 @@ def export_html(run: RunFolder, threshold: float = HIGH_SIMILARITY) -> str:
     name = run.name
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>Layerscope report: {_e(name)}</title><style>{STYLE}</style></head><body>",
+        f"{REPORT_MARK}{_e(name)}</title><style>{STYLE}</style></head><body>",
         f"<h1>Layerscope report: {_e(name)}</h1>",
         f"<p class='muted'>exported {_e(dt.datetime.now().strftime('%Y-%m-%d %H:%M'))}</p>",
         "<h2>Summary</h2>",
@@ -357,6 +370,15 @@ def compare_figure(run: RunFolder, others: list[RunFolder], measures=("cosine_of
     return plots.similarity_by_measure(series, measures, normalise_depth=normalise, title="Layer similarity, pre-trained vs fine-tuned, run by run" + (" (depth-normalised: the models differ in depth)" if normalise else ""))
 
 
+def quiet_renderer_logs() -> None:
+    """Silence the browser driver under kaleido (choreographer): now and then it logs a message
+    from Chromium it could not decode, with a traceback, and goes on; the PNGs are written all the
+    same. A real failure still raises from ``to_image``, which ``write_figures`` names."""
+    import logging
+
+    logging.getLogger("choreographer").setLevel(logging.CRITICAL + 1)
+
+
 def write_figures(run: RunFolder, out_dir, width: int = 900, height: int = 500, compare: list[RunFolder] | None = None) -> list[str]:
     """PNG files of the run's main figures (needs kaleido and a Chrome/Chromium; set BROWSER_PATH);
     with ``compare``, also ``similarity_compare.png``: this run's similarity beside theirs."""
@@ -371,6 +393,7 @@ def write_figures(run: RunFolder, out_dir, width: int = 900, height: int = 500, 
         import kaleido  # noqa: F401
     except ImportError:
         raise LayerscopeError("PNG export needs the 'kaleido' package and Chrome/Chromium: `pip install kaleido`; or use the dashboard's camera button") from None
+    quiet_renderer_logs()
     rep = build_report(run)
     figures = {}
     if rep.get("similarity"):

@@ -160,6 +160,24 @@ def check_architecture(model_config, name: str) -> None:
         )
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")  # what from_pretrained looks for
+
+
+def check_weights(name: str) -> None:
+    """LayerscopeError when a local model folder has no weights file: its config.json and
+    tokenizer load, so only the finetune step would find out, after the data step had run
+    (and under ``build --force``, with the run's later steps already marked to redo)."""
+    path = resolve_base(name)
+    if not _looks_local(path) or not user_path(path).is_dir():
+        return
+    folder = user_path(path)
+    if not any((folder / f).is_file() for f in WEIGHT_FILES):
+        raise LayerscopeError(
+            f"{path} has no weights (none of {', '.join(WEIGHT_FILES)}); copy them into that folder from the model it "
+            "comes from (save_pretrained writes model.safetensors), or pass another folder or hub id"
+        )
+
+
 def check_tokenizer(tokenizer, model_config, name: str) -> None:
     """LayerscopeError when the tokenizer knows far fewer tokens than the model's vocabulary: a
     model folder without its tokenizer files (tokenizer.json, vocab.txt) loads one with only

@@ -245,7 +245,7 @@ def preflight(run: RunFolder, cfg: RunConfig, redo_from: str | None = None) -> N
     ``config.json``: SAE layers, kept train layers and text length. Otherwise a layer that does not
     exist would be found only at the ``activations`` or ``saes`` step, minutes later."""
     from core.activations import check_layers
-    from core.models import check_architecture, check_max_length, check_tokenizer, load_model_config, load_tokenizer
+    from core.models import check_architecture, check_max_length, check_tokenizer, check_weights, load_model_config, load_tokenizer
     from core.saes import check_memory, resolve_layers
 
     record = run.step_record("finetune") if run.exists() else None
@@ -258,6 +258,7 @@ def preflight(run: RunFolder, cfg: RunConfig, redo_from: str | None = None) -> N
     check_max_length(cfg.model.max_length, model_config, cfg.model.base)
     if not kept_model:  # the model to fine-tune: a folder without its tokenizer files reads every word as [UNK]
         check_tokenizer(load_tokenizer(cfg.model.base), model_config, cfg.model.base)
+        check_weights(cfg.model.base)
     kept = check_layers(cfg.activations.train_layers, blocks + 1)
     missing = sorted(set(resolve_layers(cfg.saes, blocks)) - set(kept))
     if missing:

@@ -123,6 +123,15 @@ def test_export_refuses_to_write_over_a_run_file_or_a_device(tmp_path, tiny_run)
         assert_user_error(cli("export", "--run", run, "--out", victim), f"is a file of the run {other}", "nothing was written")
         assert victim.read_bytes() == before
     assert_user_error(cli("export", "--run", run, "--out", " "), "--out is empty")
+    (tmp_path / "mine").mkdir()
+    shutil.copy(other / "data" / "train.csv", tmp_path / "mine" / "reviews.csv")
+    (tmp_path / "mine" / "index.html").write_text("<!DOCTYPE html><html><head><title>my page</title></head><body>mine</body></html>")
+    for victim in (tmp_path / "mine" / "reviews.csv", tmp_path / "mine" / "index.html"):  # a file outside any run, .html or not
+        before = victim.read_bytes()
+        assert_user_error(cli("export", "--run", run, "--out", victim), f"--out {victim} is a file that is not a Layerscope report", "nothing was written")
+        assert victim.read_bytes() == before
+    (tmp_path / "mine" / "report").write_bytes((run / "report.html").read_bytes())  # an earlier report, whatever its name
+    cli("export", "--run", run, "--out", tmp_path / "mine" / "report", check=True)
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)  # like /dev/null: renaming a file over it would replace it
     assert_user_error(cli("export", "--run", run, "--out", fifo), "is not a regular file")
@@ -431,6 +440,35 @@ def test_figures_blames_a_failed_write_on_the_folder_not_the_renderer(tmp_path, 
     assert list((tmp_path / "figs").iterdir()) == []
 
 
+def test_the_renderer_s_undecodable_message_log_stays_off_the_terminal(caplog):
+    """kaleido's browser driver logs a Chromium message it cannot decode, with a traceback, now
+    and then during a run of figures that succeeds; with no logging set up, Python prints it."""
+    import logging
+
+    from core.export import quiet_renderer_logs
+
+    pipe = logging.getLogger("choreographer.channels.pipe")
+    level = logging.getLogger("choreographer").level
+    try:
+        quiet_renderer_logs()
+        with caplog.at_level(logging.DEBUG):
+            try:
+                raise ValueError("Expecting property name enclosed in double quotes")
+            except ValueError:
+                pipe.exception("JSONError decoding message. Ignoring")
+            logging.getLogger("kaleido").error("a kaleido error still shows")
+        assert [r.getMessage() for r in caplog.records] == ["a kaleido error still shows"]
+    finally:
+        logging.getLogger("choreographer").setLevel(level)
+
+
+def test_figures_compare_with_an_empty_entry_is_not_the_working_directory(tmp_path, tiny_run, monkeypatch):
+    monkeypatch.chdir(tiny_run.root)  # inside a run, "" compared the run with itself
+    for empty in ("", " "):
+        assert_user_error(cli("figures", "--run", tiny_run.root, "--out", tmp_path / "figs", "--compare", empty), "--compare has an empty entry", "nothing was written")
+    assert not (tmp_path / "figs").exists()
+
+
 @pytest.mark.skipif(not shutil.which("chromium"), reason="PNG export needs Chromium (installed by scripts/setup.sh --dev)")
 def test_figures_compare_writes_its_png(tmp_path, tiny_run):
     other = tmp_path / "other"
@@ -716,7 +754,7 @@ def test_file_system_errors_are_one_line_and_keep_the_old_file(tmp_path, tiny_ru
     from core.__main__ import main
 
     out = tmp_path / "report.html"
-    out.write_text("earlier report")
+    out.write_text("<html><head><title>Layerscope report: an earlier one</title></head></html>")  # export may replace only a report
 
     def refuse(*args, dir, prefix, suffix, **kwargs):  # as mkstemp does: the error names the temporary file
         raise (PermissionError if err == errno.EACCES else OSError)(err, os.strerror(err), os.path.join(dir, f"{prefix}x1y2z3{suffix}"))
@@ -727,7 +765,7 @@ def test_file_system_errors_are_one_line_and_keep_the_old_file(tmp_path, tiny_ru
     assert len(lines) == 1 and ".tmp" not in lines[0], lines  # the file asked for, not our temporary name
     for f in fragments:
         assert f in lines[0], lines[0]
-    assert out.read_text() == "earlier report" and sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+    assert out.read_text() == "<html><head><title>Layerscope report: an earlier one</title></head></html>" and sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
 
 
 def test_other_os_errors_still_show_their_traceback(tmp_path, tiny_run, monkeypatch):
@@ -971,6 +1009,29 @@ def test_a_model_folder_without_its_tokenizer_files_is_refused_before_the_first_
     out = cli("build", "--run", run, "--preset", "tiny", "--model", bare, "--dataset", tiny_csv)
     assert_user_error(out, f"'{bare}' has a tokenizer of", "tokenizer files (tokenizer.json or vocab.txt) are missing")
     assert not run.exists()  # refused before any step: no run folder left
+
+
+def test_a_model_folder_without_weights_is_refused_before_a_forced_build_touches_the_run(tiny_run, tiny_model, tmp_path):
+    """Its config.json and tokenizer load, so the finetune step alone found the weights missing:
+    `build --force` had redone the data step and marked every later step to redo by then."""
+    weightless = tmp_path / "weightless"
+    shutil.copytree(tiny_model, weightless, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert_user_error(cli("build", "--run", run, "--force", "--model", weightless), f"{weightless} has no weights (none of model.safetensors", "copy them into that folder")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_s_own_split_as_its_dataset_is_refused_and_the_run_kept(tiny_run, tmp_path):
+    """Each rebuild would split the last train split again (240 rows, then 156, ...)."""
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.root, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for verb in (["data", "--force"], ["build", "--force"]):
+        out = cli(*verb, "--run", run, "--dataset", run / "data" / "train.csv")
+        assert_user_error(out, f"--dataset {run / 'data' / 'train.csv'} is a file in this run's folder", f"copy it outside {run}")
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_json_output_never_holds_bare_nan():
