@@ -232,9 +232,10 @@ def _safetensors_hint(e: Exception) -> str | None:
     )
 
 
-def _emit(text: str) -> None:
+def _emit(text: str, written: str = "no run file was changed") -> None:
     """Print a command's result on standard output, flushed here, so that a full disk or another
-    failure behind a redirection (``> /dev/full``) is named as the output's, not as a run file's."""
+    failure behind a redirection (``> /dev/full``) is named as the output's, not as a run file's
+    (``written``: what the command did write, said in that message)."""
     try:
         print(text)
         sys.stdout.flush()
@@ -242,7 +243,7 @@ def _emit(text: str) -> None:
         raise
     except OSError as e:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is still buffered goes nowhere at exit, not into a second error
-        raise LayerscopeError(f"could not write the output ({e.strerror}); check where standard output goes (a full disk behind a redirection?) and run the command again (no run file was changed)") from None
+        raise LayerscopeError(f"could not write the output ({e.strerror}); check where standard output goes (a full disk behind a redirection?) and run the command again ({written})") from None
 
 
 def _dispatch(args) -> int:
@@ -293,7 +294,7 @@ def _dispatch(args) -> int:
             raise LayerscopeError(f"--out {out} is a file that is not a Layerscope report; pass a new file name, or delete that file first (nothing was written)")
         # (a folder, the run's own included, gets write_text's "is a folder; pass a file name")
         write_text(out, export_html(run))
-        print(f"wrote {out}")
+        _emit(f"wrote {out}", written=f"the report was written to {out}")
         return 0
     if args.verb == "figures":
         from core.export import write_figures
@@ -303,7 +304,8 @@ def _dispatch(args) -> int:
         if any(not r.strip() for r in args.compare):  # "" would mean the working directory
             raise LayerscopeError('--compare has an empty entry; pass run folders (is the variable in --compare "$RUN" set?) (nothing was written)')
 
-        print("\n".join(f"wrote {p}" for p in write_figures(run, user_path(args.out), compare=[RunFolder(r) for r in args.compare])))
+        out = user_path(args.out)
+        _emit("\n".join(f"wrote {p}" for p in write_figures(run, out, compare=[RunFolder(r) for r in args.compare])), written=f"the figures were written to {out}")
         return 0
     cfg = pipeline.resolve_run_config(run, args.preset, args.config, _overrides(args))
     if args.verb == "config":

@@ -171,6 +171,8 @@ def sentence_state(bundle: Bundle, text: str, clean: bool = True) -> SentenceSta
     """
     if not text or not text.strip():
         raise LayerscopeError("the sentence is empty; type some text to analyse")
+    if not any(ch.isprintable() and not ch.isspace() for ch in text):  # e.g. zero-width spaces: the models would read [CLS] [SEP] alone
+        raise LayerscopeError("the sentence has no visible characters (only invisible ones, such as zero-width spaces); type some text to analyse")
     if len(text) > MAX_TEXT_CHARS:
         raise LayerscopeError(f"the text has {len(text):,} characters; analyse at most {MAX_TEXT_CHARS:,} at a time")
     try:

@@ -163,6 +163,16 @@ def _nest(dotted: dict[str, object]) -> dict:
     out: dict = {}
     for key, value in dotted.items():
         parts = key.split(".")
+        node_type = RunConfig
+        for i, p in enumerate(parts[:-1]):  # --set saes.k.x=3: past a setting, the rest would reach it as a dict
+            fields = {f.name: f.type for f in dataclasses.fields(node_type)} if dataclasses.is_dataclass(node_type) else {}
+            sub = typing.get_type_hints(node_type).get(p) if p in fields else None
+            if sub is None:
+                break  # an unknown name: _apply names it, with the close ones
+            if not dataclasses.is_dataclass(sub):
+                name = ".".join(parts[: i + 1])
+                raise LayerscopeError(f"option '{name}' is a setting, not a section; give it a value: {name}=VALUE")
+            node_type = sub
         node = out
         for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
@@ -180,9 +190,10 @@ def read_toml(path: str | Path) -> dict:
     if path.exists() and not path.is_file():
         raise LayerscopeError(f"config file {path} is not a regular file (a device, pipe or socket); pass a TOML file to --config")
     if not path.is_file():
-        raise LayerscopeError(f"config file {path} not found; pass an existing TOML file to --config")
+        preset = f"for the preset of that name pass --preset {path.name}, or " if not path.suffix and path.name in available_presets() else ""
+        raise LayerscopeError(f"config file {path} not found; {preset}pass an existing TOML file to --config")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark, as Windows editors write, is not TOML
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise LayerscopeError(f"config file {path} is not valid TOML ({e}); fix the file or drop --config") from None
 

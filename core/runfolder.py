@@ -371,6 +371,11 @@ class RunFolder:
             m = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             m = None
+        if isinstance(m, dict) and not {"format_version", "config", "steps"} & set(m):  # another tool's (a web extension's, a package's)
+            raise LayerscopeError(
+                f"{self.root} is not a Layerscope run (its manifest.json holds none of format_version, config and steps, so another "
+                f"program wrote it); pass a run folder built by `python -m core build`, or a new folder to build one"
+            )
         problem = "not the JSON object a build writes" if not isinstance(m, dict) else field_problem(m, MANIFEST_FIELDS)
         if problem:
             raise LayerscopeError(

@@ -371,6 +371,7 @@ def test_analyze_compares_sentences_given_as_several_texts(tiny_run, capsys):
     "text, message",
     [
         ("  ", "the sentence is empty"),
+        ("\u200b\u200b \u2060", "the sentence has no visible characters (only invisible ones, such as zero-width spaces)"),  # read as [CLS] [SEP] alone
         ("film " * 10001, "the text has 50,005 characters; analyse at most 50,000 at a time"),
         (os.fsdecode(b"a \xff film"), "--text holds bytes that are not valid UTF-8 (a \\udcff film); pass UTF-8 text"),  # argv bytes that are not UTF-8
     ],
@@ -1034,6 +1035,17 @@ def test_a_run_s_own_split_as_its_dataset_is_refused_and_the_run_kept(tiny_run, 
         assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+def test_a_folder_with_another_program_s_manifest_is_not_a_run_and_its_file_is_left_alone(tmp_path):
+    theirs = tmp_path / "extension"
+    theirs.mkdir()
+    (theirs / "manifest.json").write_text('{"name": "my extension", "manifest_version": 3}')
+    for verb in (["report"], ["analyze", "--text", "a film"], ["export", "--out", str(tmp_path / "r.html")], ["build", "--preset", "tiny"], ["build", "--preset", "tiny", "--force"]):
+        out = cli(verb[0], "--run", theirs, *verb[1:])
+        assert_user_error(out, f"{theirs} is not a Layerscope run (its manifest.json holds none of format_version, config and steps", "or a new folder")
+        assert "delete" not in out.stderr
+    assert sorted(p.name for p in theirs.iterdir()) == ["manifest.json"] and json.loads((theirs / "manifest.json").read_text())["manifest_version"] == 3
+
+
 def test_json_output_never_holds_bare_nan():
     from core.files import json_safe
 
@@ -1093,6 +1105,14 @@ def test_a_full_disk_behind_standard_output_is_named_as_the_output(tiny_run):
     out = subprocess.run(f"{shlex.quote(sys.executable)} -m core report --run {shlex.quote(str(tiny_run.root))} > /dev/full", shell=True, cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
     assert_user_error(out, "could not write the output (No space left on device)", "standard output")
     assert "activations take" not in out.stderr  # not the hint for a run file
+
+
+def test_a_full_disk_behind_standard_output_after_an_export_says_the_report_was_written(tiny_run, tmp_path):
+    report = tmp_path / "r.html"
+    out = subprocess.run(f"{shlex.quote(sys.executable)} -m core export --run {shlex.quote(str(tiny_run.root))} --out {shlex.quote(str(report))} > /dev/full", shell=True, cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
+    assert_user_error(out, "could not write the output (No space left on device)", f"the report was written to {report}")
+    assert "activations take" not in out.stderr and "no run file was changed" not in out.stderr
+    assert "<title>Layerscope report: " in report.read_text()
 
 
 def test_a_test_sample_smaller_than_the_classes_is_refused(tiny_run, tmp_path):

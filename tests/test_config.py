@@ -126,7 +126,7 @@ def test_every_preset_and_the_defaults_pass_validation():
         load_config(overrides={"saes.splice_examples": value, "saes.lr_backoff": "0", "data.max_rows": "0", "activations.sae_examples": "0"})
 
 
-def test_bad_preset_and_file(tmp_path):
+def test_bad_preset_and_file(tmp_path, monkeypatch):
     with pytest.raises(LayerscopeError, match="unknown preset"):
         load_config(preset="nope")
     bad = tmp_path / "bad.toml"
@@ -139,6 +139,24 @@ def test_bad_preset_and_file(tmp_path):
         load_config(config_file=tmp_path / "missing.toml")
     with pytest.raises(LayerscopeError, match="SECTION.FIELD=VALUE"):
         parse_set_flags(["epochs"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LayerscopeError, match="config file tiny not found; for the preset of that name pass --preset tiny, or pass an existing TOML file"):
+        load_config(config_file="tiny")
+
+
+def test_a_config_file_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """Windows editors (Notepad) start a UTF-8 file with a byte-order mark, which TOML refuses."""
+    path = tmp_path / "mine.toml"
+    path.write_bytes(b"\xef\xbb\xbf[saes]\nk = 16\n")
+    assert load_config(config_file=path).saes.k == 16
+
+
+@pytest.mark.parametrize("dotted", ["saes.training.lr.x", "saes.k.", "saes.layers.0"])
+def test_a_field_under_a_setting_is_named_as_a_setting_not_shown_as_a_dict(dotted):
+    setting = dotted.rsplit(".", 1)[0]
+    with pytest.raises(LayerscopeError) as e:
+        load_config(overrides=parse_set_flags([f"{dotted}=3"]))
+    assert str(e.value) == f"option '{setting}' is a setting, not a section; give it a value: {setting}=VALUE"
 
 
 @pytest.mark.parametrize("value", ["3 6", "[3 6]", "1 2,3"])
