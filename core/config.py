@@ -165,8 +165,7 @@ def _nest(dotted: dict[str, object]) -> dict:
         parts = key.split(".")
         node_type = RunConfig
         for i, p in enumerate(parts[:-1]):  # --set saes.k.x=3: past a setting, the rest would reach it as a dict
-            fields = {f.name: f.type for f in dataclasses.fields(node_type)} if dataclasses.is_dataclass(node_type) else {}
-            sub = typing.get_type_hints(node_type).get(p) if p in fields else None
+            sub = typing.get_type_hints(node_type).get(p)  # node_type is a config dataclass
             if sub is None:
                 break  # an unknown name: _apply names it, with the close ones
             if not dataclasses.is_dataclass(sub):

@@ -321,7 +321,7 @@ def run_data(run: RunFolder, cfg: DataConfig) -> dict:
     ds = cfg.dataset
     if not ds.startswith("hf:") and ds not in BUILTIN and user_path(ds).resolve().is_relative_to(run.root.resolve()):
         # one of this run's splits as its source: each rebuild would split the last split again
-        raise LayerscopeError(f"--dataset {ds} is a file in this run's folder, which the data step writes; copy it outside {run.root} and pass that copy")
+        raise LayerscopeError(f"the dataset {ds} (--dataset) is a file in this run's folder, which the data step writes; copy it outside {run.root} and pass that copy")
     splits, names = prepare(cfg)
     for split, frame in splits.items():
         with atomic_path(run.split_csv(split)) as tmp:

@@ -1031,7 +1031,7 @@ def test_a_run_s_own_split_as_its_dataset_is_refused_and_the_run_kept(tiny_run, 
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     for verb in (["data", "--force"], ["build", "--force"]):
         out = cli(*verb, "--run", run, "--dataset", run / "data" / "train.csv")
-        assert_user_error(out, f"--dataset {run / 'data' / 'train.csv'} is a file in this run's folder", f"copy it outside {run}")
+        assert_user_error(out, f"the dataset {run / 'data' / 'train.csv'} (--dataset) is a file in this run's folder", f"copy it outside {run}")
         assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
